@@ -1,0 +1,12 @@
+//! The edges that touch the kernel. Each is a small reconciler: desired state in, kernel
+//! state out, then read back and compared.
+//!
+//! - [`wireguard`]: WireGuard devices (userspace and kernel) and the per-peer reconciler.
+//! - [`netlink`]: links, addresses and routes over rtnetlink.
+//! - [`netns`]: named network namespaces, compatible with iproute2.
+//! - [`sysctl`]: per-namespace kernel settings.
+
+pub mod netlink;
+pub mod netns;
+pub mod sysctl;
+pub mod wireguard;

@@ -1,0 +1,142 @@
+//! The embedded userspace device: gotatun on a TUN interface, configured in-process, with
+//! the standard control socket so `wg show` and `wg set` work on it.
+
+use super::{PeerConfig, PeerStatus, WireGuardDevice};
+use anyhow::Context;
+use async_trait::async_trait;
+use gotatun::device::uapi::UapiServer;
+use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+use ipnet::IpNet;
+use std::path::PathBuf;
+use trellis_model::PublicKey;
+use x25519_dalek::StaticSecret;
+
+/// Where userspace WireGuard implementations keep their control sockets. Shared by every
+/// network namespace, so device names must be unique on the machine.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+
+pub struct UserspaceDevice {
+    name: String,
+    device: Device<DefaultDeviceTransports>,
+}
+
+impl UserspaceDevice {
+    /// Create the TUN interface `name` in the calling thread's network namespace and start
+    /// the device on UDP `listen_port`. The interface is left down and unaddressed; the
+    /// link reconciler owns that.
+    pub async fn create(
+        name: &str,
+        private_key: StaticSecret,
+        listen_port: u16,
+    ) -> anyhow::Result<Self> {
+        let uapi = UapiServer::default_unix_socket(name, None, None)
+            .map_err(|e| anyhow::anyhow!("control socket for {name}: {e}"))?;
+        let device = DeviceBuilder::new()
+            .with_default_udp()
+            .create_tun(name)
+            .with_context(|| format!("creating TUN device {name}"))?
+            .with_listen_port(listen_port)
+            .with_uapi(uapi)
+            .build()
+            .await
+            .with_context(|| format!("starting WireGuard on {name}"))?;
+        // Setting the key after build brings the UDP socket up even before the first peer
+        // exists, so peers that know us can complete handshakes right away.
+        device
+            .set_private_key(private_key)
+            .await
+            .with_context(|| format!("binding UDP port {listen_port} for {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            device,
+        })
+    }
+
+    pub fn socket_path(name: &str) -> PathBuf {
+        PathBuf::from(format!("{SOCKET_DIR}/{name}.sock"))
+    }
+
+    /// Stop the device; the TUN interface disappears with it.
+    pub async fn stop(self) {
+        let path = Self::socket_path(&self.name);
+        self.device.stop().await;
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn to_gotatun_key(key: &PublicKey) -> x25519_dalek::PublicKey {
+    x25519_dalek::PublicKey::from(key.0)
+}
+
+fn to_network(net: &IpNet) -> ipnetwork::IpNetwork {
+    ipnetwork::IpNetwork::new(net.addr(), net.prefix_len())
+        .expect("an IpNet always has a valid prefix length")
+}
+
+#[async_trait]
+impl WireGuardDevice for UserspaceDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn peers(&self) -> anyhow::Result<Vec<PeerStatus>> {
+        let peers = self.device.peers().await;
+        Ok(peers
+            .into_iter()
+            .map(|p| PeerStatus {
+                config: PeerConfig {
+                    public_key: PublicKey(p.peer.public_key.to_bytes()),
+                    endpoint: p.peer.endpoint,
+                    allowed_ips: p
+                        .peer
+                        .allowed_ips
+                        .iter()
+                        .filter_map(|n| IpNet::new(n.ip(), n.prefix()).ok())
+                        .map(|n| n.trunc())
+                        .collect(),
+                    persistent_keepalive: p.peer.keepalive.filter(|k| *k != 0),
+                },
+                last_handshake: p.stats.last_handshake,
+                rx_bytes: p.stats.rx_bytes as u64,
+                tx_bytes: p.stats.tx_bytes as u64,
+            })
+            .collect())
+    }
+
+    async fn upsert_peer(&self, want: &PeerConfig) -> anyhow::Result<()> {
+        let key = to_gotatun_key(&want.public_key);
+        let allowed: Vec<_> = want.allowed_ips.iter().map(to_network).collect();
+        let endpoint = want.endpoint;
+        let keepalive = want.persistent_keepalive;
+        self.device
+            .write(async |dev| {
+                let updated = dev
+                    .modify_peer(&key, |p| {
+                        p.clear_allowed_ips();
+                        p.add_allowed_ips(allowed.clone());
+                        if endpoint.is_some() {
+                            p.set_endpoint(endpoint);
+                        }
+                        p.set_keepalive(keepalive);
+                    })
+                    .await;
+                if !updated {
+                    let mut peer = Peer::new(key).with_allowed_ips(allowed);
+                    peer.endpoint = endpoint;
+                    peer.keepalive = keepalive;
+                    dev.add_peer(peer);
+                }
+            })
+            .await
+            .with_context(|| format!("configuring peer {} on {}", want.public_key, self.name))
+    }
+
+    async fn remove_peer(&self, key: &PublicKey) -> anyhow::Result<()> {
+        let k = to_gotatun_key(key);
+        self.device
+            .write(async |dev| dev.remove_peer(&k).await)
+            .await
+            .with_context(|| format!("removing peer {key} from {}", self.name))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,286 @@
+//! Route reconcile over netlink, checked with `ip -j route`: our protocol's
+//! routes converge on the desired set, everything else is left alone.
+
+mod netns_support;
+
+use std::collections::BTreeSet;
+
+use netns_support::{ip, ip_json, scratch_netns};
+use trellis_dataplane::netlink::{Netlink, RouteSpec, reconcile_routes};
+use trellis_dataplane::netns::{self, OwnedNetns};
+use trellis_dataplane::sysctl;
+
+const OURS: u8 = 99;
+
+fn route(dst: &str, via: Option<&str>, dev: Option<&str>, src: Option<&str>) -> RouteSpec {
+    RouteSpec {
+        dst: dst.parse().expect("dst"),
+        via: via.map(|text| text.parse().expect("via")),
+        dev: dev.map(str::to_owned),
+        src: src.map(|text| text.parse().expect("src")),
+        protocol: OURS,
+    }
+}
+
+/// A namespace with link `r0` (10.77.0.1/24, fd77::1/64) whose neighbours
+/// 10.77.0.2 / fd77::2 serve as gateways; `r1` is r0's veth peer.
+async fn routed_namespace(tag: &str) -> (OwnedNetns, Netlink) {
+    let namespace = scratch_netns(tag);
+    // Without DAD the IPv6 address is usable (as a route source) at once.
+    netns::run_in(namespace.name(), || {
+        sysctl::set("net.ipv6.conf.all.accept_dad", "0")?;
+        sysctl::set("net.ipv6.conf.default.accept_dad", "0")
+    })
+    .expect("run_in")
+    .expect("disable DAD");
+    let nl = Netlink::connect_in(namespace.name()).expect("netlink");
+    nl.create_veth("r0", "r1").await.expect("veth");
+    nl.add_address("r0", "10.77.0.1/24".parse().expect("net"))
+        .await
+        .expect("v4 address");
+    nl.add_address("r0", "fd77::1/64".parse().expect("net"))
+        .await
+        .expect("v6 address");
+    for link in ["r0", "r1"] {
+        nl.set_up(link).await.expect("up");
+    }
+    (namespace, nl)
+}
+
+/// `dst via gateway src prefsrc` for every route of a protocol, both families,
+/// as `ip -j route show` reports them.
+fn routes_seen_by_iproute(netns_name: &str, protocol: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for family in ["-4", "-6"] {
+        let json = ip_json(&["-n", netns_name, family, "route", "show", "proto", protocol]);
+        for entry in json.as_array().into_iter().flatten() {
+            let field = |name: &str| entry[name].as_str().unwrap_or("-").to_owned();
+            seen.insert(format!(
+                "{} via {} src {}",
+                field("dst"),
+                field("gateway"),
+                field("prefsrc")
+            ));
+        }
+    }
+    seen
+}
+
+fn lines(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|item| (*item).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn reconcile_converges_restores_and_removes_only_its_own_routes() {
+    let (namespace, nl) = routed_namespace("routes").await;
+    let ns = namespace.name();
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "10.203.0.0/24",
+        "via",
+        "10.77.0.2",
+        "proto",
+        "static",
+    ]);
+
+    let mut desired = vec![
+        route("10.201.0.0/24", Some("10.77.0.2"), None, Some("10.77.0.1")),
+        route(
+            "10.202.0.0/24",
+            Some("10.77.0.2"),
+            Some("r0"),
+            Some("10.77.0.1"),
+        ),
+        route("fd99:1::/64", Some("fd77::2"), None, Some("fd77::1")),
+    ];
+    let first = reconcile_routes(&nl, OURS, &desired)
+        .await
+        .expect("first reconcile");
+    assert_eq!(first.added.len(), 3, "{first:?}");
+    assert!(first.removed.is_empty(), "{first:?}");
+    let all_three = lines(&[
+        "10.201.0.0/24 via 10.77.0.2 src 10.77.0.1",
+        "10.202.0.0/24 via 10.77.0.2 src 10.77.0.1",
+        "fd99:1::/64 via fd77::2 src fd77::1",
+    ]);
+    assert_eq!(routes_seen_by_iproute(ns, "99"), all_three);
+    assert_eq!(nl.routes(OURS).await.expect("read back").len(), 3);
+
+    let again = reconcile_routes(&nl, OURS, &desired)
+        .await
+        .expect("second reconcile");
+    assert!(
+        again.is_empty(),
+        "a second reconcile must change nothing: {again:?}"
+    );
+
+    ip(&["-n", ns, "route", "del", "10.201.0.0/24", "proto", "99"]);
+    let restored = reconcile_routes(&nl, OURS, &desired)
+        .await
+        .expect("restoring reconcile");
+    assert_eq!(restored.added, [desired[0].clone()], "{restored:?}");
+    assert!(restored.removed.is_empty(), "{restored:?}");
+    assert_eq!(routes_seen_by_iproute(ns, "99"), all_three);
+
+    let dropped = desired.remove(2);
+    let shrunk = reconcile_routes(&nl, OURS, &desired)
+        .await
+        .expect("shrinking reconcile");
+    assert!(shrunk.added.is_empty(), "{shrunk:?}");
+    assert_eq!(shrunk.removed.len(), 1, "{shrunk:?}");
+    assert_eq!(shrunk.removed[0].dst, dropped.dst);
+    assert_eq!(
+        shrunk.removed[0].dev.as_deref(),
+        Some("r0"),
+        "routes read back carry their device"
+    );
+    assert_eq!(
+        routes_seen_by_iproute(ns, "99"),
+        lines(&[
+            "10.201.0.0/24 via 10.77.0.2 src 10.77.0.1",
+            "10.202.0.0/24 via 10.77.0.2 src 10.77.0.1"
+        ])
+    );
+
+    assert!(
+        reconcile_routes(&nl, OURS, &desired)
+            .await
+            .expect("settled")
+            .is_empty()
+    );
+    reconcile_routes(&nl, OURS, &[])
+        .await
+        .expect("emptying reconcile");
+    assert!(routes_seen_by_iproute(ns, "99").is_empty());
+
+    assert_eq!(
+        routes_seen_by_iproute(ns, "static"),
+        lines(&["10.203.0.0/24 via 10.77.0.2 src -"]),
+        "another protocol's route must survive every reconcile"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_route_is_swapped_in_place() {
+    let (namespace, nl) = routed_namespace("swap").await;
+    let ns = namespace.name();
+    let before = [
+        route("10.210.0.0/24", Some("10.77.0.2"), None, None),
+        // Host bits in a desired destination are ignored, not an error.
+        route("10.211.0.9/24", None, Some("r0"), None),
+    ];
+    reconcile_routes(&nl, OURS, &before).await.expect("initial");
+    assert_eq!(
+        routes_seen_by_iproute(ns, "99"),
+        lines(&[
+            "10.210.0.0/24 via 10.77.0.2 src -",
+            "10.211.0.0/24 via - src -"
+        ])
+    );
+    assert!(
+        reconcile_routes(&nl, OURS, &before)
+            .await
+            .expect("stable")
+            .is_empty()
+    );
+
+    let after = [
+        route("10.210.0.0/24", Some("10.77.0.3"), None, Some("10.77.0.1")),
+        before[1].clone(),
+    ];
+    let swapped = reconcile_routes(&nl, OURS, &after).await.expect("swap");
+    assert_eq!(swapped.added, [after[0].clone()], "{swapped:?}");
+    assert_eq!(swapped.removed.len(), 1, "{swapped:?}");
+    assert_eq!(swapped.removed[0].via, before[0].via);
+    assert_eq!(
+        routes_seen_by_iproute(ns, "99"),
+        lines(&[
+            "10.210.0.0/24 via 10.77.0.3 src 10.77.0.1",
+            "10.211.0.0/24 via - src -"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn one_bad_route_does_not_block_the_others() {
+    let (namespace, nl) = routed_namespace("partial").await;
+    let ns = namespace.name();
+    // Someone else owns this destination; we must not take it over.
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "10.220.0.0/24",
+        "via",
+        "10.77.0.2",
+        "proto",
+        "static",
+    ]);
+
+    let desired = [
+        route("10.220.0.0/24", Some("10.77.0.2"), None, None),
+        route("10.221.0.0/24", Some("10.99.99.99"), None, None), // gateway not reachable
+        route(
+            "10.222.0.0/24",
+            Some("10.77.0.2"),
+            Some("no-such-dev"),
+            None,
+        ),
+        route("10.223.0.0/24", Some("10.77.0.2"), None, None),
+        RouteSpec {
+            protocol: 42,
+            ..route("10.224.0.0/24", Some("10.77.0.2"), None, None)
+        },
+    ];
+    let err = reconcile_routes(&nl, OURS, &desired)
+        .await
+        .expect_err("some routes cannot be added");
+    let message = format!("{err:#}");
+    for culprit in [
+        "10.220.0.0/24",
+        "10.221.0.0/24",
+        "no-such-dev",
+        "10.224.0.0/24",
+    ] {
+        assert!(
+            message.contains(culprit),
+            "the error should mention {culprit}: {message}"
+        );
+    }
+    assert!(
+        message.starts_with("4 of the route changes failed"),
+        "{message}"
+    );
+
+    assert_eq!(
+        routes_seen_by_iproute(ns, "99"),
+        lines(&["10.223.0.0/24 via 10.77.0.2 src -"])
+    );
+    assert_eq!(
+        routes_seen_by_iproute(ns, "static"),
+        lines(&["10.220.0.0/24 via 10.77.0.2 src -"])
+    );
+}
+
+#[tokio::test]
+async fn add_route_replaces_and_del_route_is_idempotent() {
+    let (_namespace, nl) = routed_namespace("addel").await;
+    let first = route("10.230.0.0/24", Some("10.77.0.2"), None, None);
+    nl.add_route(&first).await.expect("add");
+    nl.add_route(&first).await.expect("adding again replaces");
+    let moved = route("10.230.0.0/24", Some("10.77.0.3"), None, None);
+    nl.add_route(&moved).await.expect("replace");
+    let ours = nl.routes(OURS).await.expect("routes");
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert_eq!(ours[0].via, moved.via);
+
+    nl.del_route(&ours[0]).await.expect("delete");
+    nl.del_route(&ours[0])
+        .await
+        .expect("deleting a missing route is fine");
+    assert!(nl.routes(OURS).await.expect("routes").is_empty());
+}

@@ -1,0 +1,89 @@
+//! The cluster model: what the store holds and every other part reads.
+//!
+//! Everything here is plain data plus validation. Records come from a store that other
+//! programs (and people) can write, so every decoder checks its input and names the field
+//! and value it rejects instead of letting a bad record reach the planner.
+
+mod endpoint;
+mod key;
+mod name;
+mod node;
+mod peer;
+mod settings;
+
+pub use endpoint::{Endpoint, Host};
+pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+pub use key::PublicKey;
+pub use name::validate_name;
+pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
+pub use peer::ExternalPeer;
+pub use settings::{AgentStatus, ClusterSettings};
+
+/// A record or argument that failed validation. The message names the field and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value:?}: {reason}")]
+pub struct InvalidField {
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl InvalidField {
+    pub fn new(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Prefix the field with the record it belongs to, e.g. `node a1: pod_cidrs`.
+    pub fn within(mut self, context: impl std::fmt::Display) -> Self {
+        self.field = format!("{context}: {}", self.field);
+        self
+    }
+}
+
+/// Decode a JSON record and validate it, naming the record in any error.
+pub fn decode<T>(what: &str, bytes: &[u8]) -> Result<T, InvalidField>
+where
+    T: serde::de::DeserializeOwned + Validate,
+{
+    let record: T = serde_json::from_slice(bytes).map_err(|e| {
+        InvalidField::new(
+            what,
+            String::from_utf8_lossy(&bytes[..bytes.len().min(120)]),
+            e.to_string(),
+        )
+    })?;
+    record.validate().map_err(|e| e.within(what))?;
+    Ok(record)
+}
+
+/// Records that can check their own invariants after decoding.
+pub trait Validate {
+    fn validate(&self) -> Result<(), InvalidField>;
+}
+
+/// Key layout in the store, relative to the store's prefix. One place so that every
+/// backend (embedded, etcd, Kubernetes) maps the same names.
+pub mod keys {
+    pub const NODES: &str = "nodes/";
+    pub const PEERS: &str = "peers/";
+    pub const GATEWAYS: &str = "gateways/";
+    pub const STATUS: &str = "status/";
+    pub const SETTINGS: &str = "settings";
+
+    pub fn node(name: &str) -> String {
+        format!("{NODES}{name}")
+    }
+    pub fn peer(name: &str) -> String {
+        format!("{PEERS}{name}")
+    }
+    pub fn gateways(location: &str) -> String {
+        format!("{GATEWAYS}{location}")
+    }
+    pub fn status(node: &str) -> String {
+        format!("{STATUS}{node}")
+    }
+}

@@ -1,0 +1,51 @@
+use crate::{Granularity, InvalidField, Validate};
+use serde::{Deserialize, Serialize};
+
+/// Cluster-wide settings, stored once so that every node plans with the same ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    pub granularity: Granularity,
+    pub gateways_per_location: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl Validate for ClusterSettings {
+    fn validate(&self) -> Result<(), InvalidField> {
+        if !(1..=16).contains(&self.gateways_per_location) {
+            return Err(InvalidField::new(
+                "gateways_per_location",
+                self.gateways_per_location,
+                "must be 1-16",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What an agent last did, reported to the store under a lease so that it disappears when
+/// the agent does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: String,
+    /// Store revision of the cluster state the applied plan was computed from.
+    pub revision: u64,
+    /// Nodes in the topology the plan came from.
+    pub nodes: usize,
+    pub peers: usize,
+    pub routes: usize,
+    pub gateway: bool,
+    /// Whether the last plan was fully applied and read back.
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl Validate for AgentStatus {
+    fn validate(&self) -> Result<(), InvalidField> {
+        crate::validate_name("node", &self.node)
+    }
+}

@@ -1,0 +1,458 @@
+//! The topology planner: a pure function from cluster state to what one node must program.
+//!
+//! Two steps, both free of IO and clocks so that every node computes the same answer from
+//! the same state and the whole space can be tested exhaustively:
+//!
+//! 1. [`Topology::build`] decides, cluster-wide, which nodes serve as gateways of each
+//!    location, which nodes other locations can tunnel to directly, and which gateway serves
+//!    each of the rest.
+//! 2. [`Topology::plan_for`] derives one node's WireGuard peers and routes from it.
+//!
+//! The reachability model: two nodes of the same location reach each other on the
+//! location's internal network; nodes of different locations reach each other only if both
+//! have a public endpoint. A private node is reached from other locations through one of
+//! its location's gateways, chosen by rendezvous hashing so that adding or removing a
+//! gateway moves only that gateway's share.
+
+mod gateways;
+pub mod graph;
+pub mod showconf;
+
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use trellis_model::{Endpoint, ExternalPeer, Granularity, Node, PublicKey};
+
+pub use gateways::{choose_gateways, rendezvous_choice};
+
+/// Cluster-wide settings that shape the topology.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub granularity: Granularity,
+    /// Active gateways per location (at least 1).
+    pub gateways_per_location: usize,
+    /// Keepalive sent to node peers, in seconds (None: off).
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            granularity: Granularity::Location,
+            gateways_per_location: 1,
+            persistent_keepalive: None,
+        }
+    }
+}
+
+/// The cluster-wide part of the plan. Every node builds the same one from the same state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    pub settings: Settings,
+    /// Nodes that take part (they have a public key and no conflicting prefixes).
+    pub nodes: BTreeMap<String, Node>,
+    pub peers: BTreeMap<String, ExternalPeer>,
+    /// Active gateways per location, in the order they were chosen.
+    pub gateways: BTreeMap<String, Vec<String>>,
+    /// For each node other locations cannot tunnel to: the gateway that serves it.
+    pub serving: BTreeMap<String, String>,
+    /// Things the operator must hear about: nodes left out, locations cut off.
+    pub warnings: Vec<String>,
+}
+
+/// What one node must program.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub node: String,
+    /// The node's address on its WireGuard interface.
+    pub address: IpNet,
+    pub is_gateway: bool,
+    pub peers: Vec<PeerPlan>,
+    pub routes: Vec<RoutePlan>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerPlan {
+    pub name: String,
+    pub external: bool,
+    pub public_key: PublicKey,
+    pub endpoint: Option<Endpoint>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct RoutePlan {
+    pub dst: IpNet,
+    pub next_hop: NextHop,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum NextHop {
+    /// Into the WireGuard interface; the peer with this name holds the prefix.
+    Tunnel { peer: String },
+    /// Over the location's internal network to this node.
+    Internal { node: String, via: IpAddr },
+}
+
+/// The ways a plan cannot be made for a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    UnknownNode(String),
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanError::UnknownNode(n) => write!(
+                f,
+                "node {n:?} is not part of the mesh (not registered, no public key yet, or left out; see warnings)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// Where a packet for some prefix goes next, from one member's point of view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Hop<'a> {
+    Tunnel(&'a str),
+    Internal(&'a Node),
+}
+
+impl Topology {
+    /// Build the cluster-wide topology. `previous_gateways` is the sticky record of each
+    /// location's serving gateways, as last stored.
+    pub fn build(
+        settings: Settings,
+        nodes: impl IntoIterator<Item = Node>,
+        peers: impl IntoIterator<Item = ExternalPeer>,
+        previous_gateways: &BTreeMap<String, Vec<String>>,
+    ) -> Topology {
+        let mut warnings = Vec::new();
+        let nodes = admit_nodes(nodes, &mut warnings);
+        let peers = admit_peers(peers, &nodes, &mut warnings);
+
+        let mut by_location: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
+        for node in nodes.values() {
+            by_location.entry(&node.location).or_default().push(node);
+        }
+        let wanted = settings.gateways_per_location.max(1);
+        let mut gateways = BTreeMap::new();
+        for (location, members) in &by_location {
+            let previous = previous_gateways
+                .get(*location)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let chosen = choose_gateways(members, previous, wanted);
+            if chosen.is_empty() && by_location.len() > 1 {
+                warnings.push(format!(
+                    "location {location} has no gateway-eligible node: it is cut off from other locations"
+                ));
+            }
+            gateways.insert(location.to_string(), chosen);
+        }
+
+        let mut topology = Topology {
+            settings,
+            nodes,
+            peers,
+            gateways,
+            serving: BTreeMap::new(),
+            warnings,
+        };
+        topology.serving = topology.assign_serving_gateways();
+        topology
+    }
+
+    fn assign_serving_gateways(&self) -> BTreeMap<String, String> {
+        let mut serving = BTreeMap::new();
+        for node in self.nodes.values() {
+            if self.is_direct(node) {
+                continue;
+            }
+            let gateways = &self.gateways[&node.location];
+            if let Some(g) = rendezvous_choice(&node.name, gateways) {
+                serving.insert(node.name.clone(), g.to_string());
+            }
+        }
+        serving
+    }
+
+    pub fn is_gateway(&self, node: &Node) -> bool {
+        self.gateways
+            .get(&node.location)
+            .is_some_and(|g| g.contains(&node.name))
+    }
+
+    /// Whether nodes of other locations tunnel to this node itself.
+    pub fn is_direct(&self, node: &Node) -> bool {
+        match self.settings.granularity {
+            Granularity::Location => self.is_gateway(node),
+            Granularity::Full | Granularity::Cross | Granularity::Hybrid => {
+                node.is_public() || self.is_gateway(node)
+            }
+        }
+    }
+
+    /// Whether two distinct nodes hold a WireGuard tunnel between them.
+    pub fn has_tunnel(&self, a: &Node, b: &Node) -> bool {
+        if a.location == b.location {
+            match self.settings.granularity {
+                Granularity::Full => true,
+                Granularity::Hybrid => a.is_public() && b.is_public(),
+                Granularity::Location | Granularity::Cross => false,
+            }
+        } else {
+            self.is_direct(a) && self.is_direct(b)
+        }
+    }
+
+    /// The gateway serving `node` for traffic from other locations (itself when direct).
+    pub fn serving_gateway<'a>(&'a self, node: &'a Node) -> Option<&'a Node> {
+        if self.is_direct(node) {
+            return Some(node);
+        }
+        self.serving.get(&node.name).map(|g| &self.nodes[g])
+    }
+
+    /// How `from` reaches prefixes owned by node `to`. None when `to` is cut off.
+    fn hop_to_node<'a>(&'a self, from: &'a Node, to: &'a Node) -> Option<Hop<'a>> {
+        if self.has_tunnel(from, to) {
+            return Some(Hop::Tunnel(&to.name));
+        }
+        if from.location == to.location {
+            return Some(Hop::Internal(to));
+        }
+        let gateway = self.serving_gateway(to)?;
+        if self.has_tunnel(from, gateway) {
+            return Some(Hop::Tunnel(&gateway.name));
+        }
+        self.hop_to_own_gateway(from)
+    }
+
+    /// How a node that cannot tunnel out itself reaches its own serving gateway.
+    fn hop_to_own_gateway<'a>(&'a self, from: &'a Node) -> Option<Hop<'a>> {
+        let own = self.serving_gateway(from)?;
+        if own.name == from.name {
+            return None;
+        }
+        Some(if self.has_tunnel(from, own) {
+            Hop::Tunnel(&own.name)
+        } else {
+            Hop::Internal(own)
+        })
+    }
+
+    /// How `from` reaches an external peer: directly if it is itself reachable from
+    /// outside, otherwise through its serving gateway.
+    fn hop_to_external<'a>(&'a self, from: &'a Node, peer: &'a ExternalPeer) -> Option<Hop<'a>> {
+        if self.is_direct(from) {
+            Some(Hop::Tunnel(&peer.name))
+        } else {
+            self.hop_to_own_gateway(from)
+        }
+    }
+
+    /// The endpoint `from` dials to reach `to`: the internal address inside a location,
+    /// the public endpoint across locations (falling back to the internal address, which
+    /// only works where the operator routes internal networks between locations).
+    fn endpoint_between(from: &Node, to: &Node) -> Endpoint {
+        let internal = Endpoint::from_socket(std::net::SocketAddr::new(
+            to.internal_ip.addr(),
+            to.listen_port,
+        ));
+        if from.location == to.location {
+            internal
+        } else {
+            to.endpoint.clone().unwrap_or(internal)
+        }
+    }
+
+    /// The WireGuard peers and routes of one node.
+    pub fn plan_for(&self, name: &str) -> Result<Plan, PlanError> {
+        let me = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| PlanError::UnknownNode(name.to_string()))?;
+        let mut routes = Vec::new();
+        let mut allowed: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+
+        let mut record = |prefixes: Vec<IpNet>, hop: Hop<'_>| {
+            for dst in prefixes {
+                let next_hop = match &hop {
+                    Hop::Tunnel(peer) => {
+                        allowed.entry(peer.to_string()).or_default().push(dst);
+                        NextHop::Tunnel {
+                            peer: peer.to_string(),
+                        }
+                    }
+                    Hop::Internal(node) => NextHop::Internal {
+                        node: node.name.clone(),
+                        via: node.internal_ip.addr(),
+                    },
+                };
+                routes.push(RoutePlan { dst, next_hop });
+            }
+        };
+
+        for other in self.nodes.values().filter(|n| n.name != me.name) {
+            if let Some(hop) = self.hop_to_node(me, other) {
+                record(other.owned_prefixes(), hop);
+            }
+        }
+        for peer in self.peers.values() {
+            if let Some(hop) = self.hop_to_external(me, peer) {
+                record(peer.allowed_ips.clone(), hop);
+            }
+        }
+
+        let mut peers: Vec<PeerPlan> = Vec::new();
+        for other in self.nodes.values() {
+            if other.name != me.name && self.has_tunnel(me, other) {
+                peers.push(PeerPlan {
+                    name: other.name.clone(),
+                    external: false,
+                    public_key: other.public_key.expect("admitted nodes have keys"),
+                    endpoint: Some(Self::endpoint_between(me, other)),
+                    allowed_ips: sorted(allowed.remove(other.name.as_str()).unwrap_or_default()),
+                    persistent_keepalive: self.settings.persistent_keepalive,
+                });
+            }
+        }
+        if self.is_direct(me) {
+            for peer in self.peers.values() {
+                peers.push(PeerPlan {
+                    name: peer.name.clone(),
+                    external: true,
+                    public_key: peer.public_key,
+                    endpoint: peer.endpoint.clone(),
+                    allowed_ips: sorted(allowed.remove(peer.name.as_str()).unwrap_or_default()),
+                    persistent_keepalive: peer.persistent_keepalive,
+                });
+            }
+        }
+        routes.sort();
+        Ok(Plan {
+            node: me.name.clone(),
+            address: IpNet::from(me.overlay_ip),
+            is_gateway: self.is_gateway(me),
+            peers,
+            routes,
+        })
+    }
+}
+
+fn sorted(mut v: Vec<IpNet>) -> Vec<IpNet> {
+    v.sort();
+    v
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Keep nodes that can take part: they have a key, and neither their prefixes nor their
+/// key collide with a node admitted before them (by name, so every node agrees).
+fn admit_nodes(
+    nodes: impl IntoIterator<Item = Node>,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, Node> {
+    let mut sorted: Vec<Node> = nodes.into_iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut admitted: BTreeMap<String, Node> = BTreeMap::new();
+    let mut keys = BTreeSet::new();
+    for node in sorted {
+        let Some(key) = node.public_key else {
+            warnings.push(format!(
+                "node {} has no public key yet: left out",
+                node.name
+            ));
+            continue;
+        };
+        if admitted.contains_key(&node.name) {
+            warnings.push(format!(
+                "node {} is listed twice: second left out",
+                node.name
+            ));
+            continue;
+        }
+        if !keys.insert(key) {
+            warnings.push(format!(
+                "node {} uses a public key another node already has: left out",
+                node.name
+            ));
+            continue;
+        }
+        let clash = node.owned_prefixes().into_iter().find_map(|p| {
+            admitted.values().find_map(|other| {
+                other
+                    .owned_prefixes()
+                    .into_iter()
+                    .find(|q| overlaps(&p, q))
+                    .map(|q| (p, other.name.clone(), q))
+            })
+        });
+        if let Some((p, other, q)) = clash {
+            keys.remove(&key);
+            warnings.push(format!(
+                "node {} prefix {p} overlaps {q} of node {other}: left out",
+                node.name
+            ));
+            continue;
+        }
+        admitted.insert(node.name.clone(), node);
+    }
+    admitted
+}
+
+fn admit_peers(
+    peers: impl IntoIterator<Item = ExternalPeer>,
+    nodes: &BTreeMap<String, Node>,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, ExternalPeer> {
+    let mut sorted: Vec<ExternalPeer> = peers.into_iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut admitted: BTreeMap<String, ExternalPeer> = BTreeMap::new();
+    let node_keys: BTreeSet<PublicKey> = nodes.values().filter_map(|n| n.public_key).collect();
+    for peer in sorted {
+        if nodes.contains_key(&peer.name) || admitted.contains_key(&peer.name) {
+            warnings.push(format!(
+                "peer {} has the name of a node or another peer: left out",
+                peer.name
+            ));
+            continue;
+        }
+        if node_keys.contains(&peer.public_key)
+            || admitted.values().any(|p| p.public_key == peer.public_key)
+        {
+            warnings.push(format!(
+                "peer {} uses a public key that is already taken: left out",
+                peer.name
+            ));
+            continue;
+        }
+        let taken = nodes
+            .values()
+            .flat_map(|n| n.owned_prefixes())
+            .chain(admitted.values().flat_map(|p| p.allowed_ips.clone()));
+        let clash = taken
+            .into_iter()
+            .find(|q| peer.allowed_ips.iter().any(|p| overlaps(p, q)));
+        if let Some(q) = clash {
+            warnings.push(format!(
+                "peer {} allowed IPs overlap {q} already in the mesh: left out",
+                peer.name
+            ));
+            continue;
+        }
+        admitted.insert(peer.name.clone(), peer);
+    }
+    admitted
+}
+
+#[cfg(test)]
+mod tests;

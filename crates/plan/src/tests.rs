@@ -1,0 +1,607 @@
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use trellis_model::{GatewayPolicy, Granularity::*};
+
+/// A node of location `loc` (0-based) with global index `k`.
+fn node(name: &str, loc: usize, k: usize, public: bool) -> Node {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&(k as u64 + 1).to_le_bytes());
+    Node {
+        name: name.to_string(),
+        location: format!("site-{loc}"),
+        internal_ip: format!("172.20.{loc}.{}/24", k % 250 + 2).parse().unwrap(),
+        endpoint: public.then(|| {
+            format!("198.18.{}.{}:51820", k / 250, k % 250 + 1)
+                .parse()
+                .unwrap()
+        }),
+        listen_port: 51820,
+        public_key: Some(PublicKey(key)),
+        pod_cidrs: vec![format!("10.244.{k}.0/24").parse().unwrap()],
+        gateway: GatewayPolicy::default(),
+        overlay_ip: format!("100.64.{}.{}", k / 250, k % 250 + 1)
+            .parse()
+            .unwrap(),
+    }
+}
+
+/// `per_location[i]` nodes in location i; the first `public` of each are public.
+fn cluster(per_location: &[usize], public: usize) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for (loc, &count) in per_location.iter().enumerate() {
+        for i in 0..count {
+            let k = nodes.len();
+            let name = format!("{}{}", (b'a' + loc as u8) as char, i + 1);
+            nodes.push(node(&name, loc, k, i < public));
+        }
+    }
+    nodes
+}
+
+fn settings(granularity: Granularity, gateways: usize) -> Settings {
+    Settings {
+        granularity,
+        gateways_per_location: gateways,
+        persistent_keepalive: None,
+    }
+}
+
+fn build(nodes: &[Node], granularity: Granularity, gateways: usize) -> Topology {
+    Topology::build(
+        settings(granularity, gateways),
+        nodes.to_vec(),
+        [],
+        &BTreeMap::new(),
+    )
+}
+
+fn peer_names(plan: &Plan) -> Vec<&str> {
+    plan.peers.iter().map(|p| p.name.as_str()).collect()
+}
+
+fn hop_of<'a>(plan: &'a Plan, node: &Node) -> &'a NextHop {
+    &plan
+        .routes
+        .iter()
+        .find(|r| r.dst == node.pod_cidrs[0])
+        .unwrap_or_else(|| panic!("{} has no route to {}", plan.node, node.name))
+        .next_hop
+}
+
+fn tunnel(peer: &str) -> NextHop {
+    NextHop::Tunnel { peer: peer.into() }
+}
+
+fn internal(nodes: &[Node], name: &str) -> NextHop {
+    let n = nodes.iter().find(|n| n.name == name).unwrap();
+    NextHop::Internal {
+        node: name.into(),
+        via: n.internal_ip.addr(),
+    }
+}
+
+// ---------------------------------------------------------------- table tests
+
+#[test]
+fn location_granularity_routes_through_one_gateway_per_location() {
+    let nodes = cluster(&[3, 3], 2);
+    let t = build(&nodes, Location, 1);
+    assert_eq!(t.gateways["site-0"], ["a1"]);
+    assert_eq!(t.gateways["site-1"], ["b1"]);
+    // gateway: tunnels only to the other gateway, plain to its own location
+    let a1 = t.plan_for("a1").unwrap();
+    assert!(a1.is_gateway);
+    assert_eq!(peer_names(&a1), ["b1"]);
+    assert_eq!(hop_of(&a1, &nodes[4]), &tunnel("b1"));
+    assert_eq!(hop_of(&a1, &nodes[1]), &internal(&nodes, "a2"));
+    // the gateway's peer entry carries the whole remote location
+    let b1 = &a1.peers[0];
+    assert_eq!(b1.allowed_ips.len(), 6, "3 pod CIDRs + 3 overlay addresses");
+    assert_eq!(
+        b1.endpoint.as_ref().unwrap().to_string(),
+        "198.18.0.4:51820"
+    );
+    // non-gateway: no peers, everything remote via its gateway's internal address
+    let a3 = t.plan_for("a3").unwrap();
+    assert!(a3.peers.is_empty());
+    assert_eq!(hop_of(&a3, &nodes[5]), &internal(&nodes, "a1"));
+    assert_eq!(hop_of(&a3, &nodes[1]), &internal(&nodes, "a2"));
+}
+
+#[test]
+fn full_granularity_tunnels_every_reachable_pair() {
+    let nodes = cluster(&[3, 3], 2);
+    let t = build(&nodes, Full, 1);
+    // a public node: every node of its location and every public node elsewhere
+    let a2 = t.plan_for("a2").unwrap();
+    assert_eq!(peer_names(&a2), ["a1", "a3", "b1", "b2"]);
+    // the private b3 is reached through its gateway b1
+    assert_eq!(hop_of(&a2, &nodes[5]), &tunnel("b1"));
+    // same-location peers are dialled on the internal address
+    let a1 = a2.peers.iter().find(|p| p.name == "a1").unwrap();
+    assert_eq!(
+        a1.endpoint.as_ref().unwrap().to_string(),
+        "172.20.0.2:51820"
+    );
+    // a private node tunnels inside its location, and leaves it through its gateway
+    let a3 = t.plan_for("a3").unwrap();
+    assert_eq!(peer_names(&a3), ["a1", "a2"]);
+    assert_eq!(hop_of(&a3, &nodes[4]), &tunnel("a1"));
+    assert_eq!(hop_of(&a3, &nodes[5]), &tunnel("a1"));
+}
+
+#[test]
+fn cross_granularity_never_tunnels_inside_a_location() {
+    let nodes = cluster(&[3, 3], 2);
+    let t = build(&nodes, Cross, 1);
+    let a2 = t.plan_for("a2").unwrap();
+    assert_eq!(peer_names(&a2), ["b1", "b2"]);
+    assert_eq!(hop_of(&a2, &nodes[0]), &internal(&nodes, "a1"));
+    assert_eq!(hop_of(&a2, &nodes[5]), &tunnel("b1"));
+    let a3 = t.plan_for("a3").unwrap();
+    assert!(a3.peers.is_empty());
+    assert_eq!(hop_of(&a3, &nodes[4]), &internal(&nodes, "a1"));
+}
+
+#[test]
+fn hybrid_granularity_tunnels_between_public_nodes_only() {
+    let nodes = cluster(&[3, 3], 2);
+    let t = build(&nodes, Hybrid, 1);
+    let a2 = t.plan_for("a2").unwrap();
+    assert_eq!(peer_names(&a2), ["a1", "b1", "b2"]);
+    assert_eq!(hop_of(&a2, &nodes[2]), &internal(&nodes, "a3"));
+    let a3 = t.plan_for("a3").unwrap();
+    assert!(a3.peers.is_empty());
+    assert_eq!(hop_of(&a3, &nodes[1]), &internal(&nodes, "a2"));
+    assert_eq!(hop_of(&a3, &nodes[3]), &internal(&nodes, "a1"));
+}
+
+#[test]
+fn several_gateways_split_a_location_between_them() {
+    let nodes = cluster(&[8, 8], 3);
+    let t = build(&nodes, Location, 2);
+    assert_eq!(t.gateways["site-0"], ["a1", "a2"]);
+    let served: BTreeSet<&str> = t
+        .serving
+        .iter()
+        .filter(|(n, _)| n.starts_with('a'))
+        .map(|(_, g)| g.as_str())
+        .collect();
+    assert_eq!(
+        served,
+        BTreeSet::from(["a1", "a2"]),
+        "both gateways serve someone"
+    );
+    // every remote gateway peer entry lists exactly its own share
+    let b1 = t.plan_for("b1").unwrap();
+    for peer in &b1.peers {
+        let share: Vec<&Node> = nodes
+            .iter()
+            .filter(|n| n.name == peer.name || t.serving.get(&n.name) == Some(&peer.name))
+            .collect();
+        assert_eq!(peer.allowed_ips.len(), share.len() * 2, "{}", peer.name);
+    }
+}
+
+#[test]
+fn gateway_choice_is_sticky_and_prefers_public_then_priority() {
+    let mut nodes = cluster(&[4], 2);
+    nodes[3].gateway.priority = 100; // private: ranks after the public ones anyway
+    nodes[1].gateway.priority = 5;
+    let members: Vec<&Node> = nodes.iter().collect();
+    assert_eq!(choose_gateways(&members, &[], 1), ["a2"]);
+    assert_eq!(
+        choose_gateways(&members, &[], 3),
+        ["a2", "a1"],
+        "private nodes only as a last resort"
+    );
+    // a previous choice stays even when a better-ranked node exists
+    assert_eq!(choose_gateways(&members, &["a1".into()], 1), ["a1"]);
+    assert_eq!(choose_gateways(&members, &["a1".into()], 2), ["a1", "a2"]);
+    // a private node serves only where no public node qualifies
+    let private: Vec<Node> = cluster(&[3], 0);
+    let members: Vec<&Node> = private.iter().collect();
+    assert_eq!(choose_gateways(&members, &["a3".into()], 2), ["a3", "a1"]);
+    // ...but not once it is no longer eligible or gone
+    nodes[0].gateway.eligible = false;
+    let members: Vec<&Node> = nodes.iter().collect();
+    assert_eq!(choose_gateways(&members, &["a1".into()], 1), ["a2"]);
+    assert_eq!(choose_gateways(&members, &["zz".into()], 1), ["a2"]);
+}
+
+#[test]
+fn a_newly_eligible_node_does_not_displace_the_gateway() {
+    let mut nodes = cluster(&[3, 2], 2);
+    nodes[0].gateway.eligible = false;
+    let t = build(&nodes, Location, 1);
+    assert_eq!(t.gateways["site-0"], ["a2"]);
+    nodes[0].gateway.eligible = true;
+    nodes[0].gateway.priority = 10;
+    let t2 = Topology::build(settings(Location, 1), nodes.clone(), [], &t.gateways);
+    assert_eq!(t2.gateways["site-0"], ["a2"]);
+}
+
+#[test]
+fn nodes_without_keys_or_with_clashing_prefixes_are_left_out_loudly() {
+    let mut nodes = cluster(&[3], 1);
+    nodes[1].public_key = None;
+    nodes[2].pod_cidrs = nodes[0].pod_cidrs.clone();
+    let t = build(&nodes, Full, 1);
+    assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["a1"]);
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("a2 has no public key"))
+    );
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("a3 prefix 10.244.0.0/24 overlaps"))
+    );
+    assert_eq!(
+        t.plan_for("a2").unwrap_err(),
+        PlanError::UnknownNode("a2".into())
+    );
+}
+
+#[test]
+fn a_location_without_eligible_nodes_is_reported_cut_off() {
+    let mut nodes = cluster(&[2, 2], 1);
+    nodes[2].gateway.eligible = false;
+    nodes[3].gateway.eligible = false;
+    let t = build(&nodes, Location, 1);
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("site-1") && w.contains("cut off"))
+    );
+    let a1 = t.plan_for("a1").unwrap();
+    assert!(a1.routes.iter().all(|r| {
+        !nodes[2..]
+            .iter()
+            .any(|n| n.owned_prefixes().contains(&r.dst))
+    }));
+}
+
+fn laptop(key: u8) -> ExternalPeer {
+    ExternalPeer {
+        name: "laptop".into(),
+        public_key: PublicKey([key; 32]),
+        allowed_ips: vec!["10.5.0.1/32".parse().unwrap()],
+        endpoint: None,
+        persistent_keepalive: None,
+    }
+}
+
+#[test]
+fn external_peers_attach_to_direct_nodes_and_get_a_config_covering_everything() {
+    let nodes = cluster(&[3, 3], 2);
+    let t = Topology::build(
+        settings(Location, 1),
+        nodes.clone(),
+        [laptop(0xee)],
+        &BTreeMap::new(),
+    );
+    let a1 = t.plan_for("a1").unwrap();
+    assert_eq!(peer_names(&a1), ["b1", "laptop"]);
+    let a3 = t.plan_for("a3").unwrap();
+    let to_laptop = a3
+        .routes
+        .iter()
+        .find(|r| r.dst.to_string() == "10.5.0.1/32")
+        .unwrap();
+    assert_eq!(to_laptop.next_hop, internal(&nodes, "a1"));
+
+    let conf = showconf::external_peer_config(&t, "laptop").unwrap();
+    assert_eq!(conf.matches("[Peer]").count(), 2, "{conf}");
+    for n in &nodes {
+        assert!(
+            conf.contains(&n.pod_cidrs[0].to_string()),
+            "{} missing:\n{conf}",
+            n.name
+        );
+    }
+    assert!(conf.contains("Address = 10.5.0.1/32"));
+    assert!(showconf::external_peer_config(&t, "nobody").is_none());
+}
+
+#[test]
+fn external_peers_that_clash_are_left_out() {
+    let nodes = cluster(&[2], 1);
+    let mut p = laptop(1); // same key as node a1
+    p.public_key = nodes[0].public_key.unwrap();
+    let mut q = laptop(0xee);
+    q.name = "a2".into();
+    let mut r = laptop(0xef);
+    r.name = "overlapping".into();
+    r.allowed_ips = vec!["10.244.0.0/16".parse().unwrap()];
+    let t = Topology::build(settings(Full, 1), nodes, [p, q, r], &BTreeMap::new());
+    assert!(t.peers.is_empty());
+    assert_eq!(t.warnings.len(), 3, "{:?}", t.warnings);
+}
+
+#[test]
+fn graph_draws_locations_gateways_and_tunnels() {
+    let nodes = cluster(&[2, 2], 1);
+    let dot = graph::dot(&build(&nodes, Location, 1));
+    assert!(dot.starts_with("graph trellis {"));
+    assert_eq!(dot.matches("subgraph cluster_").count(), 2);
+    assert!(dot.contains("\"a1\" -- \"b1\";"));
+    assert!(dot.contains("\"a2\" -- \"a1\" [style=dashed"));
+    assert_eq!(dot.matches("style=bold").count(), 2);
+}
+
+#[test]
+fn node_config_lists_every_peer() {
+    let nodes = cluster(&[2, 2], 2);
+    let t = build(&nodes, Full, 1);
+    let conf = showconf::node_config(&t.plan_for("a1").unwrap(), 51820);
+    assert_eq!(conf.matches("[Peer]").count(), 3);
+    assert!(conf.contains("ListenPort = 51820"));
+}
+
+// ---------------------------------------------------------------- forwarding simulation
+
+/// Follow a packet from `src` (address `src_ip`) to address `dst_ip` hop by hop through
+/// every node's plan, checking that each hop is physically possible and that WireGuard's
+/// cryptokey routing accepts it on arrival. Returns the path of node names.
+fn forward(
+    t: &Topology,
+    plans: &BTreeMap<String, Plan>,
+    src: &str,
+    src_ip: IpNet,
+    dst_ip: IpNet,
+) -> Result<Vec<String>, String> {
+    let owner = |ip: &IpNet| {
+        t.nodes
+            .values()
+            .find(|n| n.owned_prefixes().iter().any(|p| p.contains(ip)))
+            .map(|n| n.name.clone())
+    };
+    let dst = owner(&dst_ip).ok_or("destination owned by nobody")?;
+    let mut path = vec![src.to_string()];
+    let mut at = src.to_string();
+    while at != dst {
+        if path.len() > 6 {
+            return Err(format!("too long: {path:?}"));
+        }
+        let plan = &plans[&at];
+        let mut matches = plan.routes.iter().filter(|r| r.dst.contains(&dst_ip));
+        let route = matches
+            .next()
+            .ok_or_else(|| format!("{at} has no route to {dst_ip} ({path:?})"))?;
+        if matches.next().is_some() {
+            return Err(format!("{at} has two routes to {dst_ip}"));
+        }
+        let here = &t.nodes[&at];
+        let next = match &route.next_hop {
+            NextHop::Tunnel { peer } => {
+                let entry = plan
+                    .peers
+                    .iter()
+                    .find(|p| &p.name == peer)
+                    .ok_or(format!("{at} routes to missing peer {peer}"))?;
+                if !entry.allowed_ips.iter().any(|p| p.contains(&dst_ip)) {
+                    return Err(format!("{at}: peer {peer} does not allow {dst_ip}"));
+                }
+                let there = &t.nodes[peer];
+                let reachable =
+                    here.location == there.location || (here.is_public() && there.is_public());
+                if !reachable {
+                    return Err(format!("{at} cannot reach {peer} physically"));
+                }
+                // cryptokey routing on receive: the source must be allowed for the sender
+                let back = plans[peer]
+                    .peers
+                    .iter()
+                    .find(|p| p.name == at)
+                    .ok_or(format!("{peer} has no peer entry for {at}"))?;
+                if !back.allowed_ips.iter().any(|p| p.contains(&src_ip)) {
+                    return Err(format!(
+                        "{peer} would drop {src_ip} arriving from {at} ({path:?})"
+                    ));
+                }
+                peer.clone()
+            }
+            NextHop::Internal { node, via } => {
+                let there = &t.nodes[node];
+                if there.location != here.location || there.internal_ip.addr() != *via {
+                    return Err(format!("{at} routes via {node} outside its location"));
+                }
+                node.clone()
+            }
+        };
+        if path.contains(&next) {
+            return Err(format!("loop: {path:?} -> {next}"));
+        }
+        path.push(next.clone());
+        at = next;
+    }
+    Ok(path)
+}
+
+fn all_plans(t: &Topology) -> BTreeMap<String, Plan> {
+    t.nodes
+        .keys()
+        .map(|n| (n.clone(), t.plan_for(n).unwrap()))
+        .collect()
+}
+
+fn assert_full_reachability(t: &Topology) {
+    let plans = all_plans(t);
+    for plan in plans.values() {
+        // allowed IPs of a node's peers never overlap
+        let all: Vec<(&str, IpNet)> = plan
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |ip| (p.name.as_str(), *ip)))
+            .collect();
+        for (i, (pa, a)) in all.iter().enumerate() {
+            for (pb, b) in &all[i + 1..] {
+                assert!(!overlaps(a, b), "{}: {pa} {a} overlaps {pb} {b}", plan.node);
+            }
+        }
+        let peer_keys: BTreeSet<_> = plan.peers.iter().map(|p| p.public_key).collect();
+        assert_eq!(peer_keys.len(), plan.peers.len());
+    }
+    for src in t.nodes.values() {
+        for dst in t.nodes.values() {
+            if src.name == dst.name {
+                continue;
+            }
+            for (s, d) in [
+                (src.pod_cidrs[0], dst.pod_cidrs[0]),
+                (IpNet::from(src.overlay_ip), IpNet::from(dst.overlay_ip)),
+            ] {
+                let host = |n: IpNet| IpNet::from(n.hosts().next().unwrap_or(n.addr()));
+                if let Err(e) = forward(t, &plans, &src.name, host(s), host(d)) {
+                    panic!(
+                        "{} -> {} ({}): {e}",
+                        src.name, dst.name, t.settings.granularity
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_granularity_connects_the_lab_shapes() {
+    for g in Granularity::ALL {
+        for (shape, gws) in [
+            (vec![3, 3], 1),
+            (vec![4, 4, 4], 1),
+            (vec![3, 3], 2),
+            (vec![1], 1),
+            (vec![5, 1, 2], 3),
+        ] {
+            let t = build(&cluster(&shape, 2), g, gws);
+            assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+            assert_full_reachability(&t);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- property tests
+
+#[derive(Debug, Clone)]
+struct RandomCluster {
+    nodes: Vec<Node>,
+    granularity: Granularity,
+    gateways: usize,
+}
+
+fn random_cluster() -> impl Strategy<Value = RandomCluster> {
+    (
+        1usize..=20,
+        1usize..=200,
+        0usize..4,
+        1usize..=3,
+        any::<u64>(),
+    )
+        .prop_map(|(locations, total, g, gateways, seed)| {
+            let locations = locations.min(total);
+            let mut rng = seed;
+            let mut next = move || {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                rng >> 33
+            };
+            let mut nodes = Vec::with_capacity(total);
+            for k in 0..total {
+                // every location gets at least one node; the first of each is public so
+                // that every location can reach the others
+                let loc = if k < locations {
+                    k
+                } else {
+                    next() as usize % locations
+                };
+                let first = k < locations;
+                let public = first || next() % 3 == 0;
+                let mut n = node(&format!("n{k}"), loc, k, public);
+                n.gateway.eligible = first || next() % 4 != 0;
+                n.gateway.priority = (next() % 3) as i32;
+                nodes.push(n);
+            }
+            RandomCluster {
+                nodes,
+                granularity: Granularity::ALL[g],
+                gateways,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_clusters_are_fully_reachable_without_loops(c in random_cluster()) {
+        let t = build(&c.nodes, c.granularity, c.gateways);
+        prop_assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        assert_full_reachability(&t);
+    }
+
+    #[test]
+    fn plans_are_deterministic_whatever_the_input_order(c in random_cluster()) {
+        let t = build(&c.nodes, c.granularity, c.gateways);
+        let mut reversed = c.nodes.clone();
+        reversed.reverse();
+        let r = build(&reversed, c.granularity, c.gateways);
+        prop_assert_eq!(&t, &r);
+        prop_assert_eq!(all_plans(&t), all_plans(&r));
+    }
+
+    #[test]
+    fn removing_a_node_changes_only_entries_that_involve_it(c in random_cluster(), pick in any::<prop::sample::Index>()) {
+        let before = build(&c.nodes, c.granularity, c.gateways);
+        let removed = c.nodes[pick.index(c.nodes.len())].clone();
+        let rest: Vec<Node> = c.nodes.iter().filter(|n| n.name != removed.name).cloned().collect();
+        prop_assume!(!rest.is_empty());
+        // the survivors keep the stored gateway record, as a running cluster would
+        let after = Topology::build(settings(c.granularity, c.gateways), rest, [], &before.gateways);
+        let was_gateway = before.is_gateway(&removed);
+        let new_gateways: BTreeSet<&String> = after.gateways.values().flatten()
+            .filter(|g| !before.gateways.values().flatten().any(|b| b == *g)).collect();
+        prop_assert!(was_gateway || new_gateways.is_empty());
+
+        // nodes whose serving gateway changed, and the gateways involved
+        let mut involved: BTreeSet<String> = BTreeSet::from([removed.name.clone()]);
+        for g in &new_gateways { involved.insert((*g).clone()); }
+        for n in after.nodes.values() {
+            if before.serving.get(&n.name) != after.serving.get(&n.name) {
+                involved.insert(n.name.clone());
+                prop_assert!(
+                    before.serving.get(&n.name) == Some(&removed.name)
+                        || after.serving.get(&n.name).is_some_and(|g| new_gateways.contains(g))
+                        || new_gateways.contains(&n.name),
+                    "{} moved from {:?} to {:?}", n.name, before.serving.get(&n.name), after.serving.get(&n.name)
+                );
+            }
+        }
+        let prefixes_of = |names: &BTreeSet<String>| -> BTreeSet<IpNet> {
+            c.nodes.iter().filter(|n| names.contains(&n.name)).flat_map(|n| n.owned_prefixes()).collect()
+        };
+        let touched = prefixes_of(&involved);
+        for name in after.nodes.keys() {
+            let old = before.plan_for(name).unwrap();
+            let new = after.plan_for(name).unwrap();
+            let strip_routes = |p: &Plan| -> Vec<RoutePlan> {
+                p.routes.iter().filter(|r| !touched.contains(&r.dst)
+                    && !matches!(&r.next_hop, NextHop::Tunnel { peer } | NextHop::Internal { node: peer, .. } if involved.contains(peer)))
+                    .cloned().collect()
+            };
+            let strip_peers = |p: &Plan| -> Vec<(String, Vec<IpNet>)> {
+                p.peers.iter().filter(|q| !involved.contains(&q.name))
+                    .map(|q| (q.name.clone(), q.allowed_ips.iter().filter(|ip| !touched.contains(ip)).copied().collect()))
+                    .collect()
+            };
+            if involved.contains(name) && was_gateway {
+                continue; // a moved node's own view legitimately changes wholesale
+            }
+            prop_assert_eq!(strip_routes(&old), strip_routes(&new), "routes of {}", name);
+            prop_assert_eq!(strip_peers(&old), strip_peers(&new), "peers of {}", name);
+        }
+    }
+}

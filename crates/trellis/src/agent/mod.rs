@@ -1,0 +1,236 @@
+//! The node agent. One flow, in this order:
+//!
+//! store → cluster state ([`crate::cluster`]) → plan ([`trellis_plan`]) → apply
+//! ([`apply`]) → verify (read back, in the reconcilers) → report ([`report`]).
+//!
+//! The agent never exits because a dependency is down: the store, the device and the
+//! kernel are retried with jittered backoff while the last applied state keeps forwarding.
+
+mod apply;
+mod register;
+mod report;
+
+use crate::backoff::Backoff;
+use crate::cluster::{ClusterState, PlanInputs};
+use crate::store_url::StoreUrl;
+use anyhow::Context;
+use clap::Args;
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use trellis_dataplane::wireguard::{keyfile, userspace::UserspaceDevice};
+use trellis_model::{Endpoint, GatewayPolicy, Granularity, Node, Validate};
+use trellis_plan::Settings;
+
+/// Routes the agent installs carry this protocol number, so it recognises its own routes
+/// and never touches anyone else's (`ip route show proto 116`).
+pub const ROUTE_PROTOCOL: u8 = 116;
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// This node's name (lowercase letters, digits, '-').
+    #[arg(long)]
+    pub node: String,
+    /// The location (site, region, zone) this node belongs to.
+    #[arg(long)]
+    pub location: String,
+    /// This node's address and prefix on its location's internal network.
+    #[arg(long, value_name = "CIDR")]
+    pub internal_ip: IpNet,
+    /// Where other locations reach this node's WireGuard port (host:port). Omit for a
+    /// private node.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Option<String>,
+    /// WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    pub listen_port: u16,
+    /// A pod CIDR of this node (repeat for several).
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<IpNet>,
+    /// This node's overlay address, put on the WireGuard interface.
+    #[arg(long, value_name = "IP")]
+    pub overlay_ip: IpAddr,
+    /// Never serve as a location gateway.
+    #[arg(long)]
+    pub no_gateway: bool,
+    /// Preference when a gateway vacancy is filled (higher first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub gateway_priority: i32,
+    /// WireGuard interface name (unique on the machine for the userspace device).
+    #[arg(long, default_value = "trellis0")]
+    pub interface: String,
+    /// Where the private key lives (created with mode 0600 if missing).
+    #[arg(long, default_value = "/var/lib/trellis/private.key")]
+    pub key_file: PathBuf,
+    /// The store: unix:/path/to/store.sock or lab:NAME.
+    #[arg(long)]
+    pub store: String,
+    /// Mesh granularity when the store holds no cluster settings.
+    #[arg(long, default_value = "location")]
+    pub granularity: Granularity,
+    /// Gateways per location when the store holds no cluster settings.
+    #[arg(long, default_value_t = 1)]
+    pub gateways: usize,
+    /// Re-read and repair the kernel state at least this often (seconds).
+    #[arg(long, default_value_t = 10)]
+    pub resync_seconds: u64,
+    /// WireGuard implementation: userspace (embedded) or kernel.
+    #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
+    pub wireguard: String,
+}
+
+impl AgentArgs {
+    /// The node record this agent publishes, validated before anything is touched.
+    fn node_record(&self, key: trellis_model::PublicKey) -> anyhow::Result<Node> {
+        let endpoint = self
+            .endpoint
+            .as_deref()
+            .map(|e| Endpoint::parse("--endpoint", e))
+            .transpose()?;
+        let node = Node {
+            name: self.node.clone(),
+            location: self.location.clone(),
+            internal_ip: self.internal_ip,
+            endpoint,
+            listen_port: self.listen_port,
+            public_key: Some(key),
+            pod_cidrs: self.pod_cidrs.clone(),
+            gateway: GatewayPolicy {
+                eligible: !self.no_gateway,
+                priority: self.gateway_priority,
+            },
+            overlay_ip: self.overlay_ip,
+        };
+        node.validate()
+            .map_err(|e| anyhow::anyhow!("invalid flag: {e}"))?;
+        Ok(node)
+    }
+
+    fn default_settings(&self) -> anyhow::Result<Settings> {
+        if !(1..=16).contains(&self.gateways) {
+            anyhow::bail!("invalid --gateways {}: must be 1-16", self.gateways);
+        }
+        Ok(Settings {
+            granularity: self.granularity,
+            gateways_per_location: self.gateways,
+            persistent_keepalive: None,
+        })
+    }
+}
+
+pub fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if args.interface.len() > 15 {
+        anyhow::bail!(
+            "invalid --interface {:?}: at most 15 characters",
+            args.interface
+        );
+    }
+    if args.wireguard == "kernel"
+        && let Some(why) = trellis_dataplane::wireguard::kernel::unavailable_reason()
+    {
+        anyhow::bail!("--wireguard kernel: {why}");
+    }
+    let store_url = StoreUrl::parse(&args.store)?;
+    let defaults = args.default_settings()?;
+    let key = keyfile::load_or_generate(&args.key_file)?;
+    let node = args.node_record(keyfile::public_key(&key))?;
+    let runtime = crate::runtime()?;
+    runtime.block_on(run(args, store_url, defaults, node, key))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(
+    args: AgentArgs,
+    store_url: StoreUrl,
+    defaults: Settings,
+    node: Node,
+    key: x25519_dalek::StaticSecret,
+) -> anyhow::Result<()> {
+    tracing::info!(node = %node.name, location = %node.location, store = %store_url, "agent starting");
+    apply::prepare_kernel().context("preparing kernel settings")?;
+    let device = start_device(&args, key).await;
+    let netlink = Arc::new(trellis_dataplane::netlink::Netlink::connect()?);
+
+    let store = store_url.open();
+    let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    tokio::spawn(crate::cluster::sync_forever(store.clone(), state_tx));
+    tokio::spawn(register::keep_registered(
+        store.clone(),
+        node.clone(),
+        state_rx.clone(),
+    ));
+    let reporter = report::Reporter::start(store.clone(), node.name.clone());
+
+    let mut reconciler = apply::Reconciler::new(
+        node.clone(),
+        args.interface.clone(),
+        device.clone(),
+        netlink,
+        store.clone(),
+    );
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
+    let mut state_rx = state_rx;
+    let mut last_inputs: Option<PlanInputs> = None;
+    let mut ticker = tokio::time::interval(resync);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            changed = state_rx.changed() => {
+                if changed.is_err() { break; }
+                // let a burst of registrations settle into one plan
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = ticker.tick() => {}
+        }
+        let state = state_rx.borrow_and_update().clone();
+        if state.revision == 0 {
+            continue; // nothing read from the store yet
+        }
+        let inputs = state.plan_inputs(&defaults);
+        let inputs_changed = last_inputs.as_ref() != Some(&inputs);
+        let outcome = reconciler.reconcile(&state, &inputs, inputs_changed).await;
+        reporter.publish(outcome.status(&node.name, state.revision));
+        last_inputs = Some(inputs);
+    }
+    tracing::info!("shutting down: releasing status lease, stopping device");
+    reporter.stop().await;
+    if let Ok(device) = Arc::try_unwrap(device) {
+        device.stop().await;
+    }
+    Ok(())
+}
+
+/// Create the WireGuard device, retrying until it works: without it the node has no mesh,
+/// but exiting would only make a supervisor restart us into the same failure.
+async fn start_device(args: &AgentArgs, key: x25519_dalek::StaticSecret) -> Arc<UserspaceDevice> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        match UserspaceDevice::create(&args.interface, key.clone(), args.listen_port).await {
+            Ok(device) => return Arc::new(device),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(interface = %args.interface, retry_in = ?delay, "creating WireGuard device: {e:#}");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

@@ -1,0 +1,259 @@
+//! Cluster state as read from the store: decoded, validated records and the revision they
+//! reflect. The agent keeps one current with a list-then-watch loop that survives store
+//! outages; commands take a single snapshot.
+
+use crate::backoff::Backoff;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use trellis_model::{AgentStatus, ClusterSettings, ExternalPeer, GatewaySet, Node, decode, keys};
+use trellis_plan::{Settings, Topology};
+use trellis_store::{Event, KeyValue, Revision, Store, StoreError};
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterState {
+    pub revision: Revision,
+    pub nodes: BTreeMap<String, Node>,
+    pub peers: BTreeMap<String, ExternalPeer>,
+    /// Stored gateway choice per location, with the record's mod revision for updates.
+    pub gateways: BTreeMap<String, (GatewaySet, Revision)>,
+    pub settings: Option<ClusterSettings>,
+    pub status: BTreeMap<String, AgentStatus>,
+}
+
+/// The part of the state a plan depends on; the agent re-plans only when it changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanInputs {
+    pub nodes: BTreeMap<String, Node>,
+    pub peers: BTreeMap<String, ExternalPeer>,
+    pub gateways: BTreeMap<String, Vec<String>>,
+    pub settings: Settings,
+}
+
+impl ClusterState {
+    pub fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
+        let mut state = ClusterState {
+            revision,
+            ..Default::default()
+        };
+        for kv in kvs {
+            state.put(kv);
+        }
+        state
+    }
+
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::Put(kv) => self.put(kv),
+            Event::Delete { key, .. } => self.delete(key),
+        }
+        self.revision = self.revision.max(event.revision());
+    }
+
+    /// Decode one record. A record that fails validation is dropped with a warning that
+    /// names it: one bad write by someone else must not stop the mesh.
+    fn put(&mut self, kv: &KeyValue) {
+        let key = kv.key.as_str();
+        let result = if let Some(name) = key.strip_prefix(keys::NODES) {
+            decode::<Node>(&format!("node {name}"), &kv.value)
+                .and_then(|n| same_name(key, name, &n.name).map(|_| n))
+                .map(|n| {
+                    self.nodes.insert(name.to_string(), n);
+                })
+        } else if let Some(name) = key.strip_prefix(keys::PEERS) {
+            decode::<ExternalPeer>(&format!("peer {name}"), &kv.value)
+                .and_then(|p| same_name(key, name, &p.name).map(|_| p))
+                .map(|p| {
+                    self.peers.insert(name.to_string(), p);
+                })
+        } else if let Some(location) = key.strip_prefix(keys::GATEWAYS) {
+            decode::<GatewaySet>(&format!("gateways of {location}"), &kv.value).map(|g| {
+                self.gateways
+                    .insert(location.to_string(), (g, kv.mod_revision));
+            })
+        } else if let Some(name) = key.strip_prefix(keys::STATUS) {
+            decode::<AgentStatus>(&format!("status of {name}"), &kv.value).map(|s| {
+                self.status.insert(name.to_string(), s);
+            })
+        } else if key == keys::SETTINGS {
+            decode::<ClusterSettings>("cluster settings", &kv.value).map(|s| {
+                self.settings = Some(s);
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            tracing::warn!(
+                key,
+                revision = kv.mod_revision,
+                "ignoring invalid record: {e}"
+            );
+            self.delete(key);
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(name) = key.strip_prefix(keys::NODES) {
+            self.nodes.remove(name);
+        } else if let Some(name) = key.strip_prefix(keys::PEERS) {
+            self.peers.remove(name);
+        } else if let Some(location) = key.strip_prefix(keys::GATEWAYS) {
+            self.gateways.remove(location);
+        } else if let Some(name) = key.strip_prefix(keys::STATUS) {
+            self.status.remove(name);
+        } else if key == keys::SETTINGS {
+            self.settings = None;
+        }
+    }
+
+    /// The planner settings: the stored ones, else `defaults`.
+    pub fn plan_settings(&self, defaults: &Settings) -> Settings {
+        match &self.settings {
+            Some(s) => Settings {
+                granularity: s.granularity,
+                gateways_per_location: s.gateways_per_location,
+                persistent_keepalive: s.persistent_keepalive,
+            },
+            None => defaults.clone(),
+        }
+    }
+
+    pub fn plan_inputs(&self, defaults: &Settings) -> PlanInputs {
+        PlanInputs {
+            nodes: self.nodes.clone(),
+            peers: self.peers.clone(),
+            gateways: self
+                .gateways
+                .iter()
+                .map(|(loc, (g, _))| (loc.clone(), g.gateways.clone()))
+                .collect(),
+            settings: self.plan_settings(defaults),
+        }
+    }
+}
+
+impl PlanInputs {
+    pub fn topology(&self) -> Topology {
+        Topology::build(
+            self.settings.clone(),
+            self.nodes.values().cloned(),
+            self.peers.values().cloned(),
+            &self.gateways,
+        )
+    }
+}
+
+fn same_name(
+    key: &str,
+    from_key: &str,
+    in_record: &str,
+) -> Result<(), trellis_model::InvalidField> {
+    if from_key == in_record {
+        Ok(())
+    } else {
+        Err(trellis_model::InvalidField::new(
+            "name",
+            in_record,
+            format!("does not match its key {key:?}"),
+        ))
+    }
+}
+
+/// One consistent snapshot of the cluster.
+pub async fn load(store: &dyn Store) -> anyhow::Result<ClusterState> {
+    let (kvs, revision) = store.list("").await?;
+    Ok(ClusterState::from_list(&kvs, revision))
+}
+
+/// Keep `tx` current forever: list, then watch from the listing's revision; after any
+/// failure wait (jittered backoff) and resume the watch from the last revision seen, so a
+/// reconnect does not re-list unless the store compacted that revision away. While the
+/// store is unreachable the last state stays published: the data plane keeps running on it.
+pub async fn sync_forever(store: Arc<dyn Store>, tx: watch::Sender<Arc<ClusterState>>) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut state: Option<ClusterState> = None;
+    loop {
+        let result = match state.as_mut() {
+            None => match load(store.as_ref()).await {
+                Ok(s) => {
+                    tx.send_replace(Arc::new(s.clone()));
+                    state = Some(s);
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
+            Some(s) => follow(store.as_ref(), s, &tx, &mut backoff).await,
+        };
+        if let Err(e) = result {
+            if let Some(StoreError::Compacted { .. }) = e.downcast_ref::<StoreError>() {
+                tracing::info!("store history compacted past our revision; re-listing");
+                state = None;
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(retry_in = ?delay, "cluster state sync: {e:#}");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+async fn follow(
+    store: &dyn Store,
+    state: &mut ClusterState,
+    tx: &watch::Sender<Arc<ClusterState>>,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let mut watch = store.watch("", state.revision).await?;
+    backoff.reset();
+    while let Some(event) = watch.next().await {
+        let event = event?;
+        state.apply(&event);
+        // Coalesce a burst of events into one publication.
+        while let Ok(Some(more)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
+            state.apply(&more?);
+        }
+        tx.send_replace(Arc::new(state.clone()));
+    }
+    anyhow::bail!("watch ended")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str, rev: Revision) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: rev,
+            mod_revision: rev,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn invalid_records_are_dropped_not_fatal() {
+        let good = r#"{"name":"a1","location":"site-a","internal_ip":"172.20.0.2/24","listen_port":51820,"overlay_ip":"100.64.0.1"}"#;
+        let renamed = good.replace("\"a1\"", "\"zz\"");
+        let mut state = ClusterState::from_list(
+            &[
+                kv("nodes/a1", good, 2),
+                kv("nodes/a2", &renamed, 3),
+                kv("nodes/a3", "{not json", 4),
+                kv(
+                    "settings",
+                    r#"{"granularity":"mesh","gateways_per_location":1}"#,
+                    5,
+                ),
+            ],
+            5,
+        );
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["a1"]);
+        assert!(state.settings.is_none());
+        // a later invalid update removes the previously valid record instead of keeping
+        // stale data that its owner no longer stands behind
+        state.apply(&Event::Put(kv("nodes/a1", "{}", 6)));
+        assert!(state.nodes.is_empty());
+        assert_eq!(state.revision, 6);
+    }
+}

@@ -1,0 +1,485 @@
+//! The lab: a whole multi-site cluster of network namespaces on one machine, running the
+//! production agent against an embedded store. It is the demo, the end-to-end test bed
+//! and the benchmark rig.
+
+mod build;
+mod check;
+mod processes;
+pub mod spec;
+pub mod state;
+mod status;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use spec::{LabParams, LabSpec};
+use state::LabState;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trellis_dataplane::netns;
+use trellis_model::{ClusterSettings, Granularity, keys};
+use trellis_store::Store;
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Build a lab and start its agents; returns once every agent has converged.
+    Up(UpArgs),
+    /// Remove every namespace, link, device and process of a lab (also after a crash).
+    Down(NameArg),
+    /// Nodes, gateways, peers with their last handshake, pods and hosts.
+    Status(StatusArgs),
+    /// Ping between every pair of pods; exits non-zero if any pair fails.
+    Check(CheckArgs),
+    /// Run a command inside a node's (or a pod's) network namespace.
+    Exec(ExecArgs),
+    /// External hosts on the public network (no agent), to try clients from.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Bring a two-location lab up, show it working, and tear it down again.
+    Demo(DemoArgs),
+    /// Serve the lab's embedded store (started by `lab up`; not for direct use).
+    #[command(hide = true)]
+    ServeStore(NameArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NameArg {
+    /// The lab's name (1-6 lowercase letters or digits).
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Number of nodes, spread evenly over the locations.
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// Number of locations (sites).
+    #[arg(long, default_value_t = 2)]
+    pub locations: usize,
+    /// Mesh granularity: full, location, cross or hybrid.
+    #[arg(long, default_value = "location")]
+    pub granularity: Granularity,
+    /// Active gateways per location.
+    #[arg(long, default_value_t = 1)]
+    pub gateways: usize,
+    /// Nodes per location that get a public endpoint (the first ones).
+    #[arg(long, default_value_t = 2)]
+    pub public: usize,
+    /// Pods per node.
+    #[arg(long, default_value_t = 1)]
+    pub pods: usize,
+    /// How long to wait for every agent to converge, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// How often agents re-read and repair kernel state, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub agent_resync: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// The demo lab's name.
+    #[arg(long, default_value = "demo")]
+    pub name: String,
+    /// Mesh granularity for the demo.
+    #[arg(long, default_value = "location")]
+    pub granularity: Granularity,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    /// Rounds of pings before a pair counts as failed.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The node (or, with --pod, the node whose pod) to run in; a host name also works.
+    pub node: String,
+    /// Run in this pod of the node instead (e.g. a1-p0, or just p0).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// Add a bare host (no agent) on the lab's public network.
+    Add {
+        host: String,
+        #[command(flatten)]
+        name: NameArg,
+    },
+}
+
+pub fn main(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        // exec replaces this process: it must enter the namespace while single-threaded.
+        LabCommand::Exec(args) => exec(args),
+        other => crate::runtime()?.block_on(run(other)),
+    }
+}
+
+async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LabCommand::Up(args) => up_inner(args).await,
+        LabCommand::Down(args) => {
+            let report = build::teardown(&args.name)?;
+            println!(
+                "lab {} removed: {} namespaces, {} processes",
+                args.name, report.namespaces, report.processes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Status(args) => status::show(&args.name.name, args.json).await,
+        LabCommand::Check(args) => {
+            let lab = LabState::load(&args.name.name)?;
+            let report = check::all_pairs(&lab.spec, args.attempts, Duration::from_secs(1)).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", check::matrix(&report));
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCommand::Host(HostCommand::Add { host, name }) => {
+            let mut lab = LabState::load(&name.name)?;
+            let spec = lab.spec.new_host(&host)?;
+            build::create_host(&lab.spec, &spec)
+                .await
+                .with_context(|| format!("creating host {host}"))?;
+            println!(
+                "host {} at {} (namespace {})",
+                spec.name, spec.ip, spec.netns
+            );
+            lab.spec.hosts.push(spec);
+            lab.save()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::ServeStore(args) => serve_store(&args.name).await,
+        LabCommand::Demo(args) => demo(args).await,
+        LabCommand::Exec(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+async fn up_inner(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let params = LabParams {
+        name: args.name.name.clone(),
+        nodes: args.nodes,
+        locations: args.locations,
+        granularity: args.granularity,
+        gateways: args.gateways,
+        public_per_location: args.public,
+        pods_per_node: args.pods,
+        agent_resync: args.agent_resync,
+    };
+    let spec = params.spec()?;
+    let name = spec.name.clone();
+    if state::dir(&name).join("lab.json").exists() || netns::exists(&spec::fabric_netns(&name)) {
+        bail!(
+            "lab {name:?} already exists: `trellis lab down --name {name}` first, or pick another --name"
+        );
+    }
+    let started = Instant::now();
+    match bring_up(&spec, Duration::from_secs(args.timeout)).await {
+        Ok(()) => {
+            println!(
+                "lab {name} is up: {} nodes in {} locations, granularity {}, converged in {:.1} s",
+                spec.nodes.len(),
+                spec.locations.len(),
+                spec.granularity,
+                started.elapsed().as_secs_f64()
+            );
+            status::show(&name, false).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("lab {name} failed to come up: {e:#}");
+            eprintln!("agent logs: {}", state::dir(&name).join("logs").display());
+            if std::env::var_os("TRELLIS_LAB_KEEP_FAILED").is_none() {
+                let logs = collect_logs(&name);
+                let _ = build::teardown(&name);
+                eprintln!("{logs}");
+                eprintln!("lab removed (set TRELLIS_LAB_KEEP_FAILED=1 to keep it for inspection)");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The README's main command: a lab comes up, proves all-pairs connectivity, and goes.
+async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let name = args.name.clone();
+    spec::validate_lab_name(&name)?;
+    if state::dir(&name).join("lab.json").exists() {
+        println!("== removing a leftover lab {name}");
+        build::teardown(&name)?;
+    }
+    println!(
+        "== trellis lab up --name {name} --nodes 6 --locations 2 --granularity {}",
+        args.granularity
+    );
+    let up = UpArgs {
+        name: NameArg { name: name.clone() },
+        nodes: 6,
+        locations: 2,
+        granularity: args.granularity,
+        gateways: 1,
+        public: 2,
+        pods: 1,
+        timeout: 60,
+        agent_resync: 10,
+    };
+    let result = async {
+        if up_inner(up).await? != ExitCode::SUCCESS {
+            bail!("the lab did not come up");
+        }
+        println!("\n== trellis lab check --name {name}   (ICMP between every pair of pods, across locations through the gateways)");
+        let lab = LabState::load(&name)?;
+        let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
+        print!("{}", check::matrix(&report));
+        println!("\n== trellis lab status --name {name}   (handshakes now that traffic has flowed)");
+        status::show(&name, false).await?;
+        anyhow::Ok(report.ok)
+    }
+    .await;
+    println!("\n== trellis lab down --name {name}");
+    let down = build::teardown(&name);
+    match (&result, &down) {
+        (_, Ok(d)) => println!(
+            "removed {} namespaces and {} processes",
+            d.namespaces, d.processes
+        ),
+        (_, Err(e)) => eprintln!("teardown failed: {e:#}"),
+    }
+    match result {
+        Ok(true) => {
+            println!("\ndemo passed: every pod reached every other pod");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(false) => {
+            println!("\ndemo FAILED: some pods could not reach each other (matrix above)");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn collect_logs(lab: &str) -> String {
+    let dir = state::dir(lab).join("logs");
+    let mut out = String::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.filter_map(Result::ok) {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            out.push_str(&format!(
+                "--- {} (last lines)\n",
+                e.file_name().to_string_lossy()
+            ));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
+    let mut lab = LabState {
+        spec: spec.clone(),
+        store_pid: None,
+        agent_pids: Default::default(),
+    };
+    // The state file goes first so that `lab down` knows the lab even if this crashes.
+    lab.save()?;
+    build::create_fabric(spec)
+        .await
+        .context("creating the fabric")?;
+    for node in &spec.nodes {
+        build::create_node(spec, node)
+            .await
+            .with_context(|| format!("creating node {}", node.name))?;
+    }
+    let fabric = spec::fabric_netns(&spec.name);
+    let store_pid = processes::spawn_in(
+        &fabric,
+        &[
+            "lab".into(),
+            "serve-store".into(),
+            format!("--name={}", spec.name),
+        ],
+        &state::log_path(&spec.name, "store"),
+    )?;
+    lab.store_pid = Some(store_pid);
+    lab.save()?;
+    let store = open_store(&spec.name);
+    wait_for_store(store.as_ref(), Duration::from_secs(10)).await?;
+    let settings = ClusterSettings {
+        granularity: spec.granularity,
+        gateways_per_location: spec.gateways,
+        persistent_keepalive: None,
+    };
+    store
+        .put(keys::SETTINGS, serde_json::to_vec(&settings)?)
+        .await?;
+    for node in &spec.nodes {
+        let pid = processes::spawn_in(
+            &node.netns,
+            &processes::agent_args(&spec.name, node, spec.agent_resync),
+            &state::log_path(&spec.name, &node.name),
+        )?;
+        lab.agent_pids.insert(node.name.clone(), pid);
+    }
+    lab.save()?;
+    wait_converged(store.as_ref(), spec, timeout).await
+}
+
+pub fn open_store(lab: &str) -> Arc<dyn Store> {
+    Arc::new(trellis_store::remote::RemoteStore::connect(
+        state::store_socket(lab),
+        crate::store_url::CALL_TIMEOUT,
+    ))
+}
+
+async fn wait_for_store(store: &dyn Store, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match store.get(keys::SETTINGS).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("the lab store did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Converged: every node is registered, and every agent reports a fully applied plan with
+/// as many peers and routes as the plan computed here from the same state.
+async fn wait_converged(
+    store: &dyn Store,
+    spec: &LabSpec,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match converged(store, spec).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(waiting)) => last = waiting,
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("agents did not converge within {timeout:?}: {last}")
+}
+
+/// `None` when converged, else what is still missing.
+pub async fn converged(store: &dyn Store, spec: &LabSpec) -> anyhow::Result<Option<String>> {
+    let state = crate::cluster::load(store).await?;
+    let topology = state
+        .plan_inputs(&trellis_plan::Settings::default())
+        .topology();
+    if topology.nodes.len() < spec.nodes.len() {
+        return Ok(Some(format!(
+            "{} of {} nodes registered",
+            topology.nodes.len(),
+            spec.nodes.len()
+        )));
+    }
+    for node in &spec.nodes {
+        let plan = topology.plan_for(&node.name)?;
+        match state.status.get(&node.name) {
+            None => return Ok(Some(format!("no status from {}", node.name))),
+            Some(s) if !s.applied => {
+                return Ok(Some(format!(
+                    "{}: {}",
+                    node.name,
+                    s.error.as_deref().unwrap_or("not applied")
+                )));
+            }
+            Some(s)
+                if s.nodes != spec.nodes.len()
+                    || s.peers != plan.peers.len()
+                    || s.routes != plan.routes.len() =>
+            {
+                return Ok(Some(format!(
+                    "{} has not applied the latest plan",
+                    node.name
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(None)
+}
+
+async fn serve_store(lab: &str) -> anyhow::Result<ExitCode> {
+    let store = trellis_store::embedded::EmbeddedStore::new();
+    let path = state::store_socket(lab);
+    let server = trellis_store::remote::serve(store, &path)
+        .await
+        .with_context(|| format!("serving the store on {}", path.display()))?;
+    tracing::info!(socket = %path.display(), "lab store serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = server => {}
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let lab = LabState::load(&args.name.name)?;
+    let netns_name = match (
+        &args.pod,
+        lab.spec.hosts.iter().find(|h| h.name == args.node),
+    ) {
+        (None, Some(host)) => host.netns.clone(),
+        (None, None) => lab.spec.node(&args.node)?.netns.clone(),
+        (Some(pod), _) => {
+            let node = lab.spec.node(&args.node)?;
+            let full = if pod.starts_with(&format!("{}-", node.name)) {
+                pod.clone()
+            } else {
+                format!("{}-{pod}", node.name)
+            };
+            match node.pods.iter().find(|p| p.name == full) {
+                Some(p) => p.netns.clone(),
+                None => bail!("node {} has no pod {pod:?}", node.name),
+            }
+        }
+    };
+    netns::enter(&netns_name)?;
+    let err = std::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .exec();
+    bail!("running {:?} in {netns_name}: {err}", args.command[0])
+}

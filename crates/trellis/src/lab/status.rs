@@ -1,0 +1,233 @@
+//! `lab status`: the lab as a person or a script needs it: nodes with their role and
+//! peers (read from each device's control socket), pods and hosts.
+
+use super::spec::LabSpec;
+use super::state::LabState;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+use trellis_dataplane::wireguard::{uapi, userspace::UserspaceDevice};
+use trellis_model::PublicKey;
+
+#[derive(Serialize)]
+struct LabView {
+    name: String,
+    granularity: String,
+    store: StoreView,
+    nodes: Vec<NodeView>,
+    hosts: Vec<HostView>,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct StoreView {
+    kind: &'static str,
+    pid: Option<i32>,
+    netns: String,
+    socket: String,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    name: String,
+    location: String,
+    netns: String,
+    gateway: bool,
+    served_by: Option<String>,
+    agent_pid: Option<i32>,
+    agent: Option<trellis_model::AgentStatus>,
+    interface: String,
+    peers: Vec<PeerView>,
+    pods: Vec<HostView>,
+}
+
+#[derive(Serialize)]
+struct PeerView {
+    name: String,
+    endpoint: Option<String>,
+    last_handshake_s: Option<f64>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct HostView {
+    name: String,
+    netns: String,
+    ip: String,
+}
+
+pub async fn show(lab: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let state = LabState::load(lab)?;
+    let store = super::open_store(lab);
+    // The store may be down (that is a fault the lab can inject): show what we can.
+    let (cluster, store_error) = match crate::cluster::load(store.as_ref()).await {
+        Ok(c) => (c, None),
+        Err(e) => (
+            Default::default(),
+            Some(format!("store unreachable: {e:#}")),
+        ),
+    };
+    let topology = cluster
+        .plan_inputs(&trellis_plan::Settings::default())
+        .topology();
+    let names: BTreeMap<PublicKey, String> = cluster
+        .nodes
+        .values()
+        .filter_map(|n| n.public_key.map(|k| (k, n.name.clone())))
+        .chain(
+            cluster
+                .peers
+                .values()
+                .map(|p| (p.public_key, p.name.clone())),
+        )
+        .collect();
+    let view = build_view(&state, &topology, &cluster, &names, store_error).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_table(&view, &state.spec);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn build_view(
+    state: &LabState,
+    topology: &trellis_plan::Topology,
+    cluster: &crate::cluster::ClusterState,
+    names: &BTreeMap<PublicKey, String>,
+    store_error: Option<String>,
+) -> LabView {
+    let spec = &state.spec;
+    let mut nodes = Vec::new();
+    for n in &spec.nodes {
+        let device = uapi::get(
+            &UserspaceDevice::socket_path(&n.interface),
+            Duration::from_secs(1),
+        )
+        .await;
+        let peers = device
+            .map(|d| {
+                d.peers
+                    .into_iter()
+                    .map(|p| PeerView {
+                        name: names
+                            .get(&p.config.public_key)
+                            .cloned()
+                            .unwrap_or_else(|| p.config.public_key.to_string()),
+                        endpoint: p.config.endpoint.map(|e| e.to_string()),
+                        last_handshake_s: p.last_handshake.map(|d| d.as_secs_f64()),
+                        rx_bytes: p.rx_bytes,
+                        tx_bytes: p.tx_bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = topology.nodes.get(&n.name);
+        nodes.push(NodeView {
+            name: n.name.clone(),
+            location: n.location.clone(),
+            netns: n.netns.clone(),
+            gateway: record.is_some_and(|r| topology.is_gateway(r)),
+            served_by: topology.serving.get(&n.name).cloned(),
+            agent_pid: state
+                .agent_pids
+                .get(&n.name)
+                .copied()
+                .filter(|p| super::processes::is_alive(*p)),
+            agent: cluster.status.get(&n.name).cloned(),
+            interface: n.interface.clone(),
+            peers,
+            pods: n
+                .pods
+                .iter()
+                .map(|p| HostView {
+                    name: p.name.clone(),
+                    netns: p.netns.clone(),
+                    ip: p.ip.addr().to_string(),
+                })
+                .collect(),
+        });
+    }
+    let mut warnings = topology.warnings.clone();
+    warnings.extend(store_error);
+    LabView {
+        name: spec.name.clone(),
+        granularity: spec.granularity.to_string(),
+        store: StoreView {
+            kind: "embedded",
+            pid: state.store_pid.filter(|p| super::processes::is_alive(*p)),
+            netns: super::spec::fabric_netns(&spec.name),
+            socket: super::state::store_socket(&spec.name).display().to_string(),
+        },
+        nodes,
+        hosts: spec
+            .hosts
+            .iter()
+            .map(|h| HostView {
+                name: h.name.clone(),
+                netns: h.netns.clone(),
+                ip: h.ip.addr().to_string(),
+            })
+            .collect(),
+        warnings,
+    }
+}
+
+fn print_table(view: &LabView, spec: &LabSpec) {
+    println!(
+        "lab {} — granularity {}, {} locations, store pid {}",
+        view.name,
+        view.granularity,
+        spec.locations.len(),
+        view.store.pid.map_or("DOWN".to_string(), |p| p.to_string())
+    );
+    println!(
+        "{:<6} {:<8} {:<8} {:<7} {:<10} {:<14} peers (last handshake)",
+        "NODE", "LOCATION", "ROLE", "AGENT", "POD", "POD IP"
+    );
+    for n in &view.nodes {
+        let role = if n.gateway {
+            "gateway".to_string()
+        } else {
+            n.served_by
+                .as_ref()
+                .map_or("-".into(), |g| format!("via {g}"))
+        };
+        let agent = match (&n.agent_pid, &n.agent) {
+            (None, _) => "DOWN",
+            (Some(_), Some(s)) if s.applied => "ok",
+            (Some(_), _) => "pending",
+        };
+        let peers: Vec<String> = n
+            .peers
+            .iter()
+            .map(|p| match p.last_handshake_s {
+                Some(s) => format!("{}({:.0}s)", p.name, s),
+                None => format!("{}(never)", p.name),
+            })
+            .collect();
+        let pod = n.pods.first();
+        println!(
+            "{:<6} {:<8} {:<8} {:<7} {:<10} {:<14} {}",
+            n.name,
+            n.location,
+            role,
+            agent,
+            pod.map_or("", |p| p.name.as_str()),
+            pod.map_or("", |p| p.ip.as_str()),
+            if peers.is_empty() {
+                "-".to_string()
+            } else {
+                peers.join(" ")
+            }
+        );
+    }
+    for h in &view.hosts {
+        println!("host {:<10} {:<14} netns {}", h.name, h.ip, h.netns);
+    }
+    for w in &view.warnings {
+        println!("warning: {w}");
+    }
+}

@@ -1,0 +1,369 @@
+//! End-to-end tests: real labs of network namespaces running the real agent binary.
+//! Needs root. Every lab here is named `t…` and removed by a guard, also on failure.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Labs share two cores: one at a time keeps timings honest and failures readable.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn trellis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env("TRELLIS_LOG", "warn")
+        .output()
+        .expect("running trellis")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+/// A running lab, removed on drop.
+struct Lab {
+    name: String,
+}
+
+impl Lab {
+    fn up(name: &str, extra: &[&str]) -> Lab {
+        let _ = trellis(&["lab", "down", "--name", name]);
+        let mut args = vec!["lab", "up", "--name", name];
+        args.extend_from_slice(extra);
+        let out = trellis(&args);
+        let lab = Lab {
+            name: name.to_string(),
+        };
+        assert!(
+            out.status.success(),
+            "lab up {extra:?} failed: {}",
+            text(&out)
+        );
+        lab
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&["--name", &self.name]);
+        trellis(&all)
+    }
+
+    fn check(&self) {
+        let out = self.run(&["lab", "check"]);
+        assert!(
+            out.status.success(),
+            "lab check of {} failed: {}",
+            self.name,
+            text(&out)
+        );
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.run(&["lab", "status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    fn netns(&self, node: &str) -> String {
+        format!("tl-{}-{node}", self.name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = trellis(&["lab", "down", "--name", &self.name]);
+        if !out.status.success() {
+            eprintln!("lab down {} failed: {}", self.name, text(&out));
+        }
+    }
+}
+
+fn lab_namespaces(name: &str) -> Vec<String> {
+    let prefix = format!("tl-{name}-");
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+#[test]
+fn every_granularity_connects_six_nodes_in_two_locations() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for g in ["full", "location", "cross", "hybrid"] {
+        let lab = Lab::up(
+            "tg6",
+            &["--nodes", "6", "--locations", "2", "--granularity", g],
+        );
+        lab.check();
+    }
+}
+
+#[test]
+fn every_granularity_connects_twelve_nodes_in_three_locations_with_two_gateways() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for g in ["full", "location", "cross", "hybrid"] {
+        let lab = Lab::up(
+            "tg12",
+            &[
+                "--nodes",
+                "12",
+                "--locations",
+                "3",
+                "--gateways",
+                "2",
+                "--granularity",
+                g,
+            ],
+        );
+        lab.check();
+        if g == "location" {
+            let status = lab.status_json();
+            let gateways = status["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["gateway"] == true)
+                .count();
+            assert_eq!(gateways, 6, "two gateways in each of three locations");
+        }
+    }
+    let lab = Lab::up("tg12", &["--nodes", "12", "--locations", "3"]);
+    lab.check();
+}
+
+#[test]
+fn status_json_has_the_documented_shape() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tjs", &[]);
+    let out = lab.run(&["lab", "host", "add", "probe"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = lab.status_json();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 6);
+    for n in nodes {
+        assert!(n["name"].is_string() && n["location"].is_string() && n["netns"].is_string());
+        assert!(n["gateway"].is_boolean());
+        assert!(n["agent_pid"].is_number(), "agent running: {n}");
+        let pods = n["pods"].as_array().unwrap();
+        assert_eq!(pods.len(), 1);
+        assert!(pods[0]["ip"].as_str().unwrap().starts_with("10.244."));
+        assert!(pods[0]["netns"].as_str().unwrap().starts_with("tl-tjs-"));
+    }
+    let a1 = nodes.iter().find(|n| n["name"] == "a1").unwrap();
+    assert_eq!(a1["gateway"], true);
+    assert_eq!(a1["peers"][0]["name"], "b1");
+    let hosts = status["hosts"].as_array().unwrap();
+    assert_eq!(hosts[0]["name"], "probe");
+    assert_eq!(hosts[0]["ip"], "198.18.100.10");
+}
+
+#[test]
+fn down_removes_everything_even_after_up_crashed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = trellis(&["lab", "down", "--name", "tcr"]);
+    let mut up = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "lab",
+            "up",
+            "--name",
+            "tcr",
+            "--nodes",
+            "12",
+            "--locations",
+            "3",
+        ])
+        .spawn()
+        .unwrap();
+    // Kill it half-way: namespaces exist, some agents may be running.
+    wait_until("a few namespaces", Duration::from_secs(20), || {
+        lab_namespaces("tcr").len() >= 6
+    });
+    up.kill().unwrap();
+    up.wait().unwrap();
+    assert!(!lab_namespaces("tcr").is_empty());
+    let out = trellis(&["lab", "down", "--name", "tcr"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab_namespaces("tcr").is_empty(),
+        "{:?}",
+        lab_namespaces("tcr")
+    );
+    assert!(!Path::new("/run/trellis/labs/tcr").exists());
+    let sockets = sh("ls /var/run/wireguard 2>/dev/null | grep '^tw-tcr-' || true");
+    assert!(
+        sockets.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&sockets.stdout)
+    );
+    // (the brackets keep pgrep from matching the shell that runs it)
+    let procs = sh("pgrep -f '[s]erve-store --name=tcr|[l]abs/tcr/' || true");
+    assert!(
+        procs.stdout.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&procs.stdout)
+    );
+}
+
+#[test]
+fn a_route_deleted_by_someone_else_comes_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("trt", &["--agent-resync", "1"]);
+    let ns = lab.netns("a3");
+    // a3 reaches b1's pods through its gateway a1 (route protocol 116 = trellis)
+    let show = format!("ip -n {ns} route show 10.244.3.0/24 proto 116");
+    assert!(
+        !sh(&show).stdout.is_empty(),
+        "route missing before the test"
+    );
+    let del = sh(&format!("ip -n {ns} route del 10.244.3.0/24"));
+    assert!(del.status.success(), "{}", text(&del));
+    assert!(sh(&show).stdout.is_empty());
+    wait_until("the route to come back", Duration::from_secs(10), || {
+        !sh(&show).stdout.is_empty()
+    });
+    lab.check();
+}
+
+/// Peers are updated one by one: adding a peer must not restart the sessions of others.
+#[test]
+fn changing_one_peer_keeps_the_other_sessions() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tps", &["--granularity", "full"]);
+    lab.check();
+    let handshake_of_b1 = |lab: &Lab| -> f64 {
+        let status = lab.status_json();
+        let a1 = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "a1")
+            .unwrap()
+            .clone();
+        let peer = a1["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "b1")
+            .unwrap()
+            .clone();
+        peer["last_handshake_s"]
+            .as_f64()
+            .expect("a1 and b1 have a session")
+    };
+    let before = handshake_of_b1(&lab);
+    let out = trellis(&[
+        "peer",
+        "add",
+        "--lab",
+        "tps",
+        "laptop",
+        "--public-key",
+        "Hh1YYb9vXE8BYyYEoq9vGk4lUSfnz3zWKM1f/cM1mTM=",
+        "--allowed-ips",
+        "10.5.0.1/32",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // the new peer reaches a1's device (a1 is public, so it peers with externals)
+    wait_until(
+        "a1 to have the laptop peer",
+        Duration::from_secs(10),
+        || {
+            lab.status_json()["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| {
+                    n["name"] == "a1"
+                        && n["peers"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|p| p["name"] == "laptop")
+                })
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    lab.check();
+    let after = handshake_of_b1(&lab);
+    assert!(
+        after >= before + 1.5,
+        "session with b1 was restarted: handshake age {before} s before, {after} s after"
+    );
+}
+
+#[test]
+fn bad_input_is_named_and_nothing_starts() {
+    let out = trellis(&[
+        "agent",
+        "--node",
+        "a1",
+        "--location",
+        "site-a",
+        "--internal-ip",
+        "172.20.0.2/24",
+        "--overlay-ip",
+        "100.64.0.1",
+        "--pod-cidr",
+        "10.244.1.7/24",
+        "--store",
+        "unix:/nonexistent.sock",
+        "--key-file",
+        "/tmp/trellis-test-badinput.key",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pod_cidrs") && err.contains("10.244.1.7/24"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file("/tmp/trellis-test-badinput.key");
+
+    let out = trellis(&["lab", "up", "--name", "Bad_Name"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--name \"Bad_Name\""));
+
+    let out = trellis(&["lab", "up", "--name", "tbad", "--granularity", "mesh"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("full, location, cross, hybrid"));
+    assert!(lab_namespaces("tbad").is_empty());
+
+    let out = trellis(&["status", "--store", "tcp://1.2.3.4"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--store \"tcp://1.2.3.4\""));
+}
+
+#[test]
+fn two_labs_coexist_and_one_goes_without_the_other() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let first = Lab::up("tco1", &["--nodes", "4"]);
+    let second = Lab::up("tco2", &["--nodes", "4", "--granularity", "full"]);
+    first.check();
+    second.check();
+    drop(first);
+    assert!(lab_namespaces("tco1").is_empty());
+    second.check();
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every check and test of Trellis on a fresh Debian machine with the Rust toolchain.
+# Needs root: the tests build network namespaces (all named tl-* or trt-*, all removed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh must run as root: the tests create network namespaces" >&2
+  exit 1
+fi
+
+# Independent checkers and interop peers the tests use; the product itself needs none.
+packages=(iproute2 iputils-ping nftables wireguard-tools wireguard-go iperf3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Leftovers of an earlier run that was killed would make tests fail for the wrong reason.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(tl|trt)-' || true); do
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns delete "$ns" 2>/dev/null || true
+done
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
