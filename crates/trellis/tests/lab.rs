@@ -367,3 +367,48 @@ fn two_labs_coexist_and_one_goes_without_the_other() {
     assert!(lab_namespaces("tco1").is_empty());
     second.check();
 }
+
+/// A real WireGuard peer (Debian's wireguard-go, set up by wg-quick) configured only from
+/// `trellis showconf peer` reaches every pod of the mesh.
+#[test]
+fn wireguard_go_configured_from_showconf_reaches_every_pod() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for granularity in ["location", "full"] {
+        let lab = Lab::up("twg", &["--granularity", granularity]);
+        let out = lab.run(&["lab", "host", "add", "laptop"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let private = sh("wg genkey");
+        assert!(private.status.success(), "wg genkey: {}", text(&private));
+        let private = String::from_utf8(private.stdout).unwrap().trim().to_string();
+        let public = sh(&format!("echo {private} | wg pubkey"));
+        let public = String::from_utf8(public.stdout).unwrap().trim().to_string();
+
+        let out = trellis(&["peer", "add", "laptop", "--lab", "twg", "--public-key", &public, "--allowed-ips", "10.5.0.1/32"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let conf = trellis(&["showconf", "peer", "laptop", "--lab", "twg"]);
+        assert!(conf.status.success(), "{}", text(&conf));
+        let conf = String::from_utf8(conf.stdout).unwrap();
+        let placeholder = conf.lines().find(|l| l.starts_with("PrivateKey")).expect("a PrivateKey line").to_string();
+        let conf = conf.replace(&placeholder, &format!("PrivateKey = {private}"));
+
+        // the file name is the interface name; tw-twg- makes `lab down` remove its socket
+        let dir = std::env::temp_dir().join(format!("trellis-wg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tw-twg-lap.conf");
+        std::fs::write(&path, &conf).unwrap();
+        let up = sh(&format!(
+            "ip netns exec tl-twg-h-laptop env WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go WG_SUDO=1 wg-quick up {}",
+            path.display()
+        ));
+        assert!(up.status.success(), "wg-quick up: {}\nconfig:\n{conf}", text(&up));
+
+        let status = lab.status_json();
+        for node in status["nodes"].as_array().unwrap() {
+            let ip = node["pods"][0]["ip"].as_str().unwrap();
+            let ping = sh(&format!("ip netns exec tl-twg-h-laptop ping -c 1 -W 1 {ip} || ip netns exec tl-twg-h-laptop ping -c 3 -W 1 {ip}"));
+            assert!(ping.status.success(), "{granularity}: laptop cannot reach pod {ip} of {}: {}\nconfig:\n{conf}", node["name"], text(&ping));
+        }
+        let _ = sh(&format!("ip netns exec tl-twg-h-laptop wg-quick down {}", path.display()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

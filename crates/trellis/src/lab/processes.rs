@@ -94,6 +94,11 @@ pub fn kill_all_in(netns_name: &str, grace: Duration) {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    // Reap the ones this process started itself (`lab demo`), so none lingers as a zombie.
+    for pid in pids {
+        // SAFETY: waitpid on a pid that is either our child or not (then it returns -1).
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+    }
 }
 
 fn is_zombie(pid: i32) -> bool {
