@@ -379,16 +379,33 @@ fn wireguard_go_configured_from_showconf_reaches_every_pod() {
         assert!(out.status.success(), "{}", text(&out));
         let private = sh("wg genkey");
         assert!(private.status.success(), "wg genkey: {}", text(&private));
-        let private = String::from_utf8(private.stdout).unwrap().trim().to_string();
+        let private = String::from_utf8(private.stdout)
+            .unwrap()
+            .trim()
+            .to_string();
         let public = sh(&format!("echo {private} | wg pubkey"));
         let public = String::from_utf8(public.stdout).unwrap().trim().to_string();
 
-        let out = trellis(&["peer", "add", "laptop", "--lab", "twg", "--public-key", &public, "--allowed-ips", "10.5.0.1/32"]);
+        let out = trellis(&[
+            "peer",
+            "add",
+            "laptop",
+            "--lab",
+            "twg",
+            "--public-key",
+            &public,
+            "--allowed-ips",
+            "10.5.0.1/32",
+        ]);
         assert!(out.status.success(), "{}", text(&out));
         let conf = trellis(&["showconf", "peer", "laptop", "--lab", "twg"]);
         assert!(conf.status.success(), "{}", text(&conf));
         let conf = String::from_utf8(conf.stdout).unwrap();
-        let placeholder = conf.lines().find(|l| l.starts_with("PrivateKey")).expect("a PrivateKey line").to_string();
+        let placeholder = conf
+            .lines()
+            .find(|l| l.starts_with("PrivateKey"))
+            .expect("a PrivateKey line")
+            .to_string();
         let conf = conf.replace(&placeholder, &format!("PrivateKey = {private}"));
 
         // the file name is the interface name; tw-twg- makes `lab down` remove its socket
@@ -400,15 +417,126 @@ fn wireguard_go_configured_from_showconf_reaches_every_pod() {
             "ip netns exec tl-twg-h-laptop env WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go WG_SUDO=1 wg-quick up {}",
             path.display()
         ));
-        assert!(up.status.success(), "wg-quick up: {}\nconfig:\n{conf}", text(&up));
+        assert!(
+            up.status.success(),
+            "wg-quick up: {}\nconfig:\n{conf}",
+            text(&up)
+        );
 
         let status = lab.status_json();
         for node in status["nodes"].as_array().unwrap() {
             let ip = node["pods"][0]["ip"].as_str().unwrap();
-            let ping = sh(&format!("ip netns exec tl-twg-h-laptop ping -c 1 -W 1 {ip} || ip netns exec tl-twg-h-laptop ping -c 3 -W 1 {ip}"));
-            assert!(ping.status.success(), "{granularity}: laptop cannot reach pod {ip} of {}: {}\nconfig:\n{conf}", node["name"], text(&ping));
+            let ping = sh(&format!(
+                "ip netns exec tl-twg-h-laptop ping -c 1 -W 1 {ip} || ip netns exec tl-twg-h-laptop ping -c 3 -W 1 {ip}"
+            ));
+            assert!(
+                ping.status.success(),
+                "{granularity}: laptop cannot reach pod {ip} of {}: {}\nconfig:\n{conf}",
+                node["name"],
+                text(&ping)
+            );
         }
-        let _ = sh(&format!("ip netns exec tl-twg-h-laptop wg-quick down {}", path.display()));
+        let _ = sh(&format!(
+            "ip netns exec tl-twg-h-laptop wg-quick down {}",
+            path.display()
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// The commands that read cluster state, against a running lab's store, and `wg show`
+/// reading the embedded device's control socket.
+#[test]
+fn state_commands_and_wg_show_read_a_running_lab() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tcli", &[]);
+    lab.check();
+
+    let out = trellis(&["status", "--lab", "tcli"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(table.contains("granularity location"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains("applied rev")).count(),
+        6,
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&trellis(&["status", "--lab", "tcli", "--json"]).stdout).unwrap();
+    assert_eq!(json["gateways"]["site-a"][0], "a1");
+
+    let dot = String::from_utf8(trellis(&["graph", "--lab", "tcli"]).stdout).unwrap();
+    assert!(
+        dot.starts_with("graph trellis {") && dot.contains("\"a1\" -- \"b1\";"),
+        "{dot}"
+    );
+
+    let conf =
+        String::from_utf8(trellis(&["showconf", "node", "a1", "--lab", "tcli"]).stdout).unwrap();
+    assert_eq!(conf.matches("[Peer]").count(), 1, "{conf}");
+    assert!(conf.contains("Endpoint = 198.18.0.13:51820"), "{conf}");
+
+    // `wg` talks to our device through the standard control socket
+    let wg = sh("ip netns exec tl-tcli-a1 wg show tw-tcli-a1");
+    let shown = String::from_utf8_lossy(&wg.stdout);
+    assert!(wg.status.success(), "{}", text(&wg));
+    assert!(
+        shown.contains("listening port: 51820") && shown.contains("latest handshake"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("allowed ips: ") && shown.contains("10.244.3.0/24"),
+        "{shown}"
+    );
+
+    let key = "Hh1YYb9vXE8BYyYEoq9vGk4lUSfnz3zWKM1f/cM1mTM=";
+    let add = trellis(&[
+        "peer",
+        "add",
+        "phone",
+        "--lab",
+        "tcli",
+        "--public-key",
+        key,
+        "--allowed-ips",
+        "10.244.0.0/16",
+    ]);
+    assert!(
+        !add.status.success(),
+        "a peer overlapping pod CIDRs must be refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&add.stderr).contains("overlap"),
+        "{}",
+        text(&add)
+    );
+    let add = trellis(&[
+        "peer",
+        "add",
+        "phone",
+        "--lab",
+        "tcli",
+        "--public-key",
+        key,
+        "--allowed-ips",
+        "10.5.0.2/32",
+    ]);
+    assert!(add.status.success(), "{}", text(&add));
+    let list = String::from_utf8(trellis(&["peer", "list", "--lab", "tcli"]).stdout).unwrap();
+    assert!(
+        list.starts_with("phone\t") && list.contains("10.5.0.2/32"),
+        "{list}"
+    );
+    assert!(
+        trellis(&["peer", "remove", "phone", "--lab", "tcli"])
+            .status
+            .success()
+    );
+    assert!(
+        trellis(&["peer", "list", "--lab", "tcli"])
+            .stdout
+            .is_empty()
+    );
+    let missing = trellis(&["showconf", "peer", "phone", "--lab", "tcli"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no external peer named \"phone\""));
 }

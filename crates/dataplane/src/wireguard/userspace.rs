@@ -55,12 +55,12 @@ impl UserspaceDevice {
     pub fn socket_path(name: &str) -> PathBuf {
         PathBuf::from(format!("{SOCKET_DIR}/{name}.sock"))
     }
+}
 
-    /// Stop the device; the TUN interface disappears with it.
-    pub async fn stop(self) {
-        let path = Self::socket_path(&self.name);
-        self.device.stop().await;
-        let _ = std::fs::remove_file(path);
+impl Drop for UserspaceDevice {
+    /// The control socket lives outside the network namespace: leave no stale one behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(Self::socket_path(&self.name));
     }
 }
 

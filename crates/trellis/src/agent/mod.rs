@@ -22,7 +22,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use trellis_dataplane::wireguard::{keyfile, userspace::UserspaceDevice};
+use trellis_dataplane::netlink::Netlink;
+use trellis_dataplane::wireguard::{
+    WireGuardDevice, kernel::KernelDevice, keyfile, userspace::UserspaceDevice,
+};
 use trellis_model::{Endpoint, GatewayPolicy, Granularity, Node, Validate};
 use trellis_plan::Settings;
 
@@ -152,8 +155,8 @@ async fn run(
 ) -> anyhow::Result<()> {
     tracing::info!(node = %node.name, location = %node.location, store = %store_url, "agent starting");
     apply::prepare_kernel().context("preparing kernel settings")?;
-    let device = start_device(&args, key).await;
-    let netlink = Arc::new(trellis_dataplane::netlink::Netlink::connect()?);
+    let netlink = Arc::new(Netlink::connect()?);
+    let device = start_device(&args, key, &netlink).await;
 
     let store = store_url.open();
     let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
@@ -201,19 +204,30 @@ async fn run(
     }
     tracing::info!("shutting down: releasing status lease, stopping device");
     reporter.stop().await;
-    if let Ok(device) = Arc::try_unwrap(device) {
-        device.stop().await;
-    }
+    drop(device);
     Ok(())
 }
 
 /// Create the WireGuard device, retrying until it works: without it the node has no mesh,
 /// but exiting would only make a supervisor restart us into the same failure.
-async fn start_device(args: &AgentArgs, key: x25519_dalek::StaticSecret) -> Arc<UserspaceDevice> {
+async fn start_device(
+    args: &AgentArgs,
+    key: x25519_dalek::StaticSecret,
+    netlink: &Netlink,
+) -> Arc<dyn WireGuardDevice> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        match UserspaceDevice::create(&args.interface, key.clone(), args.listen_port).await {
-            Ok(device) => return Arc::new(device),
+        let created: anyhow::Result<Arc<dyn WireGuardDevice>> = if args.wireguard == "kernel" {
+            KernelDevice::create(netlink, &args.interface, &key, args.listen_port)
+                .await
+                .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>)
+        } else {
+            UserspaceDevice::create(&args.interface, key.clone(), args.listen_port)
+                .await
+                .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>)
+        };
+        match created {
+            Ok(device) => return device,
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::error!(interface = %args.interface, retry_in = ?delay, "creating WireGuard device: {e:#}");
