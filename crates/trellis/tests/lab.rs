@@ -490,17 +490,20 @@ fn state_commands_and_wg_show_read_a_running_lab() {
     );
 
     let key = "Hh1YYb9vXE8BYyYEoq9vGk4lUSfnz3zWKM1f/cM1mTM=";
-    let add = trellis(&[
-        "peer",
-        "add",
-        "phone",
-        "--lab",
-        "tcli",
-        "--public-key",
-        key,
-        "--allowed-ips",
-        "10.244.0.0/16",
-    ]);
+    let add_phone = |allowed: &str| {
+        trellis(&[
+            "peer",
+            "add",
+            "phone",
+            "--lab",
+            "tcli",
+            "--public-key",
+            key,
+            "--allowed-ips",
+            allowed,
+        ])
+    };
+    let add = add_phone("10.244.0.0/16");
     assert!(
         !add.status.success(),
         "a peer overlapping pod CIDRs must be refused"
@@ -510,17 +513,7 @@ fn state_commands_and_wg_show_read_a_running_lab() {
         "{}",
         text(&add)
     );
-    let add = trellis(&[
-        "peer",
-        "add",
-        "phone",
-        "--lab",
-        "tcli",
-        "--public-key",
-        key,
-        "--allowed-ips",
-        "10.5.0.2/32",
-    ]);
+    let add = add_phone("10.5.0.2/32");
     assert!(add.status.success(), "{}", text(&add));
     let list = String::from_utf8(trellis(&["peer", "list", "--lab", "tcli"]).stdout).unwrap();
     assert!(
@@ -539,4 +532,40 @@ fn state_commands_and_wg_show_read_a_running_lab() {
     );
     let missing = trellis(&["showconf", "peer", "phone", "--lab", "tcli"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no external peer named \"phone\""));
+}
+
+/// The data plane never depends on the store being up: with the lab's store killed, every
+/// agent keeps running and every pod still reaches every other pod.
+#[test]
+fn the_mesh_keeps_forwarding_while_the_store_is_down() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tsd", &["--agent-resync", "1"]);
+    let status = lab.status_json();
+    let store_pid = status["store"]["pid"].as_i64().expect("store running");
+    let agents: Vec<i64> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["agent_pid"].as_i64().unwrap())
+        .collect();
+    assert!(sh(&format!("kill -9 {store_pid}")).status.success());
+    // several resync passes and store retries go by
+    std::thread::sleep(Duration::from_secs(4));
+    lab.check();
+    let status = lab.status_json();
+    assert!(status["store"]["pid"].is_null(), "store is down");
+    assert!(
+        status["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("store unreachable")),
+        "{status}"
+    );
+    for pid in agents {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "agent {pid} exited while the store was down"
+        );
+    }
 }

@@ -19,7 +19,6 @@ use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
     WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Mutex;
@@ -216,17 +215,7 @@ pub fn peers_of(replies: &[WireguardMessage], now: SystemTime) -> Vec<PeerStatus
                 let index = match out.iter().position(|p| p.config.public_key == key) {
                     Some(i) => i,
                     None => {
-                        out.push(PeerStatus {
-                            config: PeerConfig {
-                                public_key: key,
-                                endpoint: None,
-                                allowed_ips: BTreeSet::new(),
-                                persistent_keepalive: None,
-                            },
-                            last_handshake: None,
-                            rx_bytes: 0,
-                            tx_bytes: 0,
-                        });
+                        out.push(PeerStatus::new(key));
                         out.len() - 1
                     }
                 };

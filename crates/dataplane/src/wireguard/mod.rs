@@ -37,6 +37,23 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
+impl PeerStatus {
+    /// A peer known only by its key, before its attributes are read.
+    pub fn new(public_key: PublicKey) -> Self {
+        Self {
+            config: PeerConfig {
+                public_key,
+                endpoint: None,
+                allowed_ips: BTreeSet::new(),
+                persistent_keepalive: None,
+            },
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+}
+
 #[async_trait]
 pub trait WireGuardDevice: Send + Sync {
     /// The network interface name.

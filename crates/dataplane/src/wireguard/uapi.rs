@@ -2,10 +2,9 @@
 //! `/var/run/wireguard/NAME.sock` by userspace implementations (gotatun, wireguard-go).
 //! Lets `trellis lab status` and the tests read any device, ours or a reference one.
 
-use super::{PeerConfig, PeerStatus};
+use super::PeerStatus;
 use anyhow::{Context, bail};
 use ipnet::IpNet;
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -85,17 +84,7 @@ pub fn parse_get(lines: &[String], now: SystemTime) -> anyhow::Result<DeviceInfo
                 finish(&mut peer, handshake_secs, handshake_nanos, &mut info);
                 handshake_secs = 0;
                 handshake_nanos = 0;
-                peer = Some(PeerStatus {
-                    config: PeerConfig {
-                        public_key: hex_key(value)?,
-                        endpoint: None,
-                        allowed_ips: BTreeSet::new(),
-                        persistent_keepalive: None,
-                    },
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                });
+                peer = Some(PeerStatus::new(hex_key(value)?));
             }
             _ => {
                 let Some(p) = peer.as_mut() else { continue };

@@ -207,7 +207,11 @@ async fn up_inner(args: UpArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let started = Instant::now();
-    match bring_up(&spec, Duration::from_secs(args.timeout)).await {
+    let brought_up = tokio::select! {
+        r = bring_up(&spec, Duration::from_secs(args.timeout)) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match brought_up {
         Ok(()) => {
             println!(
                 "lab {name} is up: {} nodes in {} locations, granularity {}, converged in {:.1} s",
@@ -256,7 +260,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         timeout: 60,
         agent_resync: 10,
     };
-    let result = async {
+    let body = async {
         if up_inner(up).await? != ExitCode::SUCCESS {
             bail!("the lab did not come up");
         }
@@ -267,8 +271,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("\n== trellis lab status --name {name}   (handshakes now that traffic has flowed)");
         status::show(&name, false).await?;
         anyhow::Ok(report.ok)
-    }
-    .await;
+    };
+    // Ctrl-C must not leave a half-built lab behind: the teardown below always runs.
+    let result = tokio::select! {
+        r = body => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     println!("\n== trellis lab down --name {name}");
     let down = build::teardown(&name);
     match (&result, &down) {
