@@ -29,6 +29,11 @@ pub struct Node {
     pub gateway: GatewayPolicy,
     /// The node's own address on the overlay (its WireGuard interface).
     pub overlay_ip: IpAddr,
+    /// A second overlay address used only by forwarding probes: observers send from
+    /// theirs to a gateway's, which relays them to a node behind it. Routed only between
+    /// a gateway and its observers. A node without one neither probes nor is probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_ip: Option<IpAddr>,
 }
 
 /// Whether a node may serve as a location gateway, and how much it is preferred when a
@@ -62,6 +67,13 @@ impl Node {
         out.extend(self.pod_cidrs.iter().copied());
         out
     }
+
+    /// Every prefix no other node may use: the owned ones plus the probe address.
+    pub fn claimed_prefixes(&self) -> Vec<IpNet> {
+        let mut out = self.owned_prefixes();
+        out.extend(self.probe_ip.map(IpNet::from));
+        out
+    }
 }
 
 impl Validate for Node {
@@ -87,6 +99,15 @@ impl Validate for Node {
                 ));
             }
         }
+        if let Some(probe) = self.probe_ip
+            && (probe == self.overlay_ip || self.pod_cidrs.iter().any(|c| c.contains(&probe)))
+        {
+            return Err(InvalidField::new(
+                "probe_ip",
+                probe,
+                "must differ from the overlay address and lie outside the pod CIDRs",
+            ));
+        }
         for (i, a) in self.pod_cidrs.iter().enumerate() {
             if let Some(b) = self.pod_cidrs[i + 1..].iter().find(|b| overlaps(a, b)) {
                 return Err(InvalidField::new(
@@ -104,21 +125,22 @@ pub(crate) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// The serving gateways of one location, in the order they were chosen. Kept in the store
-/// so that the choice is sticky: a node that becomes eligible later never displaces one of
-/// these while it stays usable.
+/// The gateway slots of one location (null: vacant). Kept in the store so that the choice
+/// is sticky: a node that becomes eligible later never displaces a gateway while it stays
+/// usable, and a replacement takes over the slot, and so exactly the share, of the gateway
+/// it replaces.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySet {
     pub location: String,
-    pub gateways: Vec<String>,
+    pub slots: Vec<Option<String>>,
 }
 
 impl Validate for GatewaySet {
     fn validate(&self) -> Result<(), InvalidField> {
         validate_name("location", &self.location)?;
-        for g in &self.gateways {
-            validate_name("gateways", g)?;
+        for g in self.slots.iter().flatten() {
+            validate_name("slots", g)?;
         }
         Ok(())
     }
@@ -185,6 +207,7 @@ mod tests {
             pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             gateway: GatewayPolicy::default(),
             overlay_ip: "100.64.0.1".parse().unwrap(),
+            probe_ip: Some("100.65.0.1".parse().unwrap()),
         }
     }
 
@@ -206,6 +229,10 @@ mod tests {
         let mut n = node();
         n.overlay_ip = "10.244.1.9".parse().unwrap();
         assert_eq!(n.validate().unwrap_err().field, "overlay_ip");
+
+        let mut n = node();
+        n.probe_ip = Some(n.overlay_ip);
+        assert_eq!(n.validate().unwrap_err().field, "probe_ip");
 
         let mut n = node();
         n.pod_cidrs.push("10.244.0.0/16".parse().unwrap());

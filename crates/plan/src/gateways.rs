@@ -1,38 +1,80 @@
 //! Which nodes serve as a location's gateways, and which gateway serves which node.
 
+use std::collections::BTreeSet;
 use trellis_model::Node;
 
-/// Choose up to `wanted` gateways among a location's members.
+/// Whether `m` may serve its location (`members`): eligible, and public unless no eligible
+/// member is public.
+pub fn qualifies_as_gateway(members: &[&Node], m: &Node) -> bool {
+    let any_public = members.iter().any(|n| n.gateway.eligible && n.is_public());
+    m.gateway.eligible && (m.is_public() || !any_public)
+}
+
+/// A location's gateway slots: each slot holds a gateway or is vacant. Nodes are spread
+/// over slots (not over gateway names) by rendezvous hashing, so a replacement that takes a
+/// failed gateway's slot takes over exactly that gateway's share, and nobody else moves.
+pub type Slots = Vec<Option<String>>;
+
+/// Fill `wanted` gateway slots among a location's members.
 ///
 /// A gateway must be reachable from other locations, so only eligible nodes with a public
 /// endpoint qualify; only a location with none of those falls back to its eligible private
 /// nodes (useful where internal networks are routed between locations).
 ///
-/// Sticky: gateways from `previous` that still qualify keep their place, in their order, so
-/// a node that qualifies later never displaces one (Kilo issue 39). Vacancies are filled by
-/// higher priority, then name, so every node fills them the same way.
-pub fn choose_gateways(members: &[&Node], previous: &[String], wanted: usize) -> Vec<String> {
-    let any_public = members.iter().any(|m| m.gateway.eligible && m.is_public());
-    let qualifies = |m: &Node| m.gateway.eligible && (m.is_public() || !any_public);
-    let eligible = |name: &str| members.iter().any(|m| m.name == name && qualifies(m));
-    let mut chosen: Vec<String> = Vec::with_capacity(wanted);
-    for name in previous {
-        if chosen.len() < wanted && eligible(name) && !chosen.contains(name) {
-            chosen.push(name.clone());
-        }
+/// Sticky: a gateway from `previous` that still qualifies keeps its slot, so a node that
+/// qualifies later never displaces one (Kilo issue 39). Nodes in `down` (measured not to
+/// forward) lose their slot. Vacant slots are filled by higher priority, then name, so every
+/// node fills them the same way.
+pub fn choose_gateways(
+    members: &[&Node],
+    previous: &[Option<String>],
+    wanted: usize,
+    down: &BTreeSet<String>,
+) -> Slots {
+    let qualifies = |m: &Node| qualifies_as_gateway(members, m) && !down.contains(&m.name);
+    let keeps = |name: &str| members.iter().any(|m| m.name == name && qualifies(m));
+    let mut slots: Slots = Vec::with_capacity(wanted);
+    for i in 0..wanted {
+        let kept = previous
+            .get(i)
+            .cloned()
+            .flatten()
+            .filter(|name| keeps(name) && !slots.iter().flatten().any(|s| s == name));
+        slots.push(kept);
     }
     let mut candidates: Vec<&&Node> = members
         .iter()
-        .filter(|m| qualifies(m) && !chosen.contains(&m.name))
+        .filter(|m| qualifies(m) && !slots.iter().flatten().any(|s| *s == m.name))
         .collect();
     candidates.sort_by(|a, b| (b.gateway.priority, &a.name).cmp(&(a.gateway.priority, &b.name)));
-    for m in candidates {
-        if chosen.len() == wanted {
-            break;
+    let mut candidates = candidates.into_iter();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match candidates.next() {
+            Some(m) => *slot = Some(m.name.clone()),
+            None => break,
         }
-        chosen.push(m.name.clone());
     }
-    chosen
+    slots
+}
+
+/// The filled slots' gateways, in slot order.
+pub fn active(slots: &[Option<String>]) -> Vec<String> {
+    slots.iter().flatten().cloned().collect()
+}
+
+/// The gateway serving `node`: rendezvous over the filled slots, keyed by slot number.
+pub fn serving_slot<'a>(node: &str, slots: &'a [Option<String>]) -> Option<&'a str> {
+    slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_deref().map(|g| (i, g)))
+        .max_by_key(|(i, _)| {
+            (
+                pair_weight(node, &format!("slot-{i}")),
+                std::cmp::Reverse(*i),
+            )
+        })
+        .map(|(_, g)| g)
 }
 
 /// Rendezvous (highest random weight) choice of one gateway for a node: each node ranks
@@ -49,7 +91,7 @@ pub fn rendezvous_choice<'a>(node: &str, gateways: &'a [String]) -> Option<&'a s
 /// mixed (SplitMix64) on its own before the two are combined and mixed again: names that
 /// differ in one character ("a1", "a2") must still get independent weights. Stable across
 /// versions and architectures, because every node must compute the same assignment.
-fn pair_weight(node: &str, gateway: &str) -> u64 {
+pub(crate) fn pair_weight(node: &str, gateway: &str) -> u64 {
     mix(mix(fnv1a(node)) ^ mix(fnv1a(gateway)).rotate_left(29))
 }
 
@@ -76,6 +118,25 @@ mod tests {
         // during a rolling upgrade, so values are pinned.
         assert_eq!(pair_weight("a1", "a2"), 17_886_312_406_756_659_542);
         assert_ne!(pair_weight("a1", "a2"), pair_weight("a2", "a1"));
+    }
+
+    #[test]
+    fn a_replacement_in_the_same_slot_takes_exactly_the_failed_share() {
+        let before: Slots = vec![Some("g0".into()), Some("g1".into()), Some("g2".into())];
+        let replaced: Slots = vec![Some("g0".into()), Some("g9".into()), Some("g2".into())];
+        let vacant: Slots = vec![Some("g0".into()), None, Some("g2".into())];
+        for i in 0..300 {
+            let n = format!("n{i}");
+            let b = serving_slot(&n, &before).unwrap();
+            let r = serving_slot(&n, &replaced).unwrap();
+            let v = serving_slot(&n, &vacant).unwrap();
+            if b == "g1" {
+                assert_eq!(r, "g9");
+                assert_ne!(v, "g1");
+            } else {
+                assert_eq!((b, b), (r, v), "{n} moved although its gateway stayed");
+            }
+        }
     }
 
     #[test]

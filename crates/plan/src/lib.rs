@@ -16,6 +16,7 @@
 
 mod gateways;
 pub mod graph;
+pub mod health;
 pub mod showconf;
 
 use ipnet::IpNet;
@@ -24,7 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use trellis_model::{Endpoint, ExternalPeer, Granularity, Node, PublicKey};
 
-pub use gateways::{choose_gateways, rendezvous_choice};
+pub use gateways::{
+    Slots, active, choose_gateways, qualifies_as_gateway, rendezvous_choice, serving_slot,
+};
 
 /// Cluster-wide settings that shape the topology.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,12 +56,16 @@ pub struct Topology {
     /// Nodes that take part (they have a public key and no conflicting prefixes).
     pub nodes: BTreeMap<String, Node>,
     pub peers: BTreeMap<String, ExternalPeer>,
-    /// Active gateways per location, in the order they were chosen.
+    /// Gateway slots per location (the sticky record; see [`Slots`]).
+    pub slots: BTreeMap<String, Slots>,
+    /// Active gateways per location: the filled slots, in slot order.
     pub gateways: BTreeMap<String, Vec<String>>,
     /// For each node other locations cannot tunnel to: the gateway that serves it.
     pub serving: BTreeMap<String, String>,
     /// Things the operator must hear about: nodes left out, locations cut off.
     pub warnings: Vec<String>,
+    /// For every gateway candidate (active or standby): the nodes that probe it.
+    pub observers: BTreeMap<String, Vec<String>>,
 }
 
 /// What one node must program.
@@ -70,6 +77,29 @@ pub struct Plan {
     pub is_gateway: bool,
     pub peers: Vec<PeerPlan>,
     pub routes: Vec<RoutePlan>,
+    /// The node's probe address, put on its WireGuard interface beside `address`.
+    pub probe_address: Option<IpNet>,
+    /// Gateways this node probes.
+    pub observe: Vec<ProbeTarget>,
+    /// When this node is a gateway candidate: where it relays the probes it receives.
+    pub relay: Vec<RelayTarget>,
+}
+
+/// A gateway an observer probes, at its probe address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeTarget {
+    pub gateway: String,
+    pub probe_ip: IpAddr,
+    /// How many relay targets the gateway has (probes use that many id ranges).
+    pub relays: usize,
+}
+
+/// Probes with an ICMP echo id in `ids` are relayed (DNAT) to `to`, a node behind the gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RelayTarget {
+    pub node: String,
+    pub to: IpAddr,
+    pub ids: (u16, u16),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -130,7 +160,18 @@ impl Topology {
         settings: Settings,
         nodes: impl IntoIterator<Item = Node>,
         peers: impl IntoIterator<Item = ExternalPeer>,
-        previous_gateways: &BTreeMap<String, Vec<String>>,
+        previous_gateways: &BTreeMap<String, Slots>,
+    ) -> Topology {
+        Self::build_with_health(settings, nodes, peers, previous_gateways, &BTreeSet::new())
+    }
+
+    /// [`Topology::build`], leaving out of the gateway choice the nodes measured `down`.
+    pub fn build_with_health(
+        settings: Settings,
+        nodes: impl IntoIterator<Item = Node>,
+        peers: impl IntoIterator<Item = ExternalPeer>,
+        previous_gateways: &BTreeMap<String, Slots>,
+        down: &BTreeSet<String>,
     ) -> Topology {
         let mut warnings = Vec::new();
         let nodes = admit_nodes(nodes, &mut warnings);
@@ -141,30 +182,46 @@ impl Topology {
             by_location.entry(&node.location).or_default().push(node);
         }
         let wanted = settings.gateways_per_location.max(1);
-        let mut gateways = BTreeMap::new();
+        let mut slots = BTreeMap::new();
         for (location, members) in &by_location {
             let previous = previous_gateways
                 .get(*location)
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
-            let chosen = choose_gateways(members, previous, wanted);
-            if chosen.is_empty() && by_location.len() > 1 {
-                warnings.push(format!(
-                    "location {location} has no gateway-eligible node: it is cut off from other locations"
-                ));
+            let chosen = choose_gateways(members, previous, wanted, down);
+            if chosen.iter().all(Option::is_none) && by_location.len() > 1 {
+                let any_eligible = members.iter().any(|m| m.gateway.eligible);
+                warnings.push(if any_eligible {
+                    format!("location {location} has NO WORKING GATEWAY: every candidate is measured down; it is cut off from other locations")
+                } else {
+                    format!("location {location} has no gateway-eligible node: it is cut off from other locations")
+                });
             }
-            gateways.insert(location.to_string(), chosen);
+            slots.insert(location.to_string(), chosen);
         }
 
         let mut topology = Topology {
             settings,
             nodes,
             peers,
-            gateways,
+            gateways: slots.iter().map(|(l, s)| (l.clone(), active(s))).collect(),
+            slots,
             serving: BTreeMap::new(),
             warnings,
+            observers: BTreeMap::new(),
         };
         topology.serving = topology.assign_serving_gateways();
+        topology.observers = health::candidates(topology.nodes.values())
+            .into_iter()
+            .map(|g| {
+                let observers = health::observers_for(
+                    topology.nodes.values(),
+                    g,
+                    health::OBSERVERS_PER_GATEWAY,
+                );
+                (g.name.clone(), observers)
+            })
+            .collect();
         topology
     }
 
@@ -174,8 +231,7 @@ impl Topology {
             if self.is_direct(node) {
                 continue;
             }
-            let gateways = &self.gateways[&node.location];
-            if let Some(g) = rendezvous_choice(&node.name, gateways) {
+            if let Some(g) = serving_slot(&node.name, &self.slots[&node.location]) {
                 serving.insert(node.name.clone(), g.to_string());
             }
         }
@@ -310,9 +366,77 @@ impl Topology {
             }
         }
 
+        // Probe paths: an observer and the gateway it probes each route the other's probe
+        // address into the tunnel between them, adding a peer if they have none.
+        let mut observe = Vec::new();
+        let mut probe_prefixes: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+        if me.probe_ip.is_some() {
+            for (gateway, observers) in &self.observers {
+                let g = &self.nodes[gateway];
+                let probe_ip = g.probe_ip.expect("candidates have probe addresses");
+                if observers.contains(&me.name) {
+                    probe_prefixes
+                        .entry(&g.name)
+                        .or_default()
+                        .push(IpNet::from(probe_ip));
+                    observe.push(ProbeTarget {
+                        gateway: g.name.clone(),
+                        probe_ip,
+                        relays: health::relay_targets(
+                            self.nodes.values(),
+                            g,
+                            health::TARGETS_PER_GATEWAY,
+                        )
+                        .len(),
+                    });
+                }
+                if *gateway == me.name {
+                    for o in observers {
+                        let probe = self.nodes[o]
+                            .probe_ip
+                            .expect("observers have probe addresses");
+                        probe_prefixes
+                            .entry(o)
+                            .or_default()
+                            .push(IpNet::from(probe));
+                    }
+                }
+            }
+        }
+        let relay = if self.observers.contains_key(&me.name) {
+            health::relay_targets(self.nodes.values(), me, health::TARGETS_PER_GATEWAY)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (node, to))| RelayTarget {
+                    node,
+                    to,
+                    ids: health::id_range(i),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (peer, prefixes) in &mut probe_prefixes {
+            prefixes.sort();
+            prefixes.dedup();
+            for dst in prefixes.iter() {
+                routes.push(RoutePlan {
+                    dst: *dst,
+                    next_hop: NextHop::Tunnel {
+                        peer: peer.to_string(),
+                    },
+                });
+            }
+            allowed
+                .entry(peer.to_string())
+                .or_default()
+                .extend(prefixes.iter().copied());
+        }
+
         let mut peers: Vec<PeerPlan> = Vec::new();
         for other in self.nodes.values() {
-            if other.name != me.name && self.has_tunnel(me, other) {
+            let probes_only = probe_prefixes.contains_key(other.name.as_str());
+            if other.name != me.name && (self.has_tunnel(me, other) || probes_only) {
                 peers.push(PeerPlan {
                     name: other.name.clone(),
                     external: false,
@@ -342,6 +466,9 @@ impl Topology {
             is_gateway: self.is_gateway(me),
             peers,
             routes,
+            probe_address: me.probe_ip.map(IpNet::from),
+            observe,
+            relay,
         })
     }
 }
@@ -387,10 +514,10 @@ fn admit_nodes(
             ));
             continue;
         }
-        let clash = node.owned_prefixes().into_iter().find_map(|p| {
+        let clash = node.claimed_prefixes().into_iter().find_map(|p| {
             admitted.values().find_map(|other| {
                 other
-                    .owned_prefixes()
+                    .claimed_prefixes()
                     .into_iter()
                     .find(|q| overlaps(&p, q))
                     .map(|q| (p, other.name.clone(), q))
@@ -437,7 +564,7 @@ fn admit_peers(
         }
         let taken = nodes
             .values()
-            .flat_map(|n| n.owned_prefixes())
+            .flat_map(|n| n.claimed_prefixes())
             .chain(admitted.values().flat_map(|p| p.allowed_ips.clone()));
         let clash = taken
             .into_iter()

@@ -23,6 +23,11 @@ fn node(name: &str, loc: usize, k: usize, public: bool) -> Node {
         overlay_ip: format!("100.64.{}.{}", k / 250, k % 250 + 1)
             .parse()
             .unwrap(),
+        probe_ip: Some(
+            format!("100.65.{}.{}", k / 250, k % 250 + 1)
+                .parse()
+                .unwrap(),
+        ),
     }
 }
 
@@ -37,6 +42,18 @@ fn cluster(per_location: &[usize], public: usize) -> Vec<Node> {
         }
     }
     nodes
+}
+
+fn slots(names: &[&str]) -> Slots {
+    names.iter().map(|n| Some(n.to_string())).collect()
+}
+
+fn names(slots: Slots) -> Vec<String> {
+    active(&slots)
+}
+
+fn none() -> BTreeSet<String> {
+    BTreeSet::new()
 }
 
 fn settings(granularity: Granularity, gateways: usize) -> Settings {
@@ -56,8 +73,18 @@ fn build(nodes: &[Node], granularity: Granularity, gateways: usize) -> Topology 
     )
 }
 
+/// Probe addresses in these tests: 100.65.0.0/16.
+fn is_probe(net: &IpNet) -> bool {
+    "100.65.0.0/16".parse::<IpNet>().unwrap().contains(net)
+}
+
+/// The mesh peers of a plan, leaving out peers that exist only to carry probes.
 fn peer_names(plan: &Plan) -> Vec<&str> {
-    plan.peers.iter().map(|p| p.name.as_str()).collect()
+    plan.peers
+        .iter()
+        .filter(|p| !p.allowed_ips.iter().all(is_probe))
+        .map(|p| p.name.as_str())
+        .collect()
 }
 
 fn hop_of<'a>(plan: &'a Plan, node: &Node) -> &'a NextHop {
@@ -96,15 +123,16 @@ fn location_granularity_routes_through_one_gateway_per_location() {
     assert_eq!(hop_of(&a1, &nodes[4]), &tunnel("b1"));
     assert_eq!(hop_of(&a1, &nodes[1]), &internal(&nodes, "a2"));
     // the gateway's peer entry carries the whole remote location
-    let b1 = &a1.peers[0];
-    assert_eq!(b1.allowed_ips.len(), 6, "3 pod CIDRs + 3 overlay addresses");
+    let b1 = a1.peers.iter().find(|p| p.name == "b1").unwrap();
+    let mesh: Vec<&IpNet> = b1.allowed_ips.iter().filter(|ip| !is_probe(ip)).collect();
+    assert_eq!(mesh.len(), 6, "3 pod CIDRs + 3 overlay addresses");
     assert_eq!(
         b1.endpoint.as_ref().unwrap().to_string(),
         "198.18.0.4:51820"
     );
     // non-gateway: no peers, everything remote via its gateway's internal address
     let a3 = t.plan_for("a3").unwrap();
-    assert!(a3.peers.is_empty());
+    assert!(peer_names(&a3).is_empty());
     assert_eq!(hop_of(&a3, &nodes[5]), &internal(&nodes, "a1"));
     assert_eq!(hop_of(&a3, &nodes[1]), &internal(&nodes, "a2"));
 }
@@ -140,7 +168,7 @@ fn cross_granularity_never_tunnels_inside_a_location() {
     assert_eq!(hop_of(&a2, &nodes[0]), &internal(&nodes, "a1"));
     assert_eq!(hop_of(&a2, &nodes[5]), &tunnel("b1"));
     let a3 = t.plan_for("a3").unwrap();
-    assert!(a3.peers.is_empty());
+    assert!(peer_names(&a3).is_empty());
     assert_eq!(hop_of(&a3, &nodes[4]), &internal(&nodes, "a1"));
 }
 
@@ -152,7 +180,7 @@ fn hybrid_granularity_tunnels_between_public_nodes_only() {
     assert_eq!(peer_names(&a2), ["a1", "b1", "b2"]);
     assert_eq!(hop_of(&a2, &nodes[2]), &internal(&nodes, "a3"));
     let a3 = t.plan_for("a3").unwrap();
-    assert!(a3.peers.is_empty());
+    assert!(peer_names(&a3).is_empty());
     assert_eq!(hop_of(&a3, &nodes[1]), &internal(&nodes, "a2"));
     assert_eq!(hop_of(&a3, &nodes[3]), &internal(&nodes, "a1"));
 }
@@ -175,12 +203,17 @@ fn several_gateways_split_a_location_between_them() {
     );
     // every remote gateway peer entry lists exactly its own share
     let b1 = t.plan_for("b1").unwrap();
-    for peer in &b1.peers {
+    for peer in b1
+        .peers
+        .iter()
+        .filter(|p| !p.allowed_ips.iter().all(is_probe))
+    {
         let share: Vec<&Node> = nodes
             .iter()
             .filter(|n| n.name == peer.name || t.serving.get(&n.name) == Some(&peer.name))
             .collect();
-        assert_eq!(peer.allowed_ips.len(), share.len() * 2, "{}", peer.name);
+        let mesh = peer.allowed_ips.iter().filter(|ip| !is_probe(ip)).count();
+        assert_eq!(mesh, share.len() * 2, "{}", peer.name);
     }
 }
 
@@ -190,24 +223,42 @@ fn gateway_choice_is_sticky_and_prefers_public_then_priority() {
     nodes[3].gateway.priority = 100; // private: ranks after the public ones anyway
     nodes[1].gateway.priority = 5;
     let members: Vec<&Node> = nodes.iter().collect();
-    assert_eq!(choose_gateways(&members, &[], 1), ["a2"]);
     assert_eq!(
-        choose_gateways(&members, &[], 3),
+        names(choose_gateways(&members, &slots(&[]), 1, &none())),
+        ["a2"]
+    );
+    assert_eq!(
+        names(choose_gateways(&members, &slots(&[]), 3, &none())),
         ["a2", "a1"],
         "private nodes only as a last resort"
     );
     // a previous choice stays even when a better-ranked node exists
-    assert_eq!(choose_gateways(&members, &["a1".into()], 1), ["a1"]);
-    assert_eq!(choose_gateways(&members, &["a1".into()], 2), ["a1", "a2"]);
+    assert_eq!(
+        names(choose_gateways(&members, &slots(&["a1"]), 1, &none())),
+        ["a1"]
+    );
+    assert_eq!(
+        names(choose_gateways(&members, &slots(&["a1"]), 2, &none())),
+        ["a1", "a2"]
+    );
     // a private node serves only where no public node qualifies
     let private: Vec<Node> = cluster(&[3], 0);
     let members: Vec<&Node> = private.iter().collect();
-    assert_eq!(choose_gateways(&members, &["a3".into()], 2), ["a3", "a1"]);
+    assert_eq!(
+        names(choose_gateways(&members, &slots(&["a3"]), 2, &none())),
+        ["a3", "a1"]
+    );
     // ...but not once it is no longer eligible or gone
     nodes[0].gateway.eligible = false;
     let members: Vec<&Node> = nodes.iter().collect();
-    assert_eq!(choose_gateways(&members, &["a1".into()], 1), ["a2"]);
-    assert_eq!(choose_gateways(&members, &["zz".into()], 1), ["a2"]);
+    assert_eq!(
+        names(choose_gateways(&members, &slots(&["a1"]), 1, &none())),
+        ["a2"]
+    );
+    assert_eq!(
+        names(choose_gateways(&members, &slots(&["zz"]), 1, &none())),
+        ["a2"]
+    );
 }
 
 #[test]
@@ -218,7 +269,7 @@ fn a_newly_eligible_node_does_not_displace_the_gateway() {
     assert_eq!(t.gateways["site-0"], ["a2"]);
     nodes[0].gateway.eligible = true;
     nodes[0].gateway.priority = 10;
-    let t2 = Topology::build(settings(Location, 1), nodes.clone(), [], &t.gateways);
+    let t2 = Topology::build(settings(Location, 1), nodes.clone(), [], &t.slots);
     assert_eq!(t2.gateways["site-0"], ["a2"]);
 }
 
@@ -339,6 +390,118 @@ fn node_config_lists_every_peer() {
     let conf = showconf::node_config(&t.plan_for("a1").unwrap(), 51820);
     assert_eq!(conf.matches("[Peer]").count(), 3);
     assert!(conf.contains("ListenPort = 51820"));
+}
+
+#[test]
+fn gateways_measured_down_are_replaced_and_only_their_share_moves() {
+    let nodes = cluster(&[8, 3], 3);
+    let healthy = build(&nodes, Location, 2);
+    assert_eq!(healthy.gateways["site-0"], ["a1", "a2"]);
+    let down = BTreeSet::from(["a1".to_string()]);
+    let failed = Topology::build_with_health(
+        settings(Location, 2),
+        nodes.clone(),
+        [],
+        &healthy.slots,
+        &down,
+    );
+    assert_eq!(
+        failed.gateways["site-0"],
+        ["a3", "a2"],
+        "a3 takes a1's slot, a2 keeps its own"
+    );
+    for (node, gw) in &healthy.serving {
+        if node == "a3" {
+            continue; // now a gateway itself
+        }
+        let expected = if gw == "a1" { "a3" } else { gw.as_str() };
+        assert_eq!(failed.serving[node], expected, "{node} was served by {gw}");
+    }
+    assert_full_reachability(&failed);
+    // a recovered gateway gets a place back only through a vacancy: sticky
+    let recovered = Topology::build_with_health(
+        settings(Location, 2),
+        nodes.clone(),
+        [],
+        &failed.slots,
+        &none(),
+    );
+    assert_eq!(recovered.gateways["site-0"], ["a3", "a2"]);
+    // with every candidate down the location says so loudly
+    let all = BTreeSet::from(["a1".to_string(), "a2".to_string(), "a3".to_string()]);
+    let cut = Topology::build_with_health(settings(Location, 2), nodes, [], &BTreeMap::new(), &all);
+    assert!(cut.gateways["site-0"].is_empty());
+    assert!(
+        cut.warnings
+            .iter()
+            .any(|w| w.contains("site-0 has NO WORKING GATEWAY")),
+        "{:?}",
+        cut.warnings
+    );
+}
+
+#[test]
+fn every_candidate_is_probed_by_observers_it_can_reach_along_dedicated_routes() {
+    let nodes = cluster(&[3, 3, 2], 2);
+    for g in Granularity::ALL {
+        let t = build(&nodes, g, 1);
+        let plans = all_plans(&t);
+        // candidates: the public nodes, active (a1) or standby (a2)
+        assert_eq!(
+            t.observers.keys().collect::<Vec<_>>(),
+            ["a1", "a2", "b1", "b2", "c1", "c2"]
+        );
+        for (gateway, observers) in &t.observers {
+            assert_eq!(observers.len(), 3, "{gateway}: {observers:?}");
+            let locations: BTreeSet<&str> = observers
+                .iter()
+                .map(|o| t.nodes[o].location.as_str())
+                .collect();
+            assert!(
+                locations.len() >= 2,
+                "{gateway}: observers from one location only: {observers:?}"
+            );
+            let probe = IpNet::from(t.nodes[gateway].probe_ip.unwrap());
+            for o in observers {
+                let here = &t.nodes[o];
+                let there = &t.nodes[gateway];
+                assert!(here.location == there.location || (here.is_public() && there.is_public()));
+                // the observer routes the gateway's probe address into the tunnel to it...
+                let route = plans[o]
+                    .routes
+                    .iter()
+                    .find(|r| r.dst == probe)
+                    .expect("probe route");
+                assert_eq!(route.next_hop, tunnel(gateway));
+                assert!(plans[o].observe.iter().any(|p| &p.gateway == gateway));
+                // ...and the gateway routes the observer's back, so answers return the same way
+                let back = IpNet::from(here.probe_ip.unwrap());
+                let peer = plans[gateway]
+                    .peers
+                    .iter()
+                    .find(|p| &p.name == o)
+                    .expect("gateway peers with its observer");
+                assert!(peer.allowed_ips.contains(&back));
+            }
+            // a gateway relays probes to up to three nodes behind it, each on its own ids
+            let relay = &plans[gateway].relay;
+            assert_eq!(
+                relay.len(),
+                t.nodes
+                    .values()
+                    .filter(|n| n.location == t.nodes[gateway].location)
+                    .count()
+                    - 1
+            );
+            assert!(
+                relay
+                    .iter()
+                    .all(|r| t.nodes[&r.node].location == t.nodes[gateway].location)
+            );
+        }
+        // probes ride on the mesh without breaking it
+        assert_full_reachability(&t);
+    }
 }
 
 // ---------------------------------------------------------------- forwarding simulation
@@ -560,7 +723,7 @@ proptest! {
         let rest: Vec<Node> = c.nodes.iter().filter(|n| n.name != removed.name).cloned().collect();
         prop_assume!(!rest.is_empty());
         // the survivors keep the stored gateway record, as a running cluster would
-        let after = Topology::build(settings(c.granularity, c.gateways), rest, [], &before.gateways);
+        let after = Topology::build(settings(c.granularity, c.gateways), rest, [], &before.slots);
         let was_gateway = before.is_gateway(&removed);
         let new_gateways: BTreeSet<&String> = after.gateways.values().flatten()
             .filter(|g| !before.gateways.values().flatten().any(|b| b == *g)).collect();
@@ -587,14 +750,16 @@ proptest! {
         for name in after.nodes.keys() {
             let old = before.plan_for(name).unwrap();
             let new = after.plan_for(name).unwrap();
+            // Probe relations follow the observer choice, which legitimately changes when an
+            // observer leaves; they are tested on their own.
             let strip_routes = |p: &Plan| -> Vec<RoutePlan> {
-                p.routes.iter().filter(|r| !touched.contains(&r.dst)
+                p.routes.iter().filter(|r| !touched.contains(&r.dst) && !is_probe(&r.dst)
                     && !matches!(&r.next_hop, NextHop::Tunnel { peer } | NextHop::Internal { node: peer, .. } if involved.contains(peer)))
                     .cloned().collect()
             };
             let strip_peers = |p: &Plan| -> Vec<(String, Vec<IpNet>)> {
-                p.peers.iter().filter(|q| !involved.contains(&q.name))
-                    .map(|q| (q.name.clone(), q.allowed_ips.iter().filter(|ip| !touched.contains(ip)).copied().collect()))
+                p.peers.iter().filter(|q| !involved.contains(&q.name) && !q.allowed_ips.iter().all(is_probe))
+                    .map(|q| (q.name.clone(), q.allowed_ips.iter().filter(|ip| !touched.contains(ip) && !is_probe(ip)).copied().collect()))
                     .collect()
             };
             if involved.contains(name) && was_gateway {

@@ -27,7 +27,7 @@ pub struct ClusterState {
 pub struct PlanInputs {
     pub nodes: BTreeMap<String, Node>,
     pub peers: BTreeMap<String, ExternalPeer>,
-    pub gateways: BTreeMap<String, Vec<String>>,
+    pub gateways: BTreeMap<String, trellis_plan::Slots>,
     pub settings: Settings,
 }
 
@@ -126,7 +126,7 @@ impl ClusterState {
             gateways: self
                 .gateways
                 .iter()
-                .map(|(loc, (g, _))| (loc.clone(), g.gateways.clone()))
+                .map(|(loc, (g, _))| (loc.clone(), g.slots.clone()))
                 .collect(),
             settings: self.plan_settings(defaults),
         }

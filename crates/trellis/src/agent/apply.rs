@@ -170,14 +170,17 @@ impl Reconciler {
         outcome
     }
 
-    /// The overlay address on the interface, MTU, and the link up. Idempotent.
+    /// The overlay and probe addresses on the interface, MTU, and the link up. Idempotent.
     async fn ensure_interface(&self, plan: &Plan) -> anyhow::Result<()> {
         let nl = &self.netlink;
+        let want: Vec<IpNet> = std::iter::once(plan.address)
+            .chain(plan.probe_address)
+            .collect();
         let have = nl.addresses(&self.interface).await?;
-        if !have.contains(&plan.address) {
-            nl.add_address(&self.interface, plan.address).await?;
+        for missing in want.iter().filter(|a| !have.contains(a)) {
+            nl.add_address(&self.interface, *missing).await?;
         }
-        for stale in have.iter().filter(|a| **a != plan.address) {
+        for stale in have.iter().filter(|a| !want.contains(a)) {
             nl.del_address(&self.interface, *stale).await?;
         }
         nl.set_mtu(&self.interface, TUNNEL_MTU).await?;
@@ -193,18 +196,18 @@ impl Reconciler {
         topology: &Topology,
     ) -> anyhow::Result<()> {
         let location = &self.node.location;
-        let Some(chosen) = topology.gateways.get(location) else {
+        let Some(chosen) = topology.slots.get(location) else {
             return Ok(());
         };
         let key = keys::gateways(location);
         let compare = match state.gateways.get(location) {
-            Some((stored, _)) if &stored.gateways == chosen => return Ok(()),
+            Some((stored, _)) if &stored.slots == chosen => return Ok(()),
             Some((_, revision)) => Compare::ModRevision(key.clone(), *revision),
             None => Compare::Absent(key.clone()),
         };
         let record = GatewaySet {
             location: location.clone(),
-            gateways: chosen.clone(),
+            slots: chosen.clone(),
         };
         let value = serde_json::to_vec(&record)?;
         let result = self

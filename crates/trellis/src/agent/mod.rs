@@ -57,6 +57,9 @@ pub struct AgentArgs {
     /// This node's overlay address, put on the WireGuard interface.
     #[arg(long, value_name = "IP")]
     pub overlay_ip: IpAddr,
+    /// The address forwarding probes are sent from and to (omit to take no part in probing).
+    #[arg(long, value_name = "IP")]
+    pub probe_ip: Option<IpAddr>,
     /// Never serve as a location gateway.
     #[arg(long)]
     pub no_gateway: bool,
@@ -107,6 +110,7 @@ impl AgentArgs {
                 priority: self.gateway_priority,
             },
             overlay_ip: self.overlay_ip,
+            probe_ip: self.probe_ip,
         };
         node.validate()
             .map_err(|e| anyhow::anyhow!("invalid flag: {e}"))?;

@@ -264,11 +264,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         if up_inner(up).await? != ExitCode::SUCCESS {
             bail!("the lab did not come up");
         }
-        println!("\n== trellis lab check --name {name}   (ICMP between every pair of pods, across locations through the gateways)");
+        println!(
+            "\n== trellis lab check --name {name}   (ICMP between every pair of pods, across locations through the gateways)"
+        );
         let lab = LabState::load(&name)?;
         let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
         print!("{}", check::matrix(&report));
-        println!("\n== trellis lab status --name {name}   (handshakes now that traffic has flowed)");
+        println!(
+            "\n== trellis lab status --name {name}   (handshakes now that traffic has flowed)"
+        );
         status::show(&name, false).await?;
         anyhow::Ok(report.ok)
     };

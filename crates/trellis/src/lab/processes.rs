@@ -59,6 +59,7 @@ pub fn agent_args(lab: &str, node: &NodeSpec, resync_seconds: u64) -> Vec<String
         format!("--internal-ip={}", node.internal_ip),
         format!("--pod-cidr={}", node.pod_cidr),
         format!("--overlay-ip={}", node.overlay_ip),
+        format!("--probe-ip={}", node.probe_ip),
         format!("--interface={}", node.interface),
         format!("--listen-port={}", super::spec::LISTEN_PORT),
         format!("--key-file={}", state::key_path(lab, &node.name).display()),

@@ -1,7 +1,7 @@
 //! The lab's addressing plan: a pure function from the `lab up` parameters to every
 //! namespace, link and address. Ranges (see ENVIRONMENT.md): underlay "public" network
 //! 198.18.0.0/16, location-internal networks 172.20.0.0/16, pod CIDRs 10.244.0.0/16,
-//! overlay addresses 100.64.0.0/16. Nothing here is routed outside the lab's namespaces.
+//! overlay addresses 100.64.0.0/16, probe addresses 100.65.0.0/16. Nothing here is routed outside the lab's namespaces.
 
 use anyhow::bail;
 use ipnet::Ipv4Net;
@@ -60,6 +60,8 @@ pub struct NodeSpec {
     pub public_ip: Option<Ipv4Net>,
     pub pod_cidr: Ipv4Net,
     pub overlay_ip: Ipv4Addr,
+    /// Address forwarding probes use (100.65.0.0/16).
+    pub probe_ip: Ipv4Addr,
     /// The WireGuard interface; unique on the machine because userspace control sockets
     /// live in one directory shared by all namespaces.
     pub interface: String,
@@ -177,6 +179,7 @@ impl LabParams {
                     }),
                     pod_cidr: Ipv4Net::new(pod_base, 24).expect("valid prefix"),
                     overlay_ip: Ipv4Addr::new(100, 64, (k / 250) as u8, (k % 250 + 1) as u8),
+                    probe_ip: Ipv4Addr::new(100, 65, (k / 250) as u8, (k % 250 + 1) as u8),
                     location: location.name.clone(),
                     netns,
                     name,
@@ -296,6 +299,7 @@ mod tests {
         for n in &spec.nodes {
             assert!(seen.insert(n.internal_ip.addr()), "{}", n.internal_ip);
             assert!(seen.insert(n.overlay_ip));
+            assert!(seen.insert(n.probe_ip));
             assert!(seen.insert(n.pod_cidr.addr()));
             if let Some(p) = n.public_ip {
                 assert!(seen.insert(p.addr()), "{p}");

@@ -1,0 +1,384 @@
+//! Gateway health from measured forwarding, as pure functions.
+//!
+//! Every gateway candidate (active or standby) is watched by a few observers. An observer
+//! sends probes to the candidate's probe address; the candidate's kernel relays each probe to
+//! a node behind it (DNAT) and the answer back (SNAT), so a probe crosses the candidate's
+//! forwarding path in both directions, as a new flow every time. Each observer runs a
+//! [`Detector`] (fast down, slow up, damped flapping) and publishes only its stable opinion.
+//! [`verdict`] combines the observers' opinions: a majority must agree before a gateway is
+//! declared down, so one observer whose own link broke cannot demote a healthy gateway.
+//!
+//! Probe load is candidates × observers, not nodes²: observers are few and chosen
+//! deterministically, from other locations first.
+
+use crate::gateways::{pair_weight, qualifies_as_gateway};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use trellis_model::Node;
+
+/// Observers per gateway candidate, when that many exist.
+pub const OBSERVERS_PER_GATEWAY: usize = 3;
+/// Nodes behind a candidate that its probes are relayed to; a round succeeds if any answers.
+pub const TARGETS_PER_GATEWAY: usize = 3;
+/// ICMP echo ids are split into this many equal ranges, one per relay target.
+pub const ID_RANGES: u16 = 4;
+pub const ID_RANGE_SIZE: u16 = u16::MAX / ID_RANGES + 1;
+
+/// Nodes that can serve as gateway of their location and take part in probing. Probed
+/// whether they serve now or stand by, so a replacement is chosen on measured health.
+pub fn candidates<'a>(nodes: impl IntoIterator<Item = &'a Node> + Clone) -> Vec<&'a Node> {
+    let mut by_location: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
+    for n in nodes {
+        by_location.entry(&n.location).or_default().push(n);
+    }
+    by_location
+        .values()
+        .flat_map(|members| {
+            members
+                .iter()
+                .filter(|m| m.probe_ip.is_some() && qualifies_as_gateway(members, m))
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Whether `a` can send to `b` at all: same location, or both public.
+fn can_reach(a: &Node, b: &Node) -> bool {
+    a.location == b.location || (a.is_public() && b.is_public())
+}
+
+/// Up to `k` observers of `gateway`: nodes with a probe address that can reach it,
+/// nodes of other locations before its own, spread over as many locations as possible,
+/// ranked within a location by a hash of the pair. Deterministic.
+pub fn observers_for<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    gateway: &Node,
+    k: usize,
+) -> Vec<String> {
+    let mut by_location: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
+    for n in nodes {
+        if n.name != gateway.name && n.probe_ip.is_some() && can_reach(n, gateway) {
+            by_location.entry(&n.location).or_default().push(n);
+        }
+    }
+    for members in by_location.values_mut() {
+        members.sort_by_key(|n| {
+            std::cmp::Reverse((pair_weight(&gateway.name, &n.name), n.name.clone()))
+        });
+    }
+    // Round-robin over locations: other locations (ranked by the pair hash of their first
+    // member, for spread), then the gateway's own.
+    let mut locations: Vec<&str> = by_location
+        .keys()
+        .copied()
+        .filter(|l| *l != gateway.location)
+        .collect();
+    locations.sort_by_key(|l| std::cmp::Reverse(pair_weight(&gateway.name, l)));
+    if by_location.contains_key(gateway.location.as_str()) {
+        locations.push(&gateway.location);
+    }
+    let mut chosen = Vec::with_capacity(k);
+    let mut round = 0;
+    while chosen.len() < k {
+        let mut progressed = false;
+        for l in &locations {
+            if chosen.len() == k {
+                break;
+            }
+            if let Some(n) = by_location[l].get(round) {
+                chosen.push(n.name.clone());
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+        round += 1;
+    }
+    chosen
+}
+
+/// The nodes behind `gateway` that its probes are relayed to: up to `k` of its location's
+/// other members, ranked by a hash of the pair. Empty for a location of one.
+pub fn relay_targets<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    gateway: &Node,
+    k: usize,
+) -> Vec<(String, IpAddr)> {
+    let mut mates: Vec<&Node> = nodes
+        .into_iter()
+        .filter(|n| n.location == gateway.location && n.name != gateway.name)
+        .collect();
+    mates.sort_by_key(|n| std::cmp::Reverse((pair_weight(&gateway.name, &n.name), n.name.clone())));
+    mates
+        .into_iter()
+        .take(k.min(usize::from(ID_RANGES)))
+        .map(|n| (n.name.clone(), n.internal_ip.addr()))
+        .collect()
+}
+
+/// The ICMP echo ids that a gateway relays to its `index`-th target.
+pub fn id_range(index: usize) -> (u16, u16) {
+    let lo = ID_RANGE_SIZE * index as u16;
+    (lo, lo + (ID_RANGE_SIZE - 1))
+}
+
+/// The combined opinion of a gateway's observers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    Up,
+    Down,
+    /// No observer has reported: treated as up (a new cluster must not start without
+    /// gateways), and shown as unknown.
+    Unknown,
+}
+
+/// A gateway is down when more than half of its reporting observers say so, and at least
+/// two agree whenever two or more report. One observer alone decides only when it is the
+/// only one there is.
+pub fn verdict(reports: impl IntoIterator<Item = bool>) -> Verdict {
+    let (mut up, mut down) = (0usize, 0usize);
+    for r in reports {
+        if r { up += 1 } else { down += 1 }
+    }
+    let total = up + down;
+    if total == 0 {
+        Verdict::Unknown
+    } else if down * 2 > total && (down >= 2 || total == 1) {
+        Verdict::Down
+    } else {
+        Verdict::Up
+    }
+}
+
+/// Verdicts for every candidate from the published observations
+/// (`reports[gateway][observer] = up`), counting only the observers currently assigned.
+pub fn verdicts<'a>(
+    nodes: impl IntoIterator<Item = &'a Node> + Clone,
+    reports: &BTreeMap<String, BTreeMap<String, bool>>,
+) -> BTreeMap<String, Verdict> {
+    let all: Vec<&Node> = nodes.clone().into_iter().collect();
+    candidates(nodes)
+        .into_iter()
+        .map(|g| {
+            let observers: BTreeSet<String> =
+                observers_for(all.iter().copied(), g, OBSERVERS_PER_GATEWAY)
+                    .into_iter()
+                    .collect();
+            let opinions = reports
+                .get(&g.name)
+                .into_iter()
+                .flatten()
+                .filter(|(o, _)| observers.contains(*o))
+                .map(|(_, up)| *up);
+            (g.name.clone(), verdict(opinions))
+        })
+        .collect()
+}
+
+/// How an observer turns probe rounds into a stable opinion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DetectorConfig {
+    /// Consecutive failed rounds before "down" (BFD's detection multiplier).
+    pub multiplier: u32,
+    /// How long a gateway must answer every round before it counts as up again.
+    pub hold_down_ms: u64,
+    /// Penalty added per down transition; above `suppress` the gateway stays down until the
+    /// penalty decays below `reuse` (RFC 2439 route flap damping, on gateways).
+    pub flap_penalty: u32,
+    pub suppress: u32,
+    pub reuse: u32,
+    pub half_life_ms: u64,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            multiplier: 3,
+            hold_down_ms: 5_000,
+            flap_penalty: 1_000,
+            suppress: 2_500,
+            reuse: 800,
+            half_life_ms: 30_000,
+        }
+    }
+}
+
+/// One observer's view of one gateway. Time comes in as milliseconds from the caller, so
+/// the state machine is deterministic and tested without clocks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detector {
+    config: DetectorConfig,
+    up: bool,
+    failures: u32,
+    healthy_since: Option<u64>,
+    penalty: f64,
+    penalty_at: u64,
+}
+
+impl Detector {
+    /// A new detector starts out "up": a gateway is innocent until probes say otherwise.
+    pub fn new(config: DetectorConfig, now_ms: u64) -> Self {
+        Self {
+            config,
+            up: true,
+            failures: 0,
+            healthy_since: Some(now_ms),
+            penalty: 0.0,
+            penalty_at: now_ms,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    pub fn penalty(&self, now_ms: u64) -> f64 {
+        let elapsed = now_ms.saturating_sub(self.penalty_at) as f64;
+        self.penalty * 0.5f64.powf(elapsed / self.config.half_life_ms.max(1) as f64)
+    }
+
+    /// Feed one probe round. Returns the new opinion when it changed.
+    pub fn observe(&mut self, now_ms: u64, success: bool) -> Option<bool> {
+        if success {
+            self.failures = 0;
+            let since = *self.healthy_since.get_or_insert(now_ms);
+            let held = now_ms.saturating_sub(since) >= self.config.hold_down_ms;
+            let damped =
+                self.penalty(now_ms) > f64::from(self.config.reuse) && self.suppressed(now_ms);
+            if !self.up && held && !damped {
+                self.up = true;
+                return Some(true);
+            }
+            None
+        } else {
+            self.healthy_since = None;
+            self.failures = self.failures.saturating_add(1);
+            if self.up && self.failures >= self.config.multiplier {
+                self.up = false;
+                self.penalty = self.penalty(now_ms) + f64::from(self.config.flap_penalty);
+                self.penalty_at = now_ms;
+                return Some(false);
+            }
+            None
+        }
+    }
+
+    /// Suppressed once the penalty crossed `suppress`, until it decays below `reuse`.
+    fn suppressed(&self, now_ms: u64) -> bool {
+        // The penalty only grows at down transitions, so it peaked at `penalty_at`.
+        self.penalty >= f64::from(self.config.suppress)
+            && self.penalty(now_ms) > f64::from(self.config.reuse)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_needs_a_majority_of_at_least_two() {
+        assert_eq!(verdict([]), Verdict::Unknown);
+        assert_eq!(verdict([false]), Verdict::Down, "a lone observer decides");
+        assert_eq!(verdict([true]), Verdict::Up);
+        assert_eq!(
+            verdict([false, true]),
+            Verdict::Up,
+            "one of two cannot demote"
+        );
+        assert_eq!(verdict([false, false]), Verdict::Down);
+        assert_eq!(
+            verdict([false, true, true]),
+            Verdict::Up,
+            "one broken observer of three"
+        );
+        assert_eq!(verdict([false, false, true]), Verdict::Down);
+        assert_eq!(
+            verdict([false, false, true, true]),
+            Verdict::Up,
+            "a split is not a majority"
+        );
+    }
+
+    fn detector() -> Detector {
+        Detector::new(DetectorConfig::default(), 0)
+    }
+
+    #[test]
+    fn goes_down_after_multiplier_failures_and_not_before() {
+        let mut d = detector();
+        assert_eq!(d.observe(100, false), None);
+        assert_eq!(d.observe(200, false), None);
+        assert_eq!(d.observe(300, true), None, "a success resets the count");
+        assert_eq!(d.observe(400, false), None);
+        assert_eq!(d.observe(500, false), None);
+        assert_eq!(d.observe(600, false), Some(false));
+        assert_eq!(d.observe(700, false), None, "reported once");
+    }
+
+    #[test]
+    fn comes_back_only_after_the_hold_down() {
+        let mut d = detector();
+        for t in [100, 200, 300] {
+            d.observe(t, false);
+        }
+        assert!(!d.is_up());
+        for t in (400..5_400).step_by(100) {
+            assert_eq!(d.observe(t, true), None, "still holding at {t}");
+        }
+        assert_eq!(d.observe(5_400, true), Some(true));
+        // a single failure during hold-down restarts it
+        let mut d = detector();
+        for t in [100, 200, 300] {
+            d.observe(t, false);
+        }
+        d.observe(400, true);
+        d.observe(3_000, false);
+        assert_eq!(d.observe(3_100, true), None);
+        assert_eq!(d.observe(5_400, true), None, "hold-down restarted at 3.1 s");
+        assert_eq!(d.observe(8_100, true), Some(true));
+    }
+
+    #[test]
+    fn a_flapping_gateway_is_damped_until_the_penalty_decays() {
+        let config = DetectorConfig::default();
+        let mut d = Detector::new(config, 0);
+        let mut t = 0;
+        // flap three times: down, held up, down...
+        for _ in 0..3 {
+            for _ in 0..3 {
+                t += 100;
+                d.observe(t, false);
+            }
+            assert!(!d.is_up());
+            t += 100;
+            d.observe(t, true);
+            t += config.hold_down_ms;
+            d.observe(t, true);
+        }
+        // after the third down the penalty (~3000 minus decay) exceeds suppress (2500):
+        assert!(
+            !d.is_up(),
+            "third recovery suppressed, penalty {}",
+            d.penalty(t)
+        );
+        // it comes back once the penalty has decayed below reuse (800): about 2 half-lives
+        let mut back_at = None;
+        while back_at.is_none() && t < 300_000 {
+            t += 1_000;
+            if d.observe(t, true) == Some(true) {
+                back_at = Some(t);
+            }
+        }
+        let back_at = back_at.expect("damping must end");
+        assert!(d.penalty(back_at) <= f64::from(config.reuse) + 1.0);
+        assert!(back_at > 40_000, "came back after {back_at} ms");
+    }
+
+    #[test]
+    fn probe_id_ranges_tile_the_id_space() {
+        assert_eq!(id_range(0), (0, 0x3fff));
+        assert_eq!(id_range(3), (0xc000, 0xffff));
+    }
+}
