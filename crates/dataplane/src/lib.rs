@@ -5,7 +5,9 @@
 //! - [`netlink`]: links, addresses and routes over rtnetlink.
 //! - [`netns`]: named network namespaces, compatible with iproute2.
 //! - [`sysctl`]: per-namespace kernel settings.
+//! - [`icmp`]: ICMP echo over raw sockets (connectivity checks and forwarding probes).
 
+pub mod icmp;
 pub mod netlink;
 pub mod netns;
 pub mod sysctl;

@@ -17,7 +17,7 @@ pub use key::PublicKey;
 pub use name::validate_name;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
 pub use peer::ExternalPeer;
-pub use settings::{AgentStatus, ClusterSettings};
+pub use settings::{AgentStatus, ClusterSettings, Observation};
 
 /// A record or argument that failed validation. The message names the field and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +73,7 @@ pub mod keys {
     pub const GATEWAYS: &str = "gateways/";
     pub const STATUS: &str = "status/";
     pub const SETTINGS: &str = "settings";
+    pub const OBSERVATIONS: &str = "observations/";
 
     pub fn node(name: &str) -> String {
         format!("{NODES}{name}")
@@ -85,5 +86,8 @@ pub mod keys {
     }
     pub fn status(node: &str) -> String {
         format!("{STATUS}{node}")
+    }
+    pub fn observation(gateway: &str, observer: &str) -> String {
+        format!("{OBSERVATIONS}{gateway}/{observer}")
     }
 }

@@ -49,3 +49,20 @@ impl Validate for AgentStatus {
         crate::validate_name("node", &self.node)
     }
 }
+
+/// What one observer currently concludes about one gateway candidate, after its own
+/// hysteresis. Published when it changes, under the observer's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Observation {
+    pub gateway: String,
+    pub observer: String,
+    pub up: bool,
+}
+
+impl Validate for Observation {
+    fn validate(&self) -> Result<(), InvalidField> {
+        crate::validate_name("gateway", &self.gateway)?;
+        crate::validate_name("observer", &self.observer)
+    }
+}

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use trellis_model::{AgentStatus, ClusterSettings, ExternalPeer, GatewaySet, Node, decode, keys};
+use trellis_model::{
+    AgentStatus, ClusterSettings, ExternalPeer, GatewaySet, Node, Observation, decode, keys,
+};
 use trellis_plan::{Settings, Topology};
 use trellis_store::{Event, KeyValue, Revision, Store, StoreError};
 
@@ -20,6 +22,8 @@ pub struct ClusterState {
     pub gateways: BTreeMap<String, (GatewaySet, Revision)>,
     pub settings: Option<ClusterSettings>,
     pub status: BTreeMap<String, AgentStatus>,
+    /// `observations[gateway][observer] = up`.
+    pub observations: BTreeMap<String, BTreeMap<String, bool>>,
 }
 
 /// The part of the state a plan depends on; the agent re-plans only when it changes.
@@ -29,6 +33,7 @@ pub struct PlanInputs {
     pub peers: BTreeMap<String, ExternalPeer>,
     pub gateways: BTreeMap<String, trellis_plan::Slots>,
     pub settings: Settings,
+    pub observations: BTreeMap<String, BTreeMap<String, bool>>,
 }
 
 impl ClusterState {
@@ -76,6 +81,21 @@ impl ClusterState {
             decode::<AgentStatus>(&format!("status of {name}"), &kv.value).map(|s| {
                 self.status.insert(name.to_string(), s);
             })
+        } else if let Some(pair) = key.strip_prefix(keys::OBSERVATIONS) {
+            decode::<Observation>(&format!("observation {pair}"), &kv.value).and_then(|o| {
+                if pair != format!("{}/{}", o.gateway, o.observer) {
+                    return Err(trellis_model::InvalidField::new(
+                        "observation",
+                        pair,
+                        "does not match its key",
+                    ));
+                }
+                self.observations
+                    .entry(o.gateway)
+                    .or_default()
+                    .insert(o.observer, o.up);
+                Ok(())
+            })
         } else if key == keys::SETTINGS {
             decode::<ClusterSettings>("cluster settings", &kv.value).map(|s| {
                 self.settings = Some(s);
@@ -102,6 +122,16 @@ impl ClusterState {
             self.gateways.remove(location);
         } else if let Some(name) = key.strip_prefix(keys::STATUS) {
             self.status.remove(name);
+        } else if let Some((gateway, observer)) = key
+            .strip_prefix(keys::OBSERVATIONS)
+            .and_then(|p| p.split_once('/'))
+        {
+            if let Some(seen) = self.observations.get_mut(gateway) {
+                seen.remove(observer);
+                if seen.is_empty() {
+                    self.observations.remove(gateway);
+                }
+            }
         } else if key == keys::SETTINGS {
             self.settings = None;
         }
@@ -129,17 +159,28 @@ impl ClusterState {
                 .map(|(loc, (g, _))| (loc.clone(), g.slots.clone()))
                 .collect(),
             settings: self.plan_settings(defaults),
+            observations: self.observations.clone(),
         }
     }
 }
 
 impl PlanInputs {
+    /// The gateway candidates that a majority of their observers measure down.
+    pub fn measured_down(&self) -> std::collections::BTreeSet<String> {
+        trellis_plan::health::verdicts(self.nodes.values(), &self.observations)
+            .into_iter()
+            .filter(|(_, v)| *v == trellis_plan::health::Verdict::Down)
+            .map(|(g, _)| g)
+            .collect()
+    }
+
     pub fn topology(&self) -> Topology {
-        Topology::build(
+        Topology::build_with_health(
             self.settings.clone(),
             self.nodes.values().cloned(),
             self.peers.values().cloned(),
             &self.gateways,
+            &self.measured_down(),
         )
     }
 }

@@ -580,3 +580,73 @@ fn the_mesh_keeps_forwarding_while_the_store_is_down() {
         );
     }
 }
+
+/// An idle mesh does not write to the store: status reports must not trigger each other.
+#[test]
+fn an_idle_mesh_leaves_the_store_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tid", &[]);
+    let revision = || -> i64 {
+        let out = trellis(&["status", "--lab", "tid", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["revision"]
+            .as_i64()
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = revision();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(revision(), before, "agents kept writing to an idle store");
+    drop(lab);
+}
+
+/// A gateway whose agent and device die is caught by the forwarding probes of its
+/// observers and replaced; the nodes it served are reachable again through the other one.
+#[test]
+fn a_dead_gateway_is_replaced_by_measured_forwarding() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tkl", &[]);
+    lab.check();
+    let status = lab.status_json();
+    let a1 = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "a1")
+        .unwrap()
+        .clone();
+    assert_eq!(a1["gateway"], true);
+    let pid = a1["agent_pid"].as_i64().unwrap();
+    assert!(sh(&format!("kill -9 {pid}")).status.success());
+    // a2 and a3 serve their pods again through a2, from the other location
+    let reach = |from: &str, to: &str| {
+        sh(&format!(
+            "ip netns exec tl-tkl-{from}-p0 ping -c 1 -W 1 {to}"
+        ))
+        .status
+        .success()
+    };
+    let started = Instant::now();
+    wait_until(
+        "a3's pod to be reachable from b2's again",
+        Duration::from_secs(10),
+        || reach("b2", "10.244.2.10") && reach("b2", "10.244.1.10"),
+    );
+    eprintln!("recovered {:?} after the kill", started.elapsed());
+    let status = lab.status_json();
+    let gateway = |name: &str| {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()["gateway"]
+            .clone()
+    };
+    assert_eq!(gateway("a2"), true);
+    assert_eq!(gateway("a1"), false);
+    assert_eq!(
+        gateway("b1"),
+        true,
+        "the healthy gateway of the other location stays"
+    );
+}

@@ -48,6 +48,10 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
     pub fn status(&self, node: &str, revision: u64) -> AgentStatus {
         AgentStatus {
             node: node.to_string(),

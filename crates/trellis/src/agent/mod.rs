@@ -1,14 +1,16 @@
 //! The node agent. One flow, in this order:
 //!
 //! store → cluster state ([`crate::cluster`]) → plan ([`trellis_plan`]) → apply
-//! ([`apply`]) → verify (read back, in the reconcilers) → report ([`report`]).
+//! ([`apply`]) → verify (read back, in the reconcilers; forwarding probes in [`probe`]) →
+//! report ([`leased`]).
 //!
 //! The agent never exits because a dependency is down: the store, the device and the
 //! kernel are retried with jittered backoff while the last applied state keeps forwarding.
 
 mod apply;
+mod leased;
+mod probe;
 mod register;
-mod report;
 
 use crate::backoff::Backoff;
 use crate::cluster::{ClusterState, PlanInputs};
@@ -26,8 +28,9 @@ use trellis_dataplane::netlink::Netlink;
 use trellis_dataplane::wireguard::{
     WireGuardDevice, kernel::KernelDevice, keyfile, userspace::UserspaceDevice,
 };
-use trellis_model::{Endpoint, GatewayPolicy, Granularity, Node, Validate};
+use trellis_model::{Endpoint, GatewayPolicy, Granularity, Node, Validate, keys};
 use trellis_plan::Settings;
+use trellis_plan::health::DetectorConfig;
 
 /// Routes the agent installs carry this protocol number, so it recognises its own routes
 /// and never touches anyone else's (`ip route show proto 116`).
@@ -84,6 +87,15 @@ pub struct AgentArgs {
     /// Re-read and repair the kernel state at least this often (seconds).
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
+    /// Forwarding probe interval, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub probe_interval_ms: u64,
+    /// Failed probe rounds in a row before a gateway counts as down.
+    #[arg(long, default_value_t = 3)]
+    pub probe_multiplier: u32,
+    /// How long a recovered gateway must forward before it counts as up, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub hold_down_ms: u64,
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
@@ -170,7 +182,31 @@ async fn run(
         node.clone(),
         state_rx.clone(),
     ));
-    let reporter = report::Reporter::start(store.clone(), node.name.clone());
+    let leased = leased::LeasedKeys::start(store.clone());
+    let (observe_tx, observe_rx) = watch::channel(Vec::new());
+    match node.probe_ip {
+        Some(IpAddr::V4(probe_ip)) => {
+            let config = probe::ProbeConfig {
+                interval: Duration::from_millis(args.probe_interval_ms.max(10)),
+                detector: DetectorConfig {
+                    multiplier: args.probe_multiplier.max(1),
+                    hold_down_ms: args.hold_down_ms,
+                    ..DetectorConfig::default()
+                },
+            };
+            tokio::spawn(probe::run(
+                node.name.clone(),
+                probe_ip,
+                config,
+                observe_rx,
+                leased.clone(),
+            ));
+        }
+        Some(IpAddr::V6(_)) => {
+            tracing::warn!("IPv6 probe addresses are not supported yet: not probing")
+        }
+        None => tracing::info!("no --probe-ip: this node neither probes nor is probed"),
+    }
 
     let mut reconciler = apply::Reconciler::new(
         node.clone(),
@@ -184,30 +220,51 @@ async fn run(
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let mut state_rx = state_rx;
     let mut last_inputs: Option<PlanInputs> = None;
+    // The store revision at which the plan inputs last changed: what the status reports.
+    // Not the latest revision, which every status write by any agent bumps: reporting that
+    // would make each write trigger N more.
+    let mut inputs_revision = 0;
     let mut ticker = tokio::time::interval(resync);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let resync = tokio::select! {
             _ = &mut shutdown => break,
             changed = state_rx.changed() => {
                 if changed.is_err() { break; }
-                // let a burst of registrations settle into one plan
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                false
             }
-            _ = ticker.tick() => {}
-        }
+            _ = ticker.tick() => true,
+        };
         let state = state_rx.borrow_and_update().clone();
         if state.revision == 0 {
             continue; // nothing read from the store yet
         }
         let inputs = state.plan_inputs(&defaults);
         let inputs_changed = last_inputs.as_ref() != Some(&inputs);
+        if !inputs_changed && !resync {
+            continue; // someone else's status or an unrelated key changed
+        }
+        if inputs_changed {
+            inputs_revision = state.revision;
+        }
         let outcome = reconciler.reconcile(&state, &inputs, inputs_changed).await;
-        reporter.publish(outcome.status(&node.name, state.revision));
+        match serde_json::to_vec(&outcome.status(&node.name, inputs_revision)) {
+            Ok(status) => leased.set(keys::status(&node.name), status),
+            Err(e) => tracing::error!("encoding status: {e}"),
+        }
+        if let Some(plan) = outcome.plan() {
+            observe_tx.send_if_modified(|current| {
+                let changed = *current != plan.observe;
+                if changed {
+                    current.clone_from(&plan.observe);
+                }
+                changed
+            });
+        }
         last_inputs = Some(inputs);
     }
     tracing::info!("shutting down: releasing status lease, stopping device");
-    reporter.stop().await;
+    leased.stop().await;
     drop(device);
     Ok(())
 }
