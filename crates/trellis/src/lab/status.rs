@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use trellis_dataplane::wireguard::{uapi, userspace::UserspaceDevice};
 use trellis_model::PublicKey;
+use trellis_plan::health::Verdict;
 
 #[derive(Serialize)]
 struct LabView {
@@ -35,6 +36,10 @@ struct NodeView {
     netns: String,
     gateway: bool,
     served_by: Option<String>,
+    /// For gateway candidates: "up", "down" or "unknown", from the observers' majority.
+    forwarding: Option<&'static str>,
+    /// For gateway candidates: observer -> does it see this node forward.
+    observed_by: BTreeMap<String, bool>,
     agent_pid: Option<i32>,
     agent: Option<trellis_model::AgentStatus>,
     interface: String,
@@ -100,6 +105,7 @@ async fn build_view(
     store_error: Option<String>,
 ) -> LabView {
     let spec = &state.spec;
+    let verdicts = trellis_plan::health::verdicts(topology.nodes.values(), &cluster.observations);
     let mut nodes = Vec::new();
     for n in &spec.nodes {
         let device = uapi::get(
@@ -131,6 +137,18 @@ async fn build_view(
             netns: n.netns.clone(),
             gateway: record.is_some_and(|r| topology.is_gateway(r)),
             served_by: topology.serving.get(&n.name).cloned(),
+            forwarding: verdicts.get(&n.name).map(|v| match v {
+                Verdict::Up => "up",
+                Verdict::Down => "down",
+                Verdict::Unknown => "unknown",
+            }),
+            observed_by: topology
+                .observers
+                .get(&n.name)
+                .into_iter()
+                .flatten()
+                .filter_map(|o| Some((o.clone(), *cluster.observations.get(&n.name)?.get(o)?)))
+                .collect(),
             agent_pid: state
                 .agent_pids
                 .get(&n.name)
@@ -188,7 +206,9 @@ fn print_table(view: &LabView, spec: &LabSpec) {
         "NODE", "LOCATION", "ROLE", "AGENT", "POD", "POD IP"
     );
     for n in &view.nodes {
-        let role = if n.gateway {
+        let role = if n.forwarding == Some("down") {
+            "DOWN".to_string()
+        } else if n.gateway {
             "gateway".to_string()
         } else {
             n.served_by
