@@ -5,10 +5,12 @@
 //! - [`netlink`]: links, addresses and routes over rtnetlink.
 //! - [`netns`]: named network namespaces, compatible with iproute2.
 //! - [`sysctl`]: per-namespace kernel settings.
+//! - [`nftables`]: nftables tables, chains and rules over netlink (no `nft` binary).
 //! - [`icmp`]: ICMP echo over raw sockets (connectivity checks and forwarding probes).
 
 pub mod icmp;
 pub mod netlink;
 pub mod netns;
+pub mod nftables;
 pub mod sysctl;
 pub mod wireguard;

@@ -650,3 +650,141 @@ fn a_dead_gateway_is_replaced_by_measured_forwarding() {
         "the healthy gateway of the other location stays"
     );
 }
+
+/// Inject `fault` into the gateway serving a3 (two gateways per location), then assert
+/// that a3's pod is reachable from the other location again within a few seconds and
+/// that the healthy gateways kept their role the whole time.
+fn fault_is_routed_around(lab_name: &str, fault: &[&str]) {
+    let lab = Lab::up(lab_name, &["--gateways", "2"]);
+    lab.check();
+    let status: serde_json::Value =
+        serde_json::from_slice(&trellis(&["status", "--lab", lab_name, "--json"]).stdout).unwrap();
+    let node = |name: &str| {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let broken = node("a3")["served_by"]
+        .as_str()
+        .expect("a3 is served by a gateway")
+        .to_string();
+    let healthy: Vec<String> = ["a1", "a2", "b1", "b2"]
+        .iter()
+        .filter(|g| **g != broken)
+        .map(|g| g.to_string())
+        .collect();
+    for g in &healthy {
+        assert_eq!(node(g)["gateway"], true, "{g} starts as a gateway");
+    }
+
+    let mut args = vec!["lab", "fault", "--name", lab_name, broken.as_str()];
+    args.extend_from_slice(fault);
+    let out = trellis(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let started = Instant::now();
+    let mut demoted = Vec::new();
+    let mut recovered = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        let status = lab.status_json();
+        for g in &healthy {
+            let n = status["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["name"] == g.as_str())
+                .unwrap();
+            if n["gateway"] != true {
+                demoted.push(g.clone());
+            }
+        }
+        if recovered.is_none()
+            && sh(&format!(
+                "ip netns exec tl-{lab_name}-b2-p0 ping -c 1 -W 1 10.244.2.10"
+            ))
+            .status
+            .success()
+            && sh(&format!(
+                "ip netns exec tl-{lab_name}-a3-p0 ping -c 1 -W 1 10.244.4.10"
+            ))
+            .status
+            .success()
+        {
+            recovered = Some(started.elapsed());
+        }
+        if recovered.is_some() && started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recovered = recovered
+        .unwrap_or_else(|| panic!("{fault:?} on {broken}: a3 never became reachable again"));
+    eprintln!("{fault:?} on {broken}: traffic recovered within {recovered:?}");
+    assert!(
+        demoted.is_empty(),
+        "{fault:?}: healthy gateways were demoted: {demoted:?}"
+    );
+    let status = lab.status_json();
+    let b = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == broken.as_str())
+        .unwrap();
+    assert_eq!(b["forwarding"], "down", "{broken} is measured down");
+    // healing brings the gateway back after the hold-down (5 s) into its old slot
+    assert!(
+        trellis(&["lab", "heal", "--name", lab_name, &broken])
+            .status
+            .success()
+    );
+    wait_until(
+        "the healed gateway to take its slot back",
+        Duration::from_secs(15),
+        || {
+            let status = lab.status_json();
+            let b = status["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["name"] == broken.as_str())
+                .unwrap()
+                .clone();
+            b["gateway"] == true && b["forwarding"] == "up"
+        },
+    );
+    lab.check();
+}
+
+#[test]
+fn blackhole_forward_is_routed_around() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fault_is_routed_around("tfbh", &["blackhole-forward"]);
+}
+
+#[test]
+fn blackhole_of_new_flows_only_is_routed_around() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fault_is_routed_around("tfnf", &["blackhole-forward", "--new-flows-only"]);
+}
+
+#[test]
+fn a_killed_gateway_is_routed_around() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fault_is_routed_around("tfkl", &["kill"]);
+}
+
+#[test]
+fn a_partitioned_gateway_is_routed_around() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fault_is_routed_around("tfpt", &["partition"]);
+}
+
+#[test]
+fn a_gateway_losing_most_packets_is_routed_around() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fault_is_routed_around("tfls", &["loss", "60"]);
+}

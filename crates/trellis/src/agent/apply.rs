@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use trellis_dataplane::netlink::{Netlink, RouteSpec, reconcile_routes};
+use trellis_dataplane::nftables::Nft;
 use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice, reconcile_peers};
 use trellis_model::{AgentStatus, GatewaySet, Host, Node, keys};
 use trellis_plan::{NextHop, Plan, Topology};
@@ -36,6 +37,7 @@ pub struct Reconciler {
     interface: String,
     device: Arc<dyn WireGuardDevice>,
     netlink: Arc<Netlink>,
+    nft: Arc<Nft>,
     store: Arc<dyn Store>,
 }
 
@@ -73,6 +75,7 @@ impl Reconciler {
         interface: String,
         device: Arc<dyn WireGuardDevice>,
         netlink: Arc<Netlink>,
+        nft: Arc<Nft>,
         store: Arc<dyn Store>,
     ) -> Self {
         Self {
@@ -80,6 +83,7 @@ impl Reconciler {
             interface,
             device,
             netlink,
+            nft,
             store,
         }
     }
@@ -166,6 +170,23 @@ impl Reconciler {
             }
             Ok(_) => {}
             Err(e) => outcome.errors.push(format!("{e:#}")),
+        }
+        let nft = self.nft.clone();
+        let (interface, probe_ip, internal_ip) = (
+            self.interface.clone(),
+            plan.probe_address.map(|a| a.addr()),
+            self.node.internal_ip.addr(),
+        );
+        let relay = plan.relay.clone();
+        let programmed = tokio::task::spawn_blocking(move || {
+            super::relay::reconcile(&nft, &interface, probe_ip, internal_ip, &relay)
+        })
+        .await;
+        match programmed {
+            Ok(Ok(true)) => tracing::info!(targets = plan.relay.len(), "probe relay programmed"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => outcome.errors.push(format!("{e:#}")),
+            Err(e) => outcome.errors.push(format!("probe relay task: {e}")),
         }
         for e in &outcome.errors {
             tracing::warn!("apply: {e}");

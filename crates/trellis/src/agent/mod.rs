@@ -11,6 +11,7 @@ mod apply;
 mod leased;
 mod probe;
 mod register;
+mod relay;
 
 use crate::backoff::Backoff;
 use crate::cluster::{ClusterState, PlanInputs};
@@ -208,11 +209,13 @@ async fn run(
         None => tracing::info!("no --probe-ip: this node neither probes nor is probed"),
     }
 
+    let nft = Arc::new(trellis_dataplane::nftables::Nft::connect()?);
     let mut reconciler = apply::Reconciler::new(
         node.clone(),
         args.interface.clone(),
         device.clone(),
         netlink,
+        nft,
         store.clone(),
     );
     let shutdown = shutdown_signal();

@@ -4,6 +4,7 @@
 
 mod build;
 mod check;
+pub mod fault;
 mod processes;
 pub mod spec;
 pub mod state;
@@ -32,6 +33,11 @@ pub enum LabCommand {
     Check(CheckArgs),
     /// Run a command inside a node's (or a pod's) network namespace.
     Exec(ExecArgs),
+    /// Inject a fault into a node: blackhole-forward [--new-flows-only], kill, partition,
+    /// or loss PERCENT.
+    Fault(FaultArgs),
+    /// Remove every fault of a node (and restart its agent if it was killed).
+    Heal(HealArgs),
     /// External hosts on the public network (no agent), to try clients from.
     #[command(subcommand)]
     Host(HostCommand),
@@ -124,6 +130,29 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct FaultArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The node to break.
+    pub node: String,
+    /// What breaks.
+    pub kind: fault::FaultKind,
+    /// Loss percentage, for `loss`.
+    pub percent: Option<u8>,
+    /// blackhole-forward: drop only new flows; established ones keep working (seed 000).
+    #[arg(long)]
+    pub new_flows_only: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HealArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The node to heal.
+    pub node: String,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
     /// Add a bare host (no agent) on the lab's public network.
@@ -180,6 +209,26 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             );
             lab.spec.hosts.push(spec);
             lab.save()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Fault(args) => {
+            let f = fault::Fault::new(args.kind, args.new_flows_only, args.percent)?;
+            fault::inject(&args.name.name, &args.node, f.clone()).await?;
+            println!("{}: {f}", args.node);
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Heal(args) => {
+            let healed = fault::heal(&args.name.name, &args.node).await?;
+            let list: Vec<String> = healed.iter().map(ToString::to_string).collect();
+            println!(
+                "{}: healed {}",
+                args.node,
+                if list.is_empty() {
+                    "(no faults)".into()
+                } else {
+                    list.join(", ")
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::ServeStore(args) => serve_store(&args.name).await,
@@ -328,6 +377,7 @@ async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         spec: spec.clone(),
         store_pid: None,
         agent_pids: Default::default(),
+        faults: Default::default(),
     };
     // The state file goes first so that `lab down` knows the lab even if this crashes.
     lab.save()?;

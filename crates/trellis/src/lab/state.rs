@@ -32,6 +32,9 @@ pub struct LabState {
     pub store_pid: Option<i32>,
     #[serde(default)]
     pub agent_pids: BTreeMap<String, i32>,
+    /// Faults injected per node and not yet healed.
+    #[serde(default)]
+    pub faults: BTreeMap<String, Vec<super::fault::Fault>>,
 }
 
 impl LabState {
