@@ -17,7 +17,7 @@ pub use key::PublicKey;
 pub use name::validate_name;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
 pub use peer::ExternalPeer;
-pub use settings::{AgentStatus, ClusterSettings, Observation};
+pub use settings::{AgentStatus, ClusterSettings, GatewayHealth, Observation};
 
 /// A record or argument that failed validation. The message names the field and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

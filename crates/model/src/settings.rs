@@ -9,6 +9,21 @@ pub struct ClusterSettings {
     pub gateways_per_location: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_keepalive: Option<u16>,
+    /// What decides that a gateway is down.
+    #[serde(default)]
+    pub gateway_health: GatewayHealth,
+}
+
+/// How gateway failure is judged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GatewayHealth {
+    /// Measured forwarding: observers' probes through the gateway (the Trellis way).
+    #[default]
+    Forwarding,
+    /// Liveness only: a gateway is down when its agent's lease has expired. What Kilo does;
+    /// kept as the baseline the failover benchmark compares against.
+    Liveness,
 }
 
 impl Validate for ClusterSettings {

@@ -43,7 +43,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             granularity: Granularity::Location,
-            gateways_per_location: 1,
+            gateways_per_location: 2,
             persistent_keepalive: None,
         }
     }

@@ -34,6 +34,8 @@ pub struct PlanInputs {
     pub gateways: BTreeMap<String, trellis_plan::Slots>,
     pub settings: Settings,
     pub observations: BTreeMap<String, BTreeMap<String, bool>>,
+    /// In liveness mode only: the nodes whose agent holds a status lease.
+    pub live_agents: Option<std::collections::BTreeSet<String>>,
 }
 
 impl ClusterState {
@@ -160,13 +162,27 @@ impl ClusterState {
                 .collect(),
             settings: self.plan_settings(defaults),
             observations: self.observations.clone(),
+            live_agents: match self.settings.as_ref().map(|s| s.gateway_health) {
+                Some(trellis_model::GatewayHealth::Liveness) => {
+                    Some(self.status.keys().cloned().collect())
+                }
+                _ => None,
+            },
         }
     }
 }
 
 impl PlanInputs {
-    /// The gateway candidates that a majority of their observers measure down.
+    /// The gateway candidates that a majority of their observers measure down (or, in
+    /// liveness mode, whose agent's lease has expired).
     pub fn measured_down(&self) -> std::collections::BTreeSet<String> {
+        if let Some(live) = &self.live_agents {
+            return trellis_plan::health::candidates(self.nodes.values())
+                .into_iter()
+                .filter(|n| !live.contains(&n.name))
+                .map(|n| n.name.clone())
+                .collect();
+        }
         trellis_plan::health::verdicts(self.nodes.values(), &self.observations)
             .into_iter()
             .filter(|(_, v)| *v == trellis_plan::health::Verdict::Down)

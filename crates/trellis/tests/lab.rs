@@ -152,7 +152,10 @@ fn every_granularity_connects_twelve_nodes_in_three_locations_with_two_gateways(
             assert_eq!(gateways, 6, "two gateways in each of three locations");
         }
     }
-    let lab = Lab::up("tg12", &["--nodes", "12", "--locations", "3"]);
+    let lab = Lab::up(
+        "tg12",
+        &["--nodes", "12", "--locations", "3", "--gateways", "1"],
+    );
     lab.check();
 }
 
@@ -604,7 +607,8 @@ fn an_idle_mesh_leaves_the_store_alone() {
 #[test]
 fn a_dead_gateway_is_replaced_by_measured_forwarding() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::up("tkl", &[]);
+    // one gateway per location: a1 serves all of site-a, so its loss is felt until a2 takes over
+    let lab = Lab::up("tkl", &["--gateways", "1"]);
     lab.check();
     let status = lab.status_json();
     let a1 = status["nodes"]

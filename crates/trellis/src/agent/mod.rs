@@ -83,7 +83,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = "location")]
     pub granularity: Granularity,
     /// Gateways per location when the store holds no cluster settings.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     pub gateways: usize,
     /// Re-read and repair the kernel state at least this often (seconds).
     #[arg(long, default_value_t = 10)]

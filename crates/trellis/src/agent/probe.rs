@@ -17,6 +17,12 @@ use trellis_model::{Observation, keys};
 use trellis_plan::ProbeTarget;
 use trellis_plan::health::{Detector, DetectorConfig, ID_RANGE_SIZE, id_range};
 
+/// Probes per round, spread over the gateway's relay targets. A round fails only if every
+/// one is lost: at 5 % loss on every link a probe crosses eight links and is lost a third
+/// of the time, so four independent probes make a failed round a 1 % event and three failed
+/// rounds in a row a one-in-a-million one, while a real fault still fails every probe.
+const PROBES_PER_ROUND: usize = 4;
+
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
     pub interval: Duration,
@@ -65,8 +71,11 @@ pub async fn run(
                 for w in watched.values_mut() {
                     w.answered = false;
                     w.outstanding.clear();
-                    for k in 0..w.relays.max(1) {
-                        let id = id_range(k).0 + counter % ID_RANGE_SIZE;
+                    let relays = w.relays.max(1);
+                    for i in 0..PROBES_PER_ROUND.max(relays) {
+                        let k = i % relays;
+                        let nth = (u32::from(counter) * PROBES_PER_ROUND as u32 + i as u32) % u32::from(ID_RANGE_SIZE);
+                        let id = id_range(k).0 + nth as u16;
                         if socket.send_echo(w.probe_ip, id, counter).is_ok() {
                             w.outstanding.push(id);
                         }

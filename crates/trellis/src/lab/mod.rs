@@ -2,6 +2,7 @@
 //! production agent against an embedded store. It is the demo, the end-to-end test bed
 //! and the benchmark rig.
 
+mod bench;
 mod build;
 mod check;
 pub mod fault;
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis_dataplane::netns;
-use trellis_model::{ClusterSettings, Granularity, keys};
+use trellis_model::{ClusterSettings, GatewayHealth, Granularity, keys};
 use trellis_store::Store;
 
 #[derive(Subcommand, Debug)]
@@ -38,6 +39,9 @@ pub enum LabCommand {
     Fault(FaultArgs),
     /// Remove every fault of a node (and restart its agent if it was killed).
     Heal(HealArgs),
+    /// Benchmarks on labs of their own.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// External hosts on the public network (no agent), to try clients from.
     #[command(subcommand)]
     Host(HostCommand),
@@ -68,8 +72,8 @@ pub struct UpArgs {
     /// Mesh granularity: full, location, cross or hybrid.
     #[arg(long, default_value = "location")]
     pub granularity: Granularity,
-    /// Active gateways per location.
-    #[arg(long, default_value_t = 1)]
+    /// Active gateways per location (where that many are eligible).
+    #[arg(long, default_value_t = 2)]
     pub gateways: usize,
     /// Nodes per location that get a public endpoint (the first ones).
     #[arg(long, default_value_t = 2)]
@@ -83,6 +87,25 @@ pub struct UpArgs {
     /// How often agents re-read and repair kernel state, in seconds.
     #[arg(long, default_value_t = 10)]
     pub agent_resync: u64,
+    /// What decides that a gateway is down: forwarding (probes) or liveness (agent lease
+    /// only, as Kilo does; for comparison).
+    #[arg(long, default_value = "forwarding")]
+    pub gateway_health: GatewayHealthArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GatewayHealthArg {
+    Forwarding,
+    Liveness,
+}
+
+impl From<GatewayHealthArg> for GatewayHealth {
+    fn from(a: GatewayHealthArg) -> Self {
+        match a {
+            GatewayHealthArg::Forwarding => GatewayHealth::Forwarding,
+            GatewayHealthArg::Liveness => GatewayHealth::Liveness,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -143,6 +166,34 @@ pub struct FaultArgs {
     /// blackhole-forward: drop only new flows; established ones keep working (seed 000).
     #[arg(long)]
     pub new_flows_only: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Outage of new connections when a gateway breaks, per fault kind, with forwarding
+    /// probes and with liveness only (as Kilo), measured in the same run.
+    Failover {
+        /// Trials per fault kind and mode.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// How long to wait for recovery before a trial counts as not recovered (seconds).
+        #[arg(long, default_value_t = 10)]
+        window_seconds: u64,
+        /// Only these fault kinds (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<fault::FaultKind>,
+        /// Print JSON rows instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Random loss on every link for a while; counts gateway changes (the target is none).
+    FalseFailover {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Loss on every link of every node, in percent.
+        #[arg(long, default_value_t = 5)]
+        loss: u8,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +282,44 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        LabCommand::Bench(BenchCommand::Failover {
+            trials,
+            window_seconds,
+            kinds,
+            json,
+        }) => {
+            let kinds = bench::default_kinds()
+                .into_iter()
+                .filter(|f| kinds.is_empty() || kinds.contains(&f.kind))
+                .collect();
+            let args = bench::FailoverArgs {
+                trials: trials.max(1),
+                window: Duration::from_secs(window_seconds.max(1)),
+                kinds,
+            };
+            let rows = bench::failover(&args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", bench::table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Bench(BenchCommand::FalseFailover { minutes, loss }) => {
+            let minutes = if minutes.is_finite() && minutes > 0.0 {
+                minutes
+            } else {
+                bail!("invalid --minutes {minutes}")
+            };
+            let report =
+                bench::false_failover(Duration::from_secs_f64(minutes * 60.0), loss).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.gateway_changes == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         LabCommand::ServeStore(args) => serve_store(&args.name).await,
         LabCommand::Demo(args) => demo(args).await,
         LabCommand::Exec(_) => unreachable!("handled before the runtime starts"),
@@ -247,6 +336,7 @@ async fn up_inner(args: UpArgs) -> anyhow::Result<ExitCode> {
         public_per_location: args.public,
         pods_per_node: args.pods,
         agent_resync: args.agent_resync,
+        gateway_health: args.gateway_health.into(),
     };
     let spec = params.spec()?;
     let name = spec.name.clone();
@@ -303,11 +393,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         nodes: 6,
         locations: 2,
         granularity: args.granularity,
-        gateways: 1,
+        gateways: 2,
         public: 2,
         pods: 1,
         timeout: 60,
         agent_resync: 10,
+        gateway_health: GatewayHealthArg::Forwarding,
     };
     let body = async {
         if up_inner(up).await? != ExitCode::SUCCESS {
@@ -407,6 +498,7 @@ async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         granularity: spec.granularity,
         gateways_per_location: spec.gateways,
         persistent_keepalive: None,
+        gateway_health: spec.gateway_health,
     };
     store
         .put(keys::SETTINGS, serde_json::to_vec(&settings)?)

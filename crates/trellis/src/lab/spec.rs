@@ -7,7 +7,7 @@ use anyhow::bail;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
-use trellis_model::Granularity;
+use trellis_model::{GatewayHealth, Granularity};
 
 pub const LISTEN_PORT: u16 = 51820;
 pub const MAX_NAME: usize = 6;
@@ -24,6 +24,7 @@ pub struct LabParams {
     pub pods_per_node: usize,
     /// How often agents re-read and repair kernel state, in seconds.
     pub agent_resync: u64,
+    pub gateway_health: GatewayHealth,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,8 @@ pub struct LabSpec {
     pub hosts: Vec<HostSpec>,
     #[serde(default = "default_resync")]
     pub agent_resync: u64,
+    #[serde(default)]
+    pub gateway_health: GatewayHealth,
 }
 
 fn default_resync() -> u64 {
@@ -195,6 +198,7 @@ impl LabParams {
             nodes,
             hosts: Vec::new(),
             agent_resync: self.agent_resync,
+            gateway_health: self.gateway_health,
         })
     }
 }
@@ -273,6 +277,7 @@ mod tests {
             public_per_location: 2,
             pods_per_node: 1,
             agent_resync: 10,
+            gateway_health: GatewayHealth::Forwarding,
         }
     }
 
