@@ -84,18 +84,7 @@ pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
     ] {
         let name = if baseline { "bfl" } else { "bff" };
         let _ = build::teardown(name);
-        let params = LabParams {
-            name: name.to_string(),
-            nodes: 6,
-            locations: 2,
-            granularity: Granularity::Location,
-            gateways: 2,
-            public_per_location: 2,
-            pods_per_node: 1,
-            agent_resync: 10,
-            gateway_health: health,
-        };
-        let spec = params.spec()?;
+        let spec = bench_lab(name, health).spec()?;
         let result = async {
             bring_up(&spec, Duration::from_secs(60)).await?;
             let mut out = Vec::new();
@@ -144,6 +133,21 @@ pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
         rows.extend(result?);
     }
     Ok(rows)
+}
+
+/// The benchmarks' lab: two locations of three nodes, two of them public, two gateways each.
+fn bench_lab(name: &str, gateway_health: GatewayHealth) -> LabParams {
+    LabParams {
+        name: name.to_string(),
+        nodes: 6,
+        locations: 2,
+        granularity: Granularity::Location,
+        gateways: 2,
+        public_per_location: 2,
+        pods_per_node: 1,
+        agent_resync: 10,
+        gateway_health,
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -376,18 +380,7 @@ pub struct FalseFailover {
 pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<FalseFailover> {
     let name = "bfx";
     let _ = build::teardown(name);
-    let params = LabParams {
-        name: name.to_string(),
-        nodes: 6,
-        locations: 2,
-        granularity: Granularity::Location,
-        gateways: 2,
-        public_per_location: 2,
-        pods_per_node: 1,
-        agent_resync: 10,
-        gateway_health: GatewayHealth::Forwarding,
-    };
-    let spec = params.spec()?;
+    let spec = bench_lab(name, GatewayHealth::Forwarding).spec()?;
     let result = async {
         bring_up(&spec, Duration::from_secs(60)).await?;
         let fault = Fault::new(FaultKind::Loss, false, Some(loss))?;
@@ -436,4 +429,19 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
     .await;
     let _ = build::teardown(name);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.50), 10.0);
+        assert_eq!(percentile(&v, 0.95), 19.0);
+        assert_eq!(percentile(&v, 0.99), 20.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
 }
