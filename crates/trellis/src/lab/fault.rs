@@ -1,7 +1,9 @@
 //! Faults injected into a lab node, the incidents Trellis exists for. Network faults are
-//! nftables rules in the node's namespace, in a table of their own (`inet trellis_fault`),
-//! programmed over netlink by Trellis itself; `heal` removes the table and restarts a
-//! killed agent.
+//! nftables rules programmed over netlink by Trellis itself: forwarding and partition faults
+//! in the node's namespace (table `inet trellis_fault`), loss on the node's links where they
+//! meet the fabric's bridges (table `bridge trellis_loss_NODE` in the fabric namespace), so
+//! that a lost packet vanishes silently as on a real link. `heal` removes both and restarts
+//! a killed agent.
 
 use super::processes;
 use super::state::{self, LabState};
@@ -92,6 +94,13 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
             // SAFETY: waitpid on a pid that is either our child or not (then it returns -1).
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         }
+        // Loss belongs to the links, not the node: it is made on the fabric's bridge ports,
+        // where a dropped frame is as silent to the sender as on a real lossy link (a drop in
+        // the node's own output path would return an error to the sending socket instead).
+        FaultKind::Loss => {
+            let fabric = super::spec::fabric_netns(lab);
+            rules::program_link_loss(&fabric, node, fault.percent.unwrap_or(0)).await?
+        }
         _ => rules::program(&spec.netns, &fault).await?,
     }
     state
@@ -106,6 +115,7 @@ pub async fn heal(lab: &str, node: &str) -> anyhow::Result<Vec<Fault>> {
     let mut state = LabState::load(lab)?;
     let spec = state.spec.node(node)?.clone();
     rules::clear(&spec.netns).await?;
+    rules::clear_link_loss(&super::spec::fabric_netns(lab), node).await?;
     let alive = state
         .agent_pids
         .get(node)
@@ -194,23 +204,7 @@ mod rules {
                     }
                 }
             }
-            FaultKind::Loss => {
-                let percent = u32::from(fault.percent.unwrap_or(0));
-                chain(&mut b, "loss_in", Hook::Prerouting, -300);
-                chain(&mut b, "loss_out", Hook::Postrouting, 300);
-                for link in LINKS {
-                    rule(
-                        &mut b,
-                        "loss_in",
-                        vec![dsl::iifname(link), dsl::numgen_random_below(100, percent)],
-                    );
-                    rule(
-                        &mut b,
-                        "loss_out",
-                        vec![dsl::oifname(link), dsl::numgen_random_below(100, percent)],
-                    );
-                }
-            }
+            FaultKind::Loss => {} // on the fabric's ports, see program_link_loss
             FaultKind::Kill => {}
         }
         b
@@ -222,6 +216,60 @@ mod rules {
             let nft = Nft::connect_in(&netns)?;
             let exists = nft.table_exists(Family::Inet, FAULT_TABLE)?;
             nft.apply(&batch(&fault, exists))
+        })
+        .await?
+    }
+
+    fn loss_table(node: &str) -> String {
+        format!("trellis_loss_{node}")
+    }
+
+    /// Random loss on both directions of the node's fabric ports (internal and public).
+    pub async fn program_link_loss(fabric: &str, node: &str, percent: u8) -> anyhow::Result<()> {
+        let (fabric, node) = (fabric.to_string(), node.to_string());
+        tokio::task::spawn_blocking(move || {
+            let nft = Nft::connect_in(&fabric)?;
+            let table = loss_table(&node);
+            let mut b = Batch::new();
+            if nft.table_exists(Family::Bridge, &table)? {
+                b.delete_table(Family::Bridge, &table);
+            }
+            b.add_table(Family::Bridge, &table);
+            let base = BaseChain {
+                hook: Hook::Forward,
+                priority: 0,
+                kind: ChainKind::Filter,
+                policy: Policy::Accept,
+            };
+            b.add_chain(Family::Bridge, &table, "forward", Some(base));
+            let comment = format!("loss {percent}% on the links of {node}");
+            for port in [format!("i-{node}"), format!("p-{node}")] {
+                for side in [dsl::iifname(&port), dsl::oifname(&port)] {
+                    let exprs = [
+                        side,
+                        dsl::numgen_random_below(100, u32::from(percent)),
+                        dsl::counter(),
+                        dsl::drop(),
+                    ]
+                    .concat();
+                    b.add_rule(Family::Bridge, &table, "forward", exprs, Some(&comment));
+                }
+            }
+            nft.apply(&b)
+        })
+        .await?
+    }
+
+    pub async fn clear_link_loss(fabric: &str, node: &str) -> anyhow::Result<()> {
+        let (fabric, table) = (fabric.to_string(), loss_table(node));
+        tokio::task::spawn_blocking(move || {
+            let nft = Nft::connect_in(&fabric)?;
+            if nft.table_exists(Family::Bridge, &table)? {
+                let mut b = Batch::new();
+                b.delete_table(Family::Bridge, &table);
+                nft.apply(&b)?;
+            }
+            anyhow::Ok(())
         })
         .await?
     }
