@@ -190,6 +190,10 @@ pub struct DetectorConfig {
     pub suppress: u32,
     pub reuse: u32,
     pub half_life_ms: u64,
+    /// Failures do not count until the first answer or until this long after the detector
+    /// was created: a path still being set up (routes programmed, handshakes in flight) is
+    /// not a failed path. A gateway that never answers is declared down after it.
+    pub startup_grace_ms: u64,
 }
 
 impl Default for DetectorConfig {
@@ -201,6 +205,7 @@ impl Default for DetectorConfig {
             suppress: 2_500,
             reuse: 800,
             half_life_ms: 30_000,
+            startup_grace_ms: 5_000,
         }
     }
 }
@@ -215,6 +220,8 @@ pub struct Detector {
     healthy_since: Option<u64>,
     penalty: f64,
     penalty_at: u64,
+    created_at: u64,
+    armed: bool,
 }
 
 impl Detector {
@@ -227,6 +234,8 @@ impl Detector {
             healthy_since: Some(now_ms),
             penalty: 0.0,
             penalty_at: now_ms,
+            created_at: now_ms,
+            armed: false,
         }
     }
 
@@ -242,6 +251,7 @@ impl Detector {
     /// Feed one probe round. Returns the new opinion when it changed.
     pub fn observe(&mut self, now_ms: u64, success: bool) -> Option<bool> {
         if success {
+            self.armed = true;
             self.failures = 0;
             let since = *self.healthy_since.get_or_insert(now_ms);
             let held = now_ms.saturating_sub(since) >= self.config.hold_down_ms;
@@ -253,6 +263,12 @@ impl Detector {
             }
             None
         } else {
+            if !self.armed {
+                if now_ms.saturating_sub(self.created_at) < self.config.startup_grace_ms {
+                    return None;
+                }
+                self.armed = true;
+            }
             self.healthy_since = None;
             self.failures = self.failures.saturating_add(1);
             if self.up && self.failures >= self.config.multiplier {
@@ -301,8 +317,30 @@ mod tests {
         );
     }
 
+    /// A detector that has seen the path work once, as every one in the tests below.
     fn detector() -> Detector {
-        Detector::new(DetectorConfig::default(), 0)
+        let mut d = Detector::new(DetectorConfig::default(), 0);
+        d.observe(0, true);
+        d
+    }
+
+    #[test]
+    fn failures_while_the_path_is_set_up_do_not_count() {
+        let mut d = Detector::new(DetectorConfig::default(), 0);
+        for t in (100..5_000).step_by(100) {
+            assert_eq!(d.observe(t, false), None, "grace at {t}");
+        }
+        assert!(d.is_up());
+        // a path that never answered is declared down once the grace is over
+        d.observe(5_000, false);
+        d.observe(5_100, false);
+        assert_eq!(d.observe(5_200, false), Some(false));
+        // and a path that answered once is judged at once
+        let mut d = Detector::new(DetectorConfig::default(), 0);
+        d.observe(100, true);
+        d.observe(200, false);
+        d.observe(300, false);
+        assert_eq!(d.observe(400, false), Some(false));
     }
 
     #[test]
@@ -344,6 +382,7 @@ mod tests {
     fn a_flapping_gateway_is_damped_until_the_penalty_decays() {
         let config = DetectorConfig::default();
         let mut d = Detector::new(config, 0);
+        d.observe(0, true);
         let mut t = 0;
         // flap three times: down, held up, down...
         for _ in 0..3 {

@@ -17,6 +17,7 @@
 mod gateways;
 pub mod graph;
 pub mod health;
+pub mod rounds;
 pub mod showconf;
 
 use ipnet::IpNet;

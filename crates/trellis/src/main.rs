@@ -61,6 +61,8 @@ fn main() -> ExitCode {
         .with_max_level(cli.log)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // colour only for a person at a terminal; log files stay greppable
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         // The agent and the lab's helper processes pick their network namespace before any

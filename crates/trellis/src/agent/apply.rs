@@ -4,7 +4,7 @@
 use super::ROUTE_PROTOCOL;
 use crate::cluster::{ClusterState, PlanInputs};
 use ipnet::IpNet;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use trellis_dataplane::netlink::{Netlink, RouteSpec, reconcile_routes};
@@ -41,9 +41,19 @@ pub struct Reconciler {
     store: Arc<dyn Store>,
 }
 
+/// The verdicts and active gateways a plan was made with.
+#[derive(Debug)]
+pub struct PlannedHealth {
+    /// Gateway candidates the observers' majority holds down.
+    pub down: BTreeSet<String>,
+    /// Active gateways per location.
+    pub gateways: BTreeMap<String, Vec<String>>,
+}
+
 #[derive(Debug, Default)]
 pub struct Outcome {
     plan: Option<Plan>,
+    health: Option<PlannedHealth>,
     nodes: usize,
     warnings: Vec<String>,
     errors: Vec<String>,
@@ -52,6 +62,10 @@ pub struct Outcome {
 impl Outcome {
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref()
+    }
+
+    pub fn health(&self) -> Option<&PlannedHealth> {
+        self.health.as_ref()
     }
 
     pub fn status(&self, node: &str, revision: u64) -> AgentStatus {
@@ -101,6 +115,10 @@ impl Reconciler {
         let mut outcome = Outcome {
             nodes: topology.nodes.len(),
             warnings: topology.warnings.clone(),
+            health: Some(PlannedHealth {
+                down: inputs.measured_down(),
+                gateways: topology.gateways.clone(),
+            }),
             ..Default::default()
         };
         let plan = match topology.plan_for(&self.node.name) {

@@ -9,6 +9,7 @@
 
 mod apply;
 mod leased;
+mod metrics;
 mod probe;
 mod register;
 mod relay;
@@ -32,6 +33,7 @@ use trellis_dataplane::wireguard::{
 use trellis_model::{Endpoint, GatewayPolicy, Granularity, Node, Validate, keys};
 use trellis_plan::Settings;
 use trellis_plan::health::DetectorConfig;
+use trellis_plan::rounds::RoundConfig;
 
 /// Routes the agent installs carry this protocol number, so it recognises its own routes
 /// and never touches anyone else's (`ip route show proto 116`).
@@ -91,12 +93,19 @@ pub struct AgentArgs {
     /// Forwarding probe interval, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub probe_interval_ms: u64,
+    /// The shortest a probe round waits for its answer, in milliseconds; it waits longer
+    /// when measured round-trip times call for it (srtt + 4 deviations, as TCP).
+    #[arg(long, default_value_t = 150)]
+    pub probe_min_timeout_ms: u64,
     /// Failed probe rounds in a row before a gateway counts as down.
     #[arg(long, default_value_t = 3)]
     pub probe_multiplier: u32,
     /// How long a recovered gateway must forward before it counts as up, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub hold_down_ms: u64,
+    /// Serve Prometheus metrics on this address (HOST:PORT); off when absent.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
@@ -184,11 +193,19 @@ async fn run(
         state_rx.clone(),
     ));
     let leased = leased::LeasedKeys::start(store.clone());
+    let metrics = metrics::Metrics::default();
+    if let Some(addr) = args.metrics_addr {
+        tokio::spawn(metrics::serve(addr, node.name.clone(), metrics.clone()));
+    }
     let (observe_tx, observe_rx) = watch::channel(Vec::new());
     match node.probe_ip {
         Some(IpAddr::V4(probe_ip)) => {
             let config = probe::ProbeConfig {
                 interval: Duration::from_millis(args.probe_interval_ms.max(10)),
+                rounds: RoundConfig {
+                    min_timeout_ms: args.probe_min_timeout_ms.max(1),
+                    ..RoundConfig::default()
+                },
                 detector: DetectorConfig {
                     multiplier: args.probe_multiplier.max(1),
                     hold_down_ms: args.hold_down_ms,
@@ -201,6 +218,7 @@ async fn run(
                 config,
                 observe_rx,
                 leased.clone(),
+                metrics.clone(),
             ));
         }
         Some(IpAddr::V6(_)) => {
@@ -254,6 +272,9 @@ async fn run(
         match serde_json::to_vec(&outcome.status(&node.name, inputs_revision)) {
             Ok(status) => leased.set(keys::status(&node.name), status),
             Err(e) => tracing::error!("encoding status: {e}"),
+        }
+        if let Some(health) = outcome.health() {
+            metrics.planned(std::time::Instant::now(), &health.down, &health.gateways);
         }
         if let Some(plan) = outcome.plan() {
             observe_tx.send_if_modified(|current| {

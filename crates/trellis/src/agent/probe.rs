@@ -2,10 +2,12 @@
 //! A round is an ICMP echo from this node's probe address to the gateway's, one per relay
 //! target, each with a fresh id (a new flow, so a fault that spares established flows is
 //! still seen); the gateway's kernel relays each to a node behind it and the answer back.
-//! A round succeeds when any answer arrives before the next round starts. Each gateway's
-//! rounds feed a [`Detector`]; its opinion is published when it changes.
+//! A round succeeds when any answer arrives before its deadline, which adapts to the
+//! measured round-trip times ([`Rounds`]). Each gateway's rounds feed a [`Detector`]; its
+//! opinion is published when it changes.
 
 use super::leased::LeasedKeys;
+use super::metrics::Metrics;
 use crate::backoff::Backoff;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,6 +18,7 @@ use trellis_dataplane::icmp::IcmpSocket;
 use trellis_model::{Observation, keys};
 use trellis_plan::ProbeTarget;
 use trellis_plan::health::{Detector, DetectorConfig, ID_RANGE_SIZE, id_range};
+use trellis_plan::rounds::{RoundConfig, Rounds};
 
 /// Probes per round, spread over the gateway's relay targets. A round fails only if every
 /// one is lost: at 5 % loss on every link a probe crosses eight links and is lost a third
@@ -23,9 +26,14 @@ use trellis_plan::health::{Detector, DetectorConfig, ID_RANGE_SIZE, id_range};
 /// rounds in a row a one-in-a-million one, while a real fault still fails every probe.
 const PROBES_PER_ROUND: usize = 4;
 
+/// A timer that fires this much later than asked means this agent did not run in between:
+/// whatever it was waiting for may have arrived unseen, so deadlines move back.
+const STALL_MS: u64 = 50;
+
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
     pub interval: Duration,
+    pub rounds: RoundConfig,
     pub detector: DetectorConfig,
 }
 
@@ -33,9 +41,7 @@ struct Watched {
     probe_ip: Ipv4Addr,
     relays: usize,
     detector: Detector,
-    /// Ids sent in the current round; any answer carrying one of them makes it a success.
-    outstanding: Vec<u16>,
-    answered: bool,
+    rounds: Rounds,
 }
 
 pub async fn run(
@@ -44,52 +50,108 @@ pub async fn run(
     config: ProbeConfig,
     mut targets: watch::Receiver<Vec<ProbeTarget>>,
     leased: LeasedKeys,
+    metrics: Metrics,
 ) {
     let socket = open_socket(probe_ip).await;
     let start = Instant::now();
-    let now_ms = || start.elapsed().as_millis() as u64;
+    let ms = |t: Instant| t.duration_since(start).as_millis() as u64;
     let mut watched: BTreeMap<String, Watched> = BTreeMap::new();
     let mut counter: u16 = 0;
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_tick = Instant::now();
     loop {
+        let next_deadline = watched
+            .values()
+            .filter_map(|w| w.rounds.next_deadline_ms())
+            .min()
+            .map(|d| start + Duration::from_millis(d));
+        let deadline = async {
+            match next_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        // Answers first: after a stall, everything already received must count before any
+        // deadline is judged.
         tokio::select! {
-            _ = ticker.tick() => {
-                let now = now_ms();
-                // Close the round that just ended, then start the next one.
-                for (gateway, w) in watched.iter_mut() {
-                    if w.outstanding.is_empty() {
-                        continue;
-                    }
-                    if let Some(up) = w.detector.observe(now, w.answered) {
-                        tracing::warn!(gateway = %gateway, up, "forwarding through gateway {}", if up { "recovered" } else { "FAILED" });
-                        publish(&leased, gateway, &me, up);
-                    }
+            biased;
+            reply = socket.recv_reply() => {
+                let Ok(reply) = reply else { continue };
+                let now = ms(Instant::now());
+                let Some((gateway, w)) = watched.iter_mut().find(|(_, w)| w.probe_ip == reply.from) else {
+                    continue;
+                };
+                metrics.probe_answered(gateway);
+                if let Some(rtt) = w.rounds.answer(now, reply.seq, reply.id) {
+                    metrics.round_answered(gateway, Duration::from_millis(rtt));
+                    decide(&mut watched, now, &me, &leased, &metrics);
                 }
-                update_targets(&mut watched, &targets.borrow_and_update(), &me, &leased, config, now);
+            }
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                note_stall(&mut watched, now.saturating_duration_since(next_tick), &metrics);
+                next_tick = now + config.interval;
+                let now = ms(now);
+                decide(&mut watched, now, &me, &leased, &metrics);
+                update_targets(&mut watched, &targets.borrow_and_update(), &me, &leased, config, now, &metrics);
                 counter = counter.wrapping_add(1);
-                for w in watched.values_mut() {
-                    w.answered = false;
-                    w.outstanding.clear();
+                for (gateway, w) in watched.iter_mut() {
                     let relays = w.relays.max(1);
+                    let mut ids = Vec::with_capacity(PROBES_PER_ROUND.max(relays));
                     for i in 0..PROBES_PER_ROUND.max(relays) {
                         let k = i % relays;
                         let nth = (u32::from(counter) * PROBES_PER_ROUND as u32 + i as u32) % u32::from(ID_RANGE_SIZE);
                         let id = id_range(k).0 + nth as u16;
                         if socket.send_echo(w.probe_ip, id, counter).is_ok() {
-                            w.outstanding.push(id);
+                            ids.push(id);
                         }
+                    }
+                    metrics.probes_sent(gateway, ids.len());
+                    if !ids.is_empty() {
+                        w.rounds.start(now, counter, ids);
                     }
                 }
             }
-            reply = socket.recv_reply() => {
-                let Ok(reply) = reply else { continue };
-                if let Some(w) = watched.values_mut().find(|w| w.probe_ip == reply.from)
-                    && reply.seq == counter
-                    && w.outstanding.contains(&reply.id)
-                {
-                    w.answered = true;
+            _ = deadline => {
+                let now = Instant::now();
+                if let Some(at) = next_deadline {
+                    note_stall(&mut watched, now.saturating_duration_since(at), &metrics);
                 }
+                decide(&mut watched, ms(now), &me, &leased, &metrics);
+            }
+        }
+    }
+}
+
+fn note_stall(watched: &mut BTreeMap<String, Watched>, late: Duration, metrics: &Metrics) {
+    let late = late.as_millis() as u64;
+    if late > STALL_MS {
+        tracing::debug!(late_ms = late, "probe loop stalled: extending deadlines");
+        metrics.observer_stalled();
+        for w in watched.values_mut() {
+            w.rounds.stalled(late);
+        }
+    }
+}
+
+/// Feed every decided round to its gateway's detector, publishing opinions that change.
+fn decide(
+    watched: &mut BTreeMap<String, Watched>,
+    now: u64,
+    me: &str,
+    leased: &LeasedKeys,
+    metrics: &Metrics,
+) {
+    for (gateway, w) in watched.iter_mut() {
+        for outcome in w.rounds.decide(now) {
+            if !outcome.answered {
+                metrics.round_failed(gateway);
+            }
+            if let Some(up) = w.detector.observe(now, outcome.answered) {
+                tracing::warn!(gateway = %gateway, up, "forwarding through gateway {}", if up { "recovered" } else { "FAILED" });
+                metrics.opinion(gateway, up, true);
+                publish(leased, gateway, me, up);
             }
         }
     }
@@ -104,11 +166,13 @@ fn update_targets(
     leased: &LeasedKeys,
     config: ProbeConfig,
     now: u64,
+    metrics: &Metrics,
 ) {
     watched.retain(|gateway, _| {
         let keep = targets.iter().any(|t| &t.gateway == gateway);
         if !keep {
             leased.remove(&keys::observation(gateway, me));
+            metrics.stop_watching(gateway);
         }
         keep
     });
@@ -118,12 +182,12 @@ fn update_targets(
         };
         let w = watched.entry(t.gateway.clone()).or_insert_with(|| {
             publish(leased, &t.gateway, me, true);
+            metrics.opinion(&t.gateway, true, false);
             Watched {
                 probe_ip,
                 relays: t.relays,
                 detector: Detector::new(config.detector, now),
-                outstanding: Vec::new(),
-                answered: false,
+                rounds: Rounds::new(config.rounds),
             }
         });
         w.probe_ip = probe_ip;

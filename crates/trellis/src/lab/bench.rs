@@ -21,9 +21,9 @@ use trellis_dataplane::netns;
 use trellis_model::{GatewayHealth, Granularity};
 
 const ATTEMPT_EVERY: Duration = Duration::from_millis(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 const BEFORE_FAULT: Duration = Duration::from_millis(500);
-const SERVER_PORT: u16 = 7070;
+pub(super) const SERVER_PORT: u16 = 7070;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -283,7 +283,7 @@ async fn run_trial(
     })
 }
 
-async fn connect_from(netns_name: &str, target: SocketAddr) -> bool {
+pub(super) async fn connect_from(netns_name: &str, target: SocketAddr) -> bool {
     let Ok(Ok(fd)) = netns::run_in(netns_name, || {
         // SAFETY: plain socket(2); the descriptor is owned right away.
         let fd = unsafe {
@@ -310,12 +310,12 @@ async fn connect_from(netns_name: &str, target: SocketAddr) -> bool {
 }
 
 /// A TCP listener inside a pod that accepts and closes connections.
-struct Server {
+pub(super) struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    async fn start(netns_name: &str) -> anyhow::Result<Self> {
+    pub(super) async fn start(netns_name: &str) -> anyhow::Result<Self> {
         let listener = netns::run_in(netns_name, || {
             let l =
                 std::net::TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT))?;

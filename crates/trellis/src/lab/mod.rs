@@ -5,6 +5,7 @@
 mod bench;
 mod build;
 mod check;
+mod demo;
 pub mod fault;
 mod processes;
 pub mod spec;
@@ -39,13 +40,16 @@ pub enum LabCommand {
     Fault(FaultArgs),
     /// Remove every fault of a node (and restart its agent if it was killed).
     Heal(HealArgs),
+    /// A node agent's metrics (Prometheus text), read from inside the node's namespace.
+    Metrics(HealArgs),
     /// Benchmarks on labs of their own.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// External hosts on the public network (no agent), to try clients from.
     #[command(subcommand)]
     Host(HostCommand),
-    /// Bring a two-location lab up, show it working, and tear it down again.
+    /// Seed 000 on a lab: a gateway stops forwarding new flows; watch it be detected,
+    /// replaced, healed and given its share back, then tear the lab down.
     Demo(DemoArgs),
     /// Serve the lab's embedded store (started by `lab up`; not for direct use).
     #[command(hide = true)]
@@ -320,8 +324,13 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        LabCommand::Metrics(args) => {
+            let lab = LabState::load(&args.name.name)?;
+            print!("{}", metrics_of(&lab, &args.node)?);
+            Ok(ExitCode::SUCCESS)
+        }
         LabCommand::ServeStore(args) => serve_store(&args.name).await,
-        LabCommand::Demo(args) => demo(args).await,
+        LabCommand::Demo(args) => demo::run(args).await,
         LabCommand::Exec(_) => unreachable!("handled before the runtime starts"),
     }
 }
@@ -377,72 +386,6 @@ async fn up_inner(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The README's main command: a lab comes up, proves all-pairs connectivity, and goes.
-async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let name = args.name.clone();
-    spec::validate_lab_name(&name)?;
-    if state::dir(&name).join("lab.json").exists() {
-        println!("== removing a leftover lab {name}");
-        build::teardown(&name)?;
-    }
-    println!(
-        "== trellis lab up --name {name} --nodes 6 --locations 2 --granularity {}",
-        args.granularity
-    );
-    let up = UpArgs {
-        name: NameArg { name: name.clone() },
-        nodes: 6,
-        locations: 2,
-        granularity: args.granularity,
-        gateways: 2,
-        public: 2,
-        pods: 1,
-        timeout: 60,
-        agent_resync: 10,
-        gateway_health: GatewayHealthArg::Forwarding,
-    };
-    let body = async {
-        if up_inner(up).await? != ExitCode::SUCCESS {
-            bail!("the lab did not come up");
-        }
-        println!(
-            "\n== trellis lab check --name {name}   (ICMP between every pair of pods, across locations through the gateways)"
-        );
-        let lab = LabState::load(&name)?;
-        let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
-        print!("{}", check::matrix(&report));
-        println!(
-            "\n== trellis lab status --name {name}   (handshakes now that traffic has flowed)"
-        );
-        status::show(&name, false).await?;
-        anyhow::Ok(report.ok)
-    };
-    // Ctrl-C must not leave a half-built lab behind: the teardown below always runs.
-    let result = tokio::select! {
-        r = body => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-    println!("\n== trellis lab down --name {name}");
-    let down = build::teardown(&name);
-    match (&result, &down) {
-        (_, Ok(d)) => println!(
-            "removed {} namespaces and {} processes",
-            d.namespaces, d.processes
-        ),
-        (_, Err(e)) => eprintln!("teardown failed: {e:#}"),
-    }
-    match result {
-        Ok(true) => {
-            println!("\ndemo passed: every pod reached every other pod");
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(false) => {
-            println!("\ndemo FAILED: some pods could not reach each other (matrix above)");
-            Ok(ExitCode::FAILURE)
-        }
-        Err(e) => Err(e),
-    }
-}
-
 fn collect_logs(lab: &str) -> String {
     let dir = state::dir(lab).join("logs");
     let mut out = String::new();
@@ -607,6 +550,26 @@ async fn serve_store(lab: &str) -> anyhow::Result<ExitCode> {
     }
     let _ = std::fs::remove_file(&path);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A node agent's metrics page, fetched on the loopback of the node's own namespace.
+pub fn metrics_of(lab: &LabState, node: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let netns = lab.spec.node(node)?.netns.clone();
+    let fetched = netns::run_in(&netns, || -> std::io::Result<String> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], processes::METRICS_PORT));
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        Ok(response)
+    })?
+    .with_context(|| format!("reading the metrics of {node}'s agent"))?;
+    match fetched.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_string()),
+        _ => bail!("unexpected answer from {node}'s metrics endpoint: {fetched:.200}"),
+    }
 }
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {

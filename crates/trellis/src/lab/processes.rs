@@ -50,6 +50,9 @@ pub fn spawn_in(netns_name: &str, args: &[String], log: &std::path::Path) -> any
     Ok(child.id() as i32)
 }
 
+/// Each agent serves its metrics here, on the loopback of its own node namespace.
+pub const METRICS_PORT: u16 = 9464;
+
 pub fn agent_args(lab: &str, node: &NodeSpec, resync_seconds: u64) -> Vec<String> {
     let mut args = vec![
         "agent".to_string(),
@@ -64,6 +67,7 @@ pub fn agent_args(lab: &str, node: &NodeSpec, resync_seconds: u64) -> Vec<String
         format!("--listen-port={}", super::spec::LISTEN_PORT),
         format!("--key-file={}", state::key_path(lab, &node.name).display()),
         format!("--store=unix:{}", state::store_socket(lab).display()),
+        format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"),
     ];
     if let Some(public) = node.public_ip {
         args.push(format!(

@@ -1,0 +1,375 @@
+//! What the agent measured, in the Prometheus text format (version 0.0.4), served on
+//! `--metrics-addr`. Hand-written: a handful of counters and one histogram do not justify
+//! an HTTP stack and a metrics crate in every node's agent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Upper bounds of the probe RTT histogram, in seconds: from a direct LAN hop to the
+/// longest a round ever waits.
+const RTT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; RTT_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, count) in RTT_BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+#[derive(Default, Clone)]
+struct GatewayProbes {
+    probes_sent: u64,
+    probes_answered: u64,
+    rounds_failed: u64,
+    opinion_changes: u64,
+    up: bool,
+    rtt: Histogram,
+}
+
+#[derive(Default)]
+struct Inner {
+    probes: BTreeMap<String, GatewayProbes>,
+    observer_stalls: u64,
+    verdict_changes: u64,
+    gateway_changes: u64,
+    last_failover: Option<Instant>,
+    down: BTreeSet<String>,
+    gateways: Option<BTreeMap<String, Vec<String>>>,
+}
+
+/// Shared by the prober (probe counters) and the main loop (verdicts and gateways).
+#[derive(Clone, Default)]
+pub struct Metrics {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Metrics {
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn probes_sent(&self, gateway: &str, n: usize) {
+        self.with(|m| m.probes.entry(gateway.to_string()).or_default().probes_sent += n as u64);
+    }
+
+    /// Any echo answer from the gateway, late or early: sent minus answered is probe loss.
+    pub fn probe_answered(&self, gateway: &str) {
+        self.with(|m| {
+            m.probes
+                .entry(gateway.to_string())
+                .or_default()
+                .probes_answered += 1
+        });
+    }
+
+    /// The first answer of a round, which is what the RTT histogram and estimator follow.
+    pub fn round_answered(&self, gateway: &str, rtt: Duration) {
+        self.with(|m| {
+            m.probes
+                .entry(gateway.to_string())
+                .or_default()
+                .rtt
+                .observe(rtt.as_secs_f64())
+        });
+    }
+
+    pub fn round_failed(&self, gateway: &str) {
+        self.with(|m| {
+            m.probes
+                .entry(gateway.to_string())
+                .or_default()
+                .rounds_failed += 1
+        });
+    }
+
+    /// This observer's own opinion of `gateway`.
+    pub fn opinion(&self, gateway: &str, up: bool, changed: bool) {
+        self.with(|m| {
+            let g = m.probes.entry(gateway.to_string()).or_default();
+            g.up = up;
+            if changed {
+                g.opinion_changes += 1;
+            }
+        });
+    }
+
+    pub fn stop_watching(&self, gateway: &str) {
+        self.with(|m| m.probes.remove(gateway));
+    }
+
+    pub fn observer_stalled(&self) {
+        self.with(|m| m.observer_stalls += 1);
+    }
+
+    /// The cluster-wide view this node planned with: which gateways the verdicts hold down
+    /// and which are active per location. Counts the changes; a change that drops a gateway
+    /// held down is a failover.
+    pub fn planned(
+        &self,
+        now: Instant,
+        down: &BTreeSet<String>,
+        gateways: &BTreeMap<String, Vec<String>>,
+    ) {
+        self.with(|m| {
+            m.verdict_changes += m.down.symmetric_difference(down).count() as u64;
+            if let Some(before) = &m.gateways
+                && before != gateways
+            {
+                m.gateway_changes += 1;
+                let dropped_down = before
+                    .values()
+                    .flatten()
+                    .any(|g| down.contains(g) && !gateways.values().flatten().any(|a| a == g));
+                if dropped_down {
+                    m.last_failover = Some(now);
+                }
+            }
+            m.down.clone_from(down);
+            m.gateways = Some(gateways.clone());
+        });
+    }
+
+    pub fn render(&self, node: &str, now: Instant) -> String {
+        self.with(|m| render(m, node, now))
+    }
+}
+
+fn render(m: &Inner, node: &str, now: Instant) -> String {
+    let mut out = String::new();
+    let node = escape(node);
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{node=\"{node}\"{labels}}} {value}");
+        }
+    };
+    let per_gateway = |f: &dyn Fn(&GatewayProbes) -> String| -> Vec<(String, String)> {
+        m.probes
+            .iter()
+            .map(|(g, p)| (format!(",gateway=\"{}\"", escape(g)), f(p)))
+            .collect()
+    };
+    family(
+        "trellis_probes_sent_total",
+        "counter",
+        "Forwarding probes sent to a gateway candidate.",
+        per_gateway(&|p| p.probes_sent.to_string()),
+    );
+    family(
+        "trellis_probes_answered_total",
+        "counter",
+        "Forwarding probe answers received (sent minus answered is probe loss).",
+        per_gateway(&|p| p.probes_answered.to_string()),
+    );
+    family(
+        "trellis_probe_rounds_failed_total",
+        "counter",
+        "Probe rounds with no answer before their deadline.",
+        per_gateway(&|p| p.rounds_failed.to_string()),
+    );
+    family(
+        "trellis_gateway_observed_up",
+        "gauge",
+        "This observer's opinion of the gateway: 1 forwarding, 0 not.",
+        per_gateway(&|p| u8::from(p.up).to_string()),
+    );
+    family(
+        "trellis_gateway_opinion_changes_total",
+        "counter",
+        "Changes of this observer's opinion of the gateway.",
+        per_gateway(&|p| p.opinion_changes.to_string()),
+    );
+    let mut rtt = Vec::new();
+    for (g, p) in &m.probes {
+        let g = escape(g);
+        for (bound, count) in RTT_BUCKETS.iter().zip(p.rtt.counts) {
+            rtt.push((
+                format!(",gateway=\"{g}\",le=\"{bound}\""),
+                count.to_string(),
+            ));
+        }
+        rtt.push((
+            format!(",gateway=\"{g}\",le=\"+Inf\""),
+            p.rtt.count.to_string(),
+        ));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP trellis_probe_rtt_seconds Round-trip time of the first answer of each probe round.\n# TYPE trellis_probe_rtt_seconds histogram"
+    );
+    for (labels, value) in rtt {
+        let _ = writeln!(
+            out,
+            "trellis_probe_rtt_seconds_bucket{{node=\"{node}\"{labels}}} {value}"
+        );
+    }
+    for (g, p) in &m.probes {
+        let g = escape(g);
+        let _ = writeln!(
+            out,
+            "trellis_probe_rtt_seconds_sum{{node=\"{node}\",gateway=\"{g}\"}} {}\ntrellis_probe_rtt_seconds_count{{node=\"{node}\",gateway=\"{g}\"}} {}",
+            p.rtt.sum, p.rtt.count
+        );
+    }
+    let mut family = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {value}"
+        );
+    };
+    family(
+        "trellis_observer_stalls_total",
+        "counter",
+        "Times this agent noticed it had not run for longer than a probe interval (deadlines were extended).",
+        m.observer_stalls.to_string(),
+    );
+    family(
+        "trellis_gateway_verdict_changes_total",
+        "counter",
+        "Changes of the cluster-wide verdicts (gateway down or up) this node planned with.",
+        m.verdict_changes.to_string(),
+    );
+    family(
+        "trellis_gateway_changes_total",
+        "counter",
+        "Changes of the active gateways of any location.",
+        m.gateway_changes.to_string(),
+    );
+    family(
+        "trellis_gateways_down",
+        "gauge",
+        "Gateway candidates the verdicts hold down now.",
+        m.down.len().to_string(),
+    );
+    // NaN until the first failover: Prometheus' way of saying "no value yet".
+    let since = m.last_failover.map_or("NaN".to_string(), |t| {
+        format!("{:.3}", now.duration_since(t).as_secs_f64())
+    });
+    family(
+        "trellis_seconds_since_last_failover",
+        "gauge",
+        "Seconds since an active gateway held down was last replaced (NaN: never).",
+        since,
+    );
+    out
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Serve `GET /metrics` (any path, in fact) until the process ends. A client that stalls is
+/// dropped after a few seconds; one bad connection never blocks the next.
+pub async fn serve(addr: SocketAddr, node: String, metrics: Metrics) {
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%addr, retry_in = ?delay, "metrics listener: {e}");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    tracing::info!(%addr, "serving metrics");
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (node, metrics) = (node.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let exchange = async {
+                let mut request = [0u8; 1024];
+                let _ = conn.read(&mut request).await?;
+                let body = metrics.render(&node, Instant::now());
+                let head = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                conn.write_all(head.as_bytes()).await?;
+                conn.write_all(body.as_bytes()).await?;
+                conn.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), exchange).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_probe_counters_histogram_and_failover_age() {
+        let m = Metrics::default();
+        let t0 = Instant::now();
+        m.probes_sent("b1", 4);
+        m.probe_answered("b1");
+        m.round_answered("b1", Duration::from_micros(1_500));
+        m.round_failed("b1");
+        m.opinion("b1", true, false);
+        let a = |gs: &[&str]| -> BTreeMap<String, Vec<String>> {
+            [("a".to_string(), gs.iter().map(|g| g.to_string()).collect())].into()
+        };
+        m.planned(t0, &BTreeSet::new(), &a(&["a1"]));
+        let text = m.render("n\"1", t0 + Duration::from_secs(1));
+        assert!(
+            text.contains("trellis_seconds_since_last_failover{node=\"n\\\"1\"} NaN"),
+            "{text}"
+        );
+        // a1 held down and replaced by a2: one verdict change, one gateway change, a failover
+        let down: BTreeSet<String> = ["a1".to_string()].into();
+        m.planned(t0 + Duration::from_secs(2), &down, &a(&["a2"]));
+        let text = m.render("n1", t0 + Duration::from_millis(4_500));
+        for line in [
+            "trellis_probes_sent_total{node=\"n1\",gateway=\"b1\"} 4",
+            "trellis_probes_answered_total{node=\"n1\",gateway=\"b1\"} 1",
+            "trellis_probe_rounds_failed_total{node=\"n1\",gateway=\"b1\"} 1",
+            "trellis_probe_rtt_seconds_bucket{node=\"n1\",gateway=\"b1\",le=\"0.001\"} 0",
+            "trellis_probe_rtt_seconds_bucket{node=\"n1\",gateway=\"b1\",le=\"0.002\"} 1",
+            "trellis_probe_rtt_seconds_bucket{node=\"n1\",gateway=\"b1\",le=\"+Inf\"} 1",
+            "trellis_probe_rtt_seconds_count{node=\"n1\",gateway=\"b1\"} 1",
+            "trellis_gateway_verdict_changes_total{node=\"n1\"} 1",
+            "trellis_gateway_changes_total{node=\"n1\"} 1",
+            "trellis_gateways_down{node=\"n1\"} 1",
+            "trellis_seconds_since_last_failover{node=\"n1\"} 2.500",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // a gateway change without anything held down (a node joined) is no failover
+        m.planned(
+            t0 + Duration::from_secs(5),
+            &BTreeSet::new(),
+            &a(&["a2", "a3"]),
+        );
+        let text = m.render("n1", t0 + Duration::from_secs(6));
+        assert!(text.contains("trellis_gateway_changes_total{node=\"n1\"} 2"));
+        assert!(text.contains("trellis_seconds_since_last_failover{node=\"n1\"} 4.000"));
+    }
+}
