@@ -17,7 +17,7 @@ pub use key::PublicKey;
 pub use name::validate_name;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
 pub use peer::ExternalPeer;
-pub use settings::{AgentStatus, ClusterSettings, GatewayHealth, Observation};
+pub use settings::{AgentStatus, ClusterSettings, GatewayHealth, Observation, PathReport};
 
 /// A record or argument that failed validation. The message names the field and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +74,7 @@ pub mod keys {
     pub const STATUS: &str = "status/";
     pub const SETTINGS: &str = "settings";
     pub const OBSERVATIONS: &str = "observations/";
+    pub const PATHS: &str = "paths/";
 
     pub fn node(name: &str) -> String {
         format!("{NODES}{name}")
@@ -89,5 +90,8 @@ pub mod keys {
     }
     pub fn observation(gateway: &str, observer: &str) -> String {
         format!("{OBSERVATIONS}{gateway}/{observer}")
+    }
+    pub fn path(from: &str, to: &str) -> String {
+        format!("{PATHS}{from}/{to}")
     }
 }

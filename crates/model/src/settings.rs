@@ -81,3 +81,29 @@ impl Validate for Observation {
         crate::validate_name("observer", &self.observer)
     }
 }
+
+/// What one node concludes about its direct tunnel to another (across locations), after its
+/// own hysteresis: whether probes sent straight through that tunnel come back. Published
+/// when it changes, under the node's lease. Either end's "down" makes the pair relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathReport {
+    pub from: String,
+    pub to: String,
+    pub up: bool,
+}
+
+impl Validate for PathReport {
+    fn validate(&self) -> Result<(), InvalidField> {
+        crate::validate_name("from", &self.from)?;
+        crate::validate_name("to", &self.to)?;
+        if self.from == self.to {
+            return Err(InvalidField::new(
+                "to",
+                &self.to,
+                "a path joins two different nodes",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -23,6 +23,10 @@ pub const TARGETS_PER_GATEWAY: usize = 3;
 /// ICMP echo ids are split into this many equal ranges, one per relay target.
 pub const ID_RANGES: u16 = 4;
 pub const ID_RANGE_SIZE: u16 = u16::MAX / ID_RANGES + 1;
+/// The id range no gateway relays (there are fewer relay targets than ranges): probes of
+/// a direct path use it, so the peer answers them itself.
+pub const UNRELAYED_ID_RANGE: usize = ID_RANGES as usize - 1;
+const _: () = assert!(TARGETS_PER_GATEWAY < ID_RANGES as usize);
 
 /// Nodes that can serve as gateway of their location and take part in probing. Probed
 /// whether they serve now or stand by, so a replacement is chosen on measured health.

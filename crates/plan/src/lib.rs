@@ -20,6 +20,7 @@ pub mod health;
 pub mod rounds;
 pub mod showconf;
 
+use gateways::pair_weight;
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,6 +68,9 @@ pub struct Topology {
     pub warnings: Vec<String>,
     /// For every gateway candidate (active or standby): the nodes that probe it.
     pub observers: BTreeMap<String, Vec<String>>,
+    /// Pairs of nodes whose direct tunnel is measured broken, each as (lesser, greater)
+    /// name. Their traffic goes through a relay; see [`Topology::with_broken_paths`].
+    pub broken_paths: BTreeSet<(String, String)>,
 }
 
 /// What one node must program.
@@ -84,6 +88,19 @@ pub struct Plan {
     pub observe: Vec<ProbeTarget>,
     /// When this node is a gateway candidate: where it relays the probes it receives.
     pub relay: Vec<RelayTarget>,
+    /// Direct tunnels to other locations whose path this node measures (including broken
+    /// ones, so that their repair is seen): the peer and its probe address, which is routed
+    /// into the direct tunnel whatever carries the peer's other traffic.
+    pub paths: Vec<PathTarget>,
+}
+
+/// A direct tunnel whose path a node measures, at the peer's probe address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PathTarget {
+    pub peer: String,
+    pub probe_ip: IpAddr,
+    /// Whether the path is currently held broken (its traffic relayed).
+    pub broken: bool,
 }
 
 /// A gateway an observer probes, at its probe address.
@@ -210,6 +227,7 @@ impl Topology {
             serving: BTreeMap::new(),
             warnings,
             observers: BTreeMap::new(),
+            broken_paths: BTreeSet::new(),
         };
         topology.serving = topology.assign_serving_gateways();
         topology.observers = health::candidates(topology.nodes.values())
@@ -224,6 +242,57 @@ impl Topology {
             })
             .collect();
         topology
+    }
+
+    /// The same topology with these direct paths held broken (pairs in either order).
+    /// A broken pair stops tunnelling directly: its traffic goes through a *relay*, an
+    /// active gateway of either location that both ends still reach, the same one in both
+    /// directions (WireGuard accepts a packet only from the peer its source is routed to).
+    /// A pair that no gateway can relay is reported in the warnings. Paths between nodes
+    /// that do not tunnel directly anyway are ignored.
+    pub fn with_broken_paths<'a>(
+        mut self,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Topology {
+        for (a, b) in pairs {
+            let (Some(na), Some(nb)) = (self.nodes.get(a), self.nodes.get(b)) else {
+                continue;
+            };
+            if a != b && self.tunnels_by_design(na, nb) && na.location != nb.location {
+                self.broken_paths.insert(ordered(a, b));
+            }
+        }
+        for (a, b) in &self.broken_paths {
+            let (na, nb) = (&self.nodes[a], &self.nodes[b]);
+            if self.relay_for(na, nb).is_none() {
+                self.warnings.push(format!(
+                    "the direct path {a} <-> {b} is broken and no gateway can relay it: traffic between them is cut"
+                ));
+            }
+        }
+        self
+    }
+
+    fn is_broken(&self, a: &Node, b: &Node) -> bool {
+        !self.broken_paths.is_empty() && self.broken_paths.contains(&ordered(&a.name, &b.name))
+    }
+
+    /// The relay for a broken pair: an active gateway of either end's location, neither end
+    /// itself, that both ends reach (by a tunnel or their internal network), chosen by a
+    /// hash of the pair so that both ends pick the same one.
+    fn relay_for<'a>(&'a self, a: &Node, b: &Node) -> Option<&'a Node> {
+        let reaches = |x: &Node, y: &Node| x.location == y.location || self.has_tunnel(x, y);
+        let pair = {
+            let (x, y) = ordered(&a.name, &b.name);
+            format!("{x}|{y}")
+        };
+        [&a.location, &b.location]
+            .into_iter()
+            .filter_map(|l| self.gateways.get(l))
+            .flatten()
+            .map(|g| &self.nodes[g])
+            .filter(|r| r.name != a.name && r.name != b.name && reaches(a, r) && reaches(r, b))
+            .max_by_key(|r| (pair_weight(&pair, &r.name), r.name.clone()))
     }
 
     fn assign_serving_gateways(&self) -> BTreeMap<String, String> {
@@ -255,8 +324,14 @@ impl Topology {
         }
     }
 
-    /// Whether two distinct nodes hold a WireGuard tunnel between them.
+    /// Whether two distinct nodes hold a WireGuard tunnel between them (for their traffic;
+    /// a broken pair may keep a peer entry for its probes alone).
     pub fn has_tunnel(&self, a: &Node, b: &Node) -> bool {
+        self.tunnels_by_design(a, b) && !self.is_broken(a, b)
+    }
+
+    /// Whether the granularity and the nodes' roles call for a tunnel between them.
+    fn tunnels_by_design(&self, a: &Node, b: &Node) -> bool {
         if a.location == b.location {
             match self.settings.granularity {
                 Granularity::Full => true,
@@ -287,6 +362,24 @@ impl Topology {
         let gateway = self.serving_gateway(to)?;
         if self.has_tunnel(from, gateway) {
             return Some(Hop::Tunnel(&gateway.name));
+        }
+        // Where traffic leaves `from`'s side: `from` itself, or the gateway serving it. When
+        // that exit's direct path to `gateway` is broken, go to the pair's relay — straight
+        // from here when it can be reached, so that the relay receives every relayed packet
+        // from the peer it routes the packet's source to (WireGuard drops anything else).
+        let exit = if self.is_direct(from) {
+            from
+        } else {
+            self.serving_gateway(from)?
+        };
+        if self.is_broken(exit, gateway) {
+            let relay = self.relay_for(exit, gateway)?;
+            if self.has_tunnel(from, relay) {
+                return Some(Hop::Tunnel(&relay.name));
+            }
+            if from.location == relay.location {
+                return Some(Hop::Internal(relay));
+            }
         }
         self.hop_to_own_gateway(from)
     }
@@ -404,6 +497,31 @@ impl Topology {
                 }
             }
         }
+        // Direct paths to other locations: each end routes the other's probe address into
+        // their own tunnel, broken or not, so the path is measured until it works again.
+        let mut paths = Vec::new();
+        if me.probe_ip.is_some() {
+            for other in self.nodes.values() {
+                if other.name == me.name
+                    || other.location == me.location
+                    || !self.tunnels_by_design(me, other)
+                {
+                    continue;
+                }
+                let Some(probe_ip) = other.probe_ip else {
+                    continue;
+                };
+                probe_prefixes
+                    .entry(&other.name)
+                    .or_default()
+                    .push(IpNet::from(probe_ip));
+                paths.push(PathTarget {
+                    peer: other.name.clone(),
+                    probe_ip,
+                    broken: self.is_broken(me, other),
+                });
+            }
+        }
         let relay = if self.observers.contains_key(&me.name) {
             health::relay_targets(self.nodes.values(), me, health::TARGETS_PER_GATEWAY)
                 .into_iter()
@@ -470,7 +588,16 @@ impl Topology {
             probe_address: me.probe_ip.map(IpNet::from),
             observe,
             relay,
+            paths,
         })
+    }
+}
+
+fn ordered(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
     }
 }
 

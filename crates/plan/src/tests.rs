@@ -554,6 +554,16 @@ fn forward(
                 if !reachable {
                     return Err(format!("{at} cannot reach {peer} physically"));
                 }
+                let pair = if at < *peer {
+                    (at.clone(), peer.clone())
+                } else {
+                    (peer.clone(), at.clone())
+                };
+                if t.broken_paths.contains(&pair) {
+                    return Err(format!(
+                        "{at} sends through the broken path to {peer} ({path:?})"
+                    ));
+                }
                 // cryptokey routing on receive: the source must be allowed for the sender
                 let back = plans[peer]
                     .peers
@@ -592,6 +602,12 @@ fn all_plans(t: &Topology) -> BTreeMap<String, Plan> {
 }
 
 fn assert_full_reachability(t: &Topology) {
+    assert_reachability_except(t, |_, _| false);
+}
+
+/// Every pair reaches each other with no loop, no cryptokey violation and no hop across a
+/// broken path, except pairs for which `cut` says the topology may leave them unreachable.
+fn assert_reachability_except(t: &Topology, cut: impl Fn(&Node, &Node) -> bool) {
     let plans = all_plans(t);
     for plan in plans.values() {
         // allowed IPs of a node's peers never overlap
@@ -619,6 +635,9 @@ fn assert_full_reachability(t: &Topology) {
             ] {
                 let host = |n: IpNet| IpNet::from(n.hosts().next().unwrap_or(n.addr()));
                 if let Err(e) = forward(t, &plans, &src.name, host(s), host(d)) {
+                    if cut(src, dst) && e.contains("has no route") {
+                        continue;
+                    }
                     panic!(
                         "{} -> {} ({}): {e}",
                         src.name, dst.name, t.settings.granularity
@@ -644,6 +663,77 @@ fn every_granularity_connects_the_lab_shapes() {
             assert_full_reachability(&t);
         }
     }
+}
+
+#[test]
+fn a_broken_direct_path_is_relayed_through_a_gateway_both_ways() {
+    // full granularity, two public nodes per location: a0-a1 and b0-b1 tunnel to everyone
+    let nodes = cluster(&[3, 3], 2);
+    let base = build(&nodes, Granularity::Full, 2);
+    let (a, b) = ("a1", "b1");
+    let t = base.clone().with_broken_paths([(b, a)]);
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    assert_eq!(
+        t.broken_paths,
+        BTreeSet::from([("a1".to_string(), "b1".to_string())])
+    );
+    let plans = all_plans(&t);
+    let via_a = hop_of(&plans[a], &nodes[3]).clone();
+    let via_b = hop_of(&plans[b], &nodes[0]).clone();
+    let NextHop::Tunnel { peer: relay } = &via_a else {
+        panic!("{a} reaches {b} through a tunnel to a relay, not {via_a:?}")
+    };
+    assert_ne!(relay, b);
+    assert_eq!(via_b, tunnel(relay), "both ends use the same relay");
+    // the direct peer stays, carrying only the probe addresses, so the path is measured
+    let direct = plans[a]
+        .peers
+        .iter()
+        .find(|p| p.name == b)
+        .expect("probe-only peer");
+    assert!(direct.allowed_ips.iter().all(is_probe), "{direct:?}");
+    let path = plans[a].paths.iter().find(|p| p.peer == b).unwrap();
+    assert!(path.broken);
+    assert_full_reachability(&t);
+    // everything not involving the pair is unchanged
+    for n in nodes.iter().filter(|n| n.name != a && n.name != b) {
+        let strip = |p: &Plan| -> Vec<RoutePlan> {
+            p.routes
+                .iter()
+                .filter(|r| !is_probe(&r.dst))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            strip(&base.plan_for(&n.name).unwrap()),
+            strip(&plans[&n.name]),
+            "routes of {}",
+            n.name
+        );
+    }
+}
+
+#[test]
+fn a_broken_path_between_the_only_gateways_is_reported_cut() {
+    let nodes = cluster(&[3, 3], 1);
+    let t = build(&nodes, Granularity::Location, 1);
+    let ga = &t.gateways["site-0"][0];
+    let gb = &t.gateways["site-1"][0];
+    let t = t.clone().with_broken_paths([(ga.as_str(), gb.as_str())]);
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("no gateway can relay it")),
+        "{:?}",
+        t.warnings
+    );
+    // and paths that do not tunnel directly anyway are ignored
+    let t = build(&nodes, Granularity::Location, 1).with_broken_paths([
+        ("a1", "a1"),
+        ("a2", "b3"),
+        ("zz", "b1"),
+    ]);
+    assert!(t.broken_paths.is_empty());
 }
 
 // ---------------------------------------------------------------- property tests
@@ -704,6 +794,36 @@ proptest! {
         let t = build(&c.nodes, c.granularity, c.gateways);
         prop_assert!(t.warnings.is_empty(), "{:?}", t.warnings);
         assert_full_reachability(&t);
+    }
+
+    #[test]
+    fn broken_direct_paths_are_relayed_or_reported(
+        c in random_cluster(),
+        picks in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 1..6),
+    ) {
+        let base = build(&c.nodes, c.granularity, c.gateways);
+        let names: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+        let pairs: Vec<(&str, &str)> = picks
+            .iter()
+            .map(|(x, y)| (names[x.index(names.len())], names[y.index(names.len())]))
+            .collect();
+        let t = base.with_broken_paths(pairs);
+        // unrelayable pairs are named; only traffic that needs one of them may be cut
+        let cut: BTreeSet<(String, String)> = t
+            .broken_paths
+            .iter()
+            .filter(|(a, b)| t.warnings.iter().any(|w| w.contains(&format!("{a} <-> {b} ")))).cloned()
+            .collect();
+        prop_assert!(t.warnings.len() == cut.len(), "{:?}", t.warnings);
+        let gateway_of = |n: &Node| t.serving_gateway(n).map(|g| g.name.clone());
+        assert_reachability_except(&t, |src, dst| {
+            let ends = [Some(src.name.clone()), gateway_of(src)];
+            let other_ends = [Some(dst.name.clone()), gateway_of(dst)];
+            cut.iter().any(|(a, b)| {
+                let (a, b) = (Some(a.clone()), Some(b.clone()));
+                (ends.contains(&a) && other_ends.contains(&b)) || (ends.contains(&b) && other_ends.contains(&a))
+            })
+        });
     }
 
     #[test]

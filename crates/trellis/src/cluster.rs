@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use trellis_model::{
-    AgentStatus, ClusterSettings, ExternalPeer, GatewaySet, Node, Observation, decode, keys,
+    AgentStatus, ClusterSettings, ExternalPeer, GatewaySet, Node, Observation, PathReport, decode,
+    keys,
 };
 use trellis_plan::{Settings, Topology};
 use trellis_store::{Event, KeyValue, Revision, Store, StoreError};
@@ -24,6 +25,8 @@ pub struct ClusterState {
     pub status: BTreeMap<String, AgentStatus>,
     /// `observations[gateway][observer] = up`.
     pub observations: BTreeMap<String, BTreeMap<String, bool>>,
+    /// `paths[(from, to)] = up`: direct tunnels as measured from one end.
+    pub paths: BTreeMap<(String, String), bool>,
 }
 
 /// The part of the state a plan depends on; the agent re-plans only when it changes.
@@ -36,6 +39,8 @@ pub struct PlanInputs {
     pub observations: BTreeMap<String, BTreeMap<String, bool>>,
     /// In liveness mode only: the nodes whose agent holds a status lease.
     pub live_agents: Option<std::collections::BTreeSet<String>>,
+    /// Direct paths either end reports broken (forwarding mode only).
+    pub broken_paths: std::collections::BTreeSet<(String, String)>,
 }
 
 impl ClusterState {
@@ -98,6 +103,18 @@ impl ClusterState {
                     .insert(o.observer, o.up);
                 Ok(())
             })
+        } else if let Some(pair) = key.strip_prefix(keys::PATHS) {
+            decode::<PathReport>(&format!("path {pair}"), &kv.value).and_then(|p| {
+                if pair != format!("{}/{}", p.from, p.to) {
+                    return Err(trellis_model::InvalidField::new(
+                        "path",
+                        pair,
+                        "does not match its key",
+                    ));
+                }
+                self.paths.insert((p.from, p.to), p.up);
+                Ok(())
+            })
         } else if key == keys::SETTINGS {
             decode::<ClusterSettings>("cluster settings", &kv.value).map(|s| {
                 self.settings = Some(s);
@@ -134,6 +151,11 @@ impl ClusterState {
                     self.observations.remove(gateway);
                 }
             }
+        } else if let Some((from, to)) = key
+            .strip_prefix(keys::PATHS)
+            .and_then(|p| p.split_once('/'))
+        {
+            self.paths.remove(&(from.to_string(), to.to_string()));
         } else if key == keys::SETTINGS {
             self.settings = None;
         }
@@ -152,7 +174,20 @@ impl ClusterState {
     }
 
     pub fn plan_inputs(&self, defaults: &Settings) -> PlanInputs {
+        let liveness = matches!(
+            self.settings.as_ref().map(|s| s.gateway_health),
+            Some(trellis_model::GatewayHealth::Liveness)
+        );
         PlanInputs {
+            broken_paths: if liveness {
+                Default::default()
+            } else {
+                self.paths
+                    .iter()
+                    .filter(|(_, up)| !**up)
+                    .map(|((from, to), _)| (from.clone(), to.clone()))
+                    .collect()
+            },
             nodes: self.nodes.clone(),
             peers: self.peers.clone(),
             gateways: self
@@ -197,6 +232,11 @@ impl PlanInputs {
             self.peers.values().cloned(),
             &self.gateways,
             &self.measured_down(),
+        )
+        .with_broken_paths(
+            self.broken_paths
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
         )
     }
 }
@@ -312,5 +352,43 @@ mod tests {
         state.apply(&Event::Put(kv("nodes/a1", "{}", 6)));
         assert!(state.nodes.is_empty());
         assert_eq!(state.revision, 6);
+    }
+
+    #[test]
+    fn path_reports_break_pairs_only_when_valid_and_in_forwarding_mode() {
+        let report = |from: &str, to: &str, up: bool| {
+            format!(r#"{{"from":"{from}","to":"{to}","up":{up}}}"#)
+        };
+        let mut state = ClusterState::from_list(
+            &[
+                kv("paths/a1/b1", &report("a1", "b1", false), 1),
+                kv("paths/a2/b2", &report("a2", "b2", true), 2),
+                kv("paths/a3/b3", &report("a9", "b3", false), 3), // key and record disagree
+                kv("paths/a4/a4", &report("a4", "a4", false), 4), // not a path
+            ],
+            4,
+        );
+        let defaults = Settings {
+            granularity: trellis_model::Granularity::Full,
+            gateways_per_location: 2,
+            persistent_keepalive: None,
+        };
+        let broken = |s: &ClusterState| s.plan_inputs(&defaults).broken_paths;
+        assert_eq!(
+            broken(&state),
+            [("a1".to_string(), "b1".to_string())].into()
+        );
+        state.apply(&Event::Delete {
+            key: "paths/a1/b1".into(),
+            revision: 5,
+        });
+        assert!(broken(&state).is_empty(), "an expired lease heals the path");
+        state.apply(&Event::Put(kv("paths/b1/a1", &report("b1", "a1", false), 6)));
+        state.apply(&Event::Put(kv(
+            "settings",
+            r#"{"granularity":"full","gateways_per_location":2,"gateway_health":"liveness"}"#,
+            7,
+        )));
+        assert!(broken(&state).is_empty(), "the liveness baseline measures nothing");
     }
 }

@@ -196,6 +196,7 @@ fn status_json_has_the_documented_shape() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert!(peers.contains(&"b1"), "{peers:?}");
+    assert_eq!(status["broken_paths"], serde_json::json!([]));
     let hosts = status["hosts"].as_array().unwrap();
     assert_eq!(hosts[0]["name"], "probe");
     assert_eq!(hosts[0]["ip"], "198.18.100.10");
@@ -636,6 +637,85 @@ fn the_mesh_keeps_forwarding_while_the_store_is_down() {
             "agent {pid} exited while the store was down"
         );
     }
+}
+
+/// Kilo issue 188: two public nodes whose direct tunnel breaks while both still reach
+/// everyone else. Trellis measures the path, relays the pair through a gateway both ends
+/// reach, and goes back to the direct tunnel once the path works again.
+#[test]
+fn a_broken_direct_path_falls_back_through_a_gateway_and_returns() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tcut", &["--granularity", "full"]);
+    lab.check();
+    let gateways = |status: &serde_json::Value| -> Vec<String> {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["gateway"] == true)
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let gateways_before = gateways(&lab.status_json());
+    for (bad, named) in [(Some("a1"), "a1"), (Some("zz9"), "zz9"), (None, "PEER")] {
+        let mut args = vec!["lab", "fault", "--name", "tcut", "a1", "cut-path"];
+        args.extend(bad);
+        let out = trellis(&args);
+        assert!(
+            !out.status.success() && text(&out).contains(named),
+            "{}",
+            text(&out)
+        );
+    }
+    let out = trellis(&["lab", "fault", "--name", "tcut", "a1", "cut-path", "b1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let reach = |to: &str| {
+        sh(&format!("ip netns exec tl-tcut-a1-p0 ping -c 1 -W 1 {to}"))
+            .status
+            .success()
+    };
+    let broken = |status: &serde_json::Value| -> Vec<serde_json::Value> {
+        status["broken_paths"].as_array().unwrap().clone()
+    };
+    wait_until(
+        "a1 and b1 (and b3 behind b1) to reach each other through a relay",
+        Duration::from_secs(10),
+        || {
+            broken(&lab.status_json()) == [serde_json::json!(["a1", "b1"])]
+                && reach("10.244.3.10")
+                && reach("10.244.5.10")
+        },
+    );
+    // the direct peer stays, carrying the probe addresses only, so the repair is seen
+    let wg = sh("ip netns exec tl-tcut-a1 wg show tw-tcut-a1 allowed-ips");
+    let shown = String::from_utf8_lossy(&wg.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.trim_end().ends_with("\t100.65.0.4/32")),
+        "a1 keeps b1 as a probe-only peer: {shown}"
+    );
+    assert_eq!(
+        gateways(&lab.status_json()),
+        gateways_before,
+        "a broken path demotes no gateway"
+    );
+    lab.check();
+
+    let out = trellis(&["lab", "heal", "--name", "tcut", "a1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(
+        "the direct tunnel to carry a1-b1 traffic again (after the hold-down)",
+        Duration::from_secs(20),
+        || {
+            let wg = sh("ip netns exec tl-tcut-a1 wg show tw-tcut-a1 allowed-ips");
+            broken(&lab.status_json()).is_empty()
+                && String::from_utf8_lossy(&wg.stdout)
+                    .lines()
+                    .any(|l| l.contains("10.244.3.0/24") && l.contains("100.65.0.4/32"))
+        },
+    );
+    lab.check();
 }
 
 /// The README's first command: seed 000 on a lab, detected, routed around, healed, failed

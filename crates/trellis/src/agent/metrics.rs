@@ -164,7 +164,7 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
     let per_gateway = |f: &dyn Fn(&GatewayProbes) -> String| -> Vec<(String, String)> {
         m.probes
             .iter()
-            .map(|(g, p)| (format!(",gateway=\"{}\"", escape(g)), f(p)))
+            .map(|(g, p)| (subject_label(g), f(p)))
             .collect()
     };
     family(
@@ -188,28 +188,22 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
     family(
         "trellis_gateway_observed_up",
         "gauge",
-        "This observer's opinion of the gateway: 1 forwarding, 0 not.",
+        "This node's opinion of a gateway (1 forwarding, 0 not) or of its direct path to a peer (1 working).",
         per_gateway(&|p| u8::from(p.up).to_string()),
     );
     family(
         "trellis_gateway_opinion_changes_total",
         "counter",
-        "Changes of this observer's opinion of the gateway.",
+        "Changes of this node's opinion of a gateway or a direct path.",
         per_gateway(&|p| p.opinion_changes.to_string()),
     );
     let mut rtt = Vec::new();
     for (g, p) in &m.probes {
-        let g = escape(g);
+        let g = subject_label(g);
         for (bound, count) in RTT_BUCKETS.iter().zip(p.rtt.counts) {
-            rtt.push((
-                format!(",gateway=\"{g}\",le=\"{bound}\""),
-                count.to_string(),
-            ));
+            rtt.push((format!("{g},le=\"{bound}\""), count.to_string()));
         }
-        rtt.push((
-            format!(",gateway=\"{g}\",le=\"+Inf\""),
-            p.rtt.count.to_string(),
-        ));
+        rtt.push((format!("{g},le=\"+Inf\""), p.rtt.count.to_string()));
     }
     let _ = writeln!(
         out,
@@ -222,10 +216,10 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
         );
     }
     for (g, p) in &m.probes {
-        let g = escape(g);
+        let g = subject_label(g);
         let _ = writeln!(
             out,
-            "trellis_probe_rtt_seconds_sum{{node=\"{node}\",gateway=\"{g}\"}} {}\ntrellis_probe_rtt_seconds_count{{node=\"{node}\",gateway=\"{g}\"}} {}",
+            "trellis_probe_rtt_seconds_sum{{node=\"{node}\"{g}}} {}\ntrellis_probe_rtt_seconds_count{{node=\"{node}\"{g}}} {}",
             p.rtt.sum, p.rtt.count
         );
     }
@@ -238,7 +232,7 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
     family(
         "trellis_observer_stalls_total",
         "counter",
-        "Times this agent noticed it had not run for longer than a probe interval (deadlines were extended).",
+        "Times a probe timer of this agent fired over 50 ms late (it was not running; deadlines were extended).",
         m.observer_stalls.to_string(),
     );
     family(
@@ -270,6 +264,15 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
         since,
     );
     out
+}
+
+/// The labels of a probed subject: `gateway="g"`, or `path="p"` for a direct path (kept
+/// under the key `path:p`).
+fn subject_label(key: &str) -> String {
+    match key.strip_prefix("path:") {
+        Some(peer) => format!(",path=\"{}\"", escape(peer)),
+        None => format!(",gateway=\"{}\"", escape(key)),
+    }
 }
 
 fn escape(value: &str) -> String {
@@ -331,6 +334,7 @@ mod tests {
         m.round_answered("b1", Duration::from_micros(1_500));
         m.round_failed("b1");
         m.opinion("b1", true, false);
+        m.opinion("path:b2", false, true);
         let a = |gs: &[&str]| -> BTreeMap<String, Vec<String>> {
             [("a".to_string(), gs.iter().map(|g| g.to_string()).collect())].into()
         };
@@ -353,6 +357,7 @@ mod tests {
             "trellis_probe_rtt_seconds_bucket{node=\"n1\",gateway=\"b1\",le=\"+Inf\"} 1",
             "trellis_probe_rtt_seconds_count{node=\"n1\",gateway=\"b1\"} 1",
             "trellis_gateway_verdict_changes_total{node=\"n1\"} 1",
+            "trellis_gateway_observed_up{node=\"n1\",path=\"b2\"} 0",
             "trellis_gateway_changes_total{node=\"n1\"} 1",
             "trellis_gateways_down{node=\"n1\"} 1",
             "trellis_seconds_since_last_failover{node=\"n1\"} 2.500",

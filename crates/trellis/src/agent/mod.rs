@@ -197,7 +197,7 @@ async fn run(
     if let Some(addr) = args.metrics_addr {
         tokio::spawn(metrics::serve(addr, node.name.clone(), metrics.clone()));
     }
-    let (observe_tx, observe_rx) = watch::channel(Vec::new());
+    let (observe_tx, observe_rx) = watch::channel(probe::Targets::default());
     match node.probe_ip {
         Some(IpAddr::V4(probe_ip)) => {
             let config = probe::ProbeConfig {
@@ -277,10 +277,14 @@ async fn run(
             metrics.planned(std::time::Instant::now(), &health.down, &health.gateways);
         }
         if let Some(plan) = outcome.plan() {
+            let wanted = probe::Targets {
+                gateways: plan.observe.clone(),
+                paths: plan.paths.clone(),
+            };
             observe_tx.send_if_modified(|current| {
-                let changed = *current != plan.observe;
+                let changed = *current != wanted;
                 if changed {
-                    current.clone_from(&plan.observe);
+                    *current = wanted;
                 }
                 changed
             });

@@ -1,10 +1,16 @@
-//! The forwarding prober: every interval, one probe round per gateway this node observes.
-//! A round is an ICMP echo from this node's probe address to the gateway's, one per relay
-//! target, each with a fresh id (a new flow, so a fault that spares established flows is
-//! still seen); the gateway's kernel relays each to a node behind it and the answer back.
+//! The prober. Two kinds of subject, one loop:
+//!
+//! - **gateways** this node observes: every interval, a round of ICMP echoes from this
+//!   node's probe address to the gateway's, spread over its relay targets, each with a fresh
+//!   id (a new flow, so a fault that spares established flows is still seen); the gateway's
+//!   kernel relays each to a node behind it and the answer back;
+//! - **direct paths**: the tunnels this node holds to nodes of other locations, probed every
+//!   [`PATH_EVERY`] intervals at the peer's own probe address, with ids no gateway relays, so
+//!   the peer's kernel answers and only the path itself is measured.
+//!
 //! A round succeeds when any answer arrives before its deadline, which adapts to the
-//! measured round-trip times ([`Rounds`]). Each gateway's rounds feed a [`Detector`]; its
-//! opinion is published when it changes.
+//! measured round-trip times ([`Rounds`]). Each subject's rounds feed a [`Detector`]; its
+//! opinion is published when it changes (gateways: `observations/`, paths: `paths/`).
 
 use super::leased::LeasedKeys;
 use super::metrics::Metrics;
@@ -15,16 +21,20 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use trellis_dataplane::icmp::IcmpSocket;
-use trellis_model::{Observation, keys};
-use trellis_plan::ProbeTarget;
-use trellis_plan::health::{Detector, DetectorConfig, ID_RANGE_SIZE, id_range};
+use trellis_model::{Observation, PathReport, keys};
+use trellis_plan::health::{Detector, DetectorConfig, ID_RANGE_SIZE, UNRELAYED_ID_RANGE, id_range};
 use trellis_plan::rounds::{RoundConfig, Rounds};
+use trellis_plan::{PathTarget, ProbeTarget};
 
 /// Probes per round, spread over the gateway's relay targets. A round fails only if every
 /// one is lost: at 5 % loss on every link a probe crosses eight links and is lost a third
 /// of the time, so four independent probes make a failed round a 1 % event and three failed
 /// rounds in a row a one-in-a-million one, while a real fault still fails every probe.
 const PROBES_PER_ROUND: usize = 4;
+
+/// Direct paths are probed every this many intervals: there can be many more of them than
+/// gateways (every pair of public nodes in `full`), and a broken one only costs a detour.
+pub const PATH_EVERY: u16 = 5;
 
 /// A timer that fires this much later than asked means this agent did not run in between:
 /// whatever it was waiting for may have arrived unseen, so deadlines move back.
@@ -37,25 +47,66 @@ pub struct ProbeConfig {
     pub detector: DetectorConfig,
 }
 
+/// What the plan asks this node to measure.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Targets {
+    pub gateways: Vec<ProbeTarget>,
+    pub paths: Vec<PathTarget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Subject {
+    Gateway(String),
+    Path(String),
+}
+
+impl Subject {
+    /// The metrics label and log name.
+    fn label(&self) -> String {
+        match self {
+            Subject::Gateway(g) => g.clone(),
+            Subject::Path(p) => format!("path:{p}"),
+        }
+    }
+}
+
 struct Watched {
     probe_ip: Ipv4Addr,
+    /// Relay targets of a gateway; 0 for a path (the peer answers itself).
     relays: usize,
     detector: Detector,
     rounds: Rounds,
+}
+
+impl Watched {
+    fn ids(&self, counter: u16) -> Vec<u16> {
+        (0..PROBES_PER_ROUND.max(self.relays))
+            .map(|i| {
+                let range = if self.relays == 0 {
+                    UNRELAYED_ID_RANGE
+                } else {
+                    i % self.relays
+                };
+                let nth = (u32::from(counter) * PROBES_PER_ROUND as u32 + i as u32)
+                    % u32::from(ID_RANGE_SIZE);
+                id_range(range).0 + nth as u16
+            })
+            .collect()
+    }
 }
 
 pub async fn run(
     me: String,
     probe_ip: Ipv4Addr,
     config: ProbeConfig,
-    mut targets: watch::Receiver<Vec<ProbeTarget>>,
+    mut targets: watch::Receiver<Targets>,
     leased: LeasedKeys,
     metrics: Metrics,
 ) {
     let socket = open_socket(probe_ip).await;
     let start = Instant::now();
     let ms = |t: Instant| t.duration_since(start).as_millis() as u64;
-    let mut watched: BTreeMap<String, Watched> = BTreeMap::new();
+    let mut watched: BTreeMap<Subject, Watched> = BTreeMap::new();
     let mut counter: u16 = 0;
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -79,12 +130,15 @@ pub async fn run(
             reply = socket.recv_reply() => {
                 let Ok(reply) = reply else { continue };
                 let now = ms(Instant::now());
-                let Some((gateway, w)) = watched.iter_mut().find(|(_, w)| w.probe_ip == reply.from) else {
-                    continue;
-                };
-                metrics.probe_answered(gateway);
-                if let Some(rtt) = w.rounds.answer(now, reply.seq, reply.id) {
-                    metrics.round_answered(gateway, Duration::from_millis(rtt));
+                let mut decided = false;
+                for (subject, w) in watched.iter_mut().filter(|(_, w)| w.probe_ip == reply.from) {
+                    if let Some(rtt) = w.rounds.answer(now, reply.seq, reply.id) {
+                        metrics.probe_answered(&subject.label());
+                        metrics.round_answered(&subject.label(), Duration::from_millis(rtt));
+                        decided = true;
+                    }
+                }
+                if decided {
                     decide(&mut watched, now, &me, &leased, &metrics);
                 }
             }
@@ -96,18 +150,16 @@ pub async fn run(
                 decide(&mut watched, now, &me, &leased, &metrics);
                 update_targets(&mut watched, &targets.borrow_and_update(), &me, &leased, config, now, &metrics);
                 counter = counter.wrapping_add(1);
-                for (gateway, w) in watched.iter_mut() {
-                    let relays = w.relays.max(1);
-                    let mut ids = Vec::with_capacity(PROBES_PER_ROUND.max(relays));
-                    for i in 0..PROBES_PER_ROUND.max(relays) {
-                        let k = i % relays;
-                        let nth = (u32::from(counter) * PROBES_PER_ROUND as u32 + i as u32) % u32::from(ID_RANGE_SIZE);
-                        let id = id_range(k).0 + nth as u16;
-                        if socket.send_echo(w.probe_ip, id, counter).is_ok() {
-                            ids.push(id);
-                        }
+                for (subject, w) in watched.iter_mut() {
+                    if matches!(subject, Subject::Path(_)) && !counter.is_multiple_of(PATH_EVERY) {
+                        continue;
                     }
-                    metrics.probes_sent(gateway, ids.len());
+                    let ids: Vec<u16> = w
+                        .ids(counter)
+                        .into_iter()
+                        .filter(|id| socket.send_echo(w.probe_ip, *id, counter).is_ok())
+                        .collect();
+                    metrics.probes_sent(&subject.label(), ids.len());
                     if !ids.is_empty() {
                         w.rounds.start(now, counter, ids);
                     }
@@ -124,7 +176,7 @@ pub async fn run(
     }
 }
 
-fn note_stall(watched: &mut BTreeMap<String, Watched>, late: Duration, metrics: &Metrics) {
+fn note_stall(watched: &mut BTreeMap<Subject, Watched>, late: Duration, metrics: &Metrics) {
     let late = late.as_millis() as u64;
     if late > STALL_MS {
         tracing::debug!(late_ms = late, "probe loop stalled: extending deadlines");
@@ -135,75 +187,113 @@ fn note_stall(watched: &mut BTreeMap<String, Watched>, late: Duration, metrics: 
     }
 }
 
-/// Feed every decided round to its gateway's detector, publishing opinions that change.
+/// Feed every decided round to its subject's detector, publishing opinions that change.
 fn decide(
-    watched: &mut BTreeMap<String, Watched>,
+    watched: &mut BTreeMap<Subject, Watched>,
     now: u64,
     me: &str,
     leased: &LeasedKeys,
     metrics: &Metrics,
 ) {
-    for (gateway, w) in watched.iter_mut() {
+    for (subject, w) in watched.iter_mut() {
         for outcome in w.rounds.decide(now) {
             if !outcome.answered {
-                metrics.round_failed(gateway);
+                metrics.round_failed(&subject.label());
             }
             if let Some(up) = w.detector.observe(now, outcome.answered) {
-                tracing::warn!(gateway = %gateway, up, "forwarding through gateway {}", if up { "recovered" } else { "FAILED" });
-                metrics.opinion(gateway, up, true);
-                publish(leased, gateway, me, up);
+                let verb = if up { "recovered" } else { "FAILED" };
+                match subject {
+                    Subject::Gateway(g) => {
+                        tracing::warn!(gateway = %g, up, "forwarding through gateway {verb}")
+                    }
+                    Subject::Path(p) => {
+                        tracing::warn!(peer = %p, up, "direct path {verb}")
+                    }
+                }
+                metrics.opinion(&subject.label(), up, true);
+                publish(leased, subject, me, up);
             }
         }
     }
 }
 
-/// Follow the plan's list of gateways to observe: new ones start out up (and say so, so
-/// that a single dissenting observer is never the only voice), dropped ones withdraw.
+/// Follow the plan's lists: new subjects start out up (and say so, so that a single
+/// dissenting observer is never the only voice), dropped ones withdraw their opinion.
 fn update_targets(
-    watched: &mut BTreeMap<String, Watched>,
-    targets: &[ProbeTarget],
+    watched: &mut BTreeMap<Subject, Watched>,
+    targets: &Targets,
     me: &str,
     leased: &LeasedKeys,
     config: ProbeConfig,
     now: u64,
     metrics: &Metrics,
 ) {
-    watched.retain(|gateway, _| {
-        let keep = targets.iter().any(|t| &t.gateway == gateway);
+    let wanted: BTreeMap<Subject, (IpAddr, usize)> = targets
+        .gateways
+        .iter()
+        .map(|t| {
+            (
+                Subject::Gateway(t.gateway.clone()),
+                (t.probe_ip, t.relays.max(1)),
+            )
+        })
+        .chain(
+            targets
+                .paths
+                .iter()
+                .map(|p| (Subject::Path(p.peer.clone()), (p.probe_ip, 0))),
+        )
+        .collect();
+    watched.retain(|subject, _| {
+        let keep = wanted.contains_key(subject);
         if !keep {
-            leased.remove(&keys::observation(gateway, me));
-            metrics.stop_watching(gateway);
+            leased.remove(&key_of(subject, me));
+            metrics.stop_watching(&subject.label());
         }
         keep
     });
-    for t in targets {
-        let IpAddr::V4(probe_ip) = t.probe_ip else {
+    for (subject, (probe_ip, relays)) in wanted {
+        let IpAddr::V4(probe_ip) = probe_ip else {
             continue;
         };
-        let w = watched.entry(t.gateway.clone()).or_insert_with(|| {
-            publish(leased, &t.gateway, me, true);
-            metrics.opinion(&t.gateway, true, false);
+        let w = watched.entry(subject.clone()).or_insert_with(|| {
+            publish(leased, &subject, me, true);
+            metrics.opinion(&subject.label(), true, false);
             Watched {
                 probe_ip,
-                relays: t.relays,
+                relays,
                 detector: Detector::new(config.detector, now),
                 rounds: Rounds::new(config.rounds),
             }
         });
         w.probe_ip = probe_ip;
-        w.relays = t.relays;
+        w.relays = relays;
     }
 }
 
-fn publish(leased: &LeasedKeys, gateway: &str, me: &str, up: bool) {
-    let record = Observation {
-        gateway: gateway.to_string(),
-        observer: me.to_string(),
-        up,
+fn key_of(subject: &Subject, me: &str) -> String {
+    match subject {
+        Subject::Gateway(g) => keys::observation(g, me),
+        Subject::Path(p) => keys::path(me, p),
+    }
+}
+
+fn publish(leased: &LeasedKeys, subject: &Subject, me: &str, up: bool) {
+    let encoded = match subject {
+        Subject::Gateway(g) => serde_json::to_vec(&Observation {
+            gateway: g.clone(),
+            observer: me.to_string(),
+            up,
+        }),
+        Subject::Path(p) => serde_json::to_vec(&PathReport {
+            from: me.to_string(),
+            to: p.clone(),
+            up,
+        }),
     };
-    match serde_json::to_vec(&record) {
-        Ok(value) => leased.set(keys::observation(gateway, me), value),
-        Err(e) => tracing::error!("encoding observation: {e}"),
+    match encoded {
+        Ok(value) => leased.set(key_of(subject, me), value),
+        Err(e) => tracing::error!("encoding an opinion: {e}"),
     }
 }
 

@@ -52,26 +52,31 @@ pub fn default_kinds() -> Vec<Fault> {
             kind: FaultKind::BlackholeForward,
             new_flows_only: false,
             percent: None,
+            peer: None,
         },
         Fault {
             kind: FaultKind::BlackholeForward,
             new_flows_only: true,
             percent: None,
+            peer: None,
         },
         Fault {
             kind: FaultKind::Kill,
             new_flows_only: false,
             percent: None,
+            peer: None,
         },
         Fault {
             kind: FaultKind::Partition,
             new_flows_only: false,
             percent: None,
+            peer: None,
         },
         Fault {
             kind: FaultKind::Loss,
             new_flows_only: false,
             percent: Some(60),
+            peer: None,
         },
     ]
 }
@@ -399,8 +404,20 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
             verdicts_down: 0,
             observer_downs: 0,
         };
-        let end = Instant::now() + duration;
+        let started = Instant::now();
+        let end = started + duration;
+        let mut next_progress = started + Duration::from_secs(60);
         while Instant::now() < end {
+            if Instant::now() >= next_progress {
+                eprintln!(
+                    "{:.0} min: {} gateway changes, {} verdicts down, {} single-observer downs so far",
+                    started.elapsed().as_secs_f64() / 60.0,
+                    report.gateway_changes,
+                    report.verdicts_down,
+                    report.observer_downs
+                );
+                next_progress += Duration::from_secs(60);
+            }
             // The store is local (a Unix socket), so sampling it is not affected by the loss.
             if let Ok(cluster) = crate::cluster::load(store.as_ref()).await {
                 let inputs = cluster.plan_inputs(&trellis_plan::Settings::default());

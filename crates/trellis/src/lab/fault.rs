@@ -25,6 +25,9 @@ pub enum FaultKind {
     Partition,
     /// Random loss on the node's links (give PERCENT).
     Loss,
+    /// The public path between the node and another node (give PEER) drops everything:
+    /// their direct tunnel breaks while both still reach everyone else.
+    CutPath,
 }
 
 /// One injected fault, as recorded in the lab state.
@@ -35,10 +38,15 @@ pub struct Fault {
     pub new_flows_only: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 impl Fault {
     pub fn new(kind: FaultKind, new_flows_only: bool, percent: Option<u8>) -> anyhow::Result<Self> {
+        if kind == FaultKind::CutPath {
+            bail!("cut-path needs a PEER, e.g. `trellis lab fault a1 cut-path b1`");
+        }
         match (kind, percent) {
             (FaultKind::Loss, None) => {
                 bail!("loss needs a PERCENT, e.g. `trellis lab fault a1 loss 5`")
@@ -57,7 +65,48 @@ impl Fault {
             kind,
             new_flows_only,
             percent,
+            peer: None,
         })
+    }
+
+    /// The fault from the command line's words: `loss PERCENT`, `cut-path PEER`, or a kind
+    /// that takes no value.
+    pub fn parse(
+        kind: FaultKind,
+        new_flows_only: bool,
+        value: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        match (kind, value) {
+            (FaultKind::CutPath, Some(peer)) => {
+                if new_flows_only {
+                    bail!("--new-flows-only applies to blackhole-forward only");
+                }
+                Ok(Self::cut_path(peer))
+            }
+            (FaultKind::Loss, Some(v)) => {
+                let percent = v
+                    .parse::<u8>()
+                    .map_err(|_| anyhow::anyhow!("invalid PERCENT {v:?}: 1-100"))?;
+                Self::new(kind, new_flows_only, Some(percent))
+            }
+            (FaultKind::Loss | FaultKind::CutPath, None) => Self::new(kind, new_flows_only, None),
+            (_, Some(v)) => bail!("{kind:?} takes no value (got {v:?})"),
+            (_, None) => Self::new(kind, new_flows_only, None),
+        }
+    }
+
+    pub fn cut_path(peer: &str) -> Self {
+        Self {
+            kind: FaultKind::CutPath,
+            new_flows_only: false,
+            percent: None,
+            peer: Some(peer.to_string()),
+        }
+    }
+
+    /// Faults made on the fabric's bridge ports rather than in the node's namespace.
+    fn on_links(&self) -> bool {
+        matches!(self.kind, FaultKind::Loss | FaultKind::CutPath)
     }
 }
 
@@ -71,6 +120,7 @@ impl fmt::Display for Fault {
             FaultKind::Kill => f.write_str("kill"),
             FaultKind::Partition => f.write_str("partition"),
             FaultKind::Loss => write!(f, "loss {}%", self.percent.unwrap_or(0)),
+            FaultKind::CutPath => write!(f, "cut-path {}", self.peer.as_deref().unwrap_or("?")),
         }
     }
 }
@@ -94,12 +144,28 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
             // SAFETY: waitpid on a pid that is either our child or not (then it returns -1).
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         }
-        // Loss belongs to the links, not the node: it is made on the fabric's bridge ports,
-        // where a dropped frame is as silent to the sender as on a real lossy link (a drop in
-        // the node's own output path would return an error to the sending socket instead).
-        FaultKind::Loss => {
+        // Loss and cut paths belong to the links, not the node: they are made on the
+        // fabric's bridge ports, where a dropped frame is as silent to the sender as on a
+        // real link (a drop in the node's own output path would return an error to the
+        // sending socket instead).
+        _ if fault.on_links() => {
+            if let Some(peer) = &fault.peer {
+                if peer == node {
+                    bail!("invalid PEER {peer:?}: a path joins two different nodes");
+                }
+                state.spec.node(peer)?;
+            }
+            let mut link_faults: Vec<Fault> = state
+                .faults
+                .get(node)
+                .into_iter()
+                .flatten()
+                .filter(|f| f.on_links())
+                .cloned()
+                .collect();
+            link_faults.push(fault.clone());
             let fabric = super::spec::fabric_netns(lab);
-            rules::program_link_loss(&fabric, node, fault.percent.unwrap_or(0)).await?
+            rules::program_links(&fabric, node, &link_faults).await?
         }
         _ => rules::program(&spec.netns, &fault).await?,
     }
@@ -115,7 +181,7 @@ pub async fn heal(lab: &str, node: &str) -> anyhow::Result<Vec<Fault>> {
     let mut state = LabState::load(lab)?;
     let spec = state.spec.node(node)?.clone();
     rules::clear(&spec.netns).await?;
-    rules::clear_link_loss(&super::spec::fabric_netns(lab), node).await?;
+    rules::clear_links(&super::spec::fabric_netns(lab), node).await?;
     let alive = state
         .agent_pids
         .get(node)
@@ -204,7 +270,7 @@ mod rules {
                     }
                 }
             }
-            FaultKind::Loss => {} // on the fabric's ports, see program_link_loss
+            FaultKind::Loss | FaultKind::CutPath => {} // on the fabric's ports: program_links
             FaultKind::Kill => {}
         }
         b
@@ -220,16 +286,18 @@ mod rules {
         .await?
     }
 
-    fn loss_table(node: &str) -> String {
-        format!("trellis_loss_{node}")
+    fn links_table(node: &str) -> String {
+        format!("trellis_links_{node}")
     }
 
-    /// Random loss on both directions of the node's fabric ports (internal and public).
-    pub async fn program_link_loss(fabric: &str, node: &str, percent: u8) -> anyhow::Result<()> {
-        let (fabric, node) = (fabric.to_string(), node.to_string());
+    /// The node's link faults as one bridge table in the fabric namespace, replaced whole:
+    /// random loss on both directions of its internal and public ports, and for each cut
+    /// path every frame between its public port and the peer's.
+    pub async fn program_links(fabric: &str, node: &str, faults: &[Fault]) -> anyhow::Result<()> {
+        let (fabric, node, faults) = (fabric.to_string(), node.to_string(), faults.to_vec());
         tokio::task::spawn_blocking(move || {
             let nft = Nft::connect_in(&fabric)?;
-            let table = loss_table(&node);
+            let table = links_table(&node);
             let mut b = Batch::new();
             if nft.table_exists(Family::Bridge, &table)? {
                 b.delete_table(Family::Bridge, &table);
@@ -242,16 +310,28 @@ mod rules {
                 policy: Policy::Accept,
             };
             b.add_chain(Family::Bridge, &table, "forward", Some(base));
-            let comment = format!("loss {percent}% on the links of {node}");
-            for port in [format!("i-{node}"), format!("p-{node}")] {
-                for side in [dsl::iifname(&port), dsl::oifname(&port)] {
-                    let exprs = [
-                        side,
-                        dsl::numgen_random_below(100, u32::from(percent)),
-                        dsl::counter(),
-                        dsl::drop(),
-                    ]
-                    .concat();
+            for fault in &faults {
+                let comment = format!("{fault} on the links of {node}");
+                let mut matches: Vec<Vec<_>> = Vec::new();
+                match (fault.kind, &fault.peer) {
+                    (FaultKind::Loss, _) => {
+                        let percent = u32::from(fault.percent.unwrap_or(0));
+                        for port in [format!("i-{node}"), format!("p-{node}")] {
+                            for side in [dsl::iifname(&port), dsl::oifname(&port)] {
+                                matches
+                                    .push([side, dsl::numgen_random_below(100, percent)].concat());
+                            }
+                        }
+                    }
+                    (FaultKind::CutPath, Some(peer)) => {
+                        let (mine, theirs) = (format!("p-{node}"), format!("p-{peer}"));
+                        matches.push([dsl::iifname(&mine), dsl::oifname(&theirs)].concat());
+                        matches.push([dsl::iifname(&theirs), dsl::oifname(&mine)].concat());
+                    }
+                    _ => {}
+                }
+                for m in matches {
+                    let exprs = [m, dsl::counter(), dsl::drop()].concat();
                     b.add_rule(Family::Bridge, &table, "forward", exprs, Some(&comment));
                 }
             }
@@ -260,8 +340,8 @@ mod rules {
         .await?
     }
 
-    pub async fn clear_link_loss(fabric: &str, node: &str) -> anyhow::Result<()> {
-        let (fabric, table) = (fabric.to_string(), loss_table(node));
+    pub async fn clear_links(fabric: &str, node: &str) -> anyhow::Result<()> {
+        let (fabric, table) = (fabric.to_string(), links_table(node));
         tokio::task::spawn_blocking(move || {
             let nft = Nft::connect_in(&fabric)?;
             if nft.table_exists(Family::Bridge, &table)? {

@@ -36,7 +36,7 @@ pub enum LabCommand {
     /// Run a command inside a node's (or a pod's) network namespace.
     Exec(ExecArgs),
     /// Inject a fault into a node: blackhole-forward [--new-flows-only], kill, partition,
-    /// or loss PERCENT.
+    /// loss PERCENT, or cut-path PEER.
     Fault(FaultArgs),
     /// Remove every fault of a node (and restart its agent if it was killed).
     Heal(HealArgs),
@@ -165,8 +165,8 @@ pub struct FaultArgs {
     pub node: String,
     /// What breaks.
     pub kind: fault::FaultKind,
-    /// Loss percentage, for `loss`.
-    pub percent: Option<u8>,
+    /// PERCENT for `loss`, PEER for `cut-path`.
+    pub value: Option<String>,
     /// blackhole-forward: drop only new flows; established ones keep working (seed 000).
     #[arg(long)]
     pub new_flows_only: bool,
@@ -267,7 +267,7 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Fault(args) => {
-            let f = fault::Fault::new(args.kind, args.new_flows_only, args.percent)?;
+            let f = fault::Fault::parse(args.kind, args.new_flows_only, args.value.as_deref())?;
             fault::inject(&args.name.name, &args.node, f.clone()).await?;
             println!("{}: {f}", args.node);
             Ok(ExitCode::SUCCESS)

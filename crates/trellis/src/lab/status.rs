@@ -18,6 +18,8 @@ struct LabView {
     store: StoreView,
     nodes: Vec<NodeView>,
     hosts: Vec<HostView>,
+    /// Direct tunnels measured broken, each relayed through a gateway: [a, b] by name.
+    broken_paths: Vec<[String; 2]>,
     warnings: Vec<String>,
 }
 
@@ -189,6 +191,11 @@ async fn build_view(
                 ip: h.ip.addr().to_string(),
             })
             .collect(),
+        broken_paths: topology
+            .broken_paths
+            .iter()
+            .map(|(a, b)| [a.clone(), b.clone()])
+            .collect(),
         warnings,
     }
 }
@@ -246,6 +253,9 @@ fn print_table(view: &LabView, spec: &LabSpec) {
     }
     for h in &view.hosts {
         println!("host {:<10} {:<14} netns {}", h.name, h.ip, h.netns);
+    }
+    for [a, b] in &view.broken_paths {
+        println!("direct path {a} <-> {b} is broken: relayed through a gateway");
     }
     for w in &view.warnings {
         println!("warning: {w}");
