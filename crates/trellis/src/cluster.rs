@@ -383,12 +383,19 @@ mod tests {
             revision: 5,
         });
         assert!(broken(&state).is_empty(), "an expired lease heals the path");
-        state.apply(&Event::Put(kv("paths/b1/a1", &report("b1", "a1", false), 6)));
+        state.apply(&Event::Put(kv(
+            "paths/b1/a1",
+            &report("b1", "a1", false),
+            6,
+        )));
         state.apply(&Event::Put(kv(
             "settings",
             r#"{"granularity":"full","gateways_per_location":2,"gateway_health":"liveness"}"#,
             7,
         )));
-        assert!(broken(&state).is_empty(), "the liveness baseline measures nothing");
+        assert!(
+            broken(&state).is_empty(),
+            "the liveness baseline measures nothing"
+        );
     }
 }

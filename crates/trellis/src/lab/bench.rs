@@ -378,6 +378,8 @@ pub struct FalseFailover {
     pub verdicts_down: usize,
     /// Times a single observer's opinion went down (outvoted unless the verdict followed).
     pub observer_downs: usize,
+    /// Times a direct path was held broken and relayed (a false fallback).
+    pub path_breaks: usize,
 }
 
 /// Random loss on every link of every node for `duration`; count gateway changes (the
@@ -403,18 +405,21 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
             gateway_changes: 0,
             verdicts_down: 0,
             observer_downs: 0,
+            path_breaks: 0,
         };
+        let mut last_broken = std::collections::BTreeSet::new();
         let started = Instant::now();
         let end = started + duration;
         let mut next_progress = started + Duration::from_secs(60);
         while Instant::now() < end {
             if Instant::now() >= next_progress {
                 eprintln!(
-                    "{:.0} min: {} gateway changes, {} verdicts down, {} single-observer downs so far",
+                    "{:.0} min: {} gateway changes, {} verdicts down, {} single-observer downs, {} path breaks so far",
                     started.elapsed().as_secs_f64() / 60.0,
                     report.gateway_changes,
                     report.verdicts_down,
-                    report.observer_downs
+                    report.observer_downs,
+                    report.path_breaks
                 );
                 next_progress += Duration::from_secs(60);
             }
@@ -427,6 +432,8 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
                     eprintln!("gateway change: {gateways:?}");
                 }
                 last_gateways = Some(gateways);
+                report.path_breaks += inputs.broken_paths.difference(&last_broken).count();
+                last_broken.clone_from(&inputs.broken_paths);
                 let down = inputs.measured_down();
                 report.verdicts_down += down.difference(&last_down).count();
                 last_down = down;
