@@ -21,8 +21,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Leftovers of an earlier run that was killed would make tests fail for the wrong reason.
-for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(tl|trt)-' || true); do
+# Leftovers of an earlier test run that was killed would make tests fail for the wrong
+# reason. Test labs are named t* (namespaces tl-t*); other labs, such as a benchmark
+# running beside the tests, are left alone.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(tl-t|trt-)' || true); do
   ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   ip netns delete "$ns" 2>/dev/null || true
 done

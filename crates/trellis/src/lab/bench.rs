@@ -44,6 +44,9 @@ pub struct FailoverArgs {
     pub trials: usize,
     pub window: Duration,
     pub kinds: Vec<Fault>,
+    /// Run the forwarding-probe trials, the liveness-only baseline, or both.
+    pub forwarding: bool,
+    pub baseline: bool,
 }
 
 pub fn default_kinds() -> Vec<Fault> {
@@ -87,6 +90,9 @@ pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
         (false, GatewayHealth::Forwarding),
         (true, GatewayHealth::Liveness),
     ] {
+        if (baseline && !args.baseline) || (!baseline && !args.forwarding) {
+            continue;
+        }
         let name = if baseline { "bfl" } else { "bff" };
         let _ = build::teardown(name);
         let spec = bench_lab(name, health).spec()?;
@@ -119,6 +125,15 @@ pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
                     unrecovered += usize::from(!t.recovered);
                 }
                 outages.sort_by(f64::total_cmp);
+                // each kind's row as soon as it is known: a long run cut short keeps them
+                eprintln!(
+                    "{} {kind}: p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms, {lost} lost, {unrecovered} not recovered",
+                    if baseline { "liveness" } else { "forwarding" },
+                    percentile(&outages, 0.50),
+                    percentile(&outages, 0.95),
+                    percentile(&outages, 0.99),
+                    outages.last().copied().unwrap_or(0.0),
+                );
                 out.push(Row {
                     kind: kind.to_string(),
                     baseline,

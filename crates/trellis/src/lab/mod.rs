@@ -189,6 +189,10 @@ pub enum BenchCommand {
         /// Print JSON rows instead of a table.
         #[arg(long)]
         json: bool,
+        /// Which gateway health to measure: forwarding (probes), liveness (the baseline),
+        /// or both in one run (the default, and what a comparison should use).
+        #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
+        health: String,
     },
     /// Random loss on every link for a while; counts gateway changes (the target is none).
     FalseFailover {
@@ -291,6 +295,7 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             window_seconds,
             kinds,
             json,
+            health,
         }) => {
             let kinds = bench::default_kinds()
                 .into_iter()
@@ -300,6 +305,8 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 trials: trials.max(1),
                 window: Duration::from_secs(window_seconds.max(1)),
                 kinds,
+                forwarding: health != "liveness",
+                baseline: health != "forwarding",
             };
             let rows = bench::failover(&args).await?;
             if json {
