@@ -321,6 +321,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn partial_partitions() {
+        // An observer whose own link broke sees every gateway it probes as down; each of
+        // those gateways still has two observers that see it forward.
+        for _gateway in ["a1", "a2", "b1"] {
+            assert_eq!(verdict([false, true, true]), Verdict::Up);
+        }
+        // A gateway cut off from the other locations but not from its own: the two
+        // observers from elsewhere see it fail, its location-mate does not. Traffic from
+        // other locations cannot get through it, so it must go.
+        assert_eq!(verdict([false, false, true]), Verdict::Down);
+        // Two observers left after a third went away, and they disagree: no majority.
+        assert_eq!(verdict([false, true]), Verdict::Up);
+        // Both observers of a location cut off from a gateway in a two-node world.
+        assert_eq!(verdict([false, false]), Verdict::Down);
+    }
+
     /// A detector that has seen the path work once, as every one in the tests below.
     fn detector() -> Detector {
         let mut d = Detector::new(DetectorConfig::default(), 0);
