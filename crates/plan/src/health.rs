@@ -26,7 +26,6 @@ pub const ID_RANGE_SIZE: u16 = u16::MAX / ID_RANGES + 1;
 /// The id range no gateway relays (there are fewer relay targets than ranges): probes of
 /// a direct path use it, so the peer answers them itself.
 pub const UNRELAYED_ID_RANGE: usize = ID_RANGES as usize - 1;
-const _: () = assert!(TARGETS_PER_GATEWAY < ID_RANGES as usize);
 
 /// Nodes that can serve as gateway of their location and take part in probing. Probed
 /// whether they serve now or stand by, so a replacement is chosen on measured health.
@@ -117,7 +116,7 @@ pub fn relay_targets<'a>(
     mates.sort_by_key(|n| std::cmp::Reverse((pair_weight(&gateway.name, &n.name), n.name.clone())));
     mates
         .into_iter()
-        .take(k.min(usize::from(ID_RANGES)))
+        .take(k.min(UNRELAYED_ID_RANGE))
         .map(|n| (n.name.clone(), n.internal_ip.addr()))
         .collect()
 }

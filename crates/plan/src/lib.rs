@@ -68,6 +68,8 @@ pub struct Topology {
     pub warnings: Vec<String>,
     /// For every gateway candidate (active or standby): the nodes that probe it.
     pub observers: BTreeMap<String, Vec<String>>,
+    /// Gateway candidates measured not to forward: left out of the gateway choice.
+    pub down: BTreeSet<String>,
     /// Pairs of nodes whose direct tunnel is measured broken, each as (lesser, greater)
     /// name. Their traffic goes through a relay; see [`Topology::with_broken_paths`].
     pub broken_paths: BTreeSet<(String, String)>,
@@ -227,6 +229,7 @@ impl Topology {
             serving: BTreeMap::new(),
             warnings,
             observers: BTreeMap::new(),
+            down: down.clone(),
             broken_paths: BTreeSet::new(),
         };
         topology.serving = topology.assign_serving_gateways();

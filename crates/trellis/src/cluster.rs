@@ -197,12 +197,7 @@ impl ClusterState {
                 .collect(),
             settings: self.plan_settings(defaults),
             observations: self.observations.clone(),
-            live_agents: match self.settings.as_ref().map(|s| s.gateway_health) {
-                Some(trellis_model::GatewayHealth::Liveness) => {
-                    Some(self.status.keys().cloned().collect())
-                }
-                _ => None,
-            },
+            live_agents: liveness.then(|| self.status.keys().cloned().collect()),
         }
     }
 }

@@ -116,7 +116,7 @@ impl Reconciler {
             nodes: topology.nodes.len(),
             warnings: topology.warnings.clone(),
             health: Some(PlannedHealth {
-                down: inputs.measured_down(),
+                down: topology.down.clone(),
                 gateways: topology.gateways.clone(),
             }),
             ..Default::default()

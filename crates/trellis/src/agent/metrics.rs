@@ -66,48 +66,34 @@ impl Metrics {
         f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub fn probes_sent(&self, gateway: &str, n: usize) {
-        self.with(|m| m.probes.entry(gateway.to_string()).or_default().probes_sent += n as u64);
+    /// Update the counters of one probed subject (a gateway, or `path:PEER`).
+    fn probed(&self, subject: &str, f: impl FnOnce(&mut GatewayProbes)) {
+        self.with(|m| f(m.probes.entry(subject.to_string()).or_default()));
     }
 
-    /// Any echo answer from the gateway, late or early: sent minus answered is probe loss.
-    pub fn probe_answered(&self, gateway: &str) {
-        self.with(|m| {
-            m.probes
-                .entry(gateway.to_string())
-                .or_default()
-                .probes_answered += 1
-        });
+    pub fn probes_sent(&self, subject: &str, n: usize) {
+        self.probed(subject, |p| p.probes_sent += n as u64);
+    }
+
+    /// Any echo answer, late or early: sent minus answered is probe loss.
+    pub fn probe_answered(&self, subject: &str) {
+        self.probed(subject, |p| p.probes_answered += 1);
     }
 
     /// The first answer of a round, which is what the RTT histogram and estimator follow.
-    pub fn round_answered(&self, gateway: &str, rtt: Duration) {
-        self.with(|m| {
-            m.probes
-                .entry(gateway.to_string())
-                .or_default()
-                .rtt
-                .observe(rtt.as_secs_f64())
-        });
+    pub fn round_answered(&self, subject: &str, rtt: Duration) {
+        self.probed(subject, |p| p.rtt.observe(rtt.as_secs_f64()));
     }
 
-    pub fn round_failed(&self, gateway: &str) {
-        self.with(|m| {
-            m.probes
-                .entry(gateway.to_string())
-                .or_default()
-                .rounds_failed += 1
-        });
+    pub fn round_failed(&self, subject: &str) {
+        self.probed(subject, |p| p.rounds_failed += 1);
     }
 
-    /// This observer's own opinion of `gateway`.
-    pub fn opinion(&self, gateway: &str, up: bool, changed: bool) {
-        self.with(|m| {
-            let g = m.probes.entry(gateway.to_string()).or_default();
-            g.up = up;
-            if changed {
-                g.opinion_changes += 1;
-            }
+    /// This node's own opinion of the subject.
+    pub fn opinion(&self, subject: &str, up: bool, changed: bool) {
+        self.probed(subject, |p| {
+            p.up = up;
+            p.opinion_changes += u64::from(changed);
         });
     }
 

@@ -130,10 +130,17 @@ pub async fn run(
             reply = socket.recv_reply() => {
                 let Ok(reply) = reply else { continue };
                 let now = ms(Instant::now());
+                // A gateway and a direct path to the same node share its probe address; the
+                // id range tells them apart (paths use the one no gateway relays).
+                let to_path = usize::from(reply.id / ID_RANGE_SIZE) == UNRELAYED_ID_RANGE;
                 let mut decided = false;
-                for (subject, w) in watched.iter_mut().filter(|(_, w)| w.probe_ip == reply.from) {
+                for (subject, w) in watched
+                    .iter_mut()
+                    .filter(|(s, w)| w.probe_ip == reply.from && matches!(s, Subject::Path(_)) == to_path)
+                {
+                    // every answer counts as a probe that came back, late or not
+                    metrics.probe_answered(&subject.label());
                     if let Some(rtt) = w.rounds.answer(now, reply.seq, reply.id) {
-                        metrics.probe_answered(&subject.label());
                         metrics.round_answered(&subject.label(), Duration::from_millis(rtt));
                         decided = true;
                     }

@@ -185,6 +185,43 @@ struct Trial {
     recovered: bool,
 }
 
+/// A stream of new connections through one gateway: to the pod of a node of `location`
+/// that the gateway serves, from the pods of the other locations.
+pub(super) struct Stream {
+    pub served: String,
+    pub gateway: String,
+    pub server: super::spec::PodSpec,
+    /// Network namespaces of the client pods.
+    pub clients: Vec<String>,
+}
+
+impl Stream {
+    pub fn choose(
+        spec: &super::spec::LabSpec,
+        serving: &std::collections::BTreeMap<String, String>,
+        location: &str,
+    ) -> anyhow::Result<Self> {
+        let (served, gateway) = serving
+            .iter()
+            .find(|(n, _)| spec.node(n).is_ok_and(|s| s.location == location))
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .with_context(|| format!("no node of {location} is served by a gateway"))?;
+        let server = spec.node(&served)?.pods[0].clone();
+        let clients = spec
+            .nodes
+            .iter()
+            .filter(|n| n.location != location)
+            .map(|n| n.pods[0].netns.clone())
+            .collect();
+        Ok(Self {
+            served,
+            gateway,
+            server,
+            clients,
+        })
+    }
+}
+
 async fn run_trial(
     lab: &str,
     kind: &Fault,
@@ -198,21 +235,13 @@ async fn run_trial(
         .topology();
     // The server: a node served by a gateway, in each location in turn; the fault goes into
     // that gateway. Clients: the pods of the other locations.
-    let first = &state.spec.locations[trial % state.spec.locations.len()].name;
-    let (served, gateway) = topology
-        .serving
-        .iter()
-        .find(|(n, _)| topology.nodes[*n].location == *first)
-        .map(|(n, g)| (n.clone(), g.clone()))
-        .context("no node of the first location is served by a gateway")?;
-    let server_pod = state.spec.node(&served)?.pods[0].clone();
-    let clients: Vec<_> = state
-        .spec
-        .nodes
-        .iter()
-        .filter(|n| n.location != *first)
-        .map(|n| n.pods[0].netns.clone())
-        .collect();
+    let location = &state.spec.locations[trial % state.spec.locations.len()].name;
+    let Stream {
+        gateway,
+        server: server_pod,
+        clients,
+        ..
+    } = Stream::choose(&state.spec, &topology.serving, location)?;
     let _server = Server::start(&server_pod.netns).await?;
     let target = SocketAddr::V4(SocketAddrV4::new(server_pod.ip.addr(), SERVER_PORT));
 
@@ -441,7 +470,8 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
             // The store is local (a Unix socket), so sampling it is not affected by the loss.
             if let Ok(cluster) = crate::cluster::load(store.as_ref()).await {
                 let inputs = cluster.plan_inputs(&trellis_plan::Settings::default());
-                let gateways = inputs.topology().gateways;
+                let topology = inputs.topology();
+                let gateways = topology.gateways;
                 if last_gateways.as_ref().is_some_and(|g| *g != gateways) {
                     report.gateway_changes += 1;
                     eprintln!("gateway change: {gateways:?}");
@@ -449,7 +479,7 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
                 last_gateways = Some(gateways);
                 report.path_breaks += inputs.broken_paths.difference(&last_broken).count();
                 last_broken.clone_from(&inputs.broken_paths);
-                let down = inputs.measured_down();
+                let down = topology.down;
                 report.verdicts_down += down.difference(&last_down).count();
                 last_down = down;
                 for (g, seen) in &cluster.observations {

@@ -4,11 +4,11 @@
 //! has passed the gateway takes its share back. Every step is printed with its time since
 //! the fault (or the heal), and a summary table closes the run.
 
-use super::bench::{SERVER_PORT, Server, connect_from};
+use super::bench::{SERVER_PORT, Server, Stream, connect_from};
 use super::fault::{self, Fault, FaultKind};
 use super::state::LabState;
 use super::{DemoArgs, GatewayHealthArg, NameArg, UpArgs, build, check, state, up_inner};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::process::ExitCode;
@@ -23,9 +23,10 @@ const POLL_EVERY: Duration = Duration::from_millis(20);
 /// How long the demo waits for a step before calling it failed.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(15);
 const FAILBACK_LIMIT: Duration = Duration::from_secs(40);
-/// The agents' hold-down (their default): how long a healed gateway must forward before it
-/// takes traffic back.
-const HOLD_DOWN: Duration = Duration::from_secs(5);
+/// How long a healed gateway must forward before it takes traffic back: the agents' default.
+fn hold_down() -> Duration {
+    Duration::from_millis(trellis_plan::health::DetectorConfig::default().hold_down_ms)
+}
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let name = args.name.clone();
@@ -126,7 +127,7 @@ impl Summary {
                 format!(
                     "failback: {} serves again (hold-down {} s)",
                     self.gateway,
-                    HOLD_DOWN.as_secs()
+                    hold_down().as_secs()
                 ),
                 ms(self.failback),
             ),
@@ -182,21 +183,12 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
 
     let store = super::open_store(name);
     let view = View::load(store.as_ref()).await?;
-    let first = &lab.spec.locations[0].name;
-    let (served, gateway) = view
-        .serving
-        .iter()
-        .find(|(n, _)| lab.spec.node(n).is_ok_and(|s| s.location == *first))
-        .map(|(n, g)| (n.clone(), g.clone()))
-        .context("no node of the first location is served by a gateway")?;
-    let server = lab.spec.node(&served)?.pods[0].clone();
-    let clients: Vec<String> = lab
-        .spec
-        .nodes
-        .iter()
-        .filter(|n| n.location != *first)
-        .map(|n| n.pods[0].netns.clone())
-        .collect();
+    let Stream {
+        served,
+        gateway,
+        server,
+        clients,
+    } = Stream::choose(&lab.spec, &view.serving, &lab.spec.locations[0].name)?;
     let mut summary = Summary {
         pairs_ok: report.ok,
         gateway: gateway.clone(),
@@ -231,7 +223,7 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
         let h0 = Instant::now();
         println!("  t = 0 at {}", wall_clock());
         failback(store.as_ref(), &attempts, h0, &mut summary).await?;
-        let (lost, total) = count(&attempts, h0, Instant::now());
+        let (lost, total) = tally(&attempts, By::Start, h0, Instant::now());
         summary.lost_after_heal = lost;
         summary.attempts_after_heal = total;
         anyhow::Ok(())
@@ -297,12 +289,7 @@ async fn failover(
             summary.restored = Some(since(restored));
         }
         if now.duration_since(last_report) >= Duration::from_secs(1) {
-            let (lost, total) = finished(attempts, last_report, now);
-            println!(
-                "  +{:>5} ms  traffic: {} connections succeeded, {lost} failed (timed out) in the last second",
-                since(now),
-                total - lost
-            );
+            report_traffic(attempts, since(now), last_report, now, "in the last second");
             last_report = now;
         }
         if summary.replaced.is_some() && summary.restored.is_some() {
@@ -310,13 +297,14 @@ async fn failover(
         }
     }
     let now = Instant::now();
-    let (lost, total) = finished(attempts, last_report, now);
-    println!(
-        "  +{:>5} ms  traffic: {} connections succeeded, {lost} failed (timed out) since the last line",
+    report_traffic(
+        attempts,
         since(now),
-        total - lost
+        last_report,
+        now,
+        "since the last line",
     );
-    let (lost, total) = count(attempts, t0, now);
+    let (lost, total) = tally(attempts, By::Start, t0, now);
     summary.lost = lost;
     summary.attempts = total;
     Ok(())
@@ -345,7 +333,7 @@ async fn failback(
                 println!(
                     "  +{:>5} ms  every observer sees {gateway} forward again (it waited out the {} s hold-down)",
                     since(now),
-                    HOLD_DOWN.as_secs()
+                    hold_down().as_secs()
                 );
                 summary.observers_up = Some(since(now));
             }
@@ -360,12 +348,7 @@ async fn failback(
             }
         }
         if now.duration_since(last_report) >= Duration::from_secs(1) {
-            let (lost, total) = finished(attempts, last_report, now);
-            println!(
-                "  +{:>5} ms  traffic: {} connections succeeded, {lost} failed (timed out) in the last second",
-                since(now),
-                total - lost
-            );
+            report_traffic(attempts, since(now), last_report, now, "in the last second");
             last_report = now;
         }
         // keep the stream going a second past the failback, to see that it lost nothing
@@ -378,7 +361,7 @@ async fn failback(
 
 async fn progress(attempts: &Attempts, from: Instant, length: Duration, label: &str) {
     tokio::time::sleep(length).await;
-    let (lost, total) = count(attempts, from, Instant::now());
+    let (lost, total) = tally(attempts, By::Start, from, Instant::now());
     println!(
         "  traffic {label}: {}/{} new connections ok",
         total - lost,
@@ -403,26 +386,39 @@ async fn generate(clients: Vec<String>, target: SocketAddr, attempts: Attempts) 
     }
 }
 
-/// Failed and total attempts started in [from, to) (and finished by now).
-fn count(attempts: &Attempts, from: Instant, to: Instant) -> (usize, usize) {
+/// Which end of an attempt places it in a time window.
+#[derive(Clone, Copy)]
+enum By {
+    /// When it started: what a phase cost, once its attempts have finished.
+    Start,
+    /// When it finished: what the last second showed.
+    End,
+}
+
+/// Failed and total attempts in [from, to).
+fn tally(attempts: &Attempts, by: By, from: Instant, to: Instant) -> (usize, usize) {
     let a = attempts.lock().unwrap_or_else(|e| e.into_inner());
     let window: Vec<bool> = a
         .iter()
-        .filter(|(at, _, _)| *at >= from && *at < to)
+        .filter(|(start, end, _)| {
+            let at = match by {
+                By::Start => *start,
+                By::End => *end,
+            };
+            at >= from && at < to
+        })
         .map(|(_, _, ok)| *ok)
         .collect();
     (window.iter().filter(|ok| !**ok).count(), window.len())
 }
 
-/// Failed and total attempts that finished in [from, to): what the last second showed.
-fn finished(attempts: &Attempts, from: Instant, to: Instant) -> (usize, usize) {
-    let a = attempts.lock().unwrap_or_else(|e| e.into_inner());
-    let window: Vec<bool> = a
-        .iter()
-        .filter(|(_, end, _)| *end >= from && *end < to)
-        .map(|(_, _, ok)| *ok)
-        .collect();
-    (window.iter().filter(|ok| !**ok).count(), window.len())
+/// One progress line: how the connections that finished since `from` fared.
+fn report_traffic(attempts: &Attempts, elapsed_ms: u128, from: Instant, now: Instant, span: &str) {
+    let (lost, total) = tally(attempts, By::End, from, now);
+    println!(
+        "  +{elapsed_ms:>5} ms  traffic: {} connections succeeded, {lost} failed (timed out) {span}",
+        total - lost
+    );
 }
 
 /// When the stream recovered: the first success after the last failure since `t0`, once
@@ -455,7 +451,7 @@ impl View {
         let inputs = cluster.plan_inputs(&trellis_plan::Settings::default());
         let topology = inputs.topology();
         Ok(Self {
-            down: inputs.measured_down(),
+            down: topology.down,
             observations: cluster.observations.clone(),
             serving: topology.serving,
         })
