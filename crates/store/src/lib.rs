@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 pub mod embedded;
+pub mod etcd;
 pub mod remote;
 
 pub type Revision = u64;
@@ -112,6 +113,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store call timed out after {0:?}")]
     Timeout(Duration),
+    /// The store refused us: bad credentials, an expired token, missing permissions.
+    #[error("store denied the call: {0}")]
+    Denied(String),
     #[error("store protocol error: {0}")]
     Protocol(String),
 }
@@ -138,7 +142,8 @@ pub trait Store: Send + Sync + 'static {
     /// Apply `ops` atomically if every compare holds.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult>;
     /// Events for keys under `prefix` with revision > `after`, in revision order, then
-    /// live events. `after` older than the kept history gives `Compacted`.
+    /// live events. `after` older than the kept history gives `Compacted`, either from
+    /// this call or as the stream's first item (etcd confirms a watch before it cancels it).
     async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch>;
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
     /// Renew the lease to its full TTL.

@@ -1,0 +1,380 @@
+//! The `Store` on a real etcd 3.4 (Debian's), started by each test on loopback.
+
+mod etcd_support;
+
+use etcd_support::{Etcd, Pki, wait_answering};
+use std::time::{Duration, Instant};
+use trellis_store::etcd::{Credentials, EtcdStore, TlsFiles};
+use trellis_store::{Compare, Event, Op, Store, StoreError, Watch};
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put {
+        key: key.to_string(),
+        value: value.as_bytes().to_vec(),
+        lease: None,
+    }
+}
+
+async fn next_event(watch: &mut Watch) -> Event {
+    match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+        Ok(Some(Ok(event))) => event,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn summary(event: &Event) -> (String, &'static str) {
+    let kind = match event {
+        Event::Put(_) => "put",
+        Event::Delete { .. } => "delete",
+    };
+    (event.key().to_string(), kind)
+}
+
+#[tokio::test]
+async fn keys_revisions_and_prefixes_behave_as_in_the_model() {
+    let etcd = Etcd::start();
+    let store = etcd.store("/trellis/");
+    let other = etcd.store("/other/");
+
+    let first = store.put("nodes/a1", b"1".to_vec()).await.unwrap();
+    let second = store.put("nodes/a1", b"2".to_vec()).await.unwrap();
+    assert_eq!(second, first + 1);
+    let kv = store.get("nodes/a1").await.unwrap().expect("a1 exists");
+    assert_eq!(
+        (kv.key.as_str(), kv.value.as_slice()),
+        ("nodes/a1", &b"2"[..])
+    );
+    assert_eq!((kv.create_revision, kv.mod_revision), (first, second));
+
+    store.put("nodes/b1", b"x".to_vec()).await.unwrap();
+    store.put("status/a1", b"y".to_vec()).await.unwrap();
+    other.put("nodes/zz", b"z".to_vec()).await.unwrap();
+    let (nodes, revision) = store.list("nodes/").await.unwrap();
+    let keys: Vec<&str> = nodes.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["nodes/a1", "nodes/b1"],
+        "sorted, by prefix, not the other user's"
+    );
+    assert!(revision > second);
+    assert_eq!(store.list("").await.unwrap().0.len(), 3);
+    // etcdctl sees the keys under the configured prefix.
+    assert!(
+        etcd.etcdctl(&["get", "--prefix", "/trellis/nodes/"])
+            .contains("/trellis/nodes/b1")
+    );
+
+    let deleted = store.delete("nodes/b1").await.unwrap();
+    assert!(store.get("nodes/b1").await.unwrap().is_none());
+    assert_eq!(
+        store.delete("nodes/b1").await.unwrap(),
+        deleted,
+        "deleting what is gone is no new revision"
+    );
+}
+
+#[tokio::test]
+async fn every_compare_kind_gates_the_txn_and_a_bad_lease_applies_nothing() {
+    let etcd = Etcd::start();
+    let store = etcd.store("/t/");
+    let rev = store.put("k", b"v".to_vec()).await.unwrap();
+    let cases = [
+        (Compare::Absent("k".into()), false),
+        (Compare::Absent("missing".into()), true),
+        (Compare::ModRevision("k".into(), rev), true),
+        (Compare::ModRevision("k".into(), rev + 100), false),
+        (Compare::CreateRevision("k".into(), rev), true),
+        (Compare::CreateRevision("missing".into(), rev), false),
+        (Compare::Value("k".into(), b"v".to_vec()), true),
+        (Compare::Value("k".into(), b"w".to_vec()), false),
+    ];
+    for (compare, holds) in cases {
+        let before = store.list("").await.unwrap().1;
+        let result = store
+            .txn(vec![compare.clone()], vec![put("side", "effect")])
+            .await
+            .unwrap();
+        assert_eq!(result.succeeded, holds, "{compare:?}");
+        assert_eq!(result.revision > before, holds, "{compare:?}");
+    }
+
+    let before = store.list("").await.unwrap();
+    let error = store
+        .txn(
+            vec![],
+            vec![
+                put("a", "1"),
+                Op::Put {
+                    key: "b".into(),
+                    value: b"2".to_vec(),
+                    lease: Some(0x1234_5678),
+                },
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::LeaseNotFound(0x1234_5678)),
+        "{error:?}"
+    );
+    assert_eq!(store.list("").await.unwrap(), before, "nothing applied");
+}
+
+#[tokio::test]
+async fn watch_replays_from_a_revision_then_streams_and_reports_compaction() {
+    let etcd = Etcd::start();
+    let store = etcd.store("/t/");
+    let start = store.list("").await.unwrap().1;
+    store.put("w/a", b"1".to_vec()).await.unwrap();
+    store.put("x/ignored", b"1".to_vec()).await.unwrap();
+    store.put("w/b", b"1".to_vec()).await.unwrap();
+    let mut watch = store.watch("w/", start).await.unwrap();
+    assert_eq!(
+        summary(&next_event(&mut watch).await),
+        ("w/a".into(), "put")
+    );
+    assert_eq!(
+        summary(&next_event(&mut watch).await),
+        ("w/b".into(), "put")
+    );
+    store.delete("w/a").await.unwrap();
+    let deleted = next_event(&mut watch).await;
+    assert_eq!(summary(&deleted), ("w/a".into(), "delete"));
+
+    let now = store.list("").await.unwrap().1;
+    etcd.etcdctl(&["compact", &now.to_string()]);
+    // etcd confirms the watch first and cancels it right after, so the error comes as
+    // the stream's first item (the trait allows either).
+    let compacted = match store.watch("w/", start).await {
+        Err(e) => e,
+        Ok(mut watch) => match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(Err(e))) => e,
+            other => panic!("expected Compacted, got {other:?}"),
+        },
+    };
+    assert!(
+        matches!(compacted, StoreError::Compacted { oldest, .. } if oldest == now),
+        "{compacted:?}"
+    );
+    // From the compaction revision on, watching works.
+    store
+        .watch("w/", now)
+        .await
+        .expect("watch from the compacted revision");
+}
+
+#[tokio::test]
+async fn leases_expire_keep_alive_extends_and_revoke_deletes_their_keys() {
+    let etcd = Etcd::start();
+    let store = etcd.store("/t/");
+    let lease = store.grant_lease(Duration::from_secs(2)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "alive".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("alive").await.unwrap().unwrap().lease,
+        Some(lease)
+    );
+    // Kept alive past several TTLs.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        store.keep_alive(lease).await.unwrap();
+    }
+    assert!(store.get("alive").await.unwrap().is_some());
+    // Left alone, it expires (etcd checks expiry every 500 ms).
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while store.get("alive").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the leased key outlived its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(matches!(
+        store.keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(l)) if l == lease
+    ));
+
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let ops = ["x", "y"]
+        .iter()
+        .map(|k| Op::Put {
+            key: k.to_string(),
+            value: vec![],
+            lease: Some(lease),
+        })
+        .collect();
+    store.txn(vec![], ops).await.unwrap();
+    store.revoke_lease(lease).await.unwrap();
+    assert_eq!(store.list("").await.unwrap().0.len(), 0);
+    assert!(matches!(
+        store.revoke_lease(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
+
+/// SIGSTOP leaves connections open and unanswered: calls must end at their deadline, a
+/// watch must notice, and everything must work again after SIGCONT, with the watch
+/// resuming from its last revision without losing an event.
+#[tokio::test]
+async fn a_frozen_etcd_costs_a_deadline_not_a_hang_and_watches_resume() {
+    let etcd = Etcd::start();
+    let store = etcd.store("/t/");
+    let writer = etcd.store("/t/");
+    let start = store.list("").await.unwrap().1;
+    let mut watch = store.watch("", start).await.unwrap();
+    writer.put("before", b"1".to_vec()).await.unwrap();
+    let before = next_event(&mut watch).await;
+
+    etcd.freeze();
+    let asked = Instant::now();
+    let error = store.get("before").await.unwrap_err();
+    assert!(matches!(error, StoreError::Timeout(_)), "{error:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
+    // HTTP/2 keep-alive pings find the silent connection dead and end the watch.
+    let ended = tokio::time::timeout(Duration::from_secs(15), watch.next())
+        .await
+        .expect("the watch of a frozen etcd ends within 15 s");
+    assert!(matches!(ended, Some(Err(_)) | None), "{ended:?}");
+
+    etcd.thaw();
+    wait_answering(writer.as_ref()).await;
+    writer.put("after", b"2".to_vec()).await.unwrap();
+    let mut resumed = store.watch("", before.revision()).await.unwrap();
+    assert_eq!(
+        summary(&next_event(&mut resumed).await),
+        ("after".into(), "put")
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_etcd_is_reconnected_and_keeps_history() {
+    let mut etcd = Etcd::start();
+    let store = etcd.store("/t/");
+    let rev = store.put("k", b"1".to_vec()).await.unwrap();
+    etcd.kill();
+    let error = store.get("k").await.unwrap_err();
+    assert!(
+        matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+        "{error:?}"
+    );
+    etcd.restart();
+    wait_answering(store.as_ref()).await;
+    store.put("k", b"2".to_vec()).await.unwrap();
+    let mut watch = store.watch("", rev).await.unwrap();
+    let event = next_event(&mut watch).await;
+    assert_eq!(summary(&event), ("k".into(), "put"));
+    assert!(event.revision() > rev);
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_and_a_wrong_one_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("trt-pki-{}", std::process::id()));
+    let pki = Pki::create(&dir);
+    let flags = vec![
+        format!("--cert-file={}", pki.path("server.pem").display()),
+        format!("--key-file={}", pki.path("server.key").display()),
+        format!("--trusted-ca-file={}", pki.path("ca.pem").display()),
+        "--client-cert-auth".to_string(),
+    ];
+    let etcd = Etcd::start_with(flags, "https");
+    let with = |cert: Option<&str>| {
+        let mut config = etcd.config("/t/");
+        config.tls = Some(TlsFiles {
+            ca: pki.path("ca.pem"),
+            cert: cert.map(|c| pki.path(&format!("{c}.pem"))),
+            key: cert.map(|c| pki.path(&format!("{c}.key"))),
+        });
+        EtcdStore::new(config).expect("valid config")
+    };
+    let trusted = with(Some("client"));
+    wait_answering(trusted.as_ref()).await;
+    trusted.put("k", b"v".to_vec()).await.unwrap();
+
+    for (cert, why) in [
+        (None, "no client certificate"),
+        (Some("stranger"), "another CA"),
+    ] {
+        let error = with(cert).get("k").await.unwrap_err();
+        assert!(
+            matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+            "{why}: {error:?}"
+        );
+    }
+    // A server we do not trust: the error says it is about the certificate.
+    let mut config = etcd.config("/t/");
+    config.tls = Some(TlsFiles {
+        ca: pki.path("otherca.pem"),
+        cert: Some(pki.path("client.pem")),
+        key: Some(pki.path("client.key")),
+    });
+    let error = EtcdStore::new(config)
+        .unwrap()
+        .get("k")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn credentials_authenticate_and_a_wrong_password_is_denied() {
+    let etcd = Etcd::start();
+    etcd.etcdctl(&["user", "add", "root:rootpw"]);
+    etcd.etcdctl(&["user", "add", "trellis:s3cret"]);
+    etcd.etcdctl(&["role", "add", "trellis"]);
+    etcd.etcdctl(&[
+        "role",
+        "grant-permission",
+        "trellis",
+        "--prefix=true",
+        "readwrite",
+        "/trellis/",
+    ]);
+    etcd.etcdctl(&["user", "grant-role", "trellis", "trellis"]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let with = |user: &str, password: &str, prefix: &str| {
+        let mut config = etcd.config(prefix);
+        config.credentials = Some(Credentials {
+            user: user.into(),
+            password: password.into(),
+        });
+        EtcdStore::new(config).unwrap()
+    };
+    let store = with("trellis", "s3cret", "/trellis/");
+    store.put("k", b"v".to_vec()).await.unwrap();
+    let mut watch = store.watch("", 0).await.unwrap();
+    assert_eq!(summary(&next_event(&mut watch).await), ("k".into(), "put"));
+    let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+    store.keep_alive(lease).await.unwrap();
+
+    let error = with("trellis", "wrong", "/trellis/")
+        .get("k")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::Denied(_)), "{error:?}");
+    let error = with("trellis", "s3cret", "/elsewhere/")
+        .put("k", vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::Denied(_)),
+        "outside its role: {error:?}"
+    );
+    let anonymous = etcd.store("/trellis/");
+    let error = anonymous.get("k").await.unwrap_err();
+    assert!(matches!(error, StoreError::Denied(_)), "{error:?}");
+}
