@@ -17,7 +17,10 @@ pub use key::PublicKey;
 pub use name::validate_name;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
 pub use peer::ExternalPeer;
-pub use settings::{AgentStatus, ClusterSettings, GatewayHealth, Observation, PathReport};
+pub use settings::{
+    AgentStatus, ClusterSettings, DEFAULT_GC_AFTER_SECONDS, GatewayHealth, Observation, PathReport,
+    PodCidrAllocation, PodCidrPool,
+};
 
 /// A record or argument that failed validation. The message names the field and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +78,10 @@ pub mod keys {
     pub const SETTINGS: &str = "settings";
     pub const OBSERVATIONS: &str = "observations/";
     pub const PATHS: &str = "paths/";
+    pub const POD_CIDRS: &str = "podcidrs/";
+    /// The leader election: candidates' keys are `election/<lease id in hex>`, the layout
+    /// of etcd's own election recipe (`etcdctl elect <prefix>election`).
+    pub const ELECTION: &str = "election/";
 
     pub fn node(name: &str) -> String {
         format!("{NODES}{name}")
@@ -93,5 +100,11 @@ pub mod keys {
     }
     pub fn path(from: &str, to: &str) -> String {
         format!("{PATHS}{from}/{to}")
+    }
+    pub fn pod_cidr(node: &str) -> String {
+        format!("{POD_CIDRS}{node}")
+    }
+    pub fn candidate(lease: u64) -> String {
+        format!("{ELECTION}{lease:x}")
     }
 }

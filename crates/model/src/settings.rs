@@ -12,6 +12,73 @@ pub struct ClusterSettings {
     /// What decides that a gateway is down.
     #[serde(default)]
     pub gateway_health: GatewayHealth,
+    /// Where the leader takes pod CIDRs for nodes that register without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_pool: Option<PodCidrPool>,
+    /// How long a node's agent must have been gone before the leader deletes its records.
+    #[serde(default = "default_gc_after_seconds")]
+    pub gc_after_seconds: u64,
+}
+
+pub const DEFAULT_GC_AFTER_SECONDS: u64 = 600;
+
+fn default_gc_after_seconds() -> u64 {
+    DEFAULT_GC_AFTER_SECONDS
+}
+
+/// A cluster CIDR cut into one block per node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodCidrPool {
+    pub cidr: ipnet::IpNet,
+    /// Prefix length of each node's block (e.g. 24 in a /16 pool).
+    pub node_prefix: u8,
+}
+
+impl Validate for PodCidrPool {
+    fn validate(&self) -> Result<(), InvalidField> {
+        if self.cidr.trunc() != self.cidr {
+            return Err(InvalidField::new(
+                "pod_cidr_pool.cidr",
+                self.cidr,
+                format!("has host bits set; did you mean {}?", self.cidr.trunc()),
+            ));
+        }
+        if self.node_prefix < self.cidr.prefix_len()
+            || self.node_prefix > self.cidr.max_prefix_len()
+        {
+            return Err(InvalidField::new(
+                "pod_cidr_pool.node_prefix",
+                self.node_prefix,
+                format!(
+                    "must be {}-{} for {}",
+                    self.cidr.prefix_len(),
+                    self.cidr.max_prefix_len(),
+                    self.cidr
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A pod CIDR the leader gave a node, with the leadership epoch that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodCidrAllocation {
+    pub node: String,
+    pub cidr: ipnet::IpNet,
+    pub epoch: u64,
+}
+
+impl Validate for PodCidrAllocation {
+    fn validate(&self) -> Result<(), InvalidField> {
+        crate::validate_name("node", &self.node)?;
+        if self.cidr.trunc() != self.cidr {
+            return Err(InvalidField::new("cidr", self.cidr, "has host bits set"));
+        }
+        Ok(())
+    }
 }
 
 /// How gateway failure is judged.
@@ -33,6 +100,16 @@ impl Validate for ClusterSettings {
                 "gateways_per_location",
                 self.gateways_per_location,
                 "must be 1-16",
+            ));
+        }
+        if let Some(pool) = &self.pod_cidr_pool {
+            pool.validate()?;
+        }
+        if self.gc_after_seconds < 60 {
+            return Err(InvalidField::new(
+                "gc_after_seconds",
+                self.gc_after_seconds,
+                "must be at least 60: an agent restarting must not lose its records",
             ));
         }
         Ok(())

@@ -17,6 +17,7 @@
 mod gateways;
 pub mod graph;
 pub mod health;
+pub mod leader_work;
 pub mod rounds;
 pub mod showconf;
 

@@ -27,6 +27,8 @@ pub struct ClusterState {
     pub observations: BTreeMap<String, BTreeMap<String, bool>>,
     /// `paths[(from, to)] = up`: direct tunnels as measured from one end.
     pub paths: BTreeMap<(String, String), bool>,
+    /// Pod CIDRs the leader gave nodes that registered without one.
+    pub pod_cidrs: BTreeMap<String, trellis_model::PodCidrAllocation>,
 }
 
 /// The part of the state a plan depends on; the agent re-plans only when it changes.
@@ -115,6 +117,12 @@ impl ClusterState {
                 self.paths.insert((p.from, p.to), p.up);
                 Ok(())
             })
+        } else if let Some(name) = key.strip_prefix(keys::POD_CIDRS) {
+            decode::<trellis_model::PodCidrAllocation>(&format!("pod CIDR of {name}"), &kv.value)
+                .and_then(|a| same_name(key, name, &a.node).map(|_| a))
+                .map(|a| {
+                    self.pod_cidrs.insert(name.to_string(), a);
+                })
         } else if key == keys::SETTINGS {
             decode::<ClusterSettings>("cluster settings", &kv.value).map(|s| {
                 self.settings = Some(s);
@@ -156,6 +164,8 @@ impl ClusterState {
             .and_then(|p| p.split_once('/'))
         {
             self.paths.remove(&(from.to_string(), to.to_string()));
+        } else if let Some(name) = key.strip_prefix(keys::POD_CIDRS) {
+            self.pod_cidrs.remove(name);
         } else if key == keys::SETTINGS {
             self.settings = None;
         }
@@ -188,7 +198,7 @@ impl ClusterState {
                     .map(|((from, to), _)| (from.clone(), to.clone()))
                     .collect()
             },
-            nodes: self.nodes.clone(),
+            nodes: self.nodes_with_allocations(),
             peers: self.peers.clone(),
             gateways: self
                 .gateways
@@ -199,6 +209,29 @@ impl ClusterState {
             observations: self.observations.clone(),
             live_agents: liveness.then(|| self.status.keys().cloned().collect()),
         }
+    }
+}
+
+impl ClusterState {
+    /// The nodes, each without a pod CIDR of its own given the one the leader allocated,
+    /// if that still makes a valid node.
+    fn nodes_with_allocations(&self) -> BTreeMap<String, Node> {
+        let mut nodes = self.nodes.clone();
+        for (name, node) in nodes.iter_mut() {
+            let Some(allocation) = self.pod_cidrs.get(name) else {
+                continue;
+            };
+            if !node.pod_cidrs.is_empty() {
+                continue;
+            }
+            let mut with = node.clone();
+            with.pod_cidrs = vec![allocation.cidr];
+            match trellis_model::Validate::validate(&with) {
+                Ok(()) => *node = with,
+                Err(e) => tracing::warn!(node = %name, "ignoring allocated pod CIDR: {e}"),
+            }
+        }
+        nodes
     }
 }
 

@@ -13,17 +13,20 @@ use trellis_store::Store;
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct StoreArgs {
-    /// The store: unix:/path/to/store.sock or lab:NAME (default: the only running lab).
+    /// The store: etcd://HOST:PORT[,...], unix:/path/to/store.sock or lab:NAME (default:
+    /// the only running lab).
     #[arg(long, global = true)]
     pub store: Option<String>,
     /// Shorthand for --store lab:NAME.
     #[arg(long, global = true)]
     pub lab: Option<String>,
+    #[command(flatten)]
+    pub etcd: store_url::EtcdArgs,
 }
 
 impl StoreArgs {
     fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
-        Ok(store_url::resolve(self.store.as_deref(), self.lab.as_deref())?.open())
+        store_url::resolve(self.store.as_deref(), self.lab.as_deref())?.open(&self.etcd)
     }
 }
 

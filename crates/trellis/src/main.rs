@@ -5,6 +5,7 @@ mod backoff;
 mod cluster;
 mod commands;
 mod lab;
+mod leader;
 mod store_url;
 
 use clap::{Parser, Subcommand};

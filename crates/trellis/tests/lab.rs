@@ -975,3 +975,195 @@ fn a_gateway_losing_most_packets_is_routed_around() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     fault_is_routed_around("tfls", &["loss", "60"]);
 }
+
+fn leader_of(lab: &Lab) -> Option<(String, u64)> {
+    let status = lab.status_json();
+    let leader = &status["leader"];
+    Some((
+        leader["node"].as_str()?.to_string(),
+        leader["epoch"].as_u64()?,
+    ))
+}
+
+fn agent_pids(lab: &Lab) -> Vec<i64> {
+    lab.status_json()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["agent_pid"].as_i64().expect("agent running"))
+        .collect()
+}
+
+fn leads(lab: &Lab, node: &str) -> bool {
+    let out = lab.run(&["lab", "metrics", node]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("trellis_leader{") && l.ends_with(" 1"))
+}
+
+/// Seed 001 on a real etcd: the store frozen for 30 s, killed and restarted, one node
+/// partitioned from it, and most of its traffic dropped. No agent exits, every pod keeps
+/// reaching every other, the leader stops acting within its renew deadline while the
+/// store is silent, and a leader is back soon after the store is.
+#[test]
+fn store_faults_on_etcd_stop_leader_work_and_nothing_else() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tse", &["--store", "etcd", "--agent-resync", "2"]);
+    assert_eq!(lab.status_json()["store"]["kind"], "etcd");
+    let agents = agent_pids(&lab);
+    let mut leader = None;
+    wait_until("a leader", Duration::from_secs(20), || {
+        leader = leader_of(&lab);
+        leader.is_some()
+    });
+    let (first, epoch) = leader.unwrap();
+    assert!(leads(&lab, &first), "{first} says it leads");
+
+    // Frozen: connections hang, nothing errors.
+    let fault = lab.run(&["lab", "fault", "store", "freeze"]);
+    assert!(fault.status.success(), "{}", text(&fault));
+    let frozen = Instant::now();
+    wait_until("the leader to stop acting", Duration::from_secs(9), || {
+        !leads(&lab, &first)
+    });
+    let stopped = frozen.elapsed();
+    assert!(
+        stopped <= Duration::from_secs(8),
+        "stopped after {stopped:?}"
+    );
+    lab.check();
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(frozen.elapsed()));
+    lab.check();
+    assert!(lab.run(&["lab", "heal", "store"]).status.success());
+    let healed = Instant::now();
+    let mut next = None;
+    wait_until("a leader after the freeze", Duration::from_secs(25), || {
+        next = leader_of(&lab);
+        next.is_some()
+    });
+    let (_, next_epoch) = next.unwrap();
+    assert!(next_epoch > epoch, "a new term: {next_epoch} > {epoch}");
+    eprintln!("leader back {:?} after the heal", healed.elapsed());
+
+    // Killed and restarted on the same data.
+    assert!(lab.run(&["lab", "fault", "store", "kill"]).status.success());
+    std::thread::sleep(Duration::from_secs(5));
+    lab.check();
+    assert!(lab.run(&["lab", "heal", "store"]).status.success());
+    wait_until(
+        "a leader after the restart",
+        Duration::from_secs(25),
+        || leader_of(&lab).is_some(),
+    );
+
+    // One node cut off from the store, then most store traffic dropped for everyone.
+    assert!(
+        lab.run(&["lab", "fault", "store", "partition", "a1"])
+            .status
+            .success()
+    );
+    assert!(
+        lab.run(&["lab", "fault", "store", "throttle"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        lab.status_json()["store"]["faults"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    lab.check();
+    assert!(lab.run(&["lab", "heal", "store"]).status.success());
+    wait_until(
+        "a leader after partition and throttling",
+        Duration::from_secs(25),
+        || leader_of(&lab).is_some(),
+    );
+    lab.check();
+    assert_eq!(agent_pids(&lab), agents, "no agent exited or restarted");
+}
+
+/// A leader paused past its lease (SIGSTOP) loses the election to another node and steps
+/// down when it resumes; `etcdctl elect` sees the same leader and can join the race.
+#[test]
+fn a_paused_leader_is_replaced_and_etcdctl_shares_the_election() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("tsp", &["--store", "etcd"]);
+    let mut leader = None;
+    wait_until("a leader", Duration::from_secs(20), || {
+        leader = leader_of(&lab);
+        leader.is_some()
+    });
+    let (paused, epoch) = leader.unwrap();
+    let store_ns = format!("tl-{}-store", lab.name);
+    let etcdctl = |args: &str| {
+        sh(&format!(
+            "ip netns exec {store_ns} env ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 {args}"
+        ))
+    };
+    // `elect -l` keeps observing: it prints the leader, then waits for changes.
+    let listed = sh(&format!(
+        "timeout 3 ip netns exec {store_ns} env ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 elect -l /trellis/election"
+    ));
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&paused),
+        "etcdctl sees the same leader: {}",
+        text(&listed)
+    );
+
+    let pid = lab.status_json()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == paused.as_str())
+        .unwrap()["agent_pid"]
+        .as_i64()
+        .unwrap();
+    assert!(sh(&format!("kill -STOP {pid}")).status.success());
+    let mut successor = None;
+    wait_until("a successor", Duration::from_secs(25), || {
+        successor = leader_of(&lab).filter(|(n, _)| *n != paused);
+        successor.is_some()
+    });
+    let (successor, next_epoch) = successor.unwrap();
+    assert!(next_epoch > epoch);
+    assert!(sh(&format!("kill -CONT {pid}")).status.success());
+    // The resumed leader finds its renew deadline long past: it stops at once.
+    wait_until(
+        "the paused leader to step down",
+        Duration::from_secs(5),
+        || !leads(&lab, &paused),
+    );
+    assert!(leads(&lab, &successor));
+
+    // etcdctl as a competing candidate: it waits behind the Trellis leader.
+    let mut rival = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &store_ns,
+            "etcdctl",
+            "--endpoints=http://127.0.0.1:2379",
+        ])
+        .args(["elect", "/trellis/election", "rival"])
+        .env("ETCDCTL_API", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("etcdctl elect");
+    std::thread::sleep(Duration::from_secs(3));
+    let keys = etcdctl("get --prefix /trellis/election/");
+    let keys = String::from_utf8_lossy(&keys.stdout).into_owned();
+    let _ = rival.kill();
+    let _ = rival.wait();
+    assert!(keys.contains("rival"), "etcdctl's candidate joined: {keys}");
+    assert_eq!(
+        leader_of(&lab).map(|(n, _)| n),
+        Some(successor),
+        "the leader held"
+    );
+    lab.check();
+}

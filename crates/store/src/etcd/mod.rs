@@ -37,8 +37,13 @@ const WATCH_BUFFER: usize = 1024;
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Opens a TCP connection to a member. The lab's tools use one that connects from inside
+/// the lab's network namespace; blocking, run off the async threads.
+pub type Dialer =
+    Arc<dyn Fn(std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> + Send + Sync>;
+
 /// Where the etcd cluster is and how to talk to it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct EtcdConfig {
     /// Client URLs of the members, `http://host:port` or `https://host:port`.
     pub endpoints: Vec<String>,
@@ -48,6 +53,22 @@ pub struct EtcdConfig {
     pub credentials: Option<Credentials>,
     /// Longest a unary call may take.
     pub call_timeout: Duration,
+    /// How to connect, when not simply from this process's network namespace. Only with
+    /// a single endpoint given as IP:PORT.
+    pub dialer: Option<Dialer>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("tls", &self.tls)
+            .field("credentials", &self.credentials)
+            .field("call_timeout", &self.call_timeout)
+            .field("dialer", &self.dialer.is_some())
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,7 +172,18 @@ impl EtcdStore {
             }
             endpoints.push(endpoint);
         }
-        let channel = if endpoints.len() == 1 {
+        let channel = if let Some(dialer) = config.dialer.clone() {
+            if endpoints.len() != 1 {
+                return Err(config_error(
+                    "endpoints",
+                    config.endpoints.join(","),
+                    "a custom dialer takes exactly one endpoint",
+                ));
+            }
+            endpoints
+                .remove(0)
+                .connect_with_connector_lazy(dialing(dialer))
+        } else if endpoints.len() == 1 {
             endpoints.remove(0).connect_lazy()
         } else {
             Channel::balance_list(endpoints.into_iter())
@@ -261,6 +293,42 @@ impl EtcdStore {
             )),
         }
     }
+}
+
+/// A connector that hands the dialer the URI's IP:PORT.
+fn dialing(
+    dialer: Dialer,
+) -> impl tower::Service<
+    tonic::codegen::http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>
+             + Send,
+> + Send
++ Clone
++ 'static {
+    tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let dialer = dialer.clone();
+        async move {
+            let invalid = || {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{uri} is not IP:PORT"),
+                )
+            };
+            let host = uri.host().ok_or_else(invalid)?.trim_matches(['[', ']']);
+            let ip: std::net::IpAddr = host.parse().map_err(|_| invalid())?;
+            let addr = std::net::SocketAddr::new(ip, uri.port_u16().ok_or_else(invalid)?);
+            let stream = tokio::task::spawn_blocking(move || dialer(addr))
+                .await
+                .map_err(std::io::Error::other)??;
+            stream.set_nonblocking(true)?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::TcpStream::from_std(stream)?,
+            ))
+        }
+    })
 }
 
 fn revision(r: i64) -> Revision {
@@ -677,6 +745,7 @@ mod tests {
             tls: None,
             credentials: None,
             call_timeout: Duration::from_secs(1),
+            dialer: None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -133,6 +133,7 @@ impl Etcd {
             tls: None,
             credentials: None,
             call_timeout: Duration::from_secs(2),
+            dialer: None,
         }
     }
 

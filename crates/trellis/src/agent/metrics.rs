@@ -53,6 +53,9 @@ struct Inner {
     last_failover: Option<Instant>,
     down: BTreeSet<String>,
     gateways: Option<BTreeMap<String, Vec<String>>>,
+    /// The epoch of the term this node holds, if it leads.
+    leading_epoch: Option<u64>,
+    terms: u64,
 }
 
 /// Shared by the prober (probe counters) and the main loop (verdicts and gateways).
@@ -133,6 +136,25 @@ impl Metrics {
         });
     }
 
+    /// Mirrors the leader election's role into the metrics until the campaign ends.
+    pub async fn follow_role(self, mut role: tokio::sync::watch::Receiver<crate::leader::Role>) {
+        loop {
+            let epoch = match &*role.borrow_and_update() {
+                crate::leader::Role::Leader { epoch } => Some(*epoch),
+                _ => None,
+            };
+            self.with(|m| {
+                if epoch.is_some() && m.leading_epoch != epoch {
+                    m.terms += 1;
+                }
+                m.leading_epoch = epoch;
+            });
+            if role.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     pub fn render(&self, node: &str, now: Instant) -> String {
         self.with(|m| render(m, node, now))
     }
@@ -147,6 +169,21 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
             let _ = writeln!(out, "{name}{{node=\"{node}\"{labels}}} {value}");
         }
     };
+    family(
+        "trellis_leader",
+        "gauge",
+        "1 while this node holds the cluster leadership (leader-only work runs), else 0.",
+        vec![(
+            String::new(),
+            u8::from(m.leading_epoch.is_some()).to_string(),
+        )],
+    );
+    family(
+        "trellis_leader_terms_total",
+        "counter",
+        "Terms of leadership this node has begun.",
+        vec![(String::new(), m.terms.to_string())],
+    );
     let per_gateway = |f: &dyn Fn(&GatewayProbes) -> String| -> Vec<(String, String)> {
         m.probes
             .iter()

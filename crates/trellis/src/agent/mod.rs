@@ -78,9 +78,24 @@ pub struct AgentArgs {
     /// Where the private key lives (created with mode 0600 if missing).
     #[arg(long, default_value = "/var/lib/trellis/private.key")]
     pub key_file: PathBuf,
-    /// The store: unix:/path/to/store.sock or lab:NAME.
+    /// The store: etcd://HOST:PORT[,HOST:PORT...], unix:/path/to/store.sock or lab:NAME.
     #[arg(long)]
     pub store: String,
+    #[command(flatten)]
+    pub etcd: crate::store_url::EtcdArgs,
+    /// Take no part in the leader election (never do cluster-wide work).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Leader election: TTL of the session lease, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub election_lease_ms: u64,
+    /// Leader election: the leader stops acting this long after its last successful
+    /// renewal, in milliseconds (less than the lease).
+    #[arg(long, default_value_t = 7_000)]
+    pub election_renew_deadline_ms: u64,
+    /// Leader election: how often the leader renews, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub election_retry_ms: u64,
     /// Mesh granularity when the store holds no cluster settings.
     #[arg(long, default_value = "location")]
     pub granularity: Granularity,
@@ -164,17 +179,30 @@ pub fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--wireguard kernel: {why}");
     }
     let store_url = StoreUrl::parse(&args.store)?;
+    let runtime = crate::runtime()?;
+    // Store clients spawn their connection tasks on the runtime.
+    let store = {
+        let _runtime = runtime.enter();
+        store_url.open(&args.etcd)?
+    };
+    let election = crate::leader::ElectionConfig {
+        lease: Duration::from_millis(args.election_lease_ms),
+        renew_deadline: Duration::from_millis(args.election_renew_deadline_ms),
+        retry: Duration::from_millis(args.election_retry_ms),
+    };
+    election.validate()?;
     let defaults = args.default_settings()?;
     let key = keyfile::load_or_generate(&args.key_file)?;
     let node = args.node_record(keyfile::public_key(&key))?;
-    let runtime = crate::runtime()?;
-    runtime.block_on(run(args, store_url, defaults, node, key))?;
+    runtime.block_on(run(args, store_url, store, election, defaults, node, key))?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn run(
     args: AgentArgs,
     store_url: StoreUrl,
+    store: Arc<dyn trellis_store::Store>,
+    election: crate::leader::ElectionConfig,
     defaults: Settings,
     node: Node,
     key: x25519_dalek::StaticSecret,
@@ -184,16 +212,35 @@ async fn run(
     let netlink = Arc::new(Netlink::connect()?);
     let device = start_device(&args, key, &netlink).await;
 
-    let store = store_url.open();
     let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
     tokio::spawn(crate::cluster::sync_forever(store.clone(), state_tx));
+    let metrics = metrics::Metrics::default();
+    // Leadership runs beside the data plane and nothing here waits on it: readiness,
+    // plans and probes are the same whether this node leads or not.
+    let (stop_campaign, campaign_stopped) = watch::channel(false);
+    let campaign = (!args.no_leader_election).then(|| {
+        let (role_tx, role_rx) = watch::channel(crate::leader::Role::Joining);
+        tokio::spawn(metrics.clone().follow_role(role_rx));
+        let work = Arc::new(crate::leader::work::ClusterWork {
+            store: store.clone(),
+            state: state_rx.clone(),
+            stats: Default::default(),
+        });
+        tokio::spawn(crate::leader::campaign_forever(
+            store.clone(),
+            node.name.clone(),
+            election,
+            work,
+            role_tx,
+            campaign_stopped,
+        ))
+    });
     tokio::spawn(register::keep_registered(
         store.clone(),
         node.clone(),
         state_rx.clone(),
     ));
     let leased = leased::LeasedKeys::start(store.clone());
-    let metrics = metrics::Metrics::default();
     if let Some(addr) = args.metrics_addr {
         tokio::spawn(metrics::serve(addr, node.name.clone(), metrics.clone()));
     }
@@ -291,7 +338,11 @@ async fn run(
         }
         last_inputs = Some(inputs);
     }
-    tracing::info!("shutting down: releasing status lease, stopping device");
+    tracing::info!("shutting down: resigning leadership, releasing status lease, stopping device");
+    stop_campaign.send_replace(true);
+    if let Some(campaign) = campaign {
+        let _ = tokio::time::timeout(Duration::from_secs(3), campaign).await;
+    }
     leased.stop().await;
     drop(device);
     Ok(())

@@ -167,6 +167,7 @@ fn bench_lab(name: &str, gateway_health: GatewayHealth) -> LabParams {
         pods_per_node: 1,
         agent_resync: 10,
         gateway_health,
+        store: super::store::StoreKind::Embedded,
     }
 }
 
@@ -229,7 +230,7 @@ async fn run_trial(
     trial: usize,
 ) -> anyhow::Result<Trial> {
     let state = LabState::load(lab)?;
-    let cluster = crate::cluster::load(super::open_store(lab).as_ref()).await?;
+    let cluster = crate::cluster::load(super::open_store(lab)?.as_ref()).await?;
     let topology = cluster
         .plan_inputs(&trellis_plan::Settings::default())
         .topology();
@@ -301,7 +302,7 @@ async fn run_trial(
     fault::heal(lab, &gateway).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let store = super::open_store(lab);
+        let store = super::open_store(lab)?;
         let cluster = crate::cluster::load(store.as_ref()).await?;
         let inputs = cluster.plan_inputs(&trellis_plan::Settings::default());
         let all_up = inputs.measured_down().is_empty()
@@ -438,7 +439,7 @@ pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<Fals
         for node in &spec.nodes {
             fault::inject(name, &node.name, fault.clone()).await?;
         }
-        let store = super::open_store(name);
+        let store = super::open_store(name)?;
         let mut last_gateways = None;
         let mut last_down = std::collections::BTreeSet::new();
         let mut last_opinions: std::collections::BTreeMap<(String, String), bool> =

@@ -33,7 +33,7 @@ pub async fn create_fabric(spec: &LabSpec) -> anyhow::Result<()> {
 }
 
 /// A veth pair from `ns` (end `inner`, addressed) to the fabric bridge `bridge`.
-async fn attach_to_fabric(
+pub(super) async fn attach_to_fabric(
     spec: &LabSpec,
     nl: &Netlink,
     fabric: &Netlink,
@@ -150,15 +150,15 @@ pub fn teardown(lab: &str) -> anyhow::Result<Teardown> {
         .filter(|n| n.starts_with(&prefix))
         .collect();
     let mut report = Teardown::default();
-    // Agents first (they release their status), the store last.
+    // Agents first (they release their status and leadership), the store last.
     let fabric = spec::fabric_netns(lab);
-    for ns in namespaces.iter().filter(|n| **n != fabric) {
+    let etcd = format!("tl-{lab}-store");
+    let (stores, agents): (Vec<&String>, Vec<&String>) = namespaces
+        .iter()
+        .partition(|n| **n == fabric || **n == etcd);
+    for ns in agents.into_iter().chain(stores) {
         report.processes += netns::pids_in(ns).len();
         processes::kill_all_in(ns, Duration::from_secs(2));
-    }
-    if namespaces.contains(&fabric) {
-        report.processes += netns::pids_in(&fabric).len();
-        processes::kill_all_in(&fabric, Duration::from_secs(2));
     }
     let mut errors = Vec::new();
     for ns in &namespaces {

@@ -172,6 +172,7 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
         timeout: 60,
         agent_resync: 10,
         gateway_health: GatewayHealthArg::Forwarding,
+        store: super::store::StoreKind::Embedded,
     };
     if up_inner(up).await? != ExitCode::SUCCESS {
         bail!("the lab did not come up");
@@ -181,7 +182,7 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
     let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
     print!("{}", check::matrix(&report));
 
-    let store = super::open_store(name);
+    let store = super::open_store(name)?;
     let view = View::load(store.as_ref()).await?;
     let Stream {
         served,

@@ -28,6 +28,10 @@ pub enum FaultKind {
     /// The public path between the node and another node (give PEER) drops everything:
     /// their direct tunnel breaks while both still reach everyone else.
     CutPath,
+    /// The store only (`lab fault store freeze`): etcd stopped with SIGSTOP.
+    Freeze,
+    /// The store only (`lab fault store throttle`): most store traffic dropped.
+    Throttle,
 }
 
 /// One injected fault, as recorded in the lab state.
@@ -57,6 +61,16 @@ impl Fault {
             (FaultKind::Loss, Some(_)) => {}
             (_, Some(p)) => bail!("{kind:?} takes no PERCENT (got {p})"),
             _ => {}
+        }
+        if matches!(kind, FaultKind::Freeze | FaultKind::Throttle) {
+            bail!(
+                "{kind:?} is a fault of the store: `trellis lab fault store {}`",
+                if kind == FaultKind::Freeze {
+                    "freeze"
+                } else {
+                    "throttle"
+                }
+            );
         }
         if new_flows_only && kind != FaultKind::BlackholeForward {
             bail!("--new-flows-only applies to blackhole-forward only");
@@ -121,6 +135,8 @@ impl fmt::Display for Fault {
             FaultKind::Partition => f.write_str("partition"),
             FaultKind::Loss => write!(f, "loss {}%", self.percent.unwrap_or(0)),
             FaultKind::CutPath => write!(f, "cut-path {}", self.peer.as_deref().unwrap_or("?")),
+            FaultKind::Freeze => f.write_str("freeze"),
+            FaultKind::Throttle => f.write_str("throttle"),
         }
     }
 }
@@ -189,7 +205,7 @@ pub async fn heal(lab: &str, node: &str) -> anyhow::Result<Vec<Fault>> {
     if !alive {
         let pid = processes::spawn_in(
             &spec.netns,
-            &processes::agent_args(lab, &spec, state.spec.agent_resync),
+            &processes::agent_args(&state.spec, &spec),
             &state::log_path(lab, node),
         )?;
         state.agent_pids.insert(node.to_string(), pid);
@@ -271,7 +287,7 @@ mod rules {
                 }
             }
             FaultKind::Loss | FaultKind::CutPath => {} // on the fabric's ports: program_links
-            FaultKind::Kill => {}
+            FaultKind::Kill | FaultKind::Freeze | FaultKind::Throttle => {}
         }
         b
     }

@@ -11,6 +11,7 @@ mod processes;
 pub mod spec;
 pub mod state;
 mod status;
+pub mod store;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -36,9 +37,11 @@ pub enum LabCommand {
     /// Run a command inside a node's (or a pod's) network namespace.
     Exec(ExecArgs),
     /// Inject a fault into a node: blackhole-forward [--new-flows-only], kill, partition,
-    /// loss PERCENT, or cut-path PEER.
+    /// loss PERCENT, or cut-path PEER; or into the store (a lab on etcd): `store freeze`,
+    /// `store kill`, `store partition NODE`, `store throttle`.
     Fault(FaultArgs),
-    /// Remove every fault of a node (and restart its agent if it was killed).
+    /// Remove every fault of a node (and restart its agent if it was killed), or of the
+    /// store (`heal store`: thaw or restart etcd, end partitions and throttling).
     Heal(HealArgs),
     /// A node agent's metrics (Prometheus text), read from inside the node's namespace.
     Metrics(HealArgs),
@@ -95,6 +98,10 @@ pub struct UpArgs {
     /// only, as Kilo does; for comparison).
     #[arg(long, default_value = "forwarding")]
     pub gateway_health: GatewayHealthArg,
+    /// The store: embedded (in-process, the default) or etcd (Debian's etcd in its own
+    /// namespace, reached over the location networks).
+    #[arg(long, default_value = "embedded")]
+    pub store: store::StoreKind,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -161,7 +168,7 @@ pub struct ExecArgs {
 pub struct FaultArgs {
     #[command(flatten)]
     pub name: NameArg,
-    /// The node to break.
+    /// The node to break, or `store`.
     pub node: String,
     /// What breaks.
     pub kind: fault::FaultKind,
@@ -270,6 +277,25 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             lab.save()?;
             Ok(ExitCode::SUCCESS)
         }
+        LabCommand::Fault(args) if args.node == "store" => {
+            let f = store::StoreFault::parse(args.kind, args.value.as_deref())?;
+            store::inject(&args.name.name, f.clone()).await?;
+            println!("{f}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Heal(args) if args.node == "store" => {
+            let healed = store::heal(&args.name.name).await?;
+            let list: Vec<String> = healed.iter().map(ToString::to_string).collect();
+            println!(
+                "store: healed {}",
+                if list.is_empty() {
+                    "(no faults)".into()
+                } else {
+                    list.join(", ")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         LabCommand::Fault(args) => {
             let f = fault::Fault::parse(args.kind, args.new_flows_only, args.value.as_deref())?;
             fault::inject(&args.name.name, &args.node, f.clone()).await?;
@@ -353,9 +379,13 @@ async fn up_inner(args: UpArgs) -> anyhow::Result<ExitCode> {
         pods_per_node: args.pods,
         agent_resync: args.agent_resync,
         gateway_health: args.gateway_health.into(),
+        store: args.store,
     };
     let spec = params.spec()?;
     let name = spec.name.clone();
+    if args.store == store::StoreKind::Etcd && which("etcd").is_none() {
+        bail!("--store etcd needs etcd on PATH (apt-get install etcd-server)");
+    }
     if state::dir(&name).join("lab.json").exists() || netns::exists(&spec::fabric_netns(&name)) {
         bail!(
             "lab {name:?} already exists: `trellis lab down --name {name}` first, or pick another --name"
@@ -419,6 +449,7 @@ async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         store_pid: None,
         agent_pids: Default::default(),
         faults: Default::default(),
+        store_faults: Vec::new(),
     };
     // The state file goes first so that `lab down` knows the lab even if this crashes.
     lab.save()?;
@@ -430,25 +461,22 @@ async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("creating node {}", node.name))?;
     }
-    let fabric = spec::fabric_netns(&spec.name);
-    let store_pid = processes::spawn_in(
-        &fabric,
-        &[
-            "lab".into(),
-            "serve-store".into(),
-            format!("--name={}", spec.name),
-        ],
-        &state::log_path(&spec.name, "store"),
-    )?;
+    let store_pid = store::start(spec).await.context("starting the store")?;
     lab.store_pid = Some(store_pid);
     lab.save()?;
-    let store = open_store(&spec.name);
-    wait_for_store(store.as_ref(), Duration::from_secs(10)).await?;
+    let store = open_store(&spec.name)?;
+    wait_for_store(store.as_ref(), Duration::from_secs(20)).await?;
     let settings = ClusterSettings {
         granularity: spec.granularity,
         gateways_per_location: spec.gateways,
         persistent_keepalive: None,
         gateway_health: spec.gateway_health,
+        // Nodes that join without --pod-cidr get one from the leader, beside the lab's own.
+        pod_cidr_pool: Some(trellis_model::PodCidrPool {
+            cidr: "10.244.0.0/16".parse()?,
+            node_prefix: 24,
+        }),
+        gc_after_seconds: trellis_model::DEFAULT_GC_AFTER_SECONDS,
     };
     store
         .put(keys::SETTINGS, serde_json::to_vec(&settings)?)
@@ -456,7 +484,7 @@ async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
     for node in &spec.nodes {
         let pid = processes::spawn_in(
             &node.netns,
-            &processes::agent_args(&spec.name, node, spec.agent_resync),
+            &processes::agent_args(spec, node),
             &state::log_path(&spec.name, &node.name),
         )?;
         lab.agent_pids.insert(node.name.clone(), pid);
@@ -465,11 +493,16 @@ async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
     wait_converged(store.as_ref(), spec, timeout).await
 }
 
-pub fn open_store(lab: &str) -> Arc<dyn Store> {
-    Arc::new(trellis_store::remote::RemoteStore::connect(
-        state::store_socket(lab),
-        crate::store_url::CALL_TIMEOUT,
-    ))
+pub fn open_store(lab: &str) -> anyhow::Result<Arc<dyn Store>> {
+    store::open(lab)
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
 }
 
 async fn wait_for_store(store: &dyn Store, timeout: Duration) -> anyhow::Result<()> {

@@ -14,6 +14,17 @@ use trellis_dataplane::netns;
 /// Spawn `args` of this executable inside `netns_name`, detached, logging to `log`.
 pub fn spawn_in(netns_name: &str, args: &[String], log: &std::path::Path) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("locating the trellis executable")?;
+    spawn_program_in(netns_name, &exe, args, log)
+}
+
+/// Spawn `program` (looked up on PATH if relative) inside `netns_name`, detached.
+pub fn spawn_program_in(
+    netns_name: &str,
+    program: &std::path::Path,
+    args: &[String],
+    log: &std::path::Path,
+) -> anyhow::Result<i32> {
+    let exe = program;
     let ns = netns::open(netns_name)?;
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir)?;
@@ -53,7 +64,8 @@ pub fn spawn_in(netns_name: &str, args: &[String], log: &std::path::Path) -> any
 /// Each agent serves its metrics here, on the loopback of its own node namespace.
 pub const METRICS_PORT: u16 = 9464;
 
-pub fn agent_args(lab: &str, node: &NodeSpec, resync_seconds: u64) -> Vec<String> {
+pub fn agent_args(spec: &super::spec::LabSpec, node: &NodeSpec) -> Vec<String> {
+    let (lab, resync_seconds) = (spec.name.as_str(), spec.agent_resync);
     let mut args = vec![
         "agent".to_string(),
         format!("--resync-seconds={resync_seconds}"),
@@ -66,7 +78,10 @@ pub fn agent_args(lab: &str, node: &NodeSpec, resync_seconds: u64) -> Vec<String
         format!("--interface={}", node.interface),
         format!("--listen-port={}", super::spec::LISTEN_PORT),
         format!("--key-file={}", state::key_path(lab, &node.name).display()),
-        format!("--store=unix:{}", state::store_socket(lab).display()),
+        format!(
+            "--store={}",
+            super::store::agent_store_url(spec, &node.location)
+        ),
         format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"),
     ];
     if let Some(public) = node.public_ip {

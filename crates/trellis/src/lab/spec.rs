@@ -25,6 +25,7 @@ pub struct LabParams {
     /// How often agents re-read and repair kernel state, in seconds.
     pub agent_resync: u64,
     pub gateway_health: GatewayHealth,
+    pub store: super::store::StoreKind,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +41,8 @@ pub struct LabSpec {
     pub agent_resync: u64,
     #[serde(default)]
     pub gateway_health: GatewayHealth,
+    #[serde(default)]
+    pub store: super::store::StoreKind,
 }
 
 fn default_resync() -> u64 {
@@ -199,6 +202,7 @@ impl LabParams {
             hosts: Vec::new(),
             agent_resync: self.agent_resync,
             gateway_health: self.gateway_health,
+            store: self.store,
         })
     }
 }
@@ -278,6 +282,7 @@ mod tests {
             pods_per_node: 1,
             agent_resync: 10,
             gateway_health: GatewayHealth::Forwarding,
+            store: Default::default(),
         }
     }
 

@@ -35,6 +35,9 @@ pub struct LabState {
     /// Faults injected per node and not yet healed.
     #[serde(default)]
     pub faults: BTreeMap<String, Vec<super::fault::Fault>>,
+    /// Faults of the store not yet healed.
+    #[serde(default)]
+    pub store_faults: Vec<super::store::StoreFault>,
 }
 
 impl LabState {

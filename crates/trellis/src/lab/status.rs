@@ -16,6 +16,8 @@ struct LabView {
     name: String,
     granularity: String,
     store: StoreView,
+    /// The current leader per the store, with its epoch; null when none (or unknown).
+    leader: Option<LeaderView>,
     nodes: Vec<NodeView>,
     hosts: Vec<HostView>,
     /// Direct tunnels measured broken, each relayed through a gateway: [a, b] by name.
@@ -28,7 +30,18 @@ struct StoreView {
     kind: &'static str,
     pid: Option<i32>,
     netns: String,
-    socket: String,
+    /// The embedded store's Unix socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<String>,
+    /// Whether the store process is stopped (SIGSTOP, `lab fault store freeze`).
+    frozen: bool,
+    faults: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct LeaderView {
+    node: String,
+    epoch: u64,
 }
 
 #[derive(Serialize)]
@@ -67,7 +80,7 @@ struct HostView {
 
 pub async fn show(lab: &str, json: bool) -> anyhow::Result<ExitCode> {
     let state = LabState::load(lab)?;
-    let store = super::open_store(lab);
+    let store = super::open_store(lab)?;
     // The store may be down (that is a fault the lab can inject): show what we can.
     let (cluster, store_error) = match crate::cluster::load(store.as_ref()).await {
         Ok(c) => (c, None),
@@ -90,7 +103,16 @@ pub async fn show(lab: &str, json: bool) -> anyhow::Result<ExitCode> {
                 .map(|p| (p.public_key, p.name.clone())),
         )
         .collect();
-    let view = build_view(&state, &topology, &cluster, &names, store_error).await;
+    let leader = match &store_error {
+        None => crate::leader::current_leader(store.as_ref())
+            .await
+            .ok()
+            .flatten()
+            .map(|(node, epoch)| LeaderView { node, epoch }),
+        Some(_) => None,
+    };
+    let mut view = build_view(&state, &topology, &cluster, &names, store_error).await;
+    view.leader = leader;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -176,11 +198,15 @@ async fn build_view(
         name: spec.name.clone(),
         granularity: spec.granularity.to_string(),
         store: StoreView {
-            kind: "embedded",
+            kind: spec.store.name(),
             pid: state.store_pid.filter(|p| super::processes::is_alive(*p)),
-            netns: super::spec::fabric_netns(&spec.name),
-            socket: super::state::store_socket(&spec.name).display().to_string(),
+            netns: super::store::netns_of(spec),
+            socket: (spec.store == super::store::StoreKind::Embedded)
+                .then(|| super::state::store_socket(&spec.name).display().to_string()),
+            frozen: state.store_pid.is_some_and(is_stopped),
+            faults: state.store_faults.iter().map(ToString::to_string).collect(),
         },
+        leader: None,
         nodes,
         hosts: spec
             .hosts
@@ -200,14 +226,32 @@ async fn build_view(
     }
 }
 
+/// Whether the process is stopped by a signal (state T in /proc).
+fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('T'))
+    })
+}
+
 fn print_table(view: &LabView, spec: &LabSpec) {
     println!(
-        "lab {} — granularity {}, {} locations, store pid {}",
+        "lab {} — granularity {}, {} locations, {} store pid {}{}, leader {}",
         view.name,
         view.granularity,
         spec.locations.len(),
-        view.store.pid.map_or("DOWN".to_string(), |p| p.to_string())
+        view.store.kind,
+        view.store.pid.map_or("DOWN".to_string(), |p| p.to_string()),
+        if view.store.frozen { " (FROZEN)" } else { "" },
+        view.leader.as_ref().map_or("none".to_string(), |l| format!(
+            "{} (epoch {})",
+            l.node, l.epoch
+        ))
     );
+    for f in &view.store.faults {
+        println!("store fault: {f}");
+    }
     println!(
         "{:<6} {:<8} {:<8} {:<7} {:<10} {:<14} peers (last handshake)",
         "NODE", "LOCATION", "ROLE", "AGENT", "POD", "POD IP"
