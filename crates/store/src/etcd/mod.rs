@@ -201,22 +201,8 @@ impl EtcdStore {
         format!("{}{key}", self.prefix).into_bytes()
     }
 
-    fn relative_key(&self, key: &[u8]) -> Result<String> {
-        let key = std::str::from_utf8(key)
-            .map_err(|_| StoreError::Protocol("a key is not UTF-8".into()))?;
-        key.strip_prefix(&self.prefix)
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Protocol(format!("key {key:?} is outside the prefix")))
-    }
-
     fn key_value(&self, kv: proto::mvccpb::KeyValue) -> Result<KeyValue> {
-        Ok(KeyValue {
-            key: self.relative_key(&kv.key)?,
-            value: kv.value,
-            create_revision: revision(kv.create_revision),
-            mod_revision: revision(kv.mod_revision),
-            lease: (kv.lease != 0).then_some(kv.lease as LeaseId),
-        })
+        key_value(&self.prefix, kv)
     }
 
     /// The request with the auth token attached, authenticating first if needed.
@@ -328,6 +314,23 @@ fn dialing(
                 tokio::net::TcpStream::from_std(stream)?,
             ))
         }
+    })
+}
+
+/// An etcd key-value as the `Store` model has it: the key relative to `prefix`.
+fn key_value(prefix: &str, kv: proto::mvccpb::KeyValue) -> Result<KeyValue> {
+    let key = std::str::from_utf8(&kv.key)
+        .map_err(|_| StoreError::Protocol("a key is not UTF-8".into()))?;
+    let key = key
+        .strip_prefix(prefix)
+        .ok_or_else(|| StoreError::Protocol(format!("key {key:?} is outside the prefix")))?
+        .to_string();
+    Ok(KeyValue {
+        key,
+        value: kv.value,
+        create_revision: revision(kv.create_revision),
+        mod_revision: revision(kv.mod_revision),
+        lease: (kv.lease != 0).then_some(kv.lease as LeaseId),
     })
 }
 
@@ -704,24 +707,14 @@ impl WatchEvents {
         let kv = event
             .kv
             .ok_or_else(|| StoreError::Protocol("a watch event without a key".into()))?;
-        let key = std::str::from_utf8(&kv.key)
-            .ok()
-            .and_then(|k| k.strip_prefix(&self.prefix))
-            .ok_or_else(|| StoreError::Protocol("a watch event outside the prefix".into()))?
-            .to_string();
+        let kv = key_value(&self.prefix, kv)?;
         if event.r#type == EventType::Delete as i32 {
             Ok(Event::Delete {
-                key,
-                revision: revision(kv.mod_revision),
+                key: kv.key,
+                revision: kv.mod_revision,
             })
         } else {
-            Ok(Event::Put(KeyValue {
-                key,
-                value: kv.value,
-                create_revision: revision(kv.create_revision),
-                mod_revision: revision(kv.mod_revision),
-                lease: (kv.lease != 0).then_some(kv.lease as LeaseId),
-            }))
+            Ok(Event::Put(kv))
         }
     }
 }

@@ -56,6 +56,7 @@ struct Inner {
     /// The epoch of the term this node holds, if it leads.
     leading_epoch: Option<u64>,
     terms: u64,
+    leader_work: Option<Arc<crate::leader::work::WorkStats>>,
 }
 
 /// Shared by the prober (probe counters) and the main loop (verdicts and gateways).
@@ -136,6 +137,11 @@ impl Metrics {
         });
     }
 
+    /// Reports what the leader work did (across all of this node's terms).
+    pub fn count_leader_work(&self, stats: Arc<crate::leader::work::WorkStats>) {
+        self.with(|m| m.leader_work = Some(stats));
+    }
+
     /// Mirrors the leader election's role into the metrics until the campaign ends.
     pub async fn follow_role(self, mut role: tokio::sync::watch::Receiver<crate::leader::Role>) {
         loop {
@@ -184,6 +190,38 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
         "Terms of leadership this node has begun.",
         vec![(String::new(), m.terms.to_string())],
     );
+    if let Some(work) = &m.leader_work {
+        let count = |c: &std::sync::atomic::AtomicU64| {
+            vec![(
+                String::new(),
+                c.load(std::sync::atomic::Ordering::Relaxed).to_string(),
+            )]
+        };
+        family(
+            "trellis_leader_pod_cidrs_allocated_total",
+            "counter",
+            "Pod CIDRs this node allocated while leading.",
+            count(&work.allocations),
+        );
+        family(
+            "trellis_leader_records_collected_total",
+            "counter",
+            "Records of departed nodes this node deleted while leading.",
+            count(&work.collected),
+        );
+        family(
+            "trellis_leader_task_failures_total",
+            "counter",
+            "Leader task runs that failed and were retried within the term.",
+            count(&work.failures),
+        );
+        family(
+            "trellis_leader_writes_fenced_total",
+            "counter",
+            "Leader writes the store rejected because the term was over.",
+            count(&work.fenced),
+        );
+    }
     let per_gateway = |f: &dyn Fn(&GatewayProbes) -> String| -> Vec<(String, String)> {
         m.probes
             .iter()

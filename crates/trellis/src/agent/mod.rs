@@ -221,10 +221,12 @@ async fn run(
     let campaign = (!args.no_leader_election).then(|| {
         let (role_tx, role_rx) = watch::channel(crate::leader::Role::Joining);
         tokio::spawn(metrics.clone().follow_role(role_rx));
+        let stats = Arc::new(crate::leader::work::WorkStats::default());
+        metrics.count_leader_work(stats.clone());
         let work = Arc::new(crate::leader::work::ClusterWork {
             store: store.clone(),
             state: state_rx.clone(),
-            stats: Default::default(),
+            stats,
         });
         tokio::spawn(crate::leader::campaign_forever(
             store.clone(),

@@ -122,11 +122,12 @@ pub fn kill_all_in(netns_name: &str, grace: Duration) {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+    run_state(pid).is_none_or(|state| state == 'Z')
+}
+
+/// The process's state letter from /proc (R, S, T for stopped, Z for zombie...); `None`
+/// when it is gone.
+pub fn run_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
 }

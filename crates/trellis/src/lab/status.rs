@@ -203,7 +203,7 @@ async fn build_view(
             netns: super::store::netns_of(spec),
             socket: (spec.store == super::store::StoreKind::Embedded)
                 .then(|| super::state::store_socket(&spec.name).display().to_string()),
-            frozen: state.store_pid.is_some_and(is_stopped),
+            frozen: state.store_pid.and_then(super::processes::run_state) == Some('T'),
             faults: state.store_faults.iter().map(ToString::to_string).collect(),
         },
         leader: None,
@@ -224,15 +224,6 @@ async fn build_view(
             .collect(),
         warnings,
     }
-}
-
-/// Whether the process is stopped by a signal (state T in /proc).
-fn is_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('T'))
-    })
 }
 
 fn print_table(view: &LabView, spec: &LabSpec) {

@@ -205,6 +205,8 @@ async fn one_session(
     lease_slot: &mut Option<LeaseId>,
 ) -> Lost {
     let lost = |why: String| Lost { why, led: false };
+    // The lease's TTL runs from when etcd granted it, at the latest from now.
+    let asked = Instant::now();
     let lease = match store.grant_lease(config.lease).await {
         Ok(lease) => lease,
         Err(e) => return lost(format!("granting a session lease: {e}")),
@@ -232,7 +234,7 @@ async fn one_session(
         key,
         epoch,
         config,
-        last_renew_sent: Instant::now(),
+        last_renew_sent: asked,
     };
     role.send_replace(Role::Candidate);
     if let Err(why) = session.wait_to_lead().await {
