@@ -74,6 +74,17 @@ impl Lab {
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
     }
 
+    /// The values of the samples of `node`'s metrics whose line starts with `prefix`.
+    fn metric(&self, node: &str, prefix: &str) -> Vec<f64> {
+        let out = self.run(&["lab", "metrics", node]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
     fn netns(&self, node: &str) -> String {
         format!("tl-{}-{node}", self.name)
     }
@@ -260,11 +271,17 @@ fn a_route_deleted_by_someone_else_comes_back() {
         !sh(&show).stdout.is_empty(),
         "route missing before the test"
     );
+    let repaired = || {
+        lab.metric("a3", "trellis_routes_repaired_total{")
+            .iter()
+            .sum::<f64>()
+    };
+    let before = repaired();
     let del = sh(&format!("ip -n {ns} route del 10.244.3.0/24"));
     assert!(del.status.success(), "{}", text(&del));
-    assert!(sh(&show).stdout.is_empty());
+    // The agent may put it back before a second `ip` runs: its repair counter says it did.
     wait_until("the route to come back", Duration::from_secs(10), || {
-        !sh(&show).stdout.is_empty()
+        !sh(&show).stdout.is_empty() && repaired() > before
     });
     lab.check();
 }
@@ -522,6 +539,15 @@ fn state_commands_and_wg_show_read_a_running_lab() {
     );
 
     // every agent serves its measurements; an observer has probed and timed its gateways
+    // (a first round may go unanswered while a WireGuard handshake is retried)
+    wait_until(
+        "b3 to have timed an answer from each gateway",
+        Duration::from_secs(15),
+        || {
+            let timed = lab.metric("b3", "trellis_probe_rtt_seconds_count{node=\"b3\"");
+            !timed.is_empty() && timed.iter().all(|n| *n > 0.0)
+        },
+    );
     let out = trellis(&["lab", "metrics", "--name", "tcli", "b3"]);
     let metrics = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", text(&out));
@@ -995,10 +1021,7 @@ fn agent_pids(lab: &Lab) -> Vec<i64> {
 }
 
 fn leads(lab: &Lab, node: &str) -> bool {
-    let out = lab.run(&["lab", "metrics", node]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("trellis_leader{") && l.ends_with(" 1"))
+    lab.metric(node, "trellis_leader{") == [1.0]
 }
 
 /// Seed 001 on a real etcd: the store frozen for 30 s, killed and restarted, one node

@@ -39,6 +39,9 @@ pub struct Reconciler {
     netlink: Arc<Netlink>,
     nft: Arc<Nft>,
     store: Arc<dyn Store>,
+    /// The routes the last pass left in place: one of them missing now was removed by
+    /// someone else, whatever else changed since.
+    routes_in_place: Vec<RouteSpec>,
 }
 
 /// The verdicts and active gateways a plan was made with.
@@ -57,11 +60,17 @@ pub struct Outcome {
     nodes: usize,
     warnings: Vec<String>,
     errors: Vec<String>,
+    /// Routes found missing on a pass whose inputs had not changed: removed by someone else.
+    routes_repaired: usize,
 }
 
 impl Outcome {
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref()
+    }
+
+    pub fn routes_repaired(&self) -> usize {
+        self.routes_repaired
     }
 
     pub fn health(&self) -> Option<&PlannedHealth> {
@@ -99,6 +108,7 @@ impl Reconciler {
             netlink,
             nft,
             store,
+            routes_in_place: Vec::new(),
         }
     }
 
@@ -170,24 +180,30 @@ impl Reconciler {
         }
         let routes = route_specs(&plan, &self.interface);
         match reconcile_routes(&self.netlink, ROUTE_PROTOCOL, &routes).await {
-            Ok(changes) if !changes.is_empty() => {
-                // Routes that vanish between passes were removed by someone else: say so.
-                let level_warn = !inputs_changed && !changes.added.is_empty();
-                if level_warn {
-                    tracing::warn!(
-                        restored = changes.added.len(),
-                        "routes had drifted; repaired"
-                    );
-                } else {
+            Ok(changes) => {
+                let restored = changes
+                    .added
+                    .iter()
+                    .filter(|r| self.routes_in_place.contains(r))
+                    .count();
+                if restored > 0 {
+                    outcome.routes_repaired = restored;
+                    tracing::warn!(restored, "routes had drifted; repaired");
+                }
+                if changes.added.len() > restored || !changes.removed.is_empty() {
                     tracing::info!(
-                        added = changes.added.len(),
+                        added = changes.added.len() - restored,
                         removed = changes.removed.len(),
                         "routes updated"
                     );
                 }
+                self.routes_in_place = routes;
             }
-            Ok(_) => {}
-            Err(e) => outcome.errors.push(format!("{e:#}")),
+            Err(e) => {
+                // What is in place is unknown now: nothing counts as drift next time.
+                self.routes_in_place.clear();
+                outcome.errors.push(format!("{e:#}"));
+            }
         }
         let nft = self.nft.clone();
         let (interface, probe_ip, internal_ip) = (

@@ -50,6 +50,7 @@ struct Inner {
     observer_stalls: u64,
     verdict_changes: u64,
     gateway_changes: u64,
+    routes_repaired: u64,
     last_failover: Option<Instant>,
     down: BTreeSet<String>,
     gateways: Option<BTreeMap<String, Vec<String>>>,
@@ -103,6 +104,10 @@ impl Metrics {
 
     pub fn stop_watching(&self, gateway: &str) {
         self.with(|m| m.probes.remove(gateway));
+    }
+
+    pub fn routes_repaired(&self, n: usize) {
+        self.with(|m| m.routes_repaired += n as u64);
     }
 
     pub fn observer_stalled(&self) {
@@ -307,6 +312,12 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
         "counter",
         "Changes of the active gateways of any location.",
         m.gateway_changes.to_string(),
+    );
+    family(
+        "trellis_routes_repaired_total",
+        "counter",
+        "Routes someone else removed (or changed) that this agent put back.",
+        m.routes_repaired.to_string(),
     );
     family(
         "trellis_gateways_down",

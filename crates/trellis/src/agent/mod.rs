@@ -322,6 +322,7 @@ async fn run(
             Ok(status) => leased.set(keys::status(&node.name), status),
             Err(e) => tracing::error!("encoding status: {e}"),
         }
+        metrics.routes_repaired(outcome.routes_repaired());
         if let Some(health) = outcome.health() {
             metrics.planned(std::time::Instant::now(), &health.down, &health.gateways);
         }
