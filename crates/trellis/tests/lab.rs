@@ -193,6 +193,7 @@ fn status_json_has_the_documented_shape() {
         assert!(n["name"].is_string() && n["location"].is_string() && n["netns"].is_string());
         assert!(n["gateway"].is_boolean());
         assert!(n["agent_pid"].is_number(), "agent running: {n}");
+        assert_eq!(n["ready"], true, "data plane applied: {n}");
         let pods = n["pods"].as_array().unwrap();
         assert_eq!(pods.len(), 1);
         assert!(pods[0]["ip"].as_str().unwrap().starts_with("10.244."));
@@ -1020,6 +1021,17 @@ fn agent_pids(lab: &Lab) -> Vec<i64> {
         .collect()
 }
 
+/// Nodes whose agent does not report its data plane ready on `/readyz`.
+fn unready(lab: &Lab) -> Vec<String> {
+    lab.status_json()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["ready"] != true)
+        .map(|n| format!("{}: ready={}", n["name"], n["ready"]))
+        .collect()
+}
+
 fn leads(lab: &Lab, node: &str) -> bool {
     lab.metric(node, "trellis_leader{") == [1.0]
 }
@@ -1057,6 +1069,8 @@ fn store_faults_on_etcd_stop_leader_work_and_nothing_else() {
     lab.check();
     std::thread::sleep(Duration::from_secs(30).saturating_sub(frozen.elapsed()));
     lab.check();
+    // readiness is the data plane's: neither the store nor leadership takes a node out
+    assert_eq!(unready(&lab), Vec::<String>::new(), "frozen store");
     assert!(lab.run(&["lab", "heal", "store"]).status.success());
     let healed = Instant::now();
     let mut next = None;
@@ -1099,6 +1113,7 @@ fn store_faults_on_etcd_stop_leader_work_and_nothing_else() {
     );
     std::thread::sleep(Duration::from_secs(10));
     lab.check();
+    assert_eq!(unready(&lab), Vec::<String>::new(), "partitioned a1");
     assert!(lab.run(&["lab", "heal", "store"]).status.success());
     wait_until(
         "a leader after partition and throttling",

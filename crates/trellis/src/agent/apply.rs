@@ -69,6 +69,10 @@ impl Outcome {
         self.plan.as_ref()
     }
 
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
     pub fn routes_repaired(&self) -> usize {
         self.routes_repaired
     }

@@ -44,6 +44,13 @@ struct GatewayProbes {
     rtt: Histogram,
 }
 
+/// The last apply pass: what readiness is judged on.
+struct ApplyPass {
+    at: Instant,
+    revision: u64,
+    errors: Vec<String>,
+}
+
 #[derive(Default)]
 struct Inner {
     probes: BTreeMap<String, GatewayProbes>,
@@ -58,6 +65,7 @@ struct Inner {
     leading_epoch: Option<u64>,
     terms: u64,
     leader_work: Option<Arc<crate::leader::work::WorkStats>>,
+    last_pass: Option<ApplyPass>,
 }
 
 /// Shared by the prober (probe counters) and the main loop (verdicts and gateways).
@@ -108,6 +116,41 @@ impl Metrics {
 
     pub fn routes_repaired(&self, n: usize) {
         self.with(|m| m.routes_repaired += n as u64);
+    }
+
+    /// One apply pass finished, with these errors (none: the kernel state was verified).
+    pub fn applied(&self, at: Instant, revision: u64, errors: &[String]) {
+        self.with(|m| {
+            m.last_pass = Some(ApplyPass {
+                at,
+                revision,
+                errors: errors.to_vec(),
+            })
+        });
+    }
+
+    /// Whether this node's data plane is in place: a plan was applied and verified by a
+    /// pass no older than `stale_after`. Deliberately blind to the store and to
+    /// leadership: a node that lost both still forwards, and taking it out of service
+    /// for that would turn a control-plane outage into a data-plane one (seed 001).
+    pub fn readiness(&self, now: Instant, stale_after: Duration) -> Result<String, String> {
+        self.with(|m| match &m.last_pass {
+            None => Err("no plan applied yet (nothing read from the store so far)".into()),
+            Some(pass) if now.duration_since(pass.at) > stale_after => Err(format!(
+                "the last apply pass was {:.1}s ago (expected every {:.1}s at most): the agent's loop is stuck",
+                now.duration_since(pass.at).as_secs_f64(),
+                stale_after.as_secs_f64()
+            )),
+            Some(pass) if !pass.errors.is_empty() => Err(format!(
+                "the last apply pass failed: {}",
+                pass.errors.join("; ")
+            )),
+            Some(pass) => Ok(format!(
+                "data plane applied and verified at store revision {}, {:.1}s ago",
+                pass.revision,
+                now.duration_since(pass.at).as_secs_f64()
+            )),
+        })
     }
 
     pub fn observer_stalled(&self) {
@@ -325,6 +368,12 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
         "Gateway candidates the verdicts hold down now.",
         m.down.len().to_string(),
     );
+    family(
+        "trellis_data_plane_applied",
+        "gauge",
+        "1 when the last apply pass installed and verified the whole plan, else 0 (readiness adds a staleness check).",
+        u8::from(m.last_pass.as_ref().is_some_and(|p| p.errors.is_empty())).to_string(),
+    );
     // NaN until the first failover: Prometheus' way of saying "no value yet".
     let since = m.last_failover.map_or("NaN".to_string(), |t| {
         format!("{:.3}", now.duration_since(t).as_secs_f64())
@@ -354,9 +403,9 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serve `GET /metrics` (any path, in fact) until the process ends. A client that stalls is
+/// Serve `GET /metrics` and `GET /readyz` until the process ends. A client that stalls is
 /// dropped after a few seconds; one bad connection never blocks the next.
-pub async fn serve(addr: SocketAddr, node: String, metrics: Metrics) {
+pub async fn serve(addr: SocketAddr, node: String, metrics: Metrics, stale_after: Duration) {
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let listener = loop {
@@ -369,7 +418,7 @@ pub async fn serve(addr: SocketAddr, node: String, metrics: Metrics) {
             }
         }
     };
-    tracing::info!(%addr, "serving metrics");
+    tracing::info!(%addr, "serving /metrics and /readyz");
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
@@ -378,10 +427,11 @@ pub async fn serve(addr: SocketAddr, node: String, metrics: Metrics) {
         tokio::spawn(async move {
             let exchange = async {
                 let mut request = [0u8; 1024];
-                let _ = conn.read(&mut request).await?;
-                let body = metrics.render(&node, Instant::now());
+                let n = conn.read(&mut request).await?;
+                let (status, content_type, body) =
+                    answer(&request[..n], &node, &metrics, stale_after);
                 let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
                 conn.write_all(head.as_bytes()).await?;
@@ -390,6 +440,43 @@ pub async fn serve(addr: SocketAddr, node: String, metrics: Metrics) {
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), exchange).await;
         });
+    }
+}
+
+/// Status line, content type and body for one request.
+fn answer(
+    request: &[u8],
+    node: &str,
+    metrics: &Metrics,
+    stale_after: Duration,
+) -> (&'static str, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
+    let path = String::from_utf8_lossy(line)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
+    let now = Instant::now();
+    match path.as_str() {
+        "/" | "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            metrics.render(node, now),
+        ),
+        "/readyz" => match metrics.readiness(now, stale_after) {
+            Ok(why) => ("200 OK", TEXT, format!("ready: {why}\n")),
+            Err(why) => (
+                "503 Service Unavailable",
+                TEXT,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        other => (
+            "404 Not Found",
+            TEXT,
+            format!("no page {other:?}: try /metrics or /readyz\n"),
+        ),
     }
 }
 
@@ -448,5 +535,60 @@ mod tests {
         let text = m.render("n1", t0 + Duration::from_secs(6));
         assert!(text.contains("trellis_gateway_changes_total{node=\"n1\"} 2"));
         assert!(text.contains("trellis_seconds_since_last_failover{node=\"n1\"} 4.000"));
+    }
+
+    #[test]
+    fn readiness_follows_the_last_apply_pass_and_nothing_else() {
+        let m = Metrics::default();
+        let t0 = Instant::now();
+        let stale = Duration::from_secs(60);
+        let ready = |now| m.readiness(now, stale);
+        assert!(ready(t0).unwrap_err().contains("no plan applied yet"));
+
+        m.applied(t0, 7, &[]);
+        assert!(
+            ready(t0 + Duration::from_secs(1))
+                .unwrap()
+                .contains("revision 7")
+        );
+        assert!(ready(t0 + Duration::from_secs(59)).is_ok());
+        assert!(
+            ready(t0 + Duration::from_secs(61))
+                .unwrap_err()
+                .contains("stuck")
+        );
+
+        m.applied(
+            t0 + Duration::from_secs(62),
+            8,
+            &["route 10.244.3.0/24: EPERM".into()],
+        );
+        let why = ready(t0 + Duration::from_secs(62)).unwrap_err();
+        assert!(why.contains("10.244.3.0/24: EPERM"), "{why}");
+        let text = m.render("n1", t0);
+        assert!(
+            text.contains("trellis_data_plane_applied{node=\"n1\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn requests_are_routed_by_path() {
+        let m = Metrics::default();
+        let stale = Duration::from_secs(60);
+        let status = |req: &[u8]| answer(req, "n1", &m, stale).0;
+        assert_eq!(
+            status(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "503 Service Unavailable"
+        );
+        m.applied(Instant::now(), 1, &[]);
+        assert_eq!(status(b"GET /readyz HTTP/1.0\r\n\r\n"), "200 OK");
+        let (_, kind, body) = answer(b"GET /metrics HTTP/1.0\r\n\r\n", "n1", &m, stale);
+        assert!(
+            kind.contains("0.0.4") && body.contains("trellis_data_plane_applied{node=\"n1\"} 1")
+        );
+        assert_eq!(status(b"GET / HTTP/1.0\r\n\r\n"), "200 OK");
+        assert_eq!(status(b"GET /nope HTTP/1.0\r\n\r\n"), "404 Not Found");
+        assert_eq!(status(b""), "200 OK");
     }
 }

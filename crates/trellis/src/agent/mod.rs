@@ -244,7 +244,15 @@ async fn run(
     ));
     let leased = leased::LeasedKeys::start(store.clone());
     if let Some(addr) = args.metrics_addr {
-        tokio::spawn(metrics::serve(addr, node.name.clone(), metrics.clone()));
+        // A pass runs at least every resync; one that takes far longer is stuck.
+        let stale_after =
+            Duration::from_secs(args.resync_seconds.max(1) * 3) + Duration::from_secs(30);
+        tokio::spawn(metrics::serve(
+            addr,
+            node.name.clone(),
+            metrics.clone(),
+            stale_after,
+        ));
     }
     let (observe_tx, observe_rx) = watch::channel(probe::Targets::default());
     match node.probe_ip {
@@ -323,6 +331,7 @@ async fn run(
             Err(e) => tracing::error!("encoding status: {e}"),
         }
         metrics.routes_repaired(outcome.routes_repaired());
+        metrics.applied(std::time::Instant::now(), inputs_revision, outcome.errors());
         if let Some(health) = outcome.health() {
             metrics.planned(std::time::Instant::now(), &health.down, &health.gateways);
         }

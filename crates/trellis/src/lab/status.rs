@@ -56,6 +56,8 @@ struct NodeView {
     /// For gateway candidates: observer -> does it see this node forward.
     observed_by: BTreeMap<String, bool>,
     agent_pid: Option<i32>,
+    /// The agent's own `/readyz`: its data plane is applied and verified (null: no answer).
+    ready: Option<bool>,
     agent: Option<trellis_model::AgentStatus>,
     interface: String,
     peers: Vec<PeerView>,
@@ -178,6 +180,7 @@ async fn build_view(
                 .get(&n.name)
                 .copied()
                 .filter(|p| super::processes::is_alive(*p)),
+            ready: super::ready_of(state, &n.name).ok(),
             agent: cluster.status.get(&n.name).cloned(),
             interface: n.interface.clone(),
             peers,
@@ -257,10 +260,11 @@ fn print_table(view: &LabView, spec: &LabSpec) {
                 .as_ref()
                 .map_or("-".into(), |g| format!("via {g}"))
         };
-        let agent = match (&n.agent_pid, &n.agent) {
+        let agent = match (&n.agent_pid, n.ready) {
             (None, _) => "DOWN",
-            (Some(_), Some(s)) if s.applied => "ok",
-            (Some(_), _) => "pending",
+            (Some(_), Some(true)) => "ready",
+            (Some(_), Some(false)) => "unready",
+            (Some(_), None) => "silent",
         };
         let peers: Vec<String> = n
             .peers

@@ -422,3 +422,7 @@ pub async fn current_leader(store: &dyn Store) -> anyhow::Result<Option<(String,
 
 #[cfg(test)]
 mod tests;
+/// The store crate's real-etcd fixture, shared rather than copied.
+#[cfg(test)]
+#[path = "../../../store/tests/etcd_support/mod.rs"]
+mod etcd_support;

@@ -324,3 +324,71 @@ async fn the_leader_allocates_pod_cidrs_and_collects_departed_nodes() {
     }
     assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
 }
+
+/// The same fence on a real etcd (Debian's 3.4, on loopback): the stale holder's lease
+/// really expires and a real successor takes over, so the compare that refuses the write
+/// is etcd's own.
+mod on_etcd {
+    use super::*;
+
+    use super::super::etcd_support;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_leaders_writes_are_rejected_by_etcd() {
+        let etcd = etcd_support::Etcd::start();
+        let stale_side = etcd.store("/trellis/");
+        let successor_side = etcd.store("/trellis/");
+
+        // The stale leader won a term on a short lease, then stopped renewing it, as a
+        // SIGSTOPped process does, without learning that its term ended.
+        let lease = stale_side.grant_lease(Duration::from_secs(2)).await.unwrap();
+        let key = keys::candidate(lease);
+        let epoch = stale_side
+            .txn(
+                vec![Compare::Absent(key.clone())],
+                vec![Op::Put {
+                    key: key.clone(),
+                    value: b"paused".to_vec(),
+                    lease: Some(lease),
+                }],
+            )
+            .await
+            .unwrap()
+            .revision;
+        let (_still_believes, ended) = watch::channel(false);
+        let stale = Term { epoch, key, ended };
+        assert!(
+            stale
+                .txn(stale_side.as_ref(), vec![], vec![put("pod-cidr", "stale-1")])
+                .await
+                .unwrap()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stale_side.get(&stale.key).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the lease never expired");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        let work = Arc::new(Recorder::default());
+        let mut successor = start(successor_side.clone(), "successor", work.clone());
+        let role = wait_role(&mut successor, Duration::from_secs(10), leading).await;
+        let Role::Leader { epoch: next } = role else {
+            unreachable!()
+        };
+        assert!(next > epoch, "epochs only grow: {next} > {epoch}");
+        let winner = successor_side.get("pod-cidr").await.unwrap().unwrap();
+
+        assert!(stale.is_current(), "the stale leader does not know yet");
+        let refused = stale
+            .txn(stale_side.as_ref(), vec![], vec![put("pod-cidr", "stale-2")])
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, FencedError::TermOver(e) if e == epoch), "{refused}");
+        let after = successor_side.get("pod-cidr").await.unwrap().unwrap();
+        assert_eq!(after.value, b"stale-1", "nothing written after the term ended");
+        assert_eq!(after.mod_revision, winner.mod_revision);
+        assert_eq!(*work.terms.lock().unwrap(), [next]);
+        successor.shutdown.send_replace(true);
+        successor.task.await.unwrap();
+    }
+}
