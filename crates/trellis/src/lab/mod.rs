@@ -201,6 +201,26 @@ pub enum BenchCommand {
         #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
         health: String,
     },
+    /// Seed 001 on a lab on etcd: takeover after the leader's node is killed, time for a
+    /// leader to stop acting after the store freezes, agent restarts and lost connections
+    /// during store faults; `etcdctl elect` measured beside it as the peer.
+    Leadership {
+        /// Repetitions of the takeover and of the stop-acting measurements.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Store faults (freeze, kill, partition of the leader, throttle, in turn).
+        #[arg(long, default_value_t = 10)]
+        faults: usize,
+        /// How long each store fault is held (seconds).
+        #[arg(long, default_value_t = 12)]
+        hold_seconds: u64,
+        /// Skip the etcdctl elect peer (it takes about two of its 60 s session TTLs).
+        #[arg(long)]
+        no_peer: bool,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Random loss on every link for a while; counts gateway changes (the target is none).
     FalseFailover {
         #[arg(long, default_value_t = 10.0)]
@@ -341,6 +361,32 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", bench::table(&rows));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Bench(BenchCommand::Leadership {
+            reps,
+            faults,
+            hold_seconds,
+            no_peer,
+            json,
+        }) => {
+            let args = bench::LeadershipArgs {
+                reps: reps.max(1),
+                faults,
+                hold: Duration::from_secs(hold_seconds.max(1)),
+                peer: !no_peer,
+            };
+            let report = bench::leadership(&args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::leadership_table(&report));
+            }
+            let clean = report.agent_restarts == 0 && report.connections_lost == 0;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         LabCommand::Bench(BenchCommand::FalseFailover { minutes, loss }) => {
             let minutes = if minutes.is_finite() && minutes > 0.0 {

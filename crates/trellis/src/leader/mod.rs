@@ -19,7 +19,7 @@ use crate::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 use trellis_model::keys;
 use trellis_store::{Compare, Event, LeaseId, Op, Revision, Store, StoreError, TxnResult};
 
@@ -195,7 +195,8 @@ async fn revoke(store: &dyn Store, lease: LeaseId, within: Duration) {
     }
 }
 
-/// One session: a lease, a candidate key, waiting, and at most one term.
+/// One session: a lease, a candidate key, waiting, and terms, all with the epoch of that
+/// key. A session outlives an outage when the store kept its lease (see `resume`).
 async fn one_session(
     store: &Arc<dyn Store>,
     identity: &str,
@@ -236,10 +237,43 @@ async fn one_session(
         config,
         last_renew_sent: asked,
     };
-    role.send_replace(Role::Candidate);
-    if let Err(why) = session.wait_to_lead().await {
-        return lost(why);
+    let mut led = false;
+    loop {
+        role.send_replace(Role::Candidate);
+        let why = match session.wait_to_lead().await {
+            Ok(()) => {
+                led = true;
+                lead_one_term(&mut session, work, role).await
+            }
+            Err(why) => why,
+        };
+        // This node could not see the store for a while; the store may still hold the
+        // session. If its key is still there with the same create revision, nobody can
+        // have led meanwhile (a successor needs that key gone), so the session goes on,
+        // in its old place in line: after an etcd restart, which extends every lease, the
+        // old leader leads again at once instead of everyone waiting out a lease.
+        match session.resume().await {
+            Ok(()) => tracing::info!(
+                epoch,
+                "leader election: {why}; the session survived, campaigning in it again"
+            ),
+            Err(gone) => {
+                return Lost {
+                    why: format!("{why}; {gone}"),
+                    led,
+                };
+            }
+        }
     }
+}
+
+/// Leads until the term ends; returns why it ended.
+async fn lead_one_term(
+    session: &mut Session<'_>,
+    work: &Arc<dyn LeaderWork>,
+    role: &watch::Sender<Role>,
+) -> String {
+    let epoch = session.epoch;
     role.send_replace(Role::Leader { epoch });
     tracing::info!(epoch, "leader election: leading");
     let (end_term, ended) = watch::channel(false);
@@ -259,13 +293,14 @@ async fn one_session(
     end_term.send_replace(true);
     role.send_replace(Role::Joining);
     tracing::warn!(epoch, "leader election: term over: {why}");
-    if timeout(config.retry, worker).await.is_err() {
-        tracing::warn!(epoch, "leader work did not stop within {:?}", config.retry);
+    if timeout(session.config.retry, worker).await.is_err() {
+        tracing::warn!(
+            epoch,
+            "leader work did not stop within {:?}",
+            session.config.retry
+        );
     }
-    Lost {
-        why: format!("term {epoch} over: {why}"),
-        led: true,
-    }
+    format!("term {epoch} over: {why}")
 }
 
 struct Session<'a> {
@@ -291,6 +326,32 @@ impl Session<'_> {
                 tracing::debug!("renewing election lease: {e}");
                 Ok(())
             }
+        }
+    }
+
+    /// Asks the store whether the session is still alive: renews the lease until the store
+    /// answers (jittered, at most one retry period apart, so a returning store is noticed
+    /// soon), then checks that the candidate key still has the session's create revision.
+    async fn resume(&mut self) -> Result<(), String> {
+        let mut backoff = Backoff::new(self.config.retry / 4, self.config.retry);
+        loop {
+            let sent = Instant::now();
+            match self.store.keep_alive(self.lease).await {
+                Ok(()) => {
+                    self.last_renew_sent = sent;
+                    break;
+                }
+                Err(StoreError::LeaseNotFound(_)) => {
+                    return Err("the session lease expired".into());
+                }
+                Err(e) => tracing::debug!("leader election: resuming the session: {e}"),
+            }
+            sleep(backoff.next_delay()).await;
+        }
+        match self.store.get(&self.key).await {
+            Ok(Some(kv)) if kv.create_revision == self.epoch => Ok(()),
+            Ok(_) => Err(format!("the candidate key {} is gone", self.key)),
+            Err(e) => Err(format!("reading the candidate key {}: {e}", self.key)),
         }
     }
 
@@ -420,9 +481,9 @@ pub async fn current_leader(store: &dyn Store) -> anyhow::Result<Option<(String,
         }))
 }
 
-#[cfg(test)]
-mod tests;
 /// The store crate's real-etcd fixture, shared rather than copied.
 #[cfg(test)]
 #[path = "../../../store/tests/etcd_support/mod.rs"]
 mod etcd_support;
+#[cfg(test)]
+mod tests;

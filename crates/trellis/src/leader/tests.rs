@@ -174,6 +174,35 @@ async fn a_leader_cut_off_from_the_store_stops_at_its_renew_deadline_and_campaig
     assert!(next > epoch);
 }
 
+/// What an etcd restart looks like to the leader: silence past its renew deadline, then a
+/// store that still holds its lease (etcd extends leases when it restarts).
+#[tokio::test(start_paused = true)]
+async fn a_session_the_store_kept_leads_again_with_its_epoch_and_nobody_leads_between() {
+    let inner = EmbeddedStore::new();
+    let store = Arc::new(Freezable {
+        inner: inner.clone(),
+        frozen: AtomicBool::new(false),
+    });
+    let mut a = start(store.clone(), "a", Arc::new(Recorder::default()));
+    let Role::Leader { epoch } = wait_role(&mut a, Duration::from_secs(5), leading).await else {
+        unreachable!()
+    };
+    let b_work = Arc::new(Recorder::default());
+    let mut b = start(inner.clone(), "b", b_work.clone());
+    wait_role(&mut b, Duration::from_secs(5), |r| *r == Role::Candidate).await;
+
+    store.frozen.store(true, Ordering::SeqCst);
+    wait_role(&mut a, Duration::from_secs(10), |r| !leading(r)).await;
+    store.frozen.store(false, Ordering::SeqCst);
+    let Role::Leader { epoch: again } = wait_role(&mut a, Duration::from_secs(5), leading).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(again, epoch, "the same session, so the same epoch");
+    assert!(b_work.terms.lock().unwrap().is_empty(), "b never led");
+    assert_eq!(*b.role.borrow(), Role::Candidate);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stale_leaders_writes_are_rejected_by_the_fence() {
     let store = EmbeddedStore::new();
@@ -341,7 +370,10 @@ mod on_etcd {
 
         // The stale leader won a term on a short lease, then stopped renewing it, as a
         // SIGSTOPped process does, without learning that its term ended.
-        let lease = stale_side.grant_lease(Duration::from_secs(2)).await.unwrap();
+        let lease = stale_side
+            .grant_lease(Duration::from_secs(2))
+            .await
+            .unwrap();
         let key = keys::candidate(lease);
         let epoch = stale_side
             .txn(
@@ -359,7 +391,11 @@ mod on_etcd {
         let stale = Term { epoch, key, ended };
         assert!(
             stale
-                .txn(stale_side.as_ref(), vec![], vec![put("pod-cidr", "stale-1")])
+                .txn(
+                    stale_side.as_ref(),
+                    vec![],
+                    vec![put("pod-cidr", "stale-1")]
+                )
                 .await
                 .unwrap()
         );
@@ -380,12 +416,22 @@ mod on_etcd {
 
         assert!(stale.is_current(), "the stale leader does not know yet");
         let refused = stale
-            .txn(stale_side.as_ref(), vec![], vec![put("pod-cidr", "stale-2")])
+            .txn(
+                stale_side.as_ref(),
+                vec![],
+                vec![put("pod-cidr", "stale-2")],
+            )
             .await
             .unwrap_err();
-        assert!(matches!(refused, FencedError::TermOver(e) if e == epoch), "{refused}");
+        assert!(
+            matches!(refused, FencedError::TermOver(e) if e == epoch),
+            "{refused}"
+        );
         let after = successor_side.get("pod-cidr").await.unwrap().unwrap();
-        assert_eq!(after.value, b"stale-1", "nothing written after the term ended");
+        assert_eq!(
+            after.value, b"stale-1",
+            "nothing written after the term ended"
+        );
         assert_eq!(after.mod_revision, winner.mod_revision);
         assert_eq!(*work.terms.lock().unwrap(), [next]);
         successor.shutdown.send_replace(true);

@@ -1,3 +1,5 @@
+//! `lab bench failover` (here) and `lab bench leadership` (in `leadership`).
+//!
 //! `lab bench failover`: how long new connections fail when a gateway breaks, with
 //! forwarding probes and with liveness only (the Kilo model), measured in the same run.
 //!
@@ -5,6 +7,10 @@
 //! location to the pod of a node served by the gateway under test; the fault is injected
 //! half a second in. Outage: from the injection to the end of the last failed attempt, so
 //! it is the time until connections succeed again. Lost: failed attempts.
+
+mod leadership;
+
+pub use leadership::{LeadershipArgs, leadership, table as leadership_table};
 
 use super::fault::{self, Fault, FaultKind};
 use super::spec::LabParams;
