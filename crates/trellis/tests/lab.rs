@@ -780,9 +780,18 @@ fn an_idle_mesh_leaves_the_store_alone() {
             .as_i64()
             .unwrap()
     };
-    std::thread::sleep(Duration::from_secs(1));
+    // Settled first: start-up writes (pod CIDRs, first observations after a handshake
+    // retry) may go on for a few seconds on a slow machine.
+    let mut last = (revision(), Instant::now());
+    wait_until("the store to settle", Duration::from_secs(20), || {
+        let now = revision();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() >= Duration::from_secs(1)
+    });
     let before = revision();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(4));
     assert_eq!(revision(), before, "agents kept writing to an idle store");
     drop(lab);
 }
