@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::probe::Subject;
+
 /// Upper bounds of the probe RTT histogram, in seconds: from a direct LAN hop to the
 /// longest a round ever waits.
 const RTT_BUCKETS: [f64; 12] = [
@@ -53,7 +55,7 @@ struct ApplyPass {
 
 #[derive(Default)]
 struct Inner {
-    probes: BTreeMap<String, GatewayProbes>,
+    probes: BTreeMap<Subject, GatewayProbes>,
     observer_stalls: u64,
     verdict_changes: u64,
     gateway_changes: u64,
@@ -79,39 +81,39 @@ impl Metrics {
         f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Update the counters of one probed subject (a gateway, or `path:PEER`).
-    fn probed(&self, subject: &str, f: impl FnOnce(&mut GatewayProbes)) {
-        self.with(|m| f(m.probes.entry(subject.to_string()).or_default()));
+    /// Update the counters of one probed subject.
+    fn probed(&self, subject: &Subject, f: impl FnOnce(&mut GatewayProbes)) {
+        self.with(|m| f(m.probes.entry(subject.clone()).or_default()));
     }
 
-    pub fn probes_sent(&self, subject: &str, n: usize) {
+    pub fn probes_sent(&self, subject: &Subject, n: usize) {
         self.probed(subject, |p| p.probes_sent += n as u64);
     }
 
     /// Any echo answer, late or early: sent minus answered is probe loss.
-    pub fn probe_answered(&self, subject: &str) {
+    pub fn probe_answered(&self, subject: &Subject) {
         self.probed(subject, |p| p.probes_answered += 1);
     }
 
     /// The first answer of a round, which is what the RTT histogram and estimator follow.
-    pub fn round_answered(&self, subject: &str, rtt: Duration) {
+    pub fn round_answered(&self, subject: &Subject, rtt: Duration) {
         self.probed(subject, |p| p.rtt.observe(rtt.as_secs_f64()));
     }
 
-    pub fn round_failed(&self, subject: &str) {
+    pub fn round_failed(&self, subject: &Subject) {
         self.probed(subject, |p| p.rounds_failed += 1);
     }
 
     /// This node's own opinion of the subject.
-    pub fn opinion(&self, subject: &str, up: bool, changed: bool) {
+    pub fn opinion(&self, subject: &Subject, up: bool, changed: bool) {
         self.probed(subject, |p| {
             p.up = up;
             p.opinion_changes += u64::from(changed);
         });
     }
 
-    pub fn stop_watching(&self, gateway: &str) {
-        self.with(|m| m.probes.remove(gateway));
+    pub fn stop_watching(&self, subject: &Subject) {
+        self.with(|m| m.probes.remove(subject));
     }
 
     pub fn routes_repaired(&self, n: usize) {
@@ -387,12 +389,11 @@ fn render(m: &Inner, node: &str, now: Instant) -> String {
     out
 }
 
-/// The labels of a probed subject: `gateway="g"`, or `path="p"` for a direct path (kept
-/// under the key `path:p`).
-fn subject_label(key: &str) -> String {
-    match key.strip_prefix("path:") {
-        Some(peer) => format!(",path=\"{}\"", escape(peer)),
-        None => format!(",gateway=\"{}\"", escape(key)),
+/// The labels of a probed subject: `gateway="g"`, or `path="p"` for a direct path.
+fn subject_label(subject: &Subject) -> String {
+    match subject {
+        Subject::Gateway(g) => format!(",gateway=\"{}\"", escape(g)),
+        Subject::Path(peer) => format!(",path=\"{}\"", escape(peer)),
     }
 }
 
@@ -488,12 +489,13 @@ mod tests {
     fn renders_probe_counters_histogram_and_failover_age() {
         let m = Metrics::default();
         let t0 = Instant::now();
-        m.probes_sent("b1", 4);
-        m.probe_answered("b1");
-        m.round_answered("b1", Duration::from_micros(1_500));
-        m.round_failed("b1");
-        m.opinion("b1", true, false);
-        m.opinion("path:b2", false, true);
+        let b1 = Subject::Gateway("b1".into());
+        m.probes_sent(&b1, 4);
+        m.probe_answered(&b1);
+        m.round_answered(&b1, Duration::from_micros(1_500));
+        m.round_failed(&b1);
+        m.opinion(&b1, true, false);
+        m.opinion(&Subject::Path("b2".into()), false, true);
         let a = |gs: &[&str]| -> BTreeMap<String, Vec<String>> {
             [("a".to_string(), gs.iter().map(|g| g.to_string()).collect())].into()
         };

@@ -54,20 +54,11 @@ pub struct Targets {
     pub paths: Vec<PathTarget>,
 }
 
+/// What a probe measures: a gateway candidate's forwarding, or the direct path to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Subject {
+pub enum Subject {
     Gateway(String),
     Path(String),
-}
-
-impl Subject {
-    /// The metrics label and log name.
-    fn label(&self) -> String {
-        match self {
-            Subject::Gateway(g) => g.clone(),
-            Subject::Path(p) => format!("path:{p}"),
-        }
-    }
 }
 
 struct Watched {
@@ -139,9 +130,9 @@ pub async fn run(
                     .filter(|(s, w)| w.probe_ip == reply.from && matches!(s, Subject::Path(_)) == to_path)
                 {
                     // every answer counts as a probe that came back, late or not
-                    metrics.probe_answered(&subject.label());
+                    metrics.probe_answered(subject);
                     if let Some(rtt) = w.rounds.answer(now, reply.seq, reply.id) {
-                        metrics.round_answered(&subject.label(), Duration::from_millis(rtt));
+                        metrics.round_answered(subject, Duration::from_millis(rtt));
                         decided = true;
                     }
                 }
@@ -166,7 +157,7 @@ pub async fn run(
                         .into_iter()
                         .filter(|id| socket.send_echo(w.probe_ip, *id, counter).is_ok())
                         .collect();
-                    metrics.probes_sent(&subject.label(), ids.len());
+                    metrics.probes_sent(subject, ids.len());
                     if !ids.is_empty() {
                         w.rounds.start(now, counter, ids);
                     }
@@ -205,7 +196,7 @@ fn decide(
     for (subject, w) in watched.iter_mut() {
         for outcome in w.rounds.decide(now) {
             if !outcome.answered {
-                metrics.round_failed(&subject.label());
+                metrics.round_failed(subject);
             }
             if let Some(up) = w.detector.observe(now, outcome.answered) {
                 let verb = if up { "recovered" } else { "FAILED" };
@@ -217,7 +208,7 @@ fn decide(
                         tracing::warn!(peer = %p, up, "direct path {verb}")
                     }
                 }
-                metrics.opinion(&subject.label(), up, true);
+                metrics.opinion(subject, up, true);
                 publish(leased, subject, me, up);
             }
         }
@@ -255,7 +246,7 @@ fn update_targets(
         let keep = wanted.contains_key(subject);
         if !keep {
             leased.remove(&key_of(subject, me));
-            metrics.stop_watching(&subject.label());
+            metrics.stop_watching(subject);
         }
         keep
     });
@@ -265,7 +256,7 @@ fn update_targets(
         };
         let w = watched.entry(subject.clone()).or_insert_with(|| {
             publish(leased, &subject, me, true);
-            metrics.opinion(&subject.label(), true, false);
+            metrics.opinion(&subject, true, false);
             Watched {
                 probe_ip,
                 relays,
