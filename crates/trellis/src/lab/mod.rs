@@ -201,6 +201,23 @@ pub enum BenchCommand {
         #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
         health: String,
     },
+    /// Outage of new connections when the direct tunnel between two public nodes of
+    /// different locations breaks (`cut-path`), with path probes and relay fallback, and
+    /// with liveness only (no fallback, as Kilo), measured in the same run.
+    PathFallback {
+        /// Trials per mode.
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// How long to wait for recovery before a trial counts as not recovered (seconds).
+        #[arg(long, default_value_t = 10)]
+        window_seconds: u64,
+        /// Print JSON rows instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// forwarding (path probes), liveness (the baseline), or both in one run.
+        #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
+        health: String,
+    },
     /// Seed 001 on a lab on etcd: takeover after the leader's node is killed, time for a
     /// leader to stop acting after the store freezes, agent restarts and lost connections
     /// during store faults; `etcdctl elect` measured beside it as the peer.
@@ -350,7 +367,28 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             let args = bench::FailoverArgs {
                 trials: trials.max(1),
                 window: Duration::from_secs(window_seconds.max(1)),
-                kinds,
+                target: bench::Target::Gateways(kinds),
+                forwarding: health != "liveness",
+                baseline: health != "forwarding",
+            };
+            let rows = bench::failover(&args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", bench::table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Bench(BenchCommand::PathFallback {
+            trials,
+            window_seconds,
+            json,
+            health,
+        }) => {
+            let args = bench::FailoverArgs {
+                trials: trials.max(1),
+                window: Duration::from_secs(window_seconds.max(1)),
+                target: bench::Target::DirectPath,
                 forwarding: health != "liveness",
                 baseline: health != "forwarding",
             };

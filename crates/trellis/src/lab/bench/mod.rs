@@ -49,10 +49,19 @@ pub struct Row {
 pub struct FailoverArgs {
     pub trials: usize,
     pub window: Duration,
-    pub kinds: Vec<Fault>,
+    /// What breaks: gateways (with these fault kinds), or the direct path between two
+    /// public nodes of different locations.
+    pub target: Target,
     /// Run the forwarding-probe trials, the liveness-only baseline, or both.
     pub forwarding: bool,
     pub baseline: bool,
+}
+
+pub enum Target {
+    Gateways(Vec<Fault>),
+    /// `cut-path` between a public node of the first location and one of the second, on a
+    /// `full` mesh, so they have a direct tunnel to lose.
+    DirectPath,
 }
 
 pub fn default_kinds() -> Vec<Fault> {
@@ -101,18 +110,34 @@ pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
         }
         let name = if baseline { "bfl" } else { "bff" };
         let _ = build::teardown(name);
-        let spec = bench_lab(name, health).spec()?;
+        let mut params = bench_lab(name, health);
+        if matches!(args.target, Target::DirectPath) {
+            params.granularity = Granularity::Full;
+        }
+        let spec = params.spec()?;
+        let kinds = match &args.target {
+            Target::Gateways(kinds) => kinds.clone(),
+            Target::DirectPath => vec![Fault::cut_path(&direct_pair(&spec)?.1)],
+        };
         let result = async {
             bring_up(&spec, Duration::from_secs(60)).await?;
+            // Detectors hold their verdicts for a start-up grace; the first trial should
+            // not fall inside it while the others do not.
+            let grace = trellis_plan::health::DetectorConfig::default().startup_grace_ms;
+            tokio::time::sleep(Duration::from_millis(grace + 500)).await;
             let mut out = Vec::new();
-            for kind in &args.kinds {
+            for kind in &kinds {
                 let mut outages = Vec::new();
                 let mut lost = 0;
                 let mut unrecovered = 0;
                 for trial in 0..args.trials {
-                    let t = run_trial(name, kind, args.window, trial)
+                    let scenario = match args.target {
+                        Target::Gateways(_) => Scenario::gateway(name, kind, trial).await?,
+                        Target::DirectPath => Scenario::direct_path(&spec, kind)?,
+                    };
+                    let t = run_trial(name, &scenario, args.window)
                         .await
-                        .with_context(|| format!("{kind} trial {trial}"))?;
+                        .with_context(|| format!("{} trial {trial}", scenario.fault))?;
                     eprintln!(
                         "{} {kind}: trial {}/{}: outage {:.0} ms, {} connections lost{}",
                         if baseline { "liveness" } else { "forwarding" },
@@ -229,26 +254,70 @@ impl Stream {
     }
 }
 
-async fn run_trial(
-    lab: &str,
-    kind: &Fault,
-    window: Duration,
-    trial: usize,
-) -> anyhow::Result<Trial> {
+/// One trial's setting: which node gets which fault, and the stream that measures it.
+struct Scenario {
+    fault_node: String,
+    fault: Fault,
+    server: super::spec::PodSpec,
+    /// Network namespaces of the client pods.
+    clients: Vec<String>,
+}
+
+impl Scenario {
+    /// The server: a node served by a gateway, in each location in turn; the fault goes
+    /// into that gateway. Clients: the pods of the other locations.
+    async fn gateway(lab: &str, kind: &Fault, trial: usize) -> anyhow::Result<Self> {
+        let state = LabState::load(lab)?;
+        let cluster = crate::cluster::load(super::open_store(lab)?.as_ref()).await?;
+        let topology = cluster
+            .plan_inputs(&trellis_plan::Settings::default())
+            .topology();
+        let location = &state.spec.locations[trial % state.spec.locations.len()].name;
+        let stream = Stream::choose(&state.spec, &topology.serving, location)?;
+        Ok(Self {
+            fault_node: stream.gateway,
+            fault: kind.clone(),
+            server: stream.server,
+            clients: stream.clients,
+        })
+    }
+
+    /// The direct tunnel between two public nodes of different locations is cut; the
+    /// stream runs between their pods.
+    fn direct_path(spec: &super::spec::LabSpec, cut: &Fault) -> anyhow::Result<Self> {
+        let (from, to) = direct_pair(spec)?;
+        Ok(Self {
+            fault_node: from.clone(),
+            fault: cut.clone(),
+            server: spec.node(&to)?.pods[0].clone(),
+            clients: vec![spec.node(&from)?.pods[0].netns.clone()],
+        })
+    }
+}
+
+/// The first public node of the first location and of the second.
+fn direct_pair(spec: &super::spec::LabSpec) -> anyhow::Result<(String, String)> {
+    let public_of = |location: &str| {
+        spec.nodes
+            .iter()
+            .find(|n| n.location == location && n.public_ip.is_some())
+            .map(|n| n.name.clone())
+            .with_context(|| format!("no public node in {location}"))
+    };
+    match spec.locations.as_slice() {
+        [a, b, ..] => Ok((public_of(&a.name)?, public_of(&b.name)?)),
+        _ => bail!("a direct path needs two locations"),
+    }
+}
+
+async fn run_trial(lab: &str, scenario: &Scenario, window: Duration) -> anyhow::Result<Trial> {
     let state = LabState::load(lab)?;
-    let cluster = crate::cluster::load(super::open_store(lab)?.as_ref()).await?;
-    let topology = cluster
-        .plan_inputs(&trellis_plan::Settings::default())
-        .topology();
-    // The server: a node served by a gateway, in each location in turn; the fault goes into
-    // that gateway. Clients: the pods of the other locations.
-    let location = &state.spec.locations[trial % state.spec.locations.len()].name;
-    let Stream {
-        gateway,
+    let Scenario {
+        fault_node,
+        fault: kind,
         server: server_pod,
         clients,
-        ..
-    } = Stream::choose(&state.spec, &topology.serving, location)?;
+    } = scenario;
     let _server = Server::start(&server_pod.netns).await?;
     let target = SocketAddr::V4(SocketAddrV4::new(server_pod.ip.addr(), SERVER_PORT));
 
@@ -262,7 +331,7 @@ async fn run_trial(
     while Instant::now() < end {
         attempts.tick().await;
         if !injected && Instant::now() >= fault_at {
-            fault::inject(lab, &gateway, kind.clone()).await?;
+            fault::inject(lab, fault_node, kind.clone()).await?;
             injected = true;
         }
         let ns = clients[i % clients.len()].clone();
@@ -305,13 +374,14 @@ async fn run_trial(
 
     // Heal, and wait until every candidate forwards again (after the hold-down, or longer
     // if its flapping is being damped) and the mesh has converged, so trials start alike.
-    fault::heal(lab, &gateway).await?;
+    fault::heal(lab, fault_node).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let store = super::open_store(lab)?;
         let cluster = crate::cluster::load(store.as_ref()).await?;
         let inputs = cluster.plan_inputs(&trellis_plan::Settings::default());
         let all_up = inputs.measured_down().is_empty()
+            && inputs.broken_paths.is_empty()
             && trellis_plan::health::candidates(inputs.nodes.values())
                 .iter()
                 .all(|c| {
@@ -328,7 +398,7 @@ async fn run_trial(
             break;
         }
         if Instant::now() > deadline {
-            bail!("the mesh did not fully recover within 180 s of healing {gateway}");
+            bail!("the mesh did not fully recover within 180 s of healing {fault_node}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
