@@ -211,7 +211,14 @@ pub async fn graph(store: StoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let (state, topology) = load_topology(&args.store).await?;
+    let store = args.store.open()?;
+    let state = cluster::load(store.as_ref())
+        .await
+        .context("reading cluster state")?;
+    let topology = state.plan_inputs(&Settings::default()).topology();
+    let leader = crate::leader::current_leader(store.as_ref())
+        .await
+        .context("reading the leader election")?;
     if args.json {
         let nodes: Vec<serde_json::Value> = topology
             .nodes
@@ -230,6 +237,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "revision": state.revision,
             "granularity": topology.settings.granularity.to_string(),
             "gateways": topology.gateways,
+            "leader": leader.as_ref().map(|(node, epoch)| serde_json::json!({"node": node, "epoch": epoch})),
             "nodes": nodes,
             "warnings": topology.warnings,
         });
@@ -237,8 +245,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "granularity {}, store revision {}",
-        topology.settings.granularity, state.revision
+        "granularity {}, store revision {}, {}",
+        topology.settings.granularity,
+        state.revision,
+        leader.map_or("no leader".to_string(), |(node, epoch)| format!(
+            "leader {node} (epoch {epoch})"
+        ))
     );
     println!(
         "{:<10} {:<10} {:<8} {:<10} {:>5} {:>6}  agent",

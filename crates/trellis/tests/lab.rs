@@ -490,10 +490,19 @@ fn state_commands_and_wg_show_read_a_running_lab() {
     let lab = Lab::up("tcli", &[]);
     lab.check();
 
+    wait_until("a leader", Duration::from_secs(15), || {
+        let out = trellis(&["status", "--lab", "tcli", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|j| j["leader"]["node"].is_string())
+    });
     let out = trellis(&["status", "--lab", "tcli"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", text(&out));
     assert!(table.contains("granularity location"), "{table}");
+    assert!(
+        table.contains(", leader "),
+        "every agent campaigns: {table}"
+    );
     assert_eq!(
         table.lines().filter(|l| l.contains("applied rev")).count(),
         6,
@@ -509,6 +518,10 @@ fn state_commands_and_wg_show_read_a_running_lab() {
         .collect();
     site_a.sort();
     assert_eq!(site_a, ["a1", "a2"], "the public nodes serve: {json}");
+    assert!(
+        json["leader"]["node"].is_string() && json["leader"]["epoch"].as_u64() > Some(0),
+        "{json}"
+    );
 
     let dot = String::from_utf8(trellis(&["graph", "--lab", "tcli"]).stdout).unwrap();
     assert!(
