@@ -378,3 +378,66 @@ async fn credentials_authenticate_and_a_wrong_password_is_denied() {
     let error = anonymous.get("k").await.unwrap_err();
     assert!(matches!(error, StoreError::Denied(_)), "{error:?}");
 }
+
+/// What an operator passing `--store etcd://m0,m1,m2` expects: losing any one member costs
+/// the calls in flight and a raft election at most, then every call succeeds while it stays
+/// down (no call keeps being sent to it), and a watch resumes on another member from the
+/// last revision it delivered, missing nothing.
+#[tokio::test]
+async fn a_three_member_cluster_serves_through_the_loss_of_any_member() {
+    let mut members = Etcd::cluster(3);
+    let config = trellis_store::etcd::EtcdConfig {
+        endpoints: members.iter().map(Etcd::url).collect(),
+        ..members[0].config("/t/")
+    };
+    let store = EtcdStore::new(config).unwrap();
+    wait_answering(store.as_ref()).await;
+    let mut seen = store.put("k", b"start".to_vec()).await.unwrap();
+    let mut watch = store.watch("", seen).await.unwrap();
+
+    for (victim, member) in members.iter_mut().enumerate() {
+        member.kill();
+        let value = format!("without m{victim}");
+        // Allows for a raft election when the lost member led.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut failed_calls = 0;
+        loop {
+            match store.put("k", value.clone().into_bytes()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    failed_calls += 1;
+                    eprintln!("without m{victim}: {e}");
+                    assert!(Instant::now() < deadline, "no write without m{victim}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        for i in 0..20 {
+            store
+                .put("k", value.clone().into_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("call {i} after recovering without m{victim}: {e}"));
+        }
+        let written = store.get("k").await.unwrap().unwrap().mod_revision;
+        // Every write in order, across a watch that may have been on the lost member.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen < written {
+            assert!(Instant::now() < deadline, "the watch never caught up");
+            match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+                Ok(Some(Ok(event))) => {
+                    assert!(event.revision() > seen, "in order, no repeats");
+                    seen = event.revision();
+                }
+                _ => watch = store.watch("", seen).await.unwrap_or(watch),
+            }
+        }
+        assert_eq!(
+            store.get("k").await.unwrap().unwrap().value,
+            value.as_bytes()
+        );
+        member.restart();
+        // Back in the cluster (it answers a linearizable read) before the next one goes.
+        wait_answering(member.store("/t/").as_ref()).await;
+        eprintln!("without m{victim}: {failed_calls} failed calls");
+    }
+}

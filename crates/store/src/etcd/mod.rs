@@ -9,7 +9,9 @@
 //! - HTTP/2 keep-alive pings end a watch whose server stopped answering, so the watcher
 //!   sees `Unavailable` within seconds and resumes from its last revision;
 //! - the connection is re-established lazily on the next call after any failure, and an
-//!   auth token that expired is replaced on the next call.
+//!   auth token that expired is replaced on the next call;
+//! - with several members, calls stick to one until a call to it fails or times out, then
+//!   move on to the next ([`Members`]), so a lost member costs one failed call.
 
 pub mod proto;
 
@@ -24,6 +26,7 @@ use proto::etcdserverpb::kv_client::KvClient;
 use proto::etcdserverpb::lease_client::LeaseClient;
 use proto::etcdserverpb::watch_client::WatchClient;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -116,8 +119,34 @@ fn config_error(
     }
 }
 
+/// One lazily connected channel per member, and the one calls use now.
+///
+/// Not tonic's balancer: its reconnecting endpoints report themselves ready while their
+/// member is down and fail the call they are given, so about one call in N failed for as
+/// long as a member of N was gone (seen in the three-member test).
+struct Members {
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+}
+
+impl Members {
+    fn pick(&self) -> (usize, Channel) {
+        let index = self.current.load(Ordering::Relaxed) % self.channels.len();
+        (index, self.channels[index].clone())
+    }
+
+    /// A call to member `index` failed: later calls go to the next member. Concurrent
+    /// failures of the same member move on once, not once each.
+    fn failed(&self, index: usize) {
+        let next = (index + 1) % self.channels.len();
+        let _ = self
+            .current
+            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 pub struct EtcdStore {
-    channel: Channel,
+    members: Arc<Members>,
     prefix: String,
     credentials: Option<Credentials>,
     /// The auth token, when the cluster has authentication on; `None` until the first call.
@@ -172,7 +201,7 @@ impl EtcdStore {
             }
             endpoints.push(endpoint);
         }
-        let channel = if let Some(dialer) = config.dialer.clone() {
+        let channels = if let Some(dialer) = config.dialer.clone() {
             if endpoints.len() != 1 {
                 return Err(config_error(
                     "endpoints",
@@ -180,16 +209,19 @@ impl EtcdStore {
                     "a custom dialer takes exactly one endpoint",
                 ));
             }
-            endpoints
-                .remove(0)
-                .connect_with_connector_lazy(dialing(dialer))
-        } else if endpoints.len() == 1 {
-            endpoints.remove(0).connect_lazy()
+            vec![
+                endpoints
+                    .remove(0)
+                    .connect_with_connector_lazy(dialing(dialer)),
+            ]
         } else {
-            Channel::balance_list(endpoints.into_iter())
+            endpoints.into_iter().map(|e| e.connect_lazy()).collect()
         };
         Ok(Arc::new(EtcdStore {
-            channel,
+            members: Arc::new(Members {
+                channels,
+                current: AtomicUsize::new(0),
+            }),
             prefix: config.prefix,
             credentials: config.credentials,
             token: Mutex::new(None),
@@ -229,7 +261,7 @@ impl EtcdStore {
             password: credentials.password.clone(),
         };
         let response = self
-            .deadline(AuthClient::new(self.channel.clone()).authenticate(request))
+            .call(|channel| async { AuthClient::new(channel).authenticate(request).await })
             .await?;
         let token = response.into_inner().token;
         *self.lock_token() = Some(token.clone());
@@ -238,6 +270,21 @@ impl EtcdStore {
 
     fn lock_token(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.token.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one call on the current member under the deadline; a member that fails it
+    /// or lets it time out is left for the next.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let (member, channel) = self.members.pick();
+        let answer = self.deadline(call(channel)).await;
+        if let Err(StoreError::Timeout(_) | StoreError::Unavailable(_)) = &answer {
+            self.members.failed(member);
+        }
+        answer
     }
 
     /// Runs one call under the deadline, mapping gRPC failures onto `StoreError`.
@@ -267,9 +314,8 @@ impl EtcdStore {
                 id: lease as i64,
             }]))
             .await?;
-        let mut client = LeaseClient::new(self.channel.clone());
         let mut answers = self
-            .deadline(client.lease_keep_alive(request))
+            .call(|channel| async { LeaseClient::new(channel).lease_keep_alive(request).await })
             .await?
             .into_inner();
         match self.deadline(answers.message()).await? {
@@ -489,7 +535,7 @@ impl Store for EtcdStore {
             })
             .await?;
         let answer = self
-            .deadline(KvClient::new(self.channel.clone()).range(request))
+            .call(|channel| async { KvClient::new(channel).range(request).await })
             .await?
             .into_inner();
         answer
@@ -510,7 +556,7 @@ impl Store for EtcdStore {
             })
             .await?;
         let answer = self
-            .deadline(KvClient::new(self.channel.clone()).range(request))
+            .call(|channel| async { KvClient::new(channel).range(request).await })
             .await?
             .into_inner();
         let revision = header_revision(answer.header.as_ref())?;
@@ -532,7 +578,7 @@ impl Store for EtcdStore {
             })
             .await?;
         let answer = self
-            .deadline(KvClient::new(self.channel.clone()).txn(request))
+            .call(|channel| async { KvClient::new(channel).txn(request).await })
             .await
             .map_err(|e| match e {
                 StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease),
@@ -565,14 +611,29 @@ impl Store for EtcdStore {
             .try_send(create)
             .map_err(|_| StoreError::Protocol("queueing the watch request".into()))?;
         let request = self.request(request_stream).await?;
-        let mut client = WatchClient::new(self.channel.clone());
-        let mut answers = self.deadline(client.watch(request)).await?.into_inner();
+        let (member, channel) = self.members.pick();
         // The first answer says whether the watch exists, so that a compacted start
         // revision is an error of this call rather than of the stream.
-        let first = self
-            .deadline(answers.message())
-            .await?
-            .ok_or_else(|| StoreError::Unavailable("etcd closed the watch stream".into()))?;
+        let opened = async {
+            let mut answers = self
+                .deadline(async { WatchClient::new(channel).watch(request).await })
+                .await?
+                .into_inner();
+            let first = self
+                .deadline(answers.message())
+                .await?
+                .ok_or_else(|| StoreError::Unavailable("etcd closed the watch stream".into()))?;
+            Ok((answers, first))
+        };
+        let (mut answers, first) = match opened.await {
+            Ok(opened) => opened,
+            Err(e) => {
+                if let StoreError::Timeout(_) | StoreError::Unavailable(_) = e {
+                    self.members.failed(member);
+                }
+                return Err(e);
+            }
+        };
         if let Some(error) = cancelled(&first, after) {
             return Err(error);
         }
@@ -581,6 +642,7 @@ impl Store for EtcdStore {
             prefix: self.prefix.clone(),
             after,
         };
+        let members = self.members.clone();
         tokio::spawn(async move {
             let _keep_open = requests;
             if !events.forward(first, &tx) {
@@ -590,7 +652,11 @@ impl Store for EtcdStore {
                 let delivered = match answers.next().await {
                     Some(Ok(answer)) => events.forward(answer, &tx),
                     Some(Err(status)) => {
-                        let _ = tx.try_send(Err(status_error(&status)));
+                        let error = status_error(&status);
+                        if matches!(error, StoreError::Unavailable(_)) {
+                            members.failed(member); // so the re-watch goes elsewhere
+                        }
+                        let _ = tx.try_send(Err(error));
                         false
                     }
                     None => {
@@ -617,7 +683,7 @@ impl Store for EtcdStore {
             })
             .await?;
         let answer = self
-            .deadline(LeaseClient::new(self.channel.clone()).lease_grant(request))
+            .call(|channel| async { LeaseClient::new(channel).lease_grant(request).await })
             .await?
             .into_inner();
         if !answer.error.is_empty() {
@@ -643,7 +709,7 @@ impl Store for EtcdStore {
             .request(pb::LeaseRevokeRequest { id: lease as i64 })
             .await?;
         match self
-            .deadline(LeaseClient::new(self.channel.clone()).lease_revoke(request))
+            .call(|channel| async { LeaseClient::new(channel).lease_revoke(request).await })
             .await
         {
             Ok(_) => Ok(()),

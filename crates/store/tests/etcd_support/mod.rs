@@ -18,6 +18,9 @@ pub struct Etcd {
     /// Extra flags (TLS, say) the member is started with, kept for restarts.
     extra: Vec<String>,
     pub scheme: &'static str,
+    name: String,
+    /// `--initial-cluster`: this member alone, or every member of a cluster.
+    initial_cluster: String,
 }
 
 fn free_port() -> u16 {
@@ -36,16 +39,62 @@ impl Etcd {
         let dir =
             std::env::temp_dir().join(format!("trt-etcd-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("etcd test directory");
+        let peer_port = free_port();
         let mut etcd = Etcd {
             child: None,
             dir,
             client_port: free_port(),
-            peer_port: free_port(),
+            peer_port,
             extra,
             scheme,
+            name: "t".into(),
+            initial_cluster: format!("t=http://127.0.0.1:{peer_port}"),
         };
         etcd.spawn();
+        etcd.wait_listening();
         etcd
+    }
+
+    /// `n` members on loopback forming one cluster; each is started, stopped and
+    /// restarted on its own.
+    pub fn cluster(n: usize) -> Vec<Etcd> {
+        let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let initial_cluster = peer_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("m{i}=http://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = peer_ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, peer_port)| {
+                let dir = std::env::temp_dir().join(format!(
+                    "trt-etcd-{}-{}",
+                    std::process::id(),
+                    free_port()
+                ));
+                std::fs::create_dir_all(&dir).expect("etcd test directory");
+                Etcd {
+                    child: None,
+                    dir,
+                    client_port: free_port(),
+                    peer_port,
+                    extra: Vec::new(),
+                    scheme: "http",
+                    name: format!("m{i}"),
+                    initial_cluster: initial_cluster.clone(),
+                }
+            })
+            .collect();
+        // All first: a member serves clients only once the cluster has a quorum.
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_listening();
+        }
+        members
     }
 
     pub fn url(&self) -> String {
@@ -60,13 +109,13 @@ impl Etcd {
             .open(self.dir.join("etcd.log"))
             .expect("etcd log");
         let child = Command::new("etcd")
-            .arg("--name=t")
+            .arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={}", self.url()))
             .arg(format!("--advertise-client-urls={}", self.url()))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=t={peer}"))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd log"))
@@ -74,7 +123,6 @@ impl Etcd {
             .spawn()
             .expect("starting etcd (apt-get install etcd-server)");
         self.child = Some(child);
-        self.wait_listening();
     }
 
     fn wait_listening(&self) {
@@ -120,6 +168,7 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+        self.wait_listening();
     }
 
     pub fn store(&self, prefix: &str) -> Arc<EtcdStore> {
