@@ -6,6 +6,7 @@ mod cluster;
 mod commands;
 mod lab;
 mod leader;
+mod state_cache;
 mod store_url;
 
 use clap::{Parser, Subcommand};

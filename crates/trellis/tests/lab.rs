@@ -646,7 +646,7 @@ fn state_commands_and_wg_show_read_a_running_lab() {
 /// The data plane never depends on the store being up: with the lab's store killed, every
 /// agent keeps running and every pod still reaches every other pod.
 #[test]
-fn the_mesh_keeps_forwarding_while_the_store_is_down() {
+fn the_mesh_keeps_forwarding_while_the_store_is_down_and_a_restarted_agent_too() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("tsd", &["--agent-resync", "1"]);
     let status = lab.status_json();
@@ -677,6 +677,30 @@ fn the_mesh_keeps_forwarding_while_the_store_is_down() {
             "agent {pid} exited while the store was down"
         );
     }
+
+    // A gateway's agent restarted during the outage (its device goes with it) rebuilds its
+    // data plane from the state it cached: the verdicts cannot move its nodes elsewhere
+    // while the store is down, so without the cache they would stay cut off.
+    for step in [["fault", "a1", "kill"].as_slice(), &["heal", "a1"]] {
+        let mut args = vec!["lab"];
+        args.extend_from_slice(step);
+        let out = lab.run(&args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    wait_until(
+        "every pod to reach every other through the restarted gateway",
+        Duration::from_secs(20),
+        || {
+            lab.run(&["lab", "check", "--attempts", "1"])
+                .status
+                .success()
+        },
+    );
+    let log = std::fs::read_to_string("/run/trellis/labs/tsd/logs/a1.log").unwrap();
+    assert!(
+        log.contains("store unreachable at start: planning from the last known state"),
+        "{log}"
+    );
 }
 
 /// Kilo issue 188: two public nodes whose direct tunnel breaks while both still reach

@@ -78,6 +78,13 @@ pub struct AgentArgs {
     /// Where the private key lives (created with mode 0600 if missing).
     #[arg(long, default_value = "/var/lib/trellis/private.key")]
     pub key_file: PathBuf,
+    /// The last cluster state read from the store, kept here to plan from when the agent
+    /// starts while the store is unreachable.
+    #[arg(long, default_value = "/var/lib/trellis/cluster-state.json")]
+    pub state_cache: PathBuf,
+    /// Keep no state cache: an agent started during a store outage waits for the store.
+    #[arg(long)]
+    pub no_state_cache: bool,
     /// The store: etcd://HOST:PORT[,HOST:PORT...], unix:/path/to/store.sock or lab:NAME.
     #[arg(long)]
     pub store: String,
@@ -213,7 +220,9 @@ async fn run(
     let device = start_device(&args, key, &netlink).await;
 
     let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
-    tokio::spawn(crate::cluster::sync_forever(store.clone(), state_tx));
+    let cache = (!args.no_state_cache)
+        .then(|| crate::state_cache::StateCache::new(args.state_cache.clone()));
+    tokio::spawn(crate::cluster::sync_forever(store.clone(), state_tx, cache));
     let metrics = metrics::Metrics::default();
     // Leadership runs beside the data plane and nothing here waits on it: readiness,
     // plans and probes are the same whether this node leads or not.

@@ -159,6 +159,12 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
             // Reap it if we are its parent (a test or the demo), so it does not linger.
             // SAFETY: waitpid on a pid that is either our child or not (then it returns -1).
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            // Not our child: wait until it is really gone, so a `heal` right after it
+            // finds it dead and starts a new one.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while processes::is_alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
         // Loss and cut paths belong to the links, not the node: they are made on the
         // fabric's bridge ports, where a dropped frame is as silent to the sender as on a

@@ -79,6 +79,10 @@ pub fn agent_args(spec: &super::spec::LabSpec, node: &NodeSpec) -> Vec<String> {
         format!("--listen-port={}", super::spec::LISTEN_PORT),
         format!("--key-file={}", state::key_path(lab, &node.name).display()),
         format!(
+            "--state-cache={}",
+            state::cache_path(lab, &node.name).display()
+        ),
+        format!(
             "--store={}",
             super::store::agent_store_url(spec, &node.location)
         ),
@@ -94,9 +98,13 @@ pub fn agent_args(spec: &super::spec::LabSpec, node: &NodeSpec) -> Vec<String> {
     args
 }
 
+/// Whether the process runs. A zombie does not: it is dead and only waits for whoever
+/// started it (or, when that was a `trellis lab` command that has exited, for init, which
+/// in a container may take its time) to reap it.
 pub fn is_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists && !is_zombie(pid)
 }
 
 /// SIGTERM every process in the namespace, then SIGKILL what is left after `grace`.
@@ -107,7 +115,7 @@ pub fn kill_all_in(netns_name: &str, grace: Duration) {
         unsafe { libc::kill(*pid, libc::SIGTERM) };
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && pids.iter().any(|p| is_alive(*p) && !is_zombie(*p)) {
+    while Instant::now() < deadline && pids.iter().any(|p| is_alive(*p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
     for pid in netns::pids_in(netns_name) {

@@ -25,6 +25,11 @@ pub fn key_path(lab: &str, node: &str) -> PathBuf {
     dir(lab).join("keys").join(format!("{node}.key"))
 }
 
+/// Where a node's agent keeps its last known cluster state.
+pub fn cache_path(lab: &str, node: &str) -> PathBuf {
+    dir(lab).join("cache").join(format!("{node}.json"))
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LabState {
     pub spec: LabSpec,

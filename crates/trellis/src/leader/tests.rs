@@ -313,7 +313,7 @@ async fn the_leader_allocates_pod_cidrs_and_collects_departed_nodes() {
         .unwrap();
 
     let (state_tx, state) = watch::channel(Arc::new(ClusterState::default()));
-    tokio::spawn(crate::cluster::sync_forever(store.clone(), state_tx));
+    tokio::spawn(crate::cluster::sync_forever(store.clone(), state_tx, None));
     let stats = Arc::new(WorkStats::default());
     let work = Arc::new(ClusterWork {
         store: store.clone(),
