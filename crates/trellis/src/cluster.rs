@@ -437,15 +437,20 @@ async fn follow(
     Err(ended)
 }
 
-/// Writes the cache off the async threads; a failure is logged, never fatal.
+/// Writes the cache off the async threads; a failure is logged, never fatal, and a disk
+/// that hangs costs the sync loop a few seconds, not its life.
 async fn save(cache: Option<&StateCache>, synced: &Synced) {
+    const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
     let Some(cache) = cache.cloned() else { return };
     let (records, revision) = (synced.records.clone(), synced.state.revision);
-    let saved = tokio::task::spawn_blocking(move || cache.save(&records, revision)).await;
-    match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("saving the state cache: {e:#}"),
-        Err(e) => tracing::warn!("saving the state cache: {e}"),
+    let saving = tokio::task::spawn_blocking(move || cache.save(&records, revision));
+    match tokio::time::timeout(SAVE_TIMEOUT, saving).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("saving the state cache: {e:#}"),
+        Ok(Err(e)) => tracing::warn!("saving the state cache: {e}"),
+        Err(_) => tracing::warn!(
+            "saving the state cache: no answer from the disk within {SAVE_TIMEOUT:?}"
+        ),
     }
 }
 
