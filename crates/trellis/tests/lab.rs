@@ -806,6 +806,46 @@ fn the_demo_replays_seed_000_and_cleans_up() {
     );
 }
 
+/// Seed 001 as a demo, on etcd: the leader stops at its renew deadline while the store is
+/// frozen, no agent restarts, every node stays ready, no connection fails, a leader returns.
+#[test]
+fn the_demo_replays_seed_001_and_cleans_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = trellis(&["lab", "demo", "--seed", "001", "--name", "tdm1"]);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    for step in [
+        "store freeze",
+        "stops leader-only work",
+        "a leader acts again: ",
+        "demo passed",
+    ] {
+        assert!(printed.contains(step), "missing {step:?} in\n{printed}");
+    }
+    // the summary's value column, by row label
+    let row = |label: &str| -> String {
+        let line = printed.lines().find(|l| l.starts_with(label));
+        line.map_or(String::new(), |l| l[label.len()..].trim().to_string())
+    };
+    assert_eq!(
+        row("agent processes that exited or restarted"),
+        "0",
+        "{printed}"
+    );
+    assert!(
+        row("new TCP connections between all pod pairs that failed").starts_with("0 of "),
+        "{printed}"
+    );
+    assert!(
+        row("node readiness samples that were not ready").starts_with("0 of "),
+        "{printed}"
+    );
+    assert!(
+        lab_namespaces("tdm1").is_empty(),
+        "the demo tore its lab down"
+    );
+}
+
 /// An idle mesh does not write to the store: status reports must not trigger each other.
 #[test]
 fn an_idle_mesh_leaves_the_store_alone() {

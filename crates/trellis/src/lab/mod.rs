@@ -7,6 +7,7 @@ mod build;
 mod check;
 mod demo;
 pub mod fault;
+mod lease_demo;
 mod processes;
 pub mod spec;
 pub mod state;
@@ -124,9 +125,13 @@ pub struct DemoArgs {
     /// The demo lab's name.
     #[arg(long, default_value = "demo")]
     pub name: String,
-    /// Mesh granularity for the demo.
+    /// Mesh granularity for the demo (seed 000).
     #[arg(long, default_value = "location")]
     pub granularity: Granularity,
+    /// Which incident to replay: 000, a gateway that stops forwarding new flows; 001, the
+    /// store (etcd) stops answering and the leader must stop without taking anything down.
+    #[arg(long, default_value = "000", value_parser = ["000", "001"])]
+    pub seed: String,
 }
 
 #[derive(Args, Debug)]

@@ -152,8 +152,8 @@ async fn measure(args: &LeadershipArgs) -> anyhow::Result<LeadershipReport> {
 }
 
 /// The nodes whose agent acts as leader now (a silent or dead agent does not).
-async fn acting_leaders() -> anyhow::Result<Vec<String>> {
-    let lab = LabState::load(LAB)?;
+pub(in crate::lab) async fn acting_leaders(lab: &str) -> anyhow::Result<Vec<String>> {
+    let lab = LabState::load(lab)?;
     tokio::task::spawn_blocking(move || {
         lab.spec
             .nodes
@@ -172,10 +172,10 @@ async fn acting_leaders() -> anyhow::Result<Vec<String>> {
 }
 
 /// Waits until exactly one agent acts as leader and returns it.
-async fn one_leader(within: Duration) -> anyhow::Result<String> {
+pub(in crate::lab) async fn one_leader(lab: &str, within: Duration) -> anyhow::Result<String> {
     let deadline = Instant::now() + within;
     loop {
-        if let [leader] = acting_leaders().await?.as_slice() {
+        if let [leader] = acting_leaders(lab).await?.as_slice() {
             return Ok(leader.clone());
         }
         if Instant::now() > deadline {
@@ -186,9 +186,14 @@ async fn one_leader(within: Duration) -> anyhow::Result<String> {
 }
 
 /// Waits until some agent other than `except` acts as leader; the time it took.
-async fn new_leader(except: Option<&str>, since: Instant, within: Duration) -> anyhow::Result<f64> {
+pub(in crate::lab) async fn new_leader(
+    lab: &str,
+    except: Option<&str>,
+    since: Instant,
+    within: Duration,
+) -> anyhow::Result<f64> {
     loop {
-        let leaders = acting_leaders().await?;
+        let leaders = acting_leaders(lab).await?;
         if leaders.iter().any(|l| Some(l.as_str()) != except) {
             return Ok(since.elapsed().as_secs_f64() * 1000.0);
         }
@@ -217,11 +222,11 @@ async fn wait_ready(node: &str, within: Duration) -> anyhow::Result<()> {
 }
 
 async fn takeover() -> anyhow::Result<f64> {
-    let leader = one_leader(Duration::from_secs(40)).await?;
+    let leader = one_leader(LAB, Duration::from_secs(40)).await?;
     let killed = Instant::now();
     let kill = Fault::new(FaultKind::Kill, false, None)?;
     fault::inject(LAB, &leader, kill).await?;
-    let ms = new_leader(Some(&leader), killed, Duration::from_secs(40)).await?;
+    let ms = new_leader(LAB, Some(&leader), killed, Duration::from_secs(40)).await?;
     fault::heal(LAB, &leader).await?;
     wait_ready(&leader, Duration::from_secs(30)).await?;
     Ok(ms)
@@ -229,11 +234,11 @@ async fn takeover() -> anyhow::Result<f64> {
 
 /// (stopped after the freeze, leader back after the thaw), in ms.
 async fn stop_acting() -> anyhow::Result<(f64, f64)> {
-    let leader = one_leader(Duration::from_secs(40)).await?;
+    let leader = one_leader(LAB, Duration::from_secs(40)).await?;
     store::inject(LAB, StoreFault::Freeze).await?;
     let frozen = Instant::now();
     let stopped = loop {
-        if !acting_leaders().await?.contains(&leader) {
+        if !acting_leaders(LAB).await?.contains(&leader) {
             break frozen.elapsed().as_secs_f64() * 1000.0;
         }
         if frozen.elapsed() > Duration::from_secs(30) {
@@ -246,7 +251,7 @@ async fn stop_acting() -> anyhow::Result<(f64, f64)> {
     let lease = crate::leader::ElectionConfig::default().lease;
     sleep(lease.saturating_sub(frozen.elapsed())).await;
     store::heal(LAB).await?;
-    let back = new_leader(None, Instant::now(), Duration::from_secs(40)).await?;
+    let back = new_leader(LAB, None, Instant::now(), Duration::from_secs(40)).await?;
     Ok((stopped, back))
 }
 
@@ -265,7 +270,7 @@ async fn store_faults(args: &LeadershipArgs) -> anyhow::Result<FaultsOutcome> {
     let mut kinds = Vec::new();
     let mut leader_back = Vec::new();
     for i in 0..args.faults {
-        let leader = one_leader(Duration::from_secs(40)).await?;
+        let leader = one_leader(LAB, Duration::from_secs(40)).await?;
         let fault = match i % 4 {
             0 => StoreFault::Freeze,
             1 => StoreFault::Kill,
@@ -275,7 +280,7 @@ async fn store_faults(args: &LeadershipArgs) -> anyhow::Result<FaultsOutcome> {
         store::inject(LAB, fault.clone()).await?;
         sleep(args.hold).await;
         store::heal(LAB).await?;
-        let back = new_leader(None, Instant::now(), Duration::from_secs(40)).await?;
+        let back = new_leader(LAB, None, Instant::now(), Duration::from_secs(40)).await?;
         eprintln!(
             "store fault {}/{} ({fault}, held {:?}): leader acting {back:.0} ms after the heal; {} of {} connections lost so far",
             i + 1,
@@ -308,15 +313,15 @@ async fn store_faults(args: &LeadershipArgs) -> anyhow::Result<FaultsOutcome> {
 
 /// New TCP connections between every ordered pair of pods, one attempt every 20 ms in
 /// turn; each attempt is its own task, so a slow one never delays the next.
-struct Traffic {
-    attempts: Arc<AtomicUsize>,
-    lost: Arc<AtomicUsize>,
+pub(in crate::lab) struct Traffic {
+    pub(in crate::lab) attempts: Arc<AtomicUsize>,
+    pub(in crate::lab) lost: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     _servers: Vec<Server>,
 }
 
 impl Traffic {
-    async fn start(lab: &LabState) -> anyhow::Result<Self> {
+    pub(in crate::lab) async fn start(lab: &LabState) -> anyhow::Result<Self> {
         let pods: Vec<_> = lab.spec.nodes.iter().map(|n| n.pods[0].clone()).collect();
         let mut servers = Vec::new();
         for pod in &pods {
@@ -358,7 +363,7 @@ impl Traffic {
     }
 
     /// (attempts, lost), once the attempts in flight have finished.
-    async fn stop(self) -> (usize, usize) {
+    pub(in crate::lab) async fn stop(self) -> (usize, usize) {
         self.task.abort();
         sleep(CONNECT_TIMEOUT + Duration::from_millis(200)).await;
         (

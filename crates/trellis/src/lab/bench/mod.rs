@@ -8,7 +8,7 @@
 //! half a second in. Outage: from the injection to the end of the last failed attempt, so
 //! it is the time until connections succeed again. Lost: failed attempts.
 
-mod leadership;
+pub(super) mod leadership;
 
 pub use leadership::{LeadershipArgs, leadership, table as leadership_table};
 
