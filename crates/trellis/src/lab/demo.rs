@@ -150,13 +150,18 @@ impl Summary {
             "the same fault under Kilo (liveness only)".into(),
             "never detected: node Ready, handshakes fine".into(),
         ));
-        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        let mut out = format!("{:width$}  {}\n", "SUMMARY", "");
-        for (k, v) in rows {
-            out.push_str(&format!("{k:width$}  {v}\n"));
-        }
-        out
+        summary_table(&rows)
     }
+}
+
+/// A demo's closing table: what happened, and when or how much.
+pub(super) fn summary_table(rows: &[(String, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("{:width$}  {}\n", "SUMMARY", "");
+    for (k, v) in rows {
+        out.push_str(&format!("{k:width$}  {v}\n"));
+    }
+    out
 }
 
 /// Connection attempts (started, finished, succeeded), appended by the traffic task as

@@ -90,12 +90,7 @@ impl Summary {
                 "controller exits: restarts, NotReady, config drift".into(),
             ),
         ];
-        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        let mut out = format!("{:width$}  {}\n", "SUMMARY", "");
-        for (k, v) in rows {
-            out.push_str(&format!("{k:width$}  {v}\n"));
-        }
-        out
+        super::demo::summary_table(&rows)
     }
 }
 
