@@ -308,6 +308,14 @@ impl EtcdStore {
         error
     }
 
+    async fn range(&self, range: pb::RangeRequest) -> Result<pb::RangeResponse> {
+        let request = self.request(range).await?;
+        Ok(self
+            .call(|channel| async { KvClient::new(channel).range(request).await })
+            .await?
+            .into_inner())
+    }
+
     async fn keep_alive_once(&self, lease: LeaseId) -> Result<i64> {
         let request = self
             .request(futures::stream::iter([pb::LeaseKeepAliveRequest {
@@ -528,16 +536,12 @@ fn lease_of(ops: &[Op]) -> LeaseId {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let request = self
-            .request(pb::RangeRequest {
+        let answer = self
+            .range(pb::RangeRequest {
                 key: self.full_key(key),
                 ..Default::default()
             })
             .await?;
-        let answer = self
-            .call(|channel| async { KvClient::new(channel).range(request).await })
-            .await?
-            .into_inner();
         answer
             .kvs
             .into_iter()
@@ -548,17 +552,13 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
         let key = self.full_key(prefix);
-        let request = self
-            .request(pb::RangeRequest {
+        let answer = self
+            .range(pb::RangeRequest {
                 range_end: prefix_end(&key),
                 key,
                 ..Default::default()
             })
             .await?;
-        let answer = self
-            .call(|channel| async { KvClient::new(channel).range(request).await })
-            .await?
-            .into_inner();
         let revision = header_revision(answer.header.as_ref())?;
         let kvs = answer
             .kvs

@@ -168,11 +168,16 @@ pub(super) fn summary_table(rows: &[(String, String)]) -> String {
 /// they finish.
 type Attempts = Arc<Mutex<Vec<(Instant, Instant, bool)>>>;
 
-async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
-    let name = args.name.as_str();
+/// The demos' lab: 6 nodes in 2 locations, 2 gateways each, brought up and checked
+/// pair by pair, with each step printed. Returns the lab and whether every pair answered.
+pub(super) async fn up_and_check(
+    name: &str,
+    granularity: trellis_model::Granularity,
+    store: super::store::StoreKind,
+) -> anyhow::Result<(LabState, bool)> {
     println!(
-        "== trellis lab up --name {name} --nodes 6 --locations 2 --gateways 2 --granularity {}",
-        args.granularity
+        "== trellis lab up --name {name} --nodes 6 --locations 2 --gateways 2 --granularity {granularity} --store {}",
+        store.name()
     );
     let up = UpArgs {
         name: NameArg {
@@ -180,14 +185,14 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
         },
         nodes: 6,
         locations: 2,
-        granularity: args.granularity,
+        granularity,
         gateways: 2,
         public: 2,
         pods: 1,
         timeout: 60,
         agent_resync: 10,
         gateway_health: GatewayHealthArg::Forwarding,
-        store: super::store::StoreKind::Embedded,
+        store,
     };
     if up_inner(up).await? != ExitCode::SUCCESS {
         bail!("the lab did not come up");
@@ -196,6 +201,13 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
     println!("\n== trellis lab check --name {name}   (ICMP between every pair of pods)");
     let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
     print!("{}", check::matrix(&report));
+    Ok((lab, report.ok))
+}
+
+async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
+    let name = args.name.as_str();
+    let (lab, pairs_ok) =
+        up_and_check(name, args.granularity, super::store::StoreKind::Embedded).await?;
 
     let store = super::open_store(name)?;
     let view = View::load(store.as_ref()).await?;
@@ -206,7 +218,7 @@ async fn scenario(args: &DemoArgs) -> anyhow::Result<Summary> {
         clients,
     } = Stream::choose(&lab.spec, &view.serving, &lab.spec.locations[0].name)?;
     let mut summary = Summary {
-        pairs_ok: report.ok,
+        pairs_ok,
         gateway: gateway.clone(),
         served: served.clone(),
         ..Default::default()

@@ -7,12 +7,11 @@
 use super::bench::leadership::{Traffic, acting_leaders, new_leader, one_leader};
 use super::state::LabState;
 use super::store::{self, StoreFault, StoreKind};
-use super::{GatewayHealthArg, NameArg, UpArgs, check, processes, ready_of, up_inner};
-use anyhow::bail;
-use std::process::ExitCode;
+use super::{processes, ready_of};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::{Instant, sleep};
+use trellis_model::Granularity;
 
 const POLL: Duration = Duration::from_millis(50);
 /// How long the store stays frozen: past the election lease, so the old term is surely
@@ -95,29 +94,8 @@ impl Summary {
 }
 
 pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
-    println!("== trellis lab up --name {name} --nodes 6 --locations 2 --store etcd");
-    let up = UpArgs {
-        name: NameArg {
-            name: name.to_string(),
-        },
-        nodes: 6,
-        locations: 2,
-        granularity: trellis_model::Granularity::Location,
-        gateways: 2,
-        public: 2,
-        pods: 1,
-        timeout: 60,
-        agent_resync: 10,
-        gateway_health: GatewayHealthArg::Forwarding,
-        store: StoreKind::Etcd,
-    };
-    if up_inner(up).await? != ExitCode::SUCCESS {
-        bail!("the lab did not come up");
-    }
-    let lab = LabState::load(name)?;
-    println!("\n== trellis lab check --name {name}   (ICMP between every pair of pods)");
-    let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
-    print!("{}", check::matrix(&report));
+    let (lab, pairs_ok) =
+        super::demo::up_and_check(name, Granularity::Location, StoreKind::Etcd).await?;
 
     let leader = one_leader(name, Duration::from_secs(30)).await?;
     let epoch = crate::leader::current_leader(super::open_store(name)?.as_ref())
@@ -125,7 +103,7 @@ pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
         .map_or(0, |(_, epoch)| epoch);
     let election = crate::leader::ElectionConfig::default();
     let mut summary = Summary {
-        pairs_ok: report.ok,
+        pairs_ok,
         leader: leader.clone(),
         epoch,
         renew_deadline_ms: election.renew_deadline.as_millis(),

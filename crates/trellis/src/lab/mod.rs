@@ -369,20 +369,14 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 .into_iter()
                 .filter(|f| kinds.is_empty() || kinds.contains(&f.kind))
                 .collect();
-            let args = bench::FailoverArgs {
-                trials: trials.max(1),
-                window: Duration::from_secs(window_seconds.max(1)),
-                target: bench::Target::Gateways(kinds),
-                forwarding: health != "liveness",
-                baseline: health != "forwarding",
-            };
-            let rows = bench::failover(&args).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!("{}", bench::table(&rows));
-            }
-            Ok(ExitCode::SUCCESS)
+            failover_bench(
+                bench::Target::Gateways(kinds),
+                trials,
+                window_seconds,
+                &health,
+                json,
+            )
+            .await
         }
         LabCommand::Bench(BenchCommand::PathFallback {
             trials,
@@ -390,20 +384,14 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             json,
             health,
         }) => {
-            let args = bench::FailoverArgs {
-                trials: trials.max(1),
-                window: Duration::from_secs(window_seconds.max(1)),
-                target: bench::Target::DirectPath,
-                forwarding: health != "liveness",
-                baseline: health != "forwarding",
-            };
-            let rows = bench::failover(&args).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!("{}", bench::table(&rows));
-            }
-            Ok(ExitCode::SUCCESS)
+            failover_bench(
+                bench::Target::DirectPath,
+                trials,
+                window_seconds,
+                &health,
+                json,
+            )
+            .await
         }
         LabCommand::Bench(BenchCommand::Leadership {
             reps,
@@ -455,6 +443,30 @@ async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Demo(args) => demo::run(args).await,
         LabCommand::Exec(_) => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// `lab bench failover` and `lab bench path-fallback`: the same trials, on a different target.
+async fn failover_bench(
+    target: bench::Target,
+    trials: usize,
+    window_seconds: u64,
+    health: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let args = bench::FailoverArgs {
+        trials: trials.max(1),
+        window: Duration::from_secs(window_seconds.max(1)),
+        target,
+        forwarding: health != "liveness",
+        baseline: health != "forwarding",
+    };
+    let rows = bench::failover(&args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", bench::table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn up_inner(args: UpArgs) -> anyhow::Result<ExitCode> {
