@@ -6,6 +6,7 @@
 
 mod endpoint;
 mod key;
+pub mod keys;
 mod name;
 mod node;
 mod peer;
@@ -66,45 +67,4 @@ where
 /// Records that can check their own invariants after decoding.
 pub trait Validate {
     fn validate(&self) -> Result<(), InvalidField>;
-}
-
-/// Key layout in the store, relative to the store's prefix. One place so that every
-/// backend (embedded, etcd, Kubernetes) maps the same names.
-pub mod keys {
-    pub const NODES: &str = "nodes/";
-    pub const PEERS: &str = "peers/";
-    pub const GATEWAYS: &str = "gateways/";
-    pub const STATUS: &str = "status/";
-    pub const SETTINGS: &str = "settings";
-    pub const OBSERVATIONS: &str = "observations/";
-    pub const PATHS: &str = "paths/";
-    pub const POD_CIDRS: &str = "podcidrs/";
-    /// The leader election: candidates' keys are `election/<lease id in hex>`, the layout
-    /// of etcd's own election recipe (`etcdctl elect <prefix>election`).
-    pub const ELECTION: &str = "election/";
-
-    pub fn node(name: &str) -> String {
-        format!("{NODES}{name}")
-    }
-    pub fn peer(name: &str) -> String {
-        format!("{PEERS}{name}")
-    }
-    pub fn gateways(location: &str) -> String {
-        format!("{GATEWAYS}{location}")
-    }
-    pub fn status(node: &str) -> String {
-        format!("{STATUS}{node}")
-    }
-    pub fn observation(gateway: &str, observer: &str) -> String {
-        format!("{OBSERVATIONS}{gateway}/{observer}")
-    }
-    pub fn path(from: &str, to: &str) -> String {
-        format!("{PATHS}{from}/{to}")
-    }
-    pub fn pod_cidr(node: &str) -> String {
-        format!("{POD_CIDRS}{node}")
-    }
-    pub fn candidate(lease: u64) -> String {
-        format!("{ELECTION}{lease:x}")
-    }
 }

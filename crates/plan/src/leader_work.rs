@@ -68,36 +68,20 @@ pub fn collectable<'a>(
     let mut out: Vec<Garbage> = keys
         .into_iter()
         .filter_map(|key| {
-            owners(key)
+            let parsed = trellis_model::keys::Key::parse(key)?;
+            let node = parsed
+                .owners()
                 .into_iter()
-                .find(|owner| expired.contains(owner))
-                .map(|node| Garbage {
-                    node: node.to_string(),
-                    key: key.to_string(),
-                })
+                .find(|owner| expired.contains(owner))?
+                .to_string();
+            Some(Garbage {
+                node,
+                key: key.to_string(),
+            })
         })
         .collect();
     out.sort();
     out
-}
-
-/// The nodes a key belongs to, by the store's key layout.
-fn owners(key: &str) -> Vec<&str> {
-    use trellis_model::keys;
-    if let Some(name) = key
-        .strip_prefix(keys::NODES)
-        .or_else(|| key.strip_prefix(keys::POD_CIDRS))
-    {
-        return vec![name];
-    }
-    if let Some(pair) = key
-        .strip_prefix(keys::OBSERVATIONS)
-        .or_else(|| key.strip_prefix(keys::PATHS))
-        && let Some((a, b)) = pair.split_once('/')
-    {
-        return vec![a, b];
-    }
-    Vec::new()
 }
 
 /// Updates the leader's record of when each node was first seen without an agent: nodes

@@ -7,6 +7,10 @@
 //! the embedded store implements it in memory for the lab and single-process use.
 //!
 //! Keys given to a `Store` are relative ("nodes/a1"); each backend adds its own prefix.
+//!
+//! `etcd::server` serves an embedded store with etcd's own gRPC protocol (on a Unix
+//! socket for the lab), so that other processes reach it with the same `EtcdStore` they
+//! use for a real etcd, and `etcdctl` can inspect it.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -14,7 +18,6 @@ use std::time::Duration;
 
 pub mod embedded;
 pub mod etcd;
-pub mod remote;
 
 pub type Revision = u64;
 pub type LeaseId = u64;
@@ -35,7 +38,7 @@ pub struct KeyValue {
 }
 
 /// A condition on one key that a transaction checks before writing.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Compare {
     /// The key does not exist.
     Absent(String),
@@ -44,16 +47,14 @@ pub enum Compare {
     /// The key exists and its create_revision equals the given one (fencing tokens).
     CreateRevision(String, Revision),
     /// The key exists and holds exactly these bytes.
-    Value(String, #[serde(with = "bytes_b64")] Vec<u8>),
+    Value(String, Vec<u8>),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Put {
         key: String,
-        #[serde(with = "bytes_b64")]
         value: Vec<u8>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         lease: Option<LeaseId>,
     },
     Delete {
@@ -61,7 +62,7 @@ pub enum Op {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnResult {
     /// Whether every compare held and the ops were applied (all of them, atomically).
     pub succeeded: bool,
@@ -69,7 +70,7 @@ pub struct TxnResult {
     pub revision: Revision,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Put(KeyValue),
     /// A key was deleted (explicitly or by lease expiry) at `revision`.
@@ -94,8 +95,7 @@ impl Event {
     }
 }
 
-/// Serializable so that `remote` can hand the very same variant to a client.
-#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The requested revision is older than the store's history; re-list and watch from
     /// the list's revision.
@@ -176,6 +176,18 @@ pub trait Store: Send + Sync + 'static {
             .await?;
         Ok(r.revision)
     }
+}
+
+/// The key just past every key that starts with `prefix` (etcd's range_end for prefixes).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key: the prefix was empty or all 0xff
 }
 
 mod bytes_b64 {

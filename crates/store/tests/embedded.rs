@@ -1,240 +1,36 @@
+//! The embedded store: the conformance suite, and what only it has (a bounded history
+//! instead of compaction, paused time, an exact lag bound).
+
+mod suite;
+
+use std::sync::Arc;
 use std::time::Duration;
+use suite::{Backend, next_event, put, put_leased, summary};
 use trellis_store::embedded::{EmbeddedStore, WATCH_BUFFER};
-use trellis_store::{Compare, Event, KeyValue, Op, Store, StoreError, Watch};
+use trellis_store::{Op, Revision, Store, StoreError};
 
-fn put(key: &str, value: &str) -> Op {
-    Op::Put {
-        key: key.to_string(),
-        value: value.as_bytes().to_vec(),
-        lease: None,
+struct Embedded(Arc<EmbeddedStore>);
+
+impl Backend for Embedded {
+    async fn start() -> Self {
+        Embedded(EmbeddedStore::new())
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.0.clone()
+    }
+    async fn compact(&self, revision: Revision) {
+        self.0.compact(revision).expect("compact");
     }
 }
 
-fn put_leased(key: &str, value: &str, lease: u64) -> Op {
-    Op::Put {
-        key: key.to_string(),
-        value: value.as_bytes().to_vec(),
-        lease: Some(lease),
-    }
-}
-
-fn delete(key: &str) -> Op {
-    Op::Delete {
-        key: key.to_string(),
-    }
-}
+suite::conformance_tests!(Embedded);
 
 async fn revision(store: &EmbeddedStore) -> u64 {
     store.list("").await.expect("list").1
 }
 
-async fn must_get(store: &EmbeddedStore, key: &str) -> KeyValue {
-    store
-        .get(key)
-        .await
-        .expect("get")
-        .unwrap_or_else(|| panic!("{key} should exist"))
-}
-
-/// The next event, failing the test instead of hanging if none comes.
-async fn next_event(watch: &mut Watch) -> Event {
-    match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
-        Ok(Some(Ok(event))) => event,
-        other => panic!("expected an event, got {other:?}"),
-    }
-}
-
-fn summary(event: &Event) -> (String, &'static str, u64) {
-    let kind = match event {
-        Event::Put(_) => "put",
-        Event::Delete { .. } => "delete",
-    };
-    (event.key().to_string(), kind, event.revision())
-}
-
-#[tokio::test]
-async fn revisions_follow_puts_updates_deletes_and_recreation() {
-    let store = EmbeddedStore::new();
-    assert_eq!(revision(&store).await, 1, "an empty store is at revision 1");
-
-    assert_eq!(store.put("a", b"1".to_vec()).await.unwrap(), 2);
-    let created = must_get(&store, "a").await;
-    assert_eq!((created.create_revision, created.mod_revision), (2, 2));
-    assert_eq!(created.value, b"1");
-    assert_eq!(created.lease, None);
-
-    assert_eq!(store.put("a", b"2".to_vec()).await.unwrap(), 3);
-    let updated = must_get(&store, "a").await;
-    assert_eq!((updated.create_revision, updated.mod_revision), (2, 3));
-
-    assert_eq!(store.delete("a").await.unwrap(), 4);
-    assert_eq!(store.get("a").await.unwrap(), None);
-
-    // Deleting what is not there changes nothing, so it is no new revision.
-    assert_eq!(store.delete("a").await.unwrap(), 4);
-    assert_eq!(revision(&store).await, 4);
-
-    assert_eq!(store.put("a", b"3".to_vec()).await.unwrap(), 5);
-    let recreated = must_get(&store, "a").await;
-    assert_eq!((recreated.create_revision, recreated.mod_revision), (5, 5));
-}
-
-#[tokio::test]
-async fn a_multi_op_txn_is_one_revision() {
-    let store = EmbeddedStore::new();
-    store.put("gone", b"x".to_vec()).await.unwrap();
-    let mut watch = store.watch("", 2).await.unwrap();
-
-    let result = store
-        .txn(vec![], vec![put("a", "1"), put("b", "2"), delete("gone")])
-        .await
-        .unwrap();
-    assert!(result.succeeded);
-    assert_eq!(result.revision, 3);
-    assert_eq!(must_get(&store, "a").await.mod_revision, 3);
-    assert_eq!(must_get(&store, "b").await.mod_revision, 3);
-    assert_eq!(store.get("gone").await.unwrap(), None);
-
-    let events = [
-        next_event(&mut watch).await,
-        next_event(&mut watch).await,
-        next_event(&mut watch).await,
-    ];
-    let summaries: Vec<_> = events.iter().map(summary).collect();
-    assert_eq!(
-        summaries,
-        vec![
-            ("a".to_string(), "put", 3),
-            ("b".to_string(), "put", 3),
-            ("gone".to_string(), "delete", 3)
-        ]
-    );
-}
-
-#[tokio::test]
-async fn a_txn_with_an_unknown_lease_applies_nothing() {
-    let store = EmbeddedStore::new();
-    store.put("kept", b"old".to_vec()).await.unwrap();
-    let before = revision(&store).await;
-
-    let error = store
-        .txn(
-            vec![],
-            vec![
-                put("kept", "new"),
-                put_leased("other", "x", 999),
-                delete("kept"),
-            ],
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(error, StoreError::LeaseNotFound(999)), "{error:?}");
-    assert_eq!(must_get(&store, "kept").await.value, b"old");
-    assert_eq!(store.get("other").await.unwrap(), None);
-    assert_eq!(revision(&store).await, before);
-}
-
-#[tokio::test]
-async fn every_compare_kind_gates_the_txn() {
-    let store = EmbeddedStore::new();
-    store.put("k", b"v".to_vec()).await.unwrap(); // create 2, mod 2
-    store.put("k", b"w".to_vec()).await.unwrap(); // mod 3
-
-    let cases = [
-        (Compare::Absent("missing".into()), true),
-        (Compare::Absent("k".into()), false),
-        (Compare::ModRevision("k".into(), 3), true),
-        (Compare::ModRevision("k".into(), 2), false),
-        (Compare::ModRevision("missing".into(), 0), false),
-        (Compare::CreateRevision("k".into(), 2), true),
-        (Compare::CreateRevision("k".into(), 3), false),
-        (Compare::CreateRevision("missing".into(), 0), false),
-        (Compare::Value("k".into(), b"w".to_vec()), true),
-        (Compare::Value("k".into(), b"v".to_vec()), false),
-        (Compare::Value("missing".into(), vec![]), false),
-    ];
-    for (compare, holds) in cases {
-        let before = revision(&store).await;
-        let result = store
-            .txn(
-                vec![compare.clone()],
-                vec![put("marker", "x"), delete("marker")],
-            )
-            .await
-            .unwrap();
-        assert_eq!(result.succeeded, holds, "{compare:?}");
-        let expected = if holds { before + 1 } else { before };
-        assert_eq!(result.revision, expected, "{compare:?}");
-        assert_eq!(revision(&store).await, expected, "{compare:?}");
-    }
-
-    // All compares must hold: one false one blocks the rest.
-    let result = store
-        .txn(
-            vec![
-                Compare::Absent("missing".into()),
-                Compare::Absent("k".into()),
-            ],
-            vec![put("blocked", "x")],
-        )
-        .await
-        .unwrap();
-    assert!(!result.succeeded);
-    assert_eq!(store.get("blocked").await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn list_is_sorted_and_filtered_by_prefix() {
-    let store = EmbeddedStore::new();
-    for key in ["nodes/b", "other", "nodes/a", "nodesX", "nodes/c/x"] {
-        store.put(key, key.as_bytes().to_vec()).await.unwrap();
-    }
-    let keys = |kvs: Vec<KeyValue>| kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
-
-    let (nodes, rev) = store.list("nodes/").await.unwrap();
-    assert_eq!(keys(nodes), ["nodes/a", "nodes/b", "nodes/c/x"]);
-    assert_eq!(rev, 6);
-
-    let (all, _) = store.list("").await.unwrap();
-    assert_eq!(
-        keys(all),
-        ["nodes/a", "nodes/b", "nodes/c/x", "nodesX", "other"]
-    );
-    assert!(store.list("zzz").await.unwrap().0.is_empty());
-}
-
-#[tokio::test]
-async fn watch_replays_history_then_streams_live_events() {
-    let store = EmbeddedStore::new();
-    store.put("a/1", b"x".to_vec()).await.unwrap(); // 2
-    store.put("a/2", b"x".to_vec()).await.unwrap(); // 3
-    store.put("b/1", b"x".to_vec()).await.unwrap(); // 4
-    store.delete("a/1").await.unwrap(); // 5
-
-    let mut watch = store.watch("a/", 2).await.unwrap();
-    assert_eq!(
-        summary(&next_event(&mut watch).await),
-        ("a/2".into(), "put", 3)
-    );
-    assert_eq!(
-        summary(&next_event(&mut watch).await),
-        ("a/1".into(), "delete", 5)
-    );
-
-    store.put("b/2", b"x".to_vec()).await.unwrap(); // 6, other prefix
-    store.put("a/3", b"x".to_vec()).await.unwrap(); // 7
-    assert_eq!(
-        summary(&next_event(&mut watch).await),
-        ("a/3".into(), "put", 7)
-    );
-
-    // Watching from the current revision gives only what happens next.
-    let mut fresh = store.watch("", 7).await.unwrap();
-    store.put("c", b"x".to_vec()).await.unwrap(); // 8
-    assert_eq!(
-        summary(&next_event(&mut fresh).await),
-        ("c".into(), "put", 8)
-    );
+async fn must_get(store: &EmbeddedStore, key: &str) -> trellis_store::KeyValue {
+    suite::must_get(store, key).await
 }
 
 #[tokio::test]
@@ -281,7 +77,7 @@ async fn a_revision_partly_dropped_from_history_is_compacted() {
 }
 
 #[tokio::test]
-async fn a_watcher_that_never_reads_is_cut_off_without_blocking_writers() {
+async fn a_watcher_is_cut_off_after_exactly_the_watch_buffer() {
     let store = EmbeddedStore::new();
     let mut idle = store.watch("", 1).await.unwrap();
 
@@ -338,61 +134,29 @@ async fn leased_keys_vanish_after_the_ttl_and_keep_alive_extends_it() {
 }
 
 #[tokio::test]
-async fn revoking_a_lease_deletes_its_keys_in_one_revision() {
+async fn compacting_twice_or_into_the_future_is_refused() {
     let store = EmbeddedStore::new();
-    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
-    store
-        .txn(
-            vec![],
-            vec![
-                put_leased("a", "1", lease),
-                put_leased("b", "1", lease),
-                put("c", "1"),
-            ],
-        )
-        .await
-        .unwrap(); // 2
+    store.put("a", b"1".to_vec()).await.unwrap(); // 2
+    store.put("a", b"2".to_vec()).await.unwrap(); // 3
+    store.compact(3).unwrap();
+    assert!(matches!(
+        store.compact(3),
+        Err(StoreError::Compacted { requested: 3, .. })
+    ));
+    assert!(matches!(store.compact(9), Err(StoreError::Protocol(_))));
     let mut watch = store.watch("", 2).await.unwrap();
-
-    store.revoke_lease(lease).await.unwrap();
-    let deletions = [next_event(&mut watch).await, next_event(&mut watch).await];
-    let summaries: Vec<_> = deletions.iter().map(summary).collect();
     assert_eq!(
-        summaries,
-        vec![("a".into(), "delete", 3), ("b".into(), "delete", 3)]
+        summary(&next_event(&mut watch).await),
+        ("a".into(), "put", 3)
     );
-    assert_eq!(revision(&store).await, 3);
-    assert!(store.get("c").await.unwrap().is_some());
-    assert!(matches!(
-        store.revoke_lease(lease).await,
-        Err(StoreError::LeaseNotFound(_))
-    ));
-    assert!(matches!(
-        store.txn(vec![], vec![put_leased("d", "1", lease)]).await,
-        Err(StoreError::LeaseNotFound(_))
-    ));
 }
 
 #[tokio::test]
-async fn reputting_a_key_without_its_lease_detaches_it() {
+async fn one_txn_may_write_a_key_twice_the_last_write_wins() {
+    // etcd refuses this ("duplicate key"); the embedded store applies the ops in order.
     let store = EmbeddedStore::new();
-    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
-    store
-        .txn(vec![], vec![put_leased("k", "1", lease)])
-        .await
-        .unwrap();
-    store.put("k", b"2".to_vec()).await.unwrap();
-    assert_eq!(must_get(&store, "k").await.lease, None);
-
-    store.revoke_lease(lease).await.unwrap();
+    let ops = vec![put("k", "1"), Op::Delete { key: "k".into() }, put("k", "2")];
+    assert_eq!(store.txn(vec![], ops).await.unwrap().revision, 2);
     assert_eq!(must_get(&store, "k").await.value, b"2");
-}
-
-#[tokio::test]
-async fn lease_ids_are_fresh() {
-    let store = EmbeddedStore::new();
-    let first = store.grant_lease(Duration::from_secs(1)).await.unwrap();
-    store.revoke_lease(first).await.unwrap();
-    let second = store.grant_lease(Duration::from_secs(1)).await.unwrap();
-    assert_ne!(first, second);
+    assert_eq!(must_get(&store, "k").await.create_revision, 2);
 }

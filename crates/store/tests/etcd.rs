@@ -1,19 +1,30 @@
-//! The `Store` on a real etcd 3.4 (Debian's), started by each test on loopback.
+//! The `Store` on a real etcd 3.4 (Debian's), started by each test on loopback: the
+//! conformance suite, and what only a real cluster shows (freezes, restarts, TLS, users,
+//! losing members).
 
-mod etcd_support;
+mod suite;
 
-use etcd_support::{Etcd, Pki, wait_answering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis_store::etcd::{Credentials, EtcdStore, TlsFiles};
-use trellis_store::{Compare, Event, Op, Store, StoreError, Watch};
+use trellis_store::{Event, Revision, Store, StoreError, Watch};
+use trellis_testkit::etcd::{Etcd, Pki, wait_answering};
 
-fn put(key: &str, value: &str) -> Op {
-    Op::Put {
-        key: key.to_string(),
-        value: value.as_bytes().to_vec(),
-        lease: None,
+struct RealEtcd(Etcd);
+
+impl suite::Backend for RealEtcd {
+    async fn start() -> Self {
+        RealEtcd(Etcd::start())
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.0.store("/t/")
+    }
+    async fn compact(&self, revision: Revision) {
+        self.0.etcdctl(&["compact", &revision.to_string()]);
     }
 }
+
+suite::conformance_tests!(RealEtcd);
 
 async fn next_event(watch: &mut Watch) -> Event {
     match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
@@ -71,154 +82,6 @@ async fn keys_revisions_and_prefixes_behave_as_in_the_model() {
         deleted,
         "deleting what is gone is no new revision"
     );
-}
-
-#[tokio::test]
-async fn every_compare_kind_gates_the_txn_and_a_bad_lease_applies_nothing() {
-    let etcd = Etcd::start();
-    let store = etcd.store("/t/");
-    let rev = store.put("k", b"v".to_vec()).await.unwrap();
-    let cases = [
-        (Compare::Absent("k".into()), false),
-        (Compare::Absent("missing".into()), true),
-        (Compare::ModRevision("k".into(), rev), true),
-        (Compare::ModRevision("k".into(), rev + 100), false),
-        (Compare::CreateRevision("k".into(), rev), true),
-        (Compare::CreateRevision("missing".into(), rev), false),
-        (Compare::Value("k".into(), b"v".to_vec()), true),
-        (Compare::Value("k".into(), b"w".to_vec()), false),
-    ];
-    for (compare, holds) in cases {
-        let before = store.list("").await.unwrap().1;
-        let result = store
-            .txn(vec![compare.clone()], vec![put("side", "effect")])
-            .await
-            .unwrap();
-        assert_eq!(result.succeeded, holds, "{compare:?}");
-        assert_eq!(result.revision > before, holds, "{compare:?}");
-    }
-
-    let before = store.list("").await.unwrap();
-    let error = store
-        .txn(
-            vec![],
-            vec![
-                put("a", "1"),
-                Op::Put {
-                    key: "b".into(),
-                    value: b"2".to_vec(),
-                    lease: Some(0x1234_5678),
-                },
-            ],
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, StoreError::LeaseNotFound(0x1234_5678)),
-        "{error:?}"
-    );
-    assert_eq!(store.list("").await.unwrap(), before, "nothing applied");
-}
-
-#[tokio::test]
-async fn watch_replays_from_a_revision_then_streams_and_reports_compaction() {
-    let etcd = Etcd::start();
-    let store = etcd.store("/t/");
-    let start = store.list("").await.unwrap().1;
-    store.put("w/a", b"1".to_vec()).await.unwrap();
-    store.put("x/ignored", b"1".to_vec()).await.unwrap();
-    store.put("w/b", b"1".to_vec()).await.unwrap();
-    let mut watch = store.watch("w/", start).await.unwrap();
-    assert_eq!(
-        summary(&next_event(&mut watch).await),
-        ("w/a".into(), "put")
-    );
-    assert_eq!(
-        summary(&next_event(&mut watch).await),
-        ("w/b".into(), "put")
-    );
-    store.delete("w/a").await.unwrap();
-    let deleted = next_event(&mut watch).await;
-    assert_eq!(summary(&deleted), ("w/a".into(), "delete"));
-
-    let now = store.list("").await.unwrap().1;
-    etcd.etcdctl(&["compact", &now.to_string()]);
-    // etcd confirms the watch first and cancels it right after, so the error comes as
-    // the stream's first item (the trait allows either).
-    let compacted = match store.watch("w/", start).await {
-        Err(e) => e,
-        Ok(mut watch) => match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
-            Ok(Some(Err(e))) => e,
-            other => panic!("expected Compacted, got {other:?}"),
-        },
-    };
-    assert!(
-        matches!(compacted, StoreError::Compacted { oldest, .. } if oldest == now),
-        "{compacted:?}"
-    );
-    // From the compaction revision on, watching works.
-    store
-        .watch("w/", now)
-        .await
-        .expect("watch from the compacted revision");
-}
-
-#[tokio::test]
-async fn leases_expire_keep_alive_extends_and_revoke_deletes_their_keys() {
-    let etcd = Etcd::start();
-    let store = etcd.store("/t/");
-    let lease = store.grant_lease(Duration::from_secs(2)).await.unwrap();
-    store
-        .txn(
-            vec![],
-            vec![Op::Put {
-                key: "alive".into(),
-                value: b"1".to_vec(),
-                lease: Some(lease),
-            }],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store.get("alive").await.unwrap().unwrap().lease,
-        Some(lease)
-    );
-    // Kept alive past several TTLs.
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        store.keep_alive(lease).await.unwrap();
-    }
-    assert!(store.get("alive").await.unwrap().is_some());
-    // Left alone, it expires (etcd checks expiry every 500 ms).
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while store.get("alive").await.unwrap().is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the leased key outlived its lease"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(matches!(
-        store.keep_alive(lease).await,
-        Err(StoreError::LeaseNotFound(l)) if l == lease
-    ));
-
-    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
-    let ops = ["x", "y"]
-        .iter()
-        .map(|k| Op::Put {
-            key: k.to_string(),
-            value: vec![],
-            lease: Some(lease),
-        })
-        .collect();
-    store.txn(vec![], ops).await.unwrap();
-    store.revoke_lease(lease).await.unwrap();
-    assert_eq!(store.list("").await.unwrap().0.len(), 0);
-    assert!(matches!(
-        store.revoke_lease(lease).await,
-        Err(StoreError::LeaseNotFound(_))
-    ));
 }
 
 /// SIGSTOP leaves connections open and unanswered: calls must end at their deadline, a

@@ -376,7 +376,7 @@ fn bad_input_is_named_and_nothing_starts() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("pod_cidrs") && err.contains("10.244.1.7/24"),
+        err.contains("--pod-cidr") && err.contains("10.244.1.7/24"),
         "{err}"
     );
     let _ = std::fs::remove_file("/tmp/trellis-test-badinput.key");

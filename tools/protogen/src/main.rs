@@ -1,5 +1,7 @@
 //! Compiles etcd's v3 protos (copied verbatim from etcd 3.4.23, Debian's
-//! golang-etcd-server-dev) into the client-only Rust code under crates/store/src/etcd/proto.
+//! golang-etcd-server-dev) into the Rust code under crates/store/src/etcd/proto: clients
+//! (for `EtcdStore`) and server traits (for serving the embedded store over etcd's own
+//! protocol). No transport code: the store crate brings its own connectors and listeners.
 
 use std::path::Path;
 
@@ -11,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = root.join("../../crates/store/src/etcd/proto");
     std::fs::create_dir_all(&out)?;
     tonic_prost_build::configure()
-        .build_server(false)
+        .build_server(true)
         .build_transport(false)
         .out_dir(&out)
         .compile_fds(descriptors)?;

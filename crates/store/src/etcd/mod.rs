@@ -12,11 +12,17 @@
 //!   auth token that expired is replaced on the next call;
 //! - with several members, calls stick to one until a call to it fails or times out, then
 //!   move on to the next ([`Members`]), so a lost member costs one failed call.
+//!
+//! Members are reached over TCP (`http://`, `https://`) or a Unix socket (`unix:///path`),
+//! which is how agents reach an embedded store that [`server`] serves with etcd's
+//! protocol: one client path whatever the store.
 
 pub mod proto;
+pub mod server;
 
 use crate::{
     Compare, Event, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, TxnResult, Watch,
+    prefix_end,
 };
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -48,7 +54,9 @@ pub type Dialer =
 /// Where the etcd cluster is and how to talk to it.
 #[derive(Clone)]
 pub struct EtcdConfig {
-    /// Client URLs of the members, `http://host:port` or `https://host:port`.
+    /// Client URLs of the members: `http://host:port`, `https://host:port`, or
+    /// `unix:///path/to/socket` (plaintext; e.g. an embedded store served by
+    /// [`server::serve_unix`]).
     pub endpoints: Vec<String>,
     /// Prepended to every key; keeps Trellis's keys apart from other users of the cluster.
     pub prefix: String,
@@ -166,14 +174,25 @@ impl EtcdStore {
             ));
         }
         let tls = config.tls.as_ref().map(tls_config).transpose()?;
-        let mut endpoints = Vec::new();
+        if config.dialer.is_some() && config.endpoints.len() != 1 {
+            return Err(config_error(
+                "endpoints",
+                config.endpoints.join(","),
+                "a custom dialer takes exactly one endpoint",
+            ));
+        }
+        let mut channels = Vec::new();
         for url in &config.endpoints {
+            if let Some(path) = url.strip_prefix("unix://") {
+                channels.push(unix_channel(url, path, &config, tls.is_some())?);
+                continue;
+            }
             let https = url.starts_with("https://");
             if !https && !url.starts_with("http://") {
                 return Err(config_error(
                     "endpoint",
                     url,
-                    "expected http://HOST:PORT or https://HOST:PORT",
+                    "expected http://HOST:PORT, https://HOST:PORT or unix:///PATH",
                 ));
             }
             if https != tls.is_some() {
@@ -187,36 +206,17 @@ impl EtcdStore {
                     },
                 ));
             }
-            let mut endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| config_error("endpoint", url, e))?
-                .connect_timeout(config.call_timeout)
-                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .tcp_nodelay(true);
+            let mut endpoint = endpoint(url, &config)?.tcp_nodelay(true);
             if let Some(tls) = &tls {
                 endpoint = endpoint
                     .tls_config(tls.clone())
                     .map_err(|e| config_error("endpoint", url, e))?;
             }
-            endpoints.push(endpoint);
+            channels.push(match config.dialer.clone() {
+                Some(dialer) => endpoint.connect_with_connector_lazy(dialing(dialer)),
+                None => endpoint.connect_lazy(),
+            });
         }
-        let channels = if let Some(dialer) = config.dialer.clone() {
-            if endpoints.len() != 1 {
-                return Err(config_error(
-                    "endpoints",
-                    config.endpoints.join(","),
-                    "a custom dialer takes exactly one endpoint",
-                ));
-            }
-            vec![
-                endpoints
-                    .remove(0)
-                    .connect_with_connector_lazy(dialing(dialer)),
-            ]
-        } else {
-            endpoints.into_iter().map(|e| e.connect_lazy()).collect()
-        };
         Ok(Arc::new(EtcdStore {
             members: Arc::new(Members {
                 channels,
@@ -335,6 +335,56 @@ impl EtcdStore {
     }
 }
 
+/// The endpoint for `url` with the deadlines and keep-alive pings every member gets.
+fn endpoint(url: &str, config: &EtcdConfig) -> std::result::Result<Endpoint, ConfigError> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| config_error("endpoint", url, e))?
+        .connect_timeout(config.call_timeout)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
+/// A channel to a member listening on the Unix socket at `path` (`unix:///abs/path`, or
+/// `unix://rel/path` relative to the working directory, as etcdctl reads them): plaintext,
+/// and reachable from any network namespace that sees the file.
+fn unix_channel(
+    url: &str,
+    path: &str,
+    config: &EtcdConfig,
+    tls: bool,
+) -> std::result::Result<Channel, ConfigError> {
+    if path.is_empty() {
+        return Err(config_error("endpoint", url, "expected unix:///PATH"));
+    }
+    if tls {
+        return Err(config_error(
+            "endpoint",
+            url,
+            "TLS over a Unix socket is not supported: the socket file's permissions guard it",
+        ));
+    }
+    if config.dialer.is_some() {
+        return Err(config_error(
+            "endpoint",
+            url,
+            "a custom dialer takes an IP:PORT endpoint, not a Unix socket",
+        ));
+    }
+    let path = PathBuf::from(path);
+    // The URI only names the HTTP/2 authority ("localhost", as gRPC does for Unix sockets).
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display()))
+            })?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(endpoint("http://localhost", config)?.connect_with_connector_lazy(connector))
+}
+
 /// A connector that hands the dialer the URI's IP:PORT.
 fn dialing(
     dialer: Dialer,
@@ -396,18 +446,6 @@ fn header_revision(header: Option<&pb::ResponseHeader>) -> Result<Revision> {
     header
         .map(|h| revision(h.revision))
         .ok_or_else(|| StoreError::Protocol("etcd answered without a header".into()))
-}
-
-/// The key just past every key that starts with `prefix` (etcd's range_end for prefixes).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0] // every key: the prefix was empty or all 0xff
 }
 
 fn status_error(status: &tonic::Status) -> StoreError {
@@ -483,21 +521,43 @@ fn tls_config(files: &TlsFiles) -> std::result::Result<ClientTlsConfig, ConfigEr
 
 fn compare(store: &EtcdStore, c: Compare) -> pb::Compare {
     use pb::compare::{CompareResult, CompareTarget, TargetUnion};
-    let (key, target, union) = match c {
+    let (key, target, union, result) = match c {
         // A key that does not exist has create_revision 0.
-        Compare::Absent(key) => (key, CompareTarget::Create, TargetUnion::CreateRevision(0)),
-        Compare::ModRevision(key, r) => {
-            (key, CompareTarget::Mod, TargetUnion::ModRevision(r as i64))
-        }
+        Compare::Absent(key) => (
+            key,
+            CompareTarget::Create,
+            TargetUnion::CreateRevision(0),
+            CompareResult::Equal,
+        ),
+        // The trait asks for an existing key, whose revisions are never 0, while etcd
+        // would take a missing key for revision 0: ask for what no key has instead.
+        Compare::ModRevision(key, 0) | Compare::CreateRevision(key, 0) => (
+            key,
+            CompareTarget::Create,
+            TargetUnion::CreateRevision(0),
+            CompareResult::Less,
+        ),
+        Compare::ModRevision(key, r) => (
+            key,
+            CompareTarget::Mod,
+            TargetUnion::ModRevision(r as i64),
+            CompareResult::Equal,
+        ),
         Compare::CreateRevision(key, r) => (
             key,
             CompareTarget::Create,
             TargetUnion::CreateRevision(r as i64),
+            CompareResult::Equal,
         ),
-        Compare::Value(key, v) => (key, CompareTarget::Value, TargetUnion::Value(v)),
+        Compare::Value(key, v) => (
+            key,
+            CompareTarget::Value,
+            TargetUnion::Value(v),
+            CompareResult::Equal,
+        ),
     };
     pb::Compare {
-        result: CompareResult::Equal as i32,
+        result: result as i32,
         target: target as i32,
         key: store.full_key(&key),
         range_end: Vec::new(),
@@ -656,12 +716,11 @@ impl Store for EtcdStore {
                         if matches!(error, StoreError::Unavailable(_)) {
                             members.failed(member); // so the re-watch goes elsewhere
                         }
-                        let _ = tx.try_send(Err(error));
+                        deliver_last(&tx, error);
                         false
                     }
                     None => {
-                        let _ = tx
-                            .try_send(Err(StoreError::Unavailable("etcd ended the watch".into())));
+                        deliver_last(&tx, StoreError::Unavailable("etcd ended the watch".into()));
                         false
                     }
                 };
@@ -729,13 +788,29 @@ fn cancelled(answer: &pb::WatchResponse, after: Revision) -> Option<StoreError> 
     }
     answer.canceled.then(|| {
         let reason = &answer.cancel_reason;
-        if reason.contains("user name") || reason.contains("permission") || reason.contains("token")
+        if reason.contains(server::LAGGED_REASON) {
+            // Our own server cut the watch off for falling behind.
+            StoreError::WatchLagged
+        } else if reason.contains("user name")
+            || reason.contains("permission")
+            || reason.contains("token")
         {
             StoreError::Denied(format!("etcd cancelled the watch: {reason}"))
         } else {
             StoreError::Unavailable(format!("etcd cancelled the watch: {reason}"))
         }
     })
+}
+
+/// Hands the watcher the error that ends its stream, once it has room for it: a watcher
+/// whose buffer is full still learns why its stream ended, and nobody waits for it.
+fn deliver_last(tx: &mpsc::Sender<Result<Event>>, error: StoreError) {
+    if let Err(mpsc::error::TrySendError::Full(last)) = tx.try_send(Err(error)) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(last).await;
+        });
+    }
 }
 
 struct WatchEvents {
@@ -746,24 +821,21 @@ struct WatchEvents {
 impl WatchEvents {
     /// Hands the answer's events to the watcher; false when the watch is over (cancelled,
     /// watcher gone, or watcher too far behind).
-    fn forward(&self, answer: pb::WatchResponse, tx: &mpsc::Sender<Result<Event>>) -> bool {
-        if let Some(error) = cancelled(&answer, self.after) {
-            let _ = tx.try_send(Err(error));
-            return false;
-        }
-        for event in answer.events {
+    fn forward(&self, mut answer: pb::WatchResponse, tx: &mpsc::Sender<Result<Event>>) -> bool {
+        for event in std::mem::take(&mut answer.events) {
             let event = self.event(event);
             match tx.try_send(event) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Closed(_)) => return false,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let _ = tx.send(Err(StoreError::WatchLagged)).await;
-                    });
+                    deliver_last(tx, StoreError::WatchLagged);
                     return false;
                 }
             }
+        }
+        if let Some(error) = cancelled(&answer, self.after) {
+            deliver_last(tx, error);
+            return false;
         }
         true
     }
@@ -830,5 +902,49 @@ mod tests {
         let e = EtcdStore::new(with_tls).err().unwrap().to_string();
         assert!(e.contains("--etcd-ca \"/nonexistent/ca.pem\""), "{e}");
         assert!(EtcdStore::new(config("http://127.0.0.1:2379")).is_ok());
+    }
+
+    #[test]
+    fn unix_endpoints_are_plaintext_and_take_no_dialer() {
+        let config = |endpoints: &[&str]| EtcdConfig {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            prefix: "/trellis/".into(),
+            tls: None,
+            credentials: None,
+            call_timeout: Duration::from_secs(1),
+            dialer: None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        assert!(EtcdStore::new(config(&["unix:///run/trellis/store.sock"])).is_ok());
+        assert!(EtcdStore::new(config(&["unix:///a.sock", "http://127.0.0.1:2379"])).is_ok());
+        let e = EtcdStore::new(config(&["unix://"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unix:///PATH"), "{e}");
+        let mut with_tls = config(&["unix:///a.sock"]);
+        with_tls.tls = Some(TlsFiles {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: None,
+            key: None,
+        });
+        // The CA is read first; with a readable one the Unix endpoint is refused.
+        let ca = std::env::temp_dir().join(format!("trt-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "").unwrap();
+        with_tls.tls.as_mut().unwrap().ca = ca.clone();
+        let e = EtcdStore::new(with_tls).err().map(|e| e.to_string());
+        let _ = std::fs::remove_file(&ca);
+        let e = e.unwrap();
+        assert!(e.contains("TLS over a Unix socket"), "{e}");
+        let mut with_dialer = config(&["unix:///a.sock"]);
+        with_dialer.dialer = Some(Arc::new(
+            std::net::TcpStream::connect::<std::net::SocketAddr>,
+        ));
+        let e = EtcdStore::new(with_dialer).err().unwrap().to_string();
+        assert!(e.contains("dialer"), "{e}");
     }
 }

@@ -1,0 +1,356 @@
+//! Plan → kernel. Computes this node's plan from the cluster state and brings the
+//! WireGuard device, the interface and the routes to it, reading each back.
+
+pub mod relay;
+
+use crate::state::{ClusterState, PlanInputs};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use trellis_dataplane::netlink::{Netlink, RouteSpec, reconcile_routes};
+use trellis_dataplane::nftables::Nft;
+use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice, reconcile_peers};
+use trellis_model::{AgentStatus, GatewaySet, Host, Node, keys};
+use trellis_plan::{NextHop, Plan, Topology};
+use trellis_store::{Compare, Op, Store};
+
+/// Routes the agent installs carry this protocol number, so it recognises its own routes
+/// and never touches anyone else's (`ip route show proto 116`).
+pub const ROUTE_PROTOCOL: u8 = 116;
+
+/// WireGuard adds 60 (IPv4) to 80 (IPv6) bytes to a 1500-byte underlay packet.
+const TUNNEL_MTU: u32 = 1420;
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn prepare_kernel() -> anyhow::Result<()> {
+    use trellis_dataplane::sysctl;
+    // Gateways forward for their location, and replies may come back on another interface
+    // than the request left on, which strict reverse-path filtering would drop.
+    sysctl::set("net.ipv4.ip_forward", "1")?;
+    sysctl::set("net.ipv4.conf.all.rp_filter", "0")?;
+    sysctl::set("net.ipv4.conf.default.rp_filter", "0")?;
+    if let Err(e) = sysctl::set("net.ipv6.conf.all.forwarding", "1") {
+        tracing::debug!("IPv6 forwarding not set (IPv6 disabled?): {e:#}");
+    }
+    Ok(())
+}
+
+pub struct Reconciler {
+    node: Node,
+    interface: String,
+    device: Arc<dyn WireGuardDevice>,
+    netlink: Arc<Netlink>,
+    nft: Arc<Nft>,
+    store: Arc<dyn Store>,
+    /// The routes the last pass left in place: one of them missing now was removed by
+    /// someone else, whatever else changed since.
+    routes_in_place: Vec<RouteSpec>,
+}
+
+/// The verdicts and active gateways a plan was made with.
+#[derive(Debug)]
+pub struct PlannedHealth {
+    /// Gateway candidates the observers' majority holds down.
+    pub down: BTreeSet<String>,
+    /// Active gateways per location.
+    pub gateways: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    plan: Option<Plan>,
+    health: Option<PlannedHealth>,
+    nodes: usize,
+    warnings: Vec<String>,
+    errors: Vec<String>,
+    /// Routes found missing on a pass whose inputs had not changed: removed by someone else.
+    routes_repaired: usize,
+}
+
+impl Outcome {
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    pub fn routes_repaired(&self) -> usize {
+        self.routes_repaired
+    }
+
+    pub fn health(&self) -> Option<&PlannedHealth> {
+        self.health.as_ref()
+    }
+
+    pub fn status(&self, node: &str, revision: u64) -> AgentStatus {
+        AgentStatus {
+            node: node.to_string(),
+            revision,
+            nodes: self.nodes,
+            peers: self.plan.as_ref().map_or(0, |p| p.peers.len()),
+            routes: self.plan.as_ref().map_or(0, |p| p.routes.len()),
+            gateway: self.plan.as_ref().is_some_and(|p| p.is_gateway),
+            applied: self.plan.is_some() && self.errors.is_empty(),
+            error: (!self.errors.is_empty()).then(|| self.errors.join("; ")),
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+impl Reconciler {
+    pub fn new(
+        node: Node,
+        interface: String,
+        device: Arc<dyn WireGuardDevice>,
+        netlink: Arc<Netlink>,
+        nft: Arc<Nft>,
+        store: Arc<dyn Store>,
+    ) -> Self {
+        Self {
+            node,
+            interface,
+            device,
+            netlink,
+            nft,
+            store,
+            routes_in_place: Vec::new(),
+        }
+    }
+
+    /// One pass: plan, record the location's gateway choice, apply, verify. Each step's
+    /// failure is reported and the others still run: a broken route must not keep the
+    /// peers from being updated, nor the other way round.
+    pub async fn reconcile(
+        &mut self,
+        state: &ClusterState,
+        inputs: &PlanInputs,
+        inputs_changed: bool,
+    ) -> Outcome {
+        let topology = inputs.topology();
+        let mut outcome = Outcome {
+            nodes: topology.nodes.len(),
+            warnings: topology.warnings.clone(),
+            health: Some(PlannedHealth {
+                down: topology.down.clone(),
+                gateways: topology.gateways.clone(),
+            }),
+            ..Default::default()
+        };
+        let plan = match topology.plan_for(&self.node.name) {
+            Ok(plan) => plan,
+            Err(e) => {
+                outcome.errors.push(e.to_string());
+                return outcome;
+            }
+        };
+        if inputs_changed {
+            tracing::info!(
+                revision = state.revision,
+                nodes = topology.nodes.len(),
+                peers = plan.peers.len(),
+                routes = plan.routes.len(),
+                gateway = plan.is_gateway,
+                "new plan"
+            );
+            for w in &topology.warnings {
+                tracing::warn!("{w}");
+            }
+        }
+        if let Err(e) = self.record_gateway_choice(state, &topology).await {
+            tracing::debug!("recording gateway choice: {e:#}");
+        }
+        if let Err(e) = self.ensure_interface(&plan).await {
+            outcome
+                .errors
+                .push(format!("interface {}: {e:#}", self.interface));
+        }
+        let peers = peer_configs(&plan, &mut outcome.warnings).await;
+        match tokio::time::timeout(
+            DEVICE_TIMEOUT,
+            reconcile_peers(self.device.as_ref(), &peers),
+        )
+        .await
+        {
+            Ok(Ok(changes)) if !changes.is_empty() => tracing::info!(
+                added = changes.added.len(),
+                updated = changes.updated.len(),
+                removed = changes.removed.len(),
+                "WireGuard peers updated"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => outcome.errors.push(format!("{e:#}")),
+            Err(_) => outcome.errors.push(format!(
+                "WireGuard device did not answer within {DEVICE_TIMEOUT:?}"
+            )),
+        }
+        let routes = route_specs(&plan, &self.interface);
+        match reconcile_routes(&self.netlink, ROUTE_PROTOCOL, &routes).await {
+            Ok(changes) => {
+                let restored = changes
+                    .added
+                    .iter()
+                    .filter(|r| self.routes_in_place.contains(r))
+                    .count();
+                if restored > 0 {
+                    outcome.routes_repaired = restored;
+                    tracing::warn!(restored, "routes had drifted; repaired");
+                }
+                if changes.added.len() > restored || !changes.removed.is_empty() {
+                    tracing::info!(
+                        added = changes.added.len() - restored,
+                        removed = changes.removed.len(),
+                        "routes updated"
+                    );
+                }
+                self.routes_in_place = routes;
+            }
+            Err(e) => {
+                // What is in place is unknown now: nothing counts as drift next time.
+                self.routes_in_place.clear();
+                outcome.errors.push(format!("{e:#}"));
+            }
+        }
+        let nft = self.nft.clone();
+        let (interface, probe_ip, internal_ip) = (
+            self.interface.clone(),
+            plan.probe_address.map(|a| a.addr()),
+            self.node.internal_ip.addr(),
+        );
+        let relay = plan.relay.clone();
+        let programmed = tokio::task::spawn_blocking(move || {
+            relay::reconcile(&nft, &interface, probe_ip, internal_ip, &relay)
+        })
+        .await;
+        match programmed {
+            Ok(Ok(true)) => tracing::info!(targets = plan.relay.len(), "probe relay programmed"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => outcome.errors.push(format!("{e:#}")),
+            Err(e) => outcome.errors.push(format!("probe relay task: {e}")),
+        }
+        for e in &outcome.errors {
+            tracing::warn!("apply: {e}");
+        }
+        outcome.plan = Some(plan);
+        outcome
+    }
+
+    /// The overlay and probe addresses on the interface, MTU, and the link up. Idempotent.
+    async fn ensure_interface(&self, plan: &Plan) -> anyhow::Result<()> {
+        let nl = &self.netlink;
+        let want: Vec<IpNet> = std::iter::once(plan.address)
+            .chain(plan.probe_address)
+            .collect();
+        let have = nl.addresses(&self.interface).await?;
+        for missing in want.iter().filter(|a| !have.contains(a)) {
+            nl.add_address(&self.interface, *missing).await?;
+        }
+        for stale in have.iter().filter(|a| !want.contains(a)) {
+            nl.del_address(&self.interface, *stale).await?;
+        }
+        nl.set_mtu(&self.interface, TUNNEL_MTU).await?;
+        nl.set_up(&self.interface).await
+    }
+
+    /// Store the location's gateway choice when it differs from the stored record, so that
+    /// the choice stays sticky. Every node of the location computes the same value and the
+    /// write is conditional on the record's revision, so concurrent writers are harmless.
+    async fn record_gateway_choice(
+        &self,
+        state: &ClusterState,
+        topology: &Topology,
+    ) -> anyhow::Result<()> {
+        let location = &self.node.location;
+        let Some(chosen) = topology.slots.get(location) else {
+            return Ok(());
+        };
+        let key = keys::gateways(location);
+        let compare = match state.gateways.get(location) {
+            Some((stored, _)) if &stored.slots == chosen => return Ok(()),
+            Some((_, revision)) => Compare::ModRevision(key.clone(), *revision),
+            None => Compare::Absent(key.clone()),
+        };
+        let record = GatewaySet {
+            location: location.clone(),
+            slots: chosen.clone(),
+        };
+        let value = serde_json::to_vec(&record)?;
+        let result = self
+            .store
+            .txn(
+                vec![compare],
+                vec![Op::Put {
+                    key,
+                    value,
+                    lease: None,
+                }],
+            )
+            .await?;
+        if result.succeeded {
+            tracing::info!(location = %location, gateways = ?chosen, "recorded gateway choice");
+        }
+        Ok(())
+    }
+}
+
+async fn peer_configs(plan: &Plan, warnings: &mut Vec<String>) -> Vec<PeerConfig> {
+    let mut out = Vec::with_capacity(plan.peers.len());
+    for peer in &plan.peers {
+        let endpoint = match &peer.endpoint {
+            None => None,
+            Some(e) => match &e.host {
+                Host::Ip(_) => e.socket_addr(),
+                Host::Dns(name) => resolve(name, e.port).await.or_else(|| {
+                    warnings.push(format!(
+                        "endpoint {e} of peer {} does not resolve",
+                        peer.name
+                    ));
+                    None
+                }),
+            },
+        };
+        out.push(PeerConfig {
+            public_key: peer.public_key,
+            endpoint,
+            allowed_ips: peer
+                .allowed_ips
+                .iter()
+                .copied()
+                .collect::<BTreeSet<IpNet>>(),
+            persistent_keepalive: peer.persistent_keepalive,
+        });
+    }
+    out
+}
+
+async fn resolve(name: &str, port: u16) -> Option<std::net::SocketAddr> {
+    let lookup = tokio::net::lookup_host((name, port));
+    match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+        Ok(Ok(mut addrs)) => addrs.next(),
+        _ => None,
+    }
+}
+
+pub fn route_specs(plan: &Plan, interface: &str) -> Vec<RouteSpec> {
+    plan.routes
+        .iter()
+        .map(|r| {
+            let (via, dev) = match &r.next_hop {
+                NextHop::Tunnel { .. } => (None, Some(interface.to_string())),
+                NextHop::Internal { via, .. } => (Some(*via), None),
+            };
+            RouteSpec {
+                dst: r.dst,
+                via,
+                dev,
+                // Replies must come back to an address the mesh routes: the overlay one,
+                // not the node's internal address, which other locations cannot reach.
+                src: Some(plan.address.addr()),
+                protocol: ROUTE_PROTOCOL,
+            }
+        })
+        .collect()
+}

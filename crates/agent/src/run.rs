@@ -1,0 +1,339 @@
+//! The agent's main loop: it wires the flow together (state sync, leadership, reporting,
+//! probing, admin endpoint) and runs plan → apply on every change of the plan inputs and on
+//! every resync tick. It never exits because a dependency is down: the store, the device
+//! and the kernel are retried with jittered backoff while the last applied state keeps
+//! forwarding.
+
+use crate::backoff::Backoff;
+use crate::leader::ElectionConfig;
+use crate::probe::ProbeConfig;
+use crate::state::{ClusterState, PlanInputs};
+use crate::store_addr::{EtcdOptions, StoreAddress};
+use crate::{admin, apply, probe, report};
+use anyhow::Context;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use trellis_dataplane::netlink::Netlink;
+use trellis_dataplane::wireguard::{
+    WireGuardDevice, kernel::KernelDevice, keyfile, userspace::UserspaceDevice,
+};
+use trellis_model::{Endpoint, GatewayPolicy, InvalidField, Node, PublicKey, Validate, keys};
+use trellis_plan::Settings;
+
+/// Which WireGuard implementation carries the tunnels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireGuardBackend {
+    /// The embedded userspace device on TUN (works everywhere; the lab uses it).
+    Userspace,
+    /// The kernel module, configured over generic netlink.
+    Kernel,
+}
+
+/// Everything an agent needs, as the command line (or a test) gives it.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    pub location: String,
+    /// This node's address and prefix on its location's internal network.
+    pub internal_ip: IpNet,
+    /// Where other locations reach this node's WireGuard port; `None` for a private node.
+    pub endpoint: Option<Endpoint>,
+    pub listen_port: u16,
+    pub pod_cidrs: Vec<IpNet>,
+    pub overlay_ip: IpAddr,
+    /// The address forwarding probes are sent from and to (`None`: no part in probing).
+    pub probe_ip: Option<IpAddr>,
+    pub gateway: GatewayPolicy,
+    /// The WireGuard interface (unique on the machine for the userspace device).
+    pub interface: String,
+    pub wireguard: WireGuardBackend,
+    /// Where the private key lives (created with mode 0600 if missing).
+    pub key_file: PathBuf,
+    /// Where the last known cluster state is kept (`None`: no cache).
+    pub state_cache: Option<PathBuf>,
+    pub store: StoreAddress,
+    pub etcd: EtcdOptions,
+    /// `None`: take no part in the leader election.
+    pub election: Option<ElectionConfig>,
+    /// Planner settings while the store holds none.
+    pub defaults: Settings,
+    /// Re-read and repair the kernel state at least this often.
+    pub resync: Duration,
+    pub probe: ProbeConfig,
+    /// Where to serve metrics, readiness and state (`None`: off).
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl AgentConfig {
+    /// Every check that needs no IO, so that bad input stops the agent before it touches
+    /// anything (the key file included).
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            return Err(InvalidField::new(
+                "--interface",
+                &self.interface,
+                "must be 1-15 characters",
+            ));
+        }
+        if !(1..=16).contains(&self.defaults.gateways_per_location) {
+            return Err(InvalidField::new(
+                "--gateways",
+                self.defaults.gateways_per_location,
+                "must be 1-16",
+            ));
+        }
+        if let Some(election) = &self.election {
+            election.validate()?;
+        }
+        // The record's own validation, with its fields named as the flags that set them.
+        self.node_record(PublicKey([0; 32]))
+            .validate()
+            .map_err(|e| {
+                let flag = match e.field.as_str() {
+                    "name" => "--node",
+                    "location" => "--location",
+                    "listen_port" => "--listen-port",
+                    "pod_cidrs" => "--pod-cidr",
+                    "overlay_ip" => "--overlay-ip",
+                    "probe_ip" => "--probe-ip",
+                    other => other,
+                };
+                InvalidField::new(flag, e.value, e.reason)
+            })
+    }
+
+    /// The node record this agent publishes.
+    fn node_record(&self, key: PublicKey) -> Node {
+        Node {
+            name: self.node.clone(),
+            location: self.location.clone(),
+            internal_ip: self.internal_ip,
+            endpoint: self.endpoint.clone(),
+            listen_port: self.listen_port,
+            public_key: Some(key),
+            pod_cidrs: self.pod_cidrs.clone(),
+            gateway: self.gateway,
+            overlay_ip: self.overlay_ip,
+            probe_ip: self.probe_ip,
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Builds its own runtime: the caller may have
+/// entered a network namespace, which every thread must share, so no thread may exist
+/// before this is called.
+pub fn main(config: AgentConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    if config.wireguard == WireGuardBackend::Kernel
+        && let Some(why) = trellis_dataplane::wireguard::kernel::unavailable_reason()
+    {
+        anyhow::bail!("--wireguard kernel: {why}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Store clients spawn their connection tasks on the runtime.
+    let store = {
+        let _runtime = runtime.enter();
+        config.store.open(&config.etcd)?
+    };
+    let key = keyfile::load_or_generate(&config.key_file)?;
+    let node = config.node_record(keyfile::public_key(&key));
+    runtime.block_on(run(config, store, node, key))
+}
+
+async fn run(
+    config: AgentConfig,
+    store: Arc<dyn trellis_store::Store>,
+    node: Node,
+    key: x25519_dalek::StaticSecret,
+) -> anyhow::Result<()> {
+    tracing::info!(node = %node.name, location = %node.location, store = %config.store, "agent starting");
+    apply::prepare_kernel().context("preparing kernel settings")?;
+    let netlink = Arc::new(Netlink::connect()?);
+    let device = start_device(&config, key, &netlink).await;
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let cache = config
+        .state_cache
+        .clone()
+        .map(crate::state::cache::StateCache::new);
+    tokio::spawn(crate::state::sync_forever(store.clone(), state_tx, cache));
+    let metrics = admin::Metrics::default();
+    // Leadership runs beside the data plane and nothing here waits on it: readiness,
+    // plans and probes are the same whether this node leads or not.
+    let (stop_campaign, campaign_stopped) = watch::channel(false);
+    let campaign = config.election.map(|election| {
+        let (role_tx, role_rx) = watch::channel(crate::leader::Role::Joining);
+        tokio::spawn(metrics.clone().follow_role(role_rx));
+        let stats = Arc::new(crate::leader::work::WorkStats::default());
+        metrics.count_leader_work(stats.clone());
+        let work = Arc::new(crate::leader::work::ClusterWork {
+            store: store.clone(),
+            state: state_rx.clone(),
+            stats,
+        });
+        tokio::spawn(crate::leader::campaign_forever(
+            store.clone(),
+            node.name.clone(),
+            election,
+            work,
+            role_tx,
+            campaign_stopped,
+        ))
+    });
+    tokio::spawn(report::register::keep_registered(
+        store.clone(),
+        node.clone(),
+        state_rx.clone(),
+    ));
+    let leased = report::leased::LeasedKeys::start(store.clone());
+    if let Some(addr) = config.admin_addr {
+        // A pass runs at least every resync; one that takes far longer is stuck.
+        let stale_after = config.resync * 3 + Duration::from_secs(30);
+        tokio::spawn(admin::serve(
+            addr,
+            node.name.clone(),
+            metrics.clone(),
+            stale_after,
+        ));
+    }
+    let (observe_tx, observe_rx) = watch::channel(probe::Targets::default());
+    match node.probe_ip {
+        Some(IpAddr::V4(probe_ip)) => {
+            tokio::spawn(probe::run(
+                node.name.clone(),
+                probe_ip,
+                config.probe,
+                observe_rx,
+                leased.clone(),
+                metrics.clone(),
+            ));
+        }
+        Some(IpAddr::V6(_)) => {
+            tracing::warn!("IPv6 probe addresses are not supported yet: not probing")
+        }
+        None => tracing::info!("no --probe-ip: this node neither probes nor is probed"),
+    }
+
+    let nft = Arc::new(trellis_dataplane::nftables::Nft::connect()?);
+    let mut reconciler = apply::Reconciler::new(
+        node.clone(),
+        config.interface.clone(),
+        device.clone(),
+        netlink,
+        nft,
+        store.clone(),
+    );
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let resync = config.resync.max(Duration::from_secs(1));
+    let mut state_rx = state_rx;
+    let mut last_inputs: Option<PlanInputs> = None;
+    // The store revision at which the plan inputs last changed: what the status reports.
+    // Not the latest revision, which every status write by any agent bumps: reporting that
+    // would make each write trigger N more.
+    let mut inputs_revision = 0;
+    let mut ticker = tokio::time::interval(resync);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let resync = tokio::select! {
+            _ = &mut shutdown => break,
+            changed = state_rx.changed() => {
+                if changed.is_err() { break; }
+                false
+            }
+            _ = ticker.tick() => true,
+        };
+        let state = state_rx.borrow_and_update().clone();
+        if state.revision == 0 {
+            continue; // nothing read from the store yet
+        }
+        let inputs = state.plan_inputs(&config.defaults);
+        let inputs_changed = last_inputs.as_ref() != Some(&inputs);
+        if !inputs_changed && !resync {
+            continue; // someone else's status or an unrelated key changed
+        }
+        if inputs_changed {
+            inputs_revision = state.revision;
+        }
+        let outcome = reconciler.reconcile(&state, &inputs, inputs_changed).await;
+        match serde_json::to_vec(&outcome.status(&node.name, inputs_revision)) {
+            Ok(status) => leased.set(keys::status(&node.name), status),
+            Err(e) => tracing::error!("encoding status: {e}"),
+        }
+        metrics.routes_repaired(outcome.routes_repaired());
+        metrics.applied(std::time::Instant::now(), inputs_revision, outcome.errors());
+        if let Some(health) = outcome.health() {
+            metrics.planned(std::time::Instant::now(), &health.down, &health.gateways);
+        }
+        if let Some(plan) = outcome.plan() {
+            let wanted = probe::Targets {
+                gateways: plan.observe.clone(),
+                paths: plan.paths.clone(),
+            };
+            observe_tx.send_if_modified(|current| {
+                let changed = *current != wanted;
+                if changed {
+                    *current = wanted;
+                }
+                changed
+            });
+        }
+        last_inputs = Some(inputs);
+    }
+    tracing::info!("shutting down: resigning leadership, releasing status lease, stopping device");
+    stop_campaign.send_replace(true);
+    if let Some(campaign) = campaign {
+        let _ = tokio::time::timeout(Duration::from_secs(3), campaign).await;
+    }
+    leased.stop().await;
+    drop(device);
+    Ok(())
+}
+
+/// Create the WireGuard device, retrying until it works: without it the node has no mesh,
+/// but exiting would only make a supervisor restart us into the same failure.
+async fn start_device(
+    config: &AgentConfig,
+    key: x25519_dalek::StaticSecret,
+    netlink: &Netlink,
+) -> Arc<dyn WireGuardDevice> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let (interface, port) = (config.interface.as_str(), config.listen_port);
+        let created: anyhow::Result<Arc<dyn WireGuardDevice>> = match config.wireguard {
+            WireGuardBackend::Kernel => KernelDevice::create(netlink, interface, &key, port)
+                .await
+                .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),
+            WireGuardBackend::Userspace => UserspaceDevice::create(interface, key.clone(), port)
+                .await
+                .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),
+        };
+        match created {
+            Ok(device) => return device,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(interface = %config.interface, retry_in = ?delay, "creating WireGuard device: {e:#}");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

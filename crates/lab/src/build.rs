@@ -1,0 +1,206 @@
+//! Building and removing a lab's namespaces and links. Every veth pair is created inside a
+//! lab namespace and one end moved to another lab namespace: nothing is ever created in,
+//! or connected to, the host's namespace.
+
+use crate::processes;
+use crate::spec::{self, HostSpec, LabSpec, NodeSpec, PodSpec};
+use crate::state;
+use anyhow::Context;
+use ipnet::IpNet;
+use std::time::Duration;
+use trellis_dataplane::netlink::{Netlink, RouteSpec};
+use trellis_dataplane::netns;
+
+/// Route protocol "static" (RTPROT_STATIC): what `ip route add` would mark.
+const RTPROT_STATIC: u8 = 4;
+
+pub async fn create_fabric(spec: &LabSpec) -> anyhow::Result<()> {
+    let fabric = spec::fabric_netns(&spec.name);
+    netns::create(&fabric)?;
+    let nl = Netlink::connect_in(&fabric)?;
+    nl.set_up("lo").await?;
+    // The fabric only switches: a bridge has no address, so it never forwards at IP level.
+    for bridge in spec
+        .locations
+        .iter()
+        .map(|l| l.bridge.as_str())
+        .chain([spec::PUBLIC_BRIDGE])
+    {
+        nl.create_bridge(bridge).await?;
+        nl.set_up(bridge).await?;
+    }
+    Ok(())
+}
+
+/// A veth pair from `ns` (end `inner`, addressed) to the fabric bridge `bridge`.
+pub(crate) async fn attach_to_fabric(
+    spec: &LabSpec,
+    nl: &Netlink,
+    fabric: &Netlink,
+    inner: &str,
+    outer: &str,
+    bridge: &str,
+    address: IpNet,
+) -> anyhow::Result<()> {
+    let fabric_fd = netns::open(&spec::fabric_netns(&spec.name))?;
+    nl.create_veth(inner, outer).await?;
+    nl.move_link_to_netns(outer, &fabric_fd).await?;
+    fabric.set_master(outer, bridge).await?;
+    fabric.set_up(outer).await?;
+    nl.add_address(inner, address).await?;
+    nl.set_up(inner).await
+}
+
+pub async fn create_node(spec: &LabSpec, node: &NodeSpec) -> anyhow::Result<()> {
+    netns::create(&node.netns)?;
+    let nl = Netlink::connect_in(&node.netns)?;
+    let fabric = Netlink::connect_in(&spec::fabric_netns(&spec.name))?;
+    nl.set_up("lo").await?;
+    let location = spec.location(&node.location);
+    attach_to_fabric(
+        spec,
+        &nl,
+        &fabric,
+        "int0",
+        &format!("i-{}", node.name),
+        &location.bridge,
+        node.internal_ip.into(),
+    )
+    .await
+    .with_context(|| format!("internal network of {}", node.name))?;
+    if let Some(public) = node.public_ip {
+        attach_to_fabric(
+            spec,
+            &nl,
+            &fabric,
+            "pub0",
+            &format!("p-{}", node.name),
+            spec::PUBLIC_BRIDGE,
+            public.into(),
+        )
+        .await
+        .with_context(|| format!("public network of {}", node.name))?;
+    }
+    // The node's pod network: a bridge holding the pods' gateway address.
+    nl.create_bridge("pods0").await?;
+    let gateway = IpNet::new(node.pods[0].gateway.into(), node.pod_cidr.prefix_len())?;
+    nl.add_address("pods0", gateway).await?;
+    nl.set_up("pods0").await?;
+    for (i, pod) in node.pods.iter().enumerate() {
+        create_pod(&nl, node, pod, i)
+            .await
+            .with_context(|| format!("pod {}", pod.name))?;
+    }
+    Ok(())
+}
+
+async fn create_pod(
+    node_nl: &Netlink,
+    node: &NodeSpec,
+    pod: &PodSpec,
+    index: usize,
+) -> anyhow::Result<()> {
+    netns::create(&pod.netns)?;
+    let pod_nl = Netlink::connect_in(&pod.netns)?;
+    pod_nl.set_up("lo").await?;
+    let outer = format!("pod{index}");
+    let node_fd = netns::open(&node.netns)?;
+    pod_nl.create_veth("eth0", &outer).await?;
+    pod_nl.move_link_to_netns(&outer, &node_fd).await?;
+    node_nl.set_master(&outer, "pods0").await?;
+    node_nl.set_up(&outer).await?;
+    pod_nl.add_address("eth0", pod.ip.into()).await?;
+    pod_nl.set_up("eth0").await?;
+    pod_nl
+        .add_route(&RouteSpec {
+            dst: "0.0.0.0/0".parse()?,
+            via: Some(pod.gateway.into()),
+            dev: None,
+            src: None,
+            protocol: RTPROT_STATIC,
+        })
+        .await
+}
+
+pub async fn create_host(spec: &LabSpec, host: &HostSpec) -> anyhow::Result<()> {
+    netns::create(&host.netns)?;
+    let nl = Netlink::connect_in(&host.netns)?;
+    let fabric = Netlink::connect_in(&spec::fabric_netns(&spec.name))?;
+    nl.set_up("lo").await?;
+    attach_to_fabric(
+        spec,
+        &nl,
+        &fabric,
+        "eth0",
+        &format!("h-{}", host.name),
+        spec::PUBLIC_BRIDGE,
+        host.ip.into(),
+    )
+    .await
+}
+
+/// Namespaces (and so links, bridges and TUN devices inside them) and processes of a
+/// lab, found by name prefix so that this also cleans up after a `lab up` that crashed
+/// before it wrote its state file.
+pub fn teardown(lab: &str) -> anyhow::Result<Teardown> {
+    spec::validate_lab_name(lab)?;
+    let prefix = spec::netns_prefix(lab);
+    let namespaces: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    let mut report = Teardown::default();
+    // Agents first (they release their status and leadership), the store last.
+    let fabric = spec::fabric_netns(lab);
+    let etcd = format!("tl-{lab}-store");
+    let (stores, agents): (Vec<&String>, Vec<&String>) = namespaces
+        .iter()
+        .partition(|n| **n == fabric || **n == etcd);
+    for ns in agents.into_iter().chain(stores) {
+        report.processes += netns::pids_in(ns).len();
+        processes::kill_all_in(ns, Duration::from_secs(2));
+    }
+    let mut errors = Vec::new();
+    for ns in &namespaces {
+        match netns::delete(ns) {
+            Ok(()) => report.namespaces += 1,
+            Err(e) => errors.push(format!("{ns}: {e:#}")),
+        }
+    }
+    // Control sockets of the lab's userspace WireGuard devices live outside namespaces.
+    let socket_prefix = format!("tw-{lab}-");
+    if let Ok(entries) = std::fs::read_dir(trellis_dataplane::wireguard::userspace::SOCKET_DIR) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with(&socket_prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let dir = state::dir(lab);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("could not remove: {}", errors.join("; "));
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Default)]
+pub struct Teardown {
+    pub namespaces: usize,
+    pub processes: usize,
+}
+
+/// `lab host add`: a bare host (no agent) on the lab's public network, recorded in the
+/// lab's state.
+pub async fn add_host(lab: &str, host: &str) -> anyhow::Result<HostSpec> {
+    let mut state = state::LabState::load(lab)?;
+    let spec = state.spec.new_host(host)?;
+    create_host(&state.spec, &spec)
+        .await
+        .with_context(|| format!("creating host {host}"))?;
+    state.spec.hosts.push(spec.clone());
+    state.save()?;
+    Ok(spec)
+}

@@ -1,0 +1,30 @@
+//! The lab: a whole multi-site cluster of network namespaces on one machine, running the
+//! production agent (the `trellis` binary, started once per node namespace) against a real
+//! store. It is the demo, the end-to-end test bed and the benchmark rig.
+//!
+//! - [`spec`]: the lab's addressing plan, a pure function of its parameters;
+//! - [`build`], [`processes`], [`store`]: namespaces and links, agent processes, the store;
+//! - [`up`]: bring a lab up and wait for convergence; [`build::teardown`] removes it;
+//! - [`fault`]: the incidents as injectable faults, and their healing;
+//! - [`check`], [`status`], [`agent_admin`]: what a lab does and says;
+//! - [`demo`], [`bench`]: the incidents replayed and measured.
+//!
+//! Nothing in the agent imports this crate: the lab resolves its own names ([`open_store`],
+//! [`state::running_labs`]) and hands agents a plain store address.
+
+pub mod agent_admin;
+pub mod bench;
+pub mod build;
+pub mod check;
+pub mod demo;
+pub mod exec;
+pub mod fault;
+mod lease_demo;
+pub mod processes;
+pub mod spec;
+pub mod state;
+pub mod status;
+pub mod store;
+pub mod up;
+
+pub use store::open as open_store;

@@ -1,0 +1,341 @@
+//! The lab's addressing plan: a pure function from the `lab up` parameters to every
+//! namespace, link and address. Ranges (see ENVIRONMENT.md): underlay "public" network
+//! 198.18.0.0/16, location-internal networks 172.20.0.0/16, pod CIDRs 10.244.0.0/16,
+//! overlay addresses 100.64.0.0/16, probe addresses 100.65.0.0/16. Nothing here is routed outside the lab's namespaces.
+
+use anyhow::bail;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use trellis_model::{GatewayHealth, Granularity};
+
+pub const LISTEN_PORT: u16 = 51820;
+pub const MAX_NAME: usize = 6;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabParams {
+    pub name: String,
+    pub nodes: usize,
+    pub locations: usize,
+    pub granularity: Granularity,
+    pub gateways: usize,
+    /// Nodes per location that join the public network (the first ones of each).
+    pub public_per_location: usize,
+    pub pods_per_node: usize,
+    /// How often agents re-read and repair kernel state, in seconds.
+    pub agent_resync: u64,
+    pub gateway_health: GatewayHealth,
+    pub store: crate::store::StoreKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabSpec {
+    pub name: String,
+    pub granularity: Granularity,
+    pub gateways: usize,
+    pub locations: Vec<LocationSpec>,
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub hosts: Vec<HostSpec>,
+    #[serde(default = "default_resync")]
+    pub agent_resync: u64,
+    #[serde(default)]
+    pub gateway_health: GatewayHealth,
+    #[serde(default)]
+    pub store: crate::store::StoreKind,
+}
+
+fn default_resync() -> u64 {
+    10
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocationSpec {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    /// Bridge in the fabric namespace that is the location's internal network.
+    pub bridge: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub location: String,
+    pub netns: String,
+    pub internal_ip: Ipv4Net,
+    pub public_ip: Option<Ipv4Net>,
+    pub pod_cidr: Ipv4Net,
+    pub overlay_ip: Ipv4Addr,
+    /// Address forwarding probes use (100.65.0.0/16).
+    pub probe_ip: Ipv4Addr,
+    /// The WireGuard interface; unique on the machine because userspace control sockets
+    /// live in one directory shared by all namespaces.
+    pub interface: String,
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSpec {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Net,
+}
+
+pub const PUBLIC_BRIDGE: &str = "br-pub";
+
+pub fn validate_lab_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        bail!(
+            "invalid --name {name:?}: 1-{MAX_NAME} lowercase letters or digits (it prefixes interface names, which are limited to 15 characters)"
+        );
+    }
+    Ok(())
+}
+
+pub fn netns_prefix(lab: &str) -> String {
+    format!("tl-{lab}-")
+}
+
+pub fn fabric_netns(lab: &str) -> String {
+    format!("tl-{lab}-fabric")
+}
+
+impl LabParams {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        validate_lab_name(&self.name)?;
+        if !(1..=200).contains(&self.nodes) {
+            bail!("invalid --nodes {}: 1-200", self.nodes);
+        }
+        if !(1..=20).contains(&self.locations) {
+            bail!("invalid --locations {}: 1-20", self.locations);
+        }
+        if self.locations > self.nodes {
+            bail!(
+                "invalid --locations {}: more locations than --nodes {}",
+                self.locations,
+                self.nodes
+            );
+        }
+        if !(1..=16).contains(&self.gateways) {
+            bail!("invalid --gateways {}: 1-16", self.gateways);
+        }
+        if !(1..=3600).contains(&self.agent_resync) {
+            bail!(
+                "invalid --agent-resync {}: 1-3600 seconds",
+                self.agent_resync
+            );
+        }
+        if !(1..=8).contains(&self.pods_per_node) {
+            bail!("invalid --pods {}: 1-8 per node", self.pods_per_node);
+        }
+        Ok(())
+    }
+
+    pub fn spec(&self) -> anyhow::Result<LabSpec> {
+        self.validate()?;
+        let lab = &self.name;
+        let locations: Vec<LocationSpec> = (0..self.locations)
+            .map(|i| LocationSpec {
+                name: format!("site-{}", letter(i)),
+                subnet: Ipv4Net::new(Ipv4Addr::new(172, 20, i as u8, 0), 24).expect("valid prefix"),
+                bridge: format!("br-{}", letter(i)),
+            })
+            .collect();
+        let mut nodes = Vec::with_capacity(self.nodes);
+        for (i, location) in locations.iter().enumerate() {
+            let count = self.nodes / self.locations + usize::from(i < self.nodes % self.locations);
+            for j in 0..count {
+                let k = nodes.len();
+                let name = format!("{}{}", letter(i), j + 1);
+                let netns = format!("tl-{lab}-{name}");
+                let pod_base = Ipv4Addr::new(10, 244, k as u8, 0);
+                let bridge_ip = Ipv4Addr::new(10, 244, k as u8, 1);
+                let pods = (0..self.pods_per_node)
+                    .map(|p| PodSpec {
+                        name: format!("{name}-p{p}"),
+                        netns: format!("tl-{lab}-{name}-p{p}"),
+                        ip: Ipv4Net::new(Ipv4Addr::new(10, 244, k as u8, 10 + p as u8), 24)
+                            .expect("valid prefix"),
+                        gateway: bridge_ip,
+                    })
+                    .collect();
+                nodes.push(NodeSpec {
+                    interface: format!("tw-{lab}-{name}"),
+                    internal_ip: Ipv4Net::new(Ipv4Addr::new(172, 20, i as u8, 10 + j as u8), 24)
+                        .expect("valid prefix"),
+                    public_ip: (j < self.public_per_location).then(|| {
+                        Ipv4Net::new(
+                            Ipv4Addr::new(198, 18, (k / 200) as u8, 10 + (k % 200) as u8),
+                            16,
+                        )
+                        .expect("valid prefix")
+                    }),
+                    pod_cidr: Ipv4Net::new(pod_base, 24).expect("valid prefix"),
+                    overlay_ip: Ipv4Addr::new(100, 64, (k / 250) as u8, (k % 250 + 1) as u8),
+                    probe_ip: Ipv4Addr::new(100, 65, (k / 250) as u8, (k % 250 + 1) as u8),
+                    location: location.name.clone(),
+                    netns,
+                    name,
+                    pods,
+                });
+            }
+        }
+        Ok(LabSpec {
+            name: lab.clone(),
+            granularity: self.granularity,
+            gateways: self.gateways,
+            locations,
+            nodes,
+            hosts: Vec::new(),
+            agent_resync: self.agent_resync,
+            gateway_health: self.gateway_health,
+            store: self.store,
+        })
+    }
+}
+
+fn letter(i: usize) -> char {
+    (b'a' + i as u8) as char
+}
+
+impl LabSpec {
+    pub fn node(&self, name: &str) -> anyhow::Result<&NodeSpec> {
+        match self.nodes.iter().find(|n| n.name == name) {
+            Some(n) => Ok(n),
+            None => {
+                let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+                bail!(
+                    "lab {} has no node {name:?} (nodes: {})",
+                    self.name,
+                    names.join(", ")
+                )
+            }
+        }
+    }
+
+    pub fn location(&self, name: &str) -> &LocationSpec {
+        self.locations
+            .iter()
+            .find(|l| l.name == name)
+            .expect("nodes name existing locations")
+    }
+
+    /// A new external host on the public network.
+    pub fn new_host(&self, name: &str) -> anyhow::Result<HostSpec> {
+        if name.is_empty()
+            || name.len() > 8
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            bail!("invalid host name {name:?}: 1-8 lowercase letters or digits");
+        }
+        if self.hosts.iter().any(|h| h.name == name) || self.nodes.iter().any(|n| n.name == name) {
+            bail!(
+                "lab {} already has a host or node named {name:?}",
+                self.name
+            );
+        }
+        let i = self.hosts.len();
+        if i >= 200 {
+            bail!("lab {} has the maximum of 200 hosts", self.name);
+        }
+        Ok(HostSpec {
+            name: name.to_string(),
+            netns: format!("tl-{}-h-{name}", self.name),
+            ip: Ipv4Net::new(Ipv4Addr::new(198, 18, 100, 10 + i as u8), 16).expect("valid prefix"),
+        })
+    }
+
+    pub fn all_pods(&self) -> impl Iterator<Item = (&NodeSpec, &PodSpec)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(nodes: usize, locations: usize) -> LabParams {
+        LabParams {
+            name: "lab".into(),
+            nodes,
+            locations,
+            granularity: Granularity::Location,
+            gateways: 1,
+            public_per_location: 2,
+            pods_per_node: 1,
+            agent_resync: 10,
+            gateway_health: GatewayHealth::Forwarding,
+            store: Default::default(),
+        }
+    }
+
+    #[test]
+    fn six_nodes_two_locations() {
+        let spec = params(6, 2).spec().unwrap();
+        let names: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a1", "a2", "a3", "b1", "b2", "b3"]);
+        let a3 = spec.node("a3").unwrap();
+        assert!(a3.public_ip.is_none());
+        assert_eq!(a3.internal_ip.to_string(), "172.20.0.12/24");
+        assert_eq!(
+            spec.node("b1").unwrap().public_ip.unwrap().to_string(),
+            "198.18.0.13/16"
+        );
+        assert!(spec.nodes.iter().all(|n| n.interface.len() <= 15));
+        assert!(spec.node("zz").unwrap_err().to_string().contains("a1, a2"));
+    }
+
+    #[test]
+    fn every_address_is_unique_at_the_largest_size() {
+        let spec = params(200, 20).spec().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &spec.nodes {
+            assert!(seen.insert(n.internal_ip.addr()), "{}", n.internal_ip);
+            assert!(seen.insert(n.overlay_ip));
+            assert!(seen.insert(n.probe_ip));
+            assert!(seen.insert(n.pod_cidr.addr()));
+            if let Some(p) = n.public_ip {
+                assert!(seen.insert(p.addr()), "{p}");
+            }
+            assert!(n.interface.len() <= 15, "{}", n.interface);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_parameters_by_name() {
+        let mut p = params(6, 2);
+        p.name = "Lab-1".into();
+        assert!(p.spec().unwrap_err().to_string().contains("--name"));
+        assert!(
+            params(2, 3)
+                .spec()
+                .unwrap_err()
+                .to_string()
+                .contains("--locations 3")
+        );
+        assert!(
+            params(0, 1)
+                .spec()
+                .unwrap_err()
+                .to_string()
+                .contains("--nodes 0")
+        );
+    }
+}

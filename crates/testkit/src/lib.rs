@@ -1,0 +1,14 @@
+//! What Trellis's tests share, so that no test file carries its own copy:
+//!
+//! - [`etcd`]: a real etcd (Debian's 3.4) on loopback ports, removed when dropped;
+//! - [`Freezable`]: a store whose calls hang while frozen, as a SIGSTOPped etcd's do, and
+//!   [`Unreachable`], one whose calls all fail;
+//! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes,
+//!   instead of sleeping a fixed time and hoping.
+
+pub mod etcd;
+mod freezable;
+mod wait;
+
+pub use freezable::{Freezable, Unreachable};
+pub use wait::{wait_for, wait_until};

@@ -1,0 +1,168 @@
+//! `trellis agent`: the agent's flags, turned into a checked `AgentConfig`.
+
+use clap::Args;
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use trellis_agent::leader::ElectionConfig;
+use trellis_agent::probe::ProbeConfig;
+use trellis_agent::store_addr::StoreAddress;
+use trellis_agent::{AgentConfig, WireGuardBackend};
+use trellis_model::{Endpoint, GatewayPolicy, Granularity};
+use trellis_plan::Settings;
+use trellis_plan::health::DetectorConfig;
+use trellis_plan::rounds::RoundConfig;
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// This node's name (lowercase letters, digits, '-').
+    #[arg(long)]
+    pub node: String,
+    /// The location (site, region, zone) this node belongs to.
+    #[arg(long)]
+    pub location: String,
+    /// This node's address and prefix on its location's internal network.
+    #[arg(long, value_name = "CIDR")]
+    pub internal_ip: IpNet,
+    /// Where other locations reach this node's WireGuard port (host:port). Omit for a
+    /// private node.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Option<String>,
+    /// WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    pub listen_port: u16,
+    /// A pod CIDR of this node (repeat for several).
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<IpNet>,
+    /// This node's overlay address, put on the WireGuard interface.
+    #[arg(long, value_name = "IP")]
+    pub overlay_ip: IpAddr,
+    /// The address forwarding probes are sent from and to (omit to take no part in probing).
+    #[arg(long, value_name = "IP")]
+    pub probe_ip: Option<IpAddr>,
+    /// Never serve as a location gateway.
+    #[arg(long)]
+    pub no_gateway: bool,
+    /// Preference when a gateway vacancy is filled (higher first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub gateway_priority: i32,
+    /// WireGuard interface name (unique on the machine for the userspace device).
+    #[arg(long, default_value = "trellis0")]
+    pub interface: String,
+    /// Where the private key lives (created with mode 0600 if missing).
+    #[arg(long, default_value = "/var/lib/trellis/private.key")]
+    pub key_file: PathBuf,
+    /// The last cluster state read from the store, kept here to plan from when the agent
+    /// starts while the store is unreachable.
+    #[arg(long, default_value = "/var/lib/trellis/cluster-state.json")]
+    pub state_cache: PathBuf,
+    /// Keep no state cache: an agent started during a store outage waits for the store.
+    #[arg(long)]
+    pub no_state_cache: bool,
+    /// The store: etcd://HOST:PORT[,HOST:PORT...] or unix:/path/to/store.sock.
+    #[arg(long)]
+    pub store: String,
+    #[command(flatten)]
+    pub etcd: super::state::EtcdArgs,
+    /// Take no part in the leader election (never do cluster-wide work).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Leader election: TTL of the session lease, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub election_lease_ms: u64,
+    /// Leader election: the leader stops acting this long after its last successful
+    /// renewal, in milliseconds (less than the lease).
+    #[arg(long, default_value_t = 7_000)]
+    pub election_renew_deadline_ms: u64,
+    /// Leader election: how often the leader renews, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub election_retry_ms: u64,
+    /// Mesh granularity when the store holds no cluster settings.
+    #[arg(long, default_value = "location")]
+    pub granularity: Granularity,
+    /// Gateways per location when the store holds no cluster settings.
+    #[arg(long, default_value_t = 2)]
+    pub gateways: usize,
+    /// Re-read and repair the kernel state at least this often (seconds).
+    #[arg(long, default_value_t = 10)]
+    pub resync_seconds: u64,
+    /// Forwarding probe interval, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub probe_interval_ms: u64,
+    /// The shortest a probe round waits for its answer, in milliseconds; it waits longer
+    /// when measured round-trip times call for it (srtt + 4 deviations, as TCP).
+    #[arg(long, default_value_t = 150)]
+    pub probe_min_timeout_ms: u64,
+    /// Failed probe rounds in a row before a gateway counts as down.
+    #[arg(long, default_value_t = 3)]
+    pub probe_multiplier: u32,
+    /// How long a recovered gateway must forward before it counts as up, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub hold_down_ms: u64,
+    /// Serve metrics (/metrics), readiness (/readyz, /healthz) and the agent's state
+    /// (/debug/state) on this address (HOST:PORT); off when absent.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// WireGuard implementation: userspace (embedded) or kernel.
+    #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
+    pub wireguard: String,
+}
+
+impl AgentArgs {
+    pub fn config(&self) -> anyhow::Result<AgentConfig> {
+        let config = AgentConfig {
+            node: self.node.clone(),
+            location: self.location.clone(),
+            internal_ip: self.internal_ip,
+            endpoint: self
+                .endpoint
+                .as_deref()
+                .map(|e| Endpoint::parse("--endpoint", e))
+                .transpose()?,
+            listen_port: self.listen_port,
+            pod_cidrs: self.pod_cidrs.clone(),
+            overlay_ip: self.overlay_ip,
+            probe_ip: self.probe_ip,
+            gateway: GatewayPolicy {
+                eligible: !self.no_gateway,
+                priority: self.gateway_priority,
+            },
+            interface: self.interface.clone(),
+            wireguard: match self.wireguard.as_str() {
+                "kernel" => WireGuardBackend::Kernel,
+                _ => WireGuardBackend::Userspace,
+            },
+            key_file: self.key_file.clone(),
+            state_cache: (!self.no_state_cache).then(|| self.state_cache.clone()),
+            store: StoreAddress::parse(&self.store)?,
+            etcd: self.etcd.options(),
+            election: (!self.no_leader_election).then_some(ElectionConfig {
+                lease: Duration::from_millis(self.election_lease_ms),
+                renew_deadline: Duration::from_millis(self.election_renew_deadline_ms),
+                retry: Duration::from_millis(self.election_retry_ms),
+            }),
+            defaults: Settings {
+                granularity: self.granularity,
+                gateways_per_location: self.gateways,
+                persistent_keepalive: None,
+            },
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+            probe: ProbeConfig {
+                interval: Duration::from_millis(self.probe_interval_ms.max(10)),
+                rounds: RoundConfig {
+                    min_timeout_ms: self.probe_min_timeout_ms.max(1),
+                    ..RoundConfig::default()
+                },
+                detector: DetectorConfig {
+                    multiplier: self.probe_multiplier.max(1),
+                    hold_down_ms: self.hold_down_ms,
+                    ..DetectorConfig::default()
+                },
+            },
+            admin_addr: self.metrics_addr,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,484 @@
+//! `trellis lab …`: the lab's command line, handed to the `trellis-lab` library.
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+use trellis_lab::fault::{self, FaultKind};
+use trellis_lab::spec::LabParams;
+use trellis_lab::state::LabState;
+use trellis_lab::store::{self, StoreKind};
+use trellis_lab::{bench, build, check, demo, status};
+use trellis_model::{GatewayHealth, Granularity};
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Build a lab and start its agents; returns once every agent has converged.
+    Up(UpArgs),
+    /// Remove every namespace, link, device and process of a lab (also after a crash).
+    Down(NameArg),
+    /// Nodes, gateways, peers with their last handshake, pods and hosts.
+    Status(StatusArgs),
+    /// Ping between every pair of pods; exits non-zero if any pair fails.
+    Check(CheckArgs),
+    /// Run a command inside a node's (or a pod's) network namespace.
+    Exec(ExecArgs),
+    /// Inject a fault into a node: blackhole-forward [--new-flows-only], kill, partition,
+    /// loss PERCENT, or cut-path PEER; or into the store (a lab on etcd): `store freeze`,
+    /// `store kill`, `store partition NODE`, `store throttle`.
+    Fault(FaultArgs),
+    /// Remove every fault of a node (and restart its agent if it was killed), or of the
+    /// store (`heal store`: thaw or restart etcd, end partitions and throttling).
+    Heal(HealArgs),
+    /// A node agent's metrics (Prometheus text), read from inside the node's namespace.
+    Metrics(HealArgs),
+    /// Benchmarks on labs of their own.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// External hosts on the public network (no agent), to try clients from.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Seed 000 on a lab: a gateway stops forwarding new flows; watch it be detected,
+    /// replaced, healed and given its share back, then tear the lab down.
+    Demo(DemoArgs),
+    /// Serve the lab's embedded store (started by `lab up`; not for direct use).
+    #[command(hide = true)]
+    ServeStore(NameArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NameArg {
+    /// The lab's name (1-6 lowercase letters or digits).
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Number of nodes, spread evenly over the locations.
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// Number of locations (sites).
+    #[arg(long, default_value_t = 2)]
+    pub locations: usize,
+    /// Mesh granularity: full, location, cross or hybrid.
+    #[arg(long, default_value = "location")]
+    pub granularity: Granularity,
+    /// Active gateways per location (where that many are eligible).
+    #[arg(long, default_value_t = 2)]
+    pub gateways: usize,
+    /// Nodes per location that get a public endpoint (the first ones).
+    #[arg(long, default_value_t = 2)]
+    pub public: usize,
+    /// Pods per node.
+    #[arg(long, default_value_t = 1)]
+    pub pods: usize,
+    /// How long to wait for every agent to converge, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// How often agents re-read and repair kernel state, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub agent_resync: u64,
+    /// What decides that a gateway is down: forwarding (probes) or liveness (agent lease
+    /// only, as Kilo does; for comparison).
+    #[arg(long, default_value = "forwarding")]
+    pub gateway_health: GatewayHealthArg,
+    /// The store: embedded (in-process, the default) or etcd (Debian's etcd in its own
+    /// namespace, reached over the location networks).
+    #[arg(long, default_value = "embedded")]
+    pub store: StoreKind,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GatewayHealthArg {
+    Forwarding,
+    Liveness,
+}
+
+impl From<GatewayHealthArg> for GatewayHealth {
+    fn from(a: GatewayHealthArg) -> Self {
+        match a {
+            GatewayHealthArg::Forwarding => GatewayHealth::Forwarding,
+            GatewayHealthArg::Liveness => GatewayHealth::Liveness,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// The demo lab's name.
+    #[arg(long, default_value = "demo")]
+    pub name: String,
+    /// Mesh granularity for the demo (seed 000).
+    #[arg(long, default_value = "location")]
+    pub granularity: Granularity,
+    /// Which incident to replay: 000, a gateway that stops forwarding new flows; 001, the
+    /// store (etcd) stops answering and the leader must stop without taking anything down.
+    #[arg(long, default_value = "000", value_parser = ["000", "001"])]
+    pub seed: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    /// Rounds of pings before a pair counts as failed.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The node (or, with --pod, the node whose pod) to run in; a host name also works.
+    pub node: String,
+    /// Run in this pod of the node instead (e.g. a1-p0, or just p0).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct FaultArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The node to break, or `store`.
+    pub node: String,
+    /// What breaks.
+    pub kind: FaultKind,
+    /// PERCENT for `loss`, PEER for `cut-path`.
+    pub value: Option<String>,
+    /// blackhole-forward: drop only new flows; established ones keep working (seed 000).
+    #[arg(long)]
+    pub new_flows_only: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Outage of new connections when a gateway breaks, per fault kind, with forwarding
+    /// probes and with liveness only (as Kilo), measured in the same run.
+    Failover {
+        /// Trials per fault kind and mode.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// How long to wait for recovery before a trial counts as not recovered (seconds).
+        #[arg(long, default_value_t = 10)]
+        window_seconds: u64,
+        /// Only these fault kinds (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<FaultKind>,
+        /// Print JSON rows instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Which gateway health to measure: forwarding (probes), liveness (the baseline),
+        /// or both in one run (the default, and what a comparison should use).
+        #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
+        health: String,
+    },
+    /// Outage of new connections when the direct tunnel between two public nodes of
+    /// different locations breaks (`cut-path`), with path probes and relay fallback, and
+    /// with liveness only (no fallback, as Kilo), measured in the same run.
+    PathFallback {
+        /// Trials per mode.
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// How long to wait for recovery before a trial counts as not recovered (seconds).
+        #[arg(long, default_value_t = 10)]
+        window_seconds: u64,
+        /// Print JSON rows instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// forwarding (path probes), liveness (the baseline), or both in one run.
+        #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
+        health: String,
+    },
+    /// Seed 001 on a lab on etcd: takeover after the leader's node is killed, time for a
+    /// leader to stop acting after the store freezes, agent restarts and lost connections
+    /// during store faults; `etcdctl elect` measured beside it as the peer.
+    Leadership {
+        /// Repetitions of the takeover and of the stop-acting measurements.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Store faults (freeze, kill, partition of the leader, throttle, in turn).
+        #[arg(long, default_value_t = 10)]
+        faults: usize,
+        /// How long each store fault is held (seconds).
+        #[arg(long, default_value_t = 12)]
+        hold_seconds: u64,
+        /// Skip the etcdctl elect peer (it takes about two of its 60 s session TTLs).
+        #[arg(long)]
+        no_peer: bool,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Random loss on every link for a while; counts gateway changes (the target is none).
+    FalseFailover {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Loss on every link of every node, in percent.
+        #[arg(long, default_value_t = 5)]
+        loss: u8,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct HealArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The node to heal.
+    pub node: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// Add a bare host (no agent) on the lab's public network.
+    Add {
+        host: String,
+        #[command(flatten)]
+        name: NameArg,
+    },
+}
+
+pub fn main(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        // exec replaces this process: it must enter the namespace while single-threaded.
+        LabCommand::Exec(args) => Err(trellis_lab::exec::exec(
+            &args.name.name,
+            &args.node,
+            args.pod.as_deref(),
+            &args.command,
+        )),
+        other => super::runtime()?.block_on(run(other)),
+    }
+}
+
+async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    let ok = |passed: bool| {
+        if passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    };
+    match cmd {
+        LabCommand::Up(args) => {
+            let params = args.params();
+            let up = trellis_lab::up::up(&params, Duration::from_secs(args.timeout)).await?;
+            println!("{}", trellis_lab::up::summary(&up));
+            print!("{}", status::show(&params.name, false).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Down(args) => {
+            let report = build::teardown(&args.name)?;
+            println!(
+                "lab {} removed: {} namespaces, {} processes",
+                args.name, report.namespaces, report.processes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Status(args) => {
+            print!("{}", status::show(&args.name.name, args.json).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Check(args) => {
+            let lab = LabState::load(&args.name.name)?;
+            let report = check::all_pairs(&lab.spec, args.attempts, Duration::from_secs(1)).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", check::matrix(&report));
+            }
+            Ok(ok(report.ok))
+        }
+        LabCommand::Host(HostCommand::Add { host, name }) => {
+            let spec = trellis_lab::build::add_host(&name.name, &host).await?;
+            println!(
+                "host {} at {} (namespace {})",
+                spec.name, spec.ip, spec.netns
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Fault(args) if args.node == "store" => {
+            let f = store::StoreFault::parse(args.kind, args.value.as_deref())?;
+            store::inject(&args.name.name, f.clone()).await?;
+            println!("{f}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Heal(args) if args.node == "store" => {
+            let healed = store::heal(&args.name.name).await?;
+            println!("store: healed {}", listed(&healed));
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Fault(args) => {
+            let f = fault::Fault::parse(args.kind, args.new_flows_only, args.value.as_deref())?;
+            fault::inject(&args.name.name, &args.node, f.clone()).await?;
+            println!("{}: {f}", args.node);
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Heal(args) => {
+            let healed = fault::heal(&args.name.name, &args.node).await?;
+            println!("{}: healed {}", args.node, listed(&healed));
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Bench(BenchCommand::Failover {
+            trials,
+            window_seconds,
+            kinds,
+            json,
+            health,
+        }) => {
+            let kinds = bench::default_kinds()
+                .into_iter()
+                .filter(|f| kinds.is_empty() || kinds.contains(&f.kind))
+                .collect();
+            failover_bench(
+                bench::Target::Gateways(kinds),
+                trials,
+                window_seconds,
+                &health,
+                json,
+            )
+            .await
+        }
+        LabCommand::Bench(BenchCommand::PathFallback {
+            trials,
+            window_seconds,
+            json,
+            health,
+        }) => {
+            failover_bench(
+                bench::Target::DirectPath,
+                trials,
+                window_seconds,
+                &health,
+                json,
+            )
+            .await
+        }
+        LabCommand::Bench(BenchCommand::Leadership {
+            reps,
+            faults,
+            hold_seconds,
+            no_peer,
+            json,
+        }) => {
+            let args = bench::LeadershipArgs {
+                reps: reps.max(1),
+                faults,
+                hold: Duration::from_secs(hold_seconds.max(1)),
+                peer: !no_peer,
+            };
+            let report = bench::leadership(&args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::leadership_table(&report));
+            }
+            Ok(ok(
+                report.agent_restarts == 0 && report.connections_lost == 0
+            ))
+        }
+        LabCommand::Bench(BenchCommand::FalseFailover { minutes, loss }) => {
+            let minutes = if minutes.is_finite() && minutes > 0.0 {
+                minutes
+            } else {
+                bail!("invalid --minutes {minutes}: must be a positive number")
+            };
+            let report =
+                bench::false_failover(Duration::from_secs_f64(minutes * 60.0), loss).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ok(report.gateway_changes == 0))
+        }
+        LabCommand::Metrics(args) => {
+            let lab = LabState::load(&args.name.name)?;
+            print!(
+                "{}",
+                trellis_lab::agent_admin::metrics_of(&lab, &args.node)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::ServeStore(args) => {
+            store::serve(&args.name).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Demo(args) => {
+            let seed = match args.seed.as_str() {
+                "001" => demo::Seed::Lease001,
+                _ => demo::Seed::Gateway000,
+            };
+            Ok(ok(demo::run(&args.name, args.granularity, seed).await?))
+        }
+        LabCommand::Exec(_) => unreachable!("handled before the runtime starts"),
+    }
+}
+
+fn listed<T: std::fmt::Display>(healed: &[T]) -> String {
+    if healed.is_empty() {
+        "(no faults)".into()
+    } else {
+        healed
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `lab bench failover` and `lab bench path-fallback`: the same trials, on a different target.
+async fn failover_bench(
+    target: bench::Target,
+    trials: usize,
+    window_seconds: u64,
+    health: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let args = bench::FailoverArgs {
+        trials: trials.max(1),
+        window: Duration::from_secs(window_seconds.max(1)),
+        target,
+        forwarding: health != "liveness",
+        baseline: health != "forwarding",
+    };
+    let rows = bench::failover(&args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", bench::table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+impl UpArgs {
+    fn params(&self) -> LabParams {
+        LabParams {
+            name: self.name.name.clone(),
+            nodes: self.nodes,
+            locations: self.locations,
+            granularity: self.granularity,
+            gateways: self.gateways,
+            public_per_location: self.public,
+            pods_per_node: self.pods,
+            agent_resync: self.agent_resync,
+            gateway_health: self.gateway_health.into(),
+            store: self.store,
+        }
+    }
+}
