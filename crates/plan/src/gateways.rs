@@ -6,8 +6,18 @@ use trellis_model::Node;
 /// Whether `m` may serve its location (`members`): eligible, and public unless no eligible
 /// member is public.
 pub fn qualifies_as_gateway(members: &[&Node], m: &Node) -> bool {
-    let any_public = members.iter().any(|n| n.gateway.eligible && n.is_public());
-    m.gateway.eligible && (m.is_public() || !any_public)
+    qualifies(any_public_eligible(members), m)
+}
+
+/// Whether any of a location's members is eligible and public.
+pub(crate) fn any_public_eligible(members: &[&Node]) -> bool {
+    members.iter().any(|n| n.gateway.eligible && n.is_public())
+}
+
+/// [`qualifies_as_gateway`], given [`any_public_eligible`] of the location (computed once
+/// per location rather than once per member).
+pub(crate) fn qualifies(any_public_eligible: bool, m: &Node) -> bool {
+    m.gateway.eligible && (m.is_public() || !any_public_eligible)
 }
 
 /// A location's gateway slots: each slot holds a gateway or is vacant. Nodes are spread
@@ -31,7 +41,8 @@ pub fn choose_gateways(
     wanted: usize,
     down: &BTreeSet<String>,
 ) -> Slots {
-    let qualifies = |m: &Node| qualifies_as_gateway(members, m) && !down.contains(&m.name);
+    let any_public = any_public_eligible(members);
+    let qualifies = |m: &Node| qualifies(any_public, m) && !down.contains(&m.name);
     let keeps = |name: &str| members.iter().any(|m| m.name == name && qualifies(m));
     let mut slots: Slots = Vec::with_capacity(wanted);
     for i in 0..wanted {
@@ -64,16 +75,24 @@ pub fn active(slots: &[Option<String>]) -> Vec<String> {
 
 /// The gateway serving `node`: rendezvous over the filled slots, keyed by slot number.
 pub fn serving_slot<'a>(node: &str, slots: &'a [Option<String>]) -> Option<&'a str> {
+    let slot_hashes: Vec<u64> = (0..slots.len())
+        .map(|i| name_hash(&format!("slot-{i}")))
+        .collect();
+    serving_slot_hashed(name_hash(node), slots, &slot_hashes)
+}
+
+/// [`serving_slot`] from the [`name_hash`] of the node and of each slot's name
+/// (`slot-{i}`), hashed once for a whole location.
+pub(crate) fn serving_slot_hashed<'a>(
+    node: u64,
+    slots: &'a [Option<String>],
+    slot_hashes: &[u64],
+) -> Option<&'a str> {
     slots
         .iter()
         .enumerate()
         .filter_map(|(i, s)| s.as_deref().map(|g| (i, g)))
-        .max_by_key(|(i, _)| {
-            (
-                pair_weight(node, &format!("slot-{i}")),
-                std::cmp::Reverse(*i),
-            )
-        })
+        .max_by_key(|(i, _)| (combine(node, slot_hashes[*i]), std::cmp::Reverse(*i)))
         .map(|(_, g)| g)
 }
 
@@ -92,7 +111,23 @@ pub fn rendezvous_choice<'a>(node: &str, gateways: &'a [String]) -> Option<&'a s
 /// differ in one character ("a1", "a2") must still get independent weights. Stable across
 /// versions and architectures, because every node must compute the same assignment.
 pub(crate) fn pair_weight(node: &str, gateway: &str) -> u64 {
-    mix(mix(fnv1a(node)) ^ mix(fnv1a(gateway)).rotate_left(29))
+    combine(name_hash(node), name_hash(gateway))
+}
+
+/// One name's share of [`pair_weight`], to hash a name once and pair it with many.
+pub(crate) fn name_hash(name: &str) -> u64 {
+    mix(fnv1a(name))
+}
+
+/// [`pair_weight`] from the two names' [`name_hash`]es.
+pub(crate) fn combine(node: u64, gateway: u64) -> u64 {
+    combine_rotated(node, gateway.rotate_left(29))
+}
+
+/// [`combine`] with the second hash already rotated, for a loop that pairs one name with
+/// many.
+pub(crate) fn combine_rotated(node: u64, gateway_rotated: u64) -> u64 {
+    mix(node ^ gateway_rotated)
 }
 
 fn fnv1a(text: &str) -> u64 {

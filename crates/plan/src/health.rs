@@ -11,7 +11,9 @@
 //! Probe load is candidates × observers, not nodes²: observers are few and chosen
 //! deterministically, from other locations first.
 
-use crate::gateways::{pair_weight, qualifies_as_gateway};
+use crate::by_location;
+use crate::gateways::{any_public_eligible, combine, combine_rotated, name_hash, qualifies};
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use trellis_model::Node;
@@ -30,76 +32,166 @@ pub const UNRELAYED_ID_RANGE: usize = ID_RANGES as usize - 1;
 /// Nodes that can serve as gateway of their location and take part in probing. Probed
 /// whether they serve now or stand by, so a replacement is chosen on measured health.
 pub fn candidates<'a>(nodes: impl IntoIterator<Item = &'a Node> + Clone) -> Vec<&'a Node> {
-    let mut by_location: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
-    for n in nodes {
-        by_location.entry(&n.location).or_default().push(n);
-    }
-    by_location
-        .values()
-        .flat_map(|members| {
-            members
-                .iter()
-                .filter(|m| m.probe_ip.is_some() && qualifies_as_gateway(members, m))
-                .copied()
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    candidates_in(&by_location(nodes)).collect()
 }
 
-/// Whether `a` can send to `b` at all: same location, or both public.
-fn can_reach(a: &Node, b: &Node) -> bool {
-    a.location == b.location || (a.is_public() && b.is_public())
+/// [`candidates`] from the nodes grouped by location (see [`by_location`]).
+pub(crate) fn candidates_in<'a, 'b>(
+    by_location: &'b [(&'a str, Vec<&'a Node>)],
+) -> impl Iterator<Item = &'a Node> + 'b {
+    by_location.iter().flat_map(|(_, members)| {
+        let any_public = any_public_eligible(members);
+        members
+            .iter()
+            .filter(move |m| m.probe_ip.is_some() && qualifies(any_public, m))
+            .copied()
+    })
 }
 
-/// Up to `k` observers of `gateway`: nodes with a probe address that can reach it,
-/// nodes of other locations before its own, spread over as many locations as possible,
-/// ranked within a location by a hash of the pair. Deterministic.
+/// Up to `k` observers of `gateway`: nodes with a probe address that can reach it (same
+/// location, or both public), nodes of other locations before its own, spread over as many
+/// locations as possible, ranked within a location by a hash of the pair. Deterministic.
+///
+/// To choose the observers of many gateways, build an [`ObserverPool`] once instead.
 pub fn observers_for<'a>(
     nodes: impl IntoIterator<Item = &'a Node>,
     gateway: &Node,
     k: usize,
 ) -> Vec<String> {
-    let mut by_location: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
-    for n in nodes {
-        if n.name != gateway.name && n.probe_ip.is_some() && can_reach(n, gateway) {
-            by_location.entry(&n.location).or_default().push(n);
+    ObserverPool::new(nodes).observers_for(gateway, k)
+}
+
+/// A node with the [`name_hash`] of its name.
+type Hashed<'a> = (u64, &'a Node);
+
+/// The nodes observers are chosen from, grouped by location once, so that choosing the
+/// observers of every candidate costs a pass over the locations each, not over all nodes.
+pub struct ObserverPool<'a> {
+    /// Nodes with a probe address, by location (in name order), in the order given, each
+    /// with its name's hash.
+    by_location: Vec<(&'a str, Vec<Hashed<'a>>)>,
+    /// The public ones among them, for each location that has one.
+    public: Vec<(&'a str, Vec<Hashed<'a>>)>,
+    /// Those locations' name hashes, rotated for [`combine_rotated`]: what ranking the
+    /// locations for every candidate reads, kept apart so that the loop reads little.
+    public_hashes: Vec<u64>,
+}
+
+impl<'a> ObserverPool<'a> {
+    pub fn new(nodes: impl IntoIterator<Item = &'a Node>) -> Self {
+        Self::from_groups(&by_location(nodes))
+    }
+
+    /// From the nodes grouped by location (see [`by_location`]).
+    pub(crate) fn from_groups(groups: &[(&'a str, Vec<&'a Node>)]) -> Self {
+        let by_location: Vec<(&str, Vec<Hashed>)> = (groups.iter())
+            .map(|(location, members)| {
+                let probing = members.iter().filter(|n| n.probe_ip.is_some());
+                let hashed = probing.map(|n| (name_hash(&n.name), *n));
+                (*location, hashed.collect::<Vec<_>>())
+            })
+            .filter(|(_, members)| !members.is_empty())
+            .collect();
+        let public: Vec<(&str, Vec<Hashed>)> = (by_location.iter())
+            .filter_map(|(location, members)| {
+                let public: Vec<Hashed> = members
+                    .iter()
+                    .filter(|(_, n)| n.is_public())
+                    .copied()
+                    .collect();
+                (!public.is_empty()).then_some((*location, public))
+            })
+            .collect();
+        let public_hashes = (public.iter())
+            .map(|(location, _)| name_hash(location).rotate_left(29))
+            .collect();
+        Self {
+            by_location,
+            public,
+            public_hashes,
         }
     }
-    for members in by_location.values_mut() {
-        members.sort_by_key(|n| {
-            std::cmp::Reverse((pair_weight(&gateway.name, &n.name), n.name.clone()))
-        });
-    }
-    // Round-robin over locations: other locations (ranked by the pair hash of their first
-    // member, for spread), then the gateway's own.
-    let mut locations: Vec<&str> = by_location
-        .keys()
-        .copied()
-        .filter(|l| *l != gateway.location)
-        .collect();
-    locations.sort_by_key(|l| std::cmp::Reverse(pair_weight(&gateway.name, l)));
-    if by_location.contains_key(gateway.location.as_str()) {
-        locations.push(&gateway.location);
-    }
-    let mut chosen = Vec::with_capacity(k);
-    let mut round = 0;
-    while chosen.len() < k {
-        let mut progressed = false;
-        for l in &locations {
-            if chosen.len() == k {
+
+    /// [`observers_for`] from this pool.
+    pub fn observers_for(&self, gateway: &Node, k: usize) -> Vec<String> {
+        let g = name_hash(&gateway.name);
+        let not_itself = |(_, n): &&Hashed| n.name != gateway.name;
+        // Within a location, members rank by the hash of the pair, then name (descending).
+        let rank = |&(h, n): &Hashed<'a>| Reverse((combine(g, h), n.name.as_str()));
+        // Other locations (those the gateway reaches: both ends public), best first by the
+        // pair hash of gateway and location, then name. Round-robin over them fills `k`
+        // from the best `k` alone, so only those are kept: one pass over the locations.
+        let mut best: Vec<(Reverse<u64>, &str, &[Hashed])> = Vec::with_capacity(k + 1);
+        if gateway.is_public() && k > 0 {
+            // Weights below it cannot make the best `k` (none, until there are `k`).
+            let mut floor = 0;
+            for (i, hash) in self.public_hashes.iter().enumerate() {
+                let weight = combine_rotated(g, *hash);
+                if weight < floor {
+                    continue; // the common case, decided without comparing names
+                }
+                let (location, members) = &self.public[i];
+                let rank = (Reverse(weight), *location);
+                if best.len() == k && rank >= (best[k - 1].0, best[k - 1].1) {
+                    continue;
+                }
+                if *location == gateway.location || !members.iter().any(|m| not_itself(&m)) {
+                    continue;
+                }
+                let at = best.partition_point(|(w, l, _)| (*w, *l) < rank);
+                best.insert(at, (rank.0, rank.1, members));
+                best.truncate(k);
+                if best.len() == k {
+                    floor = best[k - 1].0.0;
+                }
+            }
+        }
+        if best.len() == k {
+            // The first round fills `k`: the best member of each of those locations (the
+            // first of equals, as the stable sort below would rank them).
+            return (best.iter())
+                .filter_map(|(_, _, members)| {
+                    members.iter().filter(not_itself).min_by_key(|m| rank(m))
+                })
+                .map(|(_, n)| n.name.clone())
+                .collect();
+        }
+        let ranked = |members: &[Hashed<'a>]| -> Vec<&'a Node> {
+            let mut ranked: Vec<&Hashed<'a>> = members.iter().filter(not_itself).collect();
+            ranked.sort_by_key(|m| rank(m));
+            ranked.into_iter().map(|(_, n)| *n).collect()
+        };
+        let mut groups: Vec<Vec<&Node>> = best.iter().map(|(_, _, m)| ranked(m)).collect();
+        // The gateway's own location comes last, so it takes part only when the others
+        // cannot fill `k` in the first round.
+        if let Ok(i) =
+            (self.by_location).binary_search_by(|(l, _)| (*l).cmp(gateway.location.as_str()))
+        {
+            let own = ranked(&self.by_location[i].1);
+            if !own.is_empty() {
+                groups.push(own);
+            }
+        }
+        let mut chosen = Vec::with_capacity(k);
+        let mut round = 0;
+        while chosen.len() < k {
+            let mut progressed = false;
+            for members in &groups {
+                if chosen.len() == k {
+                    break;
+                }
+                if let Some(n) = members.get(round) {
+                    chosen.push(n.name.clone());
+                    progressed = true;
+                }
+            }
+            if !progressed {
                 break;
             }
-            if let Some(n) = by_location[l].get(round) {
-                chosen.push(n.name.clone());
-                progressed = true;
-            }
+            round += 1;
         }
-        if !progressed {
-            break;
-        }
-        round += 1;
+        chosen
     }
-    chosen
 }
 
 /// The nodes behind `gateway` that its probes are relayed to: up to `k` of its location's
@@ -109,11 +201,15 @@ pub fn relay_targets<'a>(
     gateway: &Node,
     k: usize,
 ) -> Vec<(String, IpAddr)> {
-    let mut mates: Vec<&Node> = nodes
+    let g = name_hash(&gateway.name);
+    let mut mates: Vec<&'a Node> = nodes
         .into_iter()
         .filter(|n| n.location == gateway.location && n.name != gateway.name)
         .collect();
-    mates.sort_by_key(|n| std::cmp::Reverse((pair_weight(&gateway.name, &n.name), n.name.clone())));
+    mates.sort_by_cached_key(|n: &&'a Node| {
+        let n: &'a Node = n;
+        Reverse((combine(g, name_hash(&n.name)), n.name.as_str()))
+    });
     mates
         .into_iter()
         .take(k.min(UNRELAYED_ID_RANGE))
@@ -161,14 +257,14 @@ pub fn verdicts<'a>(
     nodes: impl IntoIterator<Item = &'a Node> + Clone,
     reports: &BTreeMap<String, BTreeMap<String, bool>>,
 ) -> BTreeMap<String, Verdict> {
-    let all: Vec<&Node> = nodes.clone().into_iter().collect();
-    candidates(nodes)
-        .into_iter()
+    let groups = by_location(nodes);
+    let pool = ObserverPool::from_groups(&groups);
+    candidates_in(&groups)
         .map(|g| {
-            let observers: BTreeSet<String> =
-                observers_for(all.iter().copied(), g, OBSERVERS_PER_GATEWAY)
-                    .into_iter()
-                    .collect();
+            let observers: BTreeSet<String> = pool
+                .observers_for(g, OBSERVERS_PER_GATEWAY)
+                .into_iter()
+                .collect();
             let opinions = reports
                 .get(&g.name)
                 .into_iter()
