@@ -157,22 +157,42 @@ async fn run(
     apply::prepare_kernel().context("preparing kernel settings")?;
     let netlink = Arc::new(Netlink::connect()?);
     let device = start_device(&config, key, &netlink).await;
+    let kernel = apply::Kernel {
+        device: device.clone(),
+        interfaces: netlink.clone(),
+        routes: netlink,
+        ruleset: Arc::new(trellis_dataplane::nftables::Nft::connect()?),
+    };
+    run_with(&config, store, node, kernel, shutdown_signal()).await;
+    drop(device);
+    Ok(())
+}
 
+/// The agent on a given kernel until `shutdown` resolves: the real one in [`main`], an
+/// in-memory one (`trellis_dataplane::fake`) to simulate many agents in one process.
+pub async fn run_with(
+    config: &AgentConfig,
+    store: Arc<dyn trellis_store::Store>,
+    node: Node,
+    kernel: apply::Kernel,
+    shutdown: impl Future<Output = ()>,
+) {
     let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
     let cache = config
         .state_cache
         .clone()
         .map(crate::state::cache::StateCache::new);
     tokio::spawn(crate::state::sync_forever(store.clone(), state_tx, cache));
-    let metrics = admin::Metrics::default();
+    // A pass runs at least every resync; one that takes far longer is stuck.
+    let admin = admin::Admin::new(&node.name, config.resync * 3 + Duration::from_secs(30));
+    let metrics = admin.metrics.clone();
     // Leadership runs beside the data plane and nothing here waits on it: readiness,
     // plans and probes are the same whether this node leads or not.
     let (stop_campaign, campaign_stopped) = watch::channel(false);
     let campaign = config.election.map(|election| {
         let (role_tx, role_rx) = watch::channel(crate::leader::Role::Joining);
         tokio::spawn(metrics.clone().follow_role(role_rx));
-        let stats = Arc::new(crate::leader::work::WorkStats::default());
-        metrics.count_leader_work(stats.clone());
+        let stats = metrics.leader_work();
         let work = Arc::new(crate::leader::work::ClusterWork {
             store: store.clone(),
             state: state_rx.clone(),
@@ -194,14 +214,7 @@ async fn run(
     ));
     let leased = report::leased::LeasedKeys::start(store.clone());
     if let Some(addr) = config.admin_addr {
-        // A pass runs at least every resync; one that takes far longer is stuck.
-        let stale_after = config.resync * 3 + Duration::from_secs(30);
-        tokio::spawn(admin::serve(
-            addr,
-            node.name.clone(),
-            metrics.clone(),
-            stale_after,
-        ));
+        tokio::spawn(admin::serve(addr, admin.clone()));
     }
     let (observe_tx, observe_rx) = watch::channel(probe::Targets::default());
     match node.probe_ip {
@@ -221,20 +234,17 @@ async fn run(
         None => tracing::info!("no --probe-ip: this node neither probes nor is probed"),
     }
 
-    let nft = Arc::new(trellis_dataplane::nftables::Nft::connect()?);
     let mut reconciler = apply::Reconciler::new(
         node.clone(),
         config.interface.clone(),
-        device.clone(),
-        netlink,
-        nft,
+        kernel,
         store.clone(),
     );
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let resync = config.resync.max(Duration::from_secs(1));
     let mut state_rx = state_rx;
     let mut last_inputs: Option<PlanInputs> = None;
+    let mut last_health: Option<report::transition::Health> = None;
     // The store revision at which the plan inputs last changed: what the status reports.
     // Not the latest revision, which every status write by any agent bumps: reporting that
     // would make each write trigger N more.
@@ -268,10 +278,18 @@ async fn run(
             Err(e) => tracing::error!("encoding status: {e}"),
         }
         metrics.routes_repaired(outcome.routes_repaired());
-        metrics.applied(std::time::Instant::now(), inputs_revision, outcome.errors());
         if let Some(health) = outcome.health() {
-            metrics.planned(std::time::Instant::now(), &health.down, &health.gateways);
+            let transition = report::transition::between(last_health.as_ref(), health);
+            if transition.failover {
+                tracing::warn!(gateways = ?health.gateways, down = ?health.down, "failover: a gateway held down was replaced");
+            }
+            metrics.transition(std::time::Instant::now(), &transition);
+            last_health = Some(health.clone());
         }
+        admin.pass(
+            std::time::Instant::now(),
+            debug_state(&state, &inputs, &outcome, inputs_revision),
+        );
         if let Some(plan) = outcome.plan() {
             let wanted = probe::Targets {
                 gateways: plan.observe.clone(),
@@ -293,8 +311,47 @@ async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(3), campaign).await;
     }
     leased.stop().await;
-    drop(device);
-    Ok(())
+}
+
+/// What `/debug/state` shows of one pass.
+fn debug_state(
+    state: &ClusterState,
+    inputs: &PlanInputs,
+    outcome: &apply::Outcome,
+    revision: u64,
+) -> admin::DebugState {
+    use crate::state::HealthInputs;
+    use trellis_plan::health::{Verdict, verdicts};
+    let health = match &inputs.health {
+        HealthInputs::Forwarding { .. } => "forwarding",
+        HealthInputs::Liveness { .. } => "liveness",
+    };
+    let observations = state.observations.clone();
+    admin::DebugState {
+        revision,
+        health,
+        plan: outcome.plan().cloned(),
+        errors: outcome.errors().to_vec(),
+        warnings: outcome.warnings().to_vec(),
+        gateways: outcome
+            .health()
+            .map(|h| h.gateways.clone())
+            .unwrap_or_default(),
+        down: outcome.health().map(|h| h.down.clone()).unwrap_or_default(),
+        verdicts: verdicts(inputs.nodes.values(), &observations)
+            .into_iter()
+            .map(|(g, v)| {
+                let v = match v {
+                    Verdict::Up => "up",
+                    Verdict::Down => "down",
+                    Verdict::Unknown => "unknown",
+                };
+                (g, v)
+            })
+            .collect(),
+        observations,
+        broken_paths: inputs.broken_paths(),
+    }
 }
 
 /// Create the WireGuard device, retrying until it works: without it the node has no mesh,
@@ -307,7 +364,7 @@ async fn start_device(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let (interface, port) = (config.interface.as_str(), config.listen_port);
-        let created: anyhow::Result<Arc<dyn WireGuardDevice>> = match config.wireguard {
+        let created: trellis_dataplane::Result<Arc<dyn WireGuardDevice>> = match config.wireguard {
             WireGuardBackend::Kernel => KernelDevice::create(netlink, interface, &key, port)
                 .await
                 .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),

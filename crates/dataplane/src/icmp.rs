@@ -1,6 +1,7 @@
 //! ICMP echo over a raw socket, without a `ping` binary: the lab's connectivity check and
 //! the agent's forwarding probes. The socket is bound to the namespace it was opened in.
 
+use crate::error::{Error, Result};
 use crate::netns;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -21,8 +22,9 @@ pub struct IcmpSocket {
 impl IcmpSocket {
     /// A raw ICMP socket in the calling thread's namespace, optionally bound to a source
     /// address (probes must leave from the probe address). Needs CAP_NET_RAW.
-    pub fn open(bind: Option<Ipv4Addr>) -> anyhow::Result<Self> {
-        let fd = raw_socket()?;
+    pub fn open(bind: Option<Ipv4Addr>) -> Result<Self> {
+        let fd = raw_socket()
+            .map_err(|e| Error::io("opening a raw ICMP socket in the current netns", e))?;
         if let Some(addr) = bind {
             let sin = sockaddr(addr);
             // SAFETY: bind(2) with a valid sockaddr_in of the right size.
@@ -35,22 +37,31 @@ impl IcmpSocket {
             };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
-                anyhow::bail!("binding ICMP socket to {addr}: {e}");
+                return Err(Error::io(format!("binding ICMP socket to {addr}"), e));
             }
         }
         Self::register(fd)
     }
 
     /// A raw ICMP socket inside the named namespace.
-    pub fn open_in(netns_name: &str) -> anyhow::Result<Self> {
-        let fd = netns::run_in(netns_name, raw_socket)??;
+    pub fn open_in(netns_name: &str) -> Result<Self> {
+        let fd = netns::run_in(netns_name, raw_socket)?.map_err(|e| {
+            Error::io(
+                format!("opening a raw ICMP socket in netns {netns_name}"),
+                e,
+            )
+        })?;
         Self::register(fd)
     }
 
-    fn register(fd: OwnedFd) -> anyhow::Result<Self> {
+    fn register(fd: OwnedFd) -> Result<Self> {
         // SAFETY: the descriptor is owned by the AsyncFd from here on and registered once.
-        let fd = unsafe { AsyncFd::register(fd) }
-            .map_err(|e| anyhow::anyhow!("registering ICMP socket: {e}"))?;
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| {
+            Error::io(
+                "registering ICMP socket with the tokio runtime",
+                e.into_parts().1,
+            )
+        })?;
         Ok(Self { fd })
     }
 
@@ -73,6 +84,42 @@ impl IcmpSocket {
         } else {
             Ok(())
         }
+    }
+
+    /// An echo reply the socket already holds, without waiting (`None`: nothing queued).
+    /// Lets a caller take in everything that arrived before it looks at any deadline.
+    pub fn try_recv_reply(&self) -> std::io::Result<Option<EchoReply>> {
+        loop {
+            let mut buf = [0u8; 1500];
+            // SAFETY: reading into a local buffer from our own non-blocking descriptor.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    std::io::ErrorKind::WouldBlock => Ok(None),
+                    _ => Err(e),
+                };
+            }
+            if let Some(reply) = parse_reply(&buf[..n as usize]) {
+                return Ok(Some(reply));
+            }
+        }
+    }
+
+    /// Waits until the socket has something to read (a reply or other ICMP traffic).
+    pub async fn readable(&self) -> std::io::Result<()> {
+        let mut guard = self.fd.readable().await?;
+        // Readiness is re-armed here: the caller drains with `try_recv_reply`, and the
+        // next wait must see new data, not this notification again.
+        guard.clear_ready();
+        Ok(())
     }
 
     /// The next echo reply (other ICMP traffic the raw socket sees is skipped).

@@ -10,7 +10,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
@@ -23,7 +22,9 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 
+use crate::error::{Error, Result};
 use crate::netns;
+pub use crate::routes::{RouteChanges, RouteSpec, reconcile_routes};
 
 /// How long one request may wait for the kernel before it is given up.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,77 +59,10 @@ impl Drop for Netlink {
     }
 }
 
-/// One main-table unicast route, as this crate installs and reads them.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Ord, PartialOrd)]
-pub struct RouteSpec {
-    /// Destination prefix; host bits are ignored (the kernel wants none).
-    pub dst: IpNet,
-    /// Gateway; `None` for a route straight out of `dev`.
-    pub via: Option<IpAddr>,
-    /// Output interface; `None` lets the kernel pick it from `via`. Routes
-    /// read back from the kernel always carry it.
-    pub dev: Option<String>,
-    /// Preferred source address; must be an address of this namespace.
-    pub src: Option<IpAddr>,
-    /// Route protocol number: marks the routes as ours (see [`reconcile_routes`]).
-    pub protocol: u8,
-}
-
-impl RouteSpec {
-    /// The same route with its destination's host bits cleared.
-    pub fn normalized(&self) -> RouteSpec {
-        RouteSpec {
-            dst: self.dst.trunc(),
-            ..self.clone()
-        }
-    }
-
-    /// Whether the kernel's route `self` is what `desired` asks for. A
-    /// desired route without `dev` leaves the interface to the kernel.
-    fn satisfies(&self, desired: &RouteSpec) -> bool {
-        self.dst == desired.dst
-            && self.via == desired.via
-            && self.src == desired.src
-            && self.protocol == desired.protocol
-            && (desired.dev.is_none() || self.dev == desired.dev)
-    }
-}
-
-impl fmt::Display for RouteSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.dst)?;
-        if let Some(via) = self.via {
-            write!(f, " via {via}")?;
-        }
-        if let Some(dev) = &self.dev {
-            write!(f, " dev {dev}")?;
-        }
-        if let Some(src) = self.src {
-            write!(f, " src {src}")?;
-        }
-        write!(f, " proto {}", self.protocol)
-    }
-}
-
-/// What a [`reconcile_routes`] run changed in the kernel.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RouteChanges {
-    /// Desired routes that were missing or different and were installed.
-    pub added: Vec<RouteSpec>,
-    /// Routes of ours (as the kernel had them) that are gone now.
-    pub removed: Vec<RouteSpec>,
-}
-
-impl RouteChanges {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty()
-    }
-}
-
 /// How a route is written: over whatever has the same destination, or only
 /// where nothing has it yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum InstallMode {
+pub(crate) enum InstallMode {
     Replace,
     Exclusive,
 }
@@ -136,10 +70,10 @@ enum InstallMode {
 impl Netlink {
     /// Connects in the calling thread's network namespace. Must be called
     /// within a tokio runtime, which then serves the connection.
-    pub fn connect() -> anyhow::Result<Netlink> {
+    pub fn connect() -> Result<Netlink> {
         let runtime = current_runtime()?;
-        let (connection, handle, _unsolicited) =
-            rtnetlink::new_connection().context("opening a netlink socket")?;
+        let (connection, handle, _unsolicited) = rtnetlink::new_connection()
+            .map_err(|e| Error::io("opening a netlink socket in the current netns", e))?;
         let connection = runtime.spawn(connection);
         Ok(Netlink {
             handle,
@@ -152,7 +86,7 @@ impl Netlink {
     /// Connects to the named network namespace: the socket is created inside
     /// it (and stays bound to it), the connection is served by the calling
     /// tokio runtime.
-    pub fn connect_in(netns_name: &str) -> anyhow::Result<Netlink> {
+    pub fn connect_in(netns_name: &str) -> Result<Netlink> {
         let runtime = current_runtime()?;
         let registrar = runtime.clone();
         let (connection, handle) = netns::run_in(netns_name, move || {
@@ -162,7 +96,7 @@ impl Netlink {
             rtnetlink::new_connection()
                 .map(|(connection, handle, _unsolicited)| (connection, handle))
         })?
-        .with_context(|| format!("opening a netlink socket in netns {netns_name}"))?;
+        .map_err(|e| Error::io(format!("opening a netlink socket in netns {netns_name}"), e))?;
         let connection = runtime.spawn(connection);
         Ok(Netlink {
             handle,
@@ -178,6 +112,11 @@ impl Netlink {
         &self.handle
     }
 
+    /// Which namespace this speaks to ("netns NAME" or "current netns"), as errors name it.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
     /// Changes how long each request may take (default [`DEFAULT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> Netlink {
         self.timeout = timeout;
@@ -187,7 +126,7 @@ impl Netlink {
     // ----- links -----
 
     /// The index of the named link, or `None` if there is no such link.
-    pub async fn link_index(&self, name: &str) -> anyhow::Result<Option<u32>> {
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
         let request = self.handle.link().get().match_name(name).execute();
         let found = self.run(format!("looking up link {name}"), async move {
             futures::pin_mut!(request);
@@ -195,84 +134,84 @@ impl Netlink {
         });
         match found.await {
             Ok(message) => Ok(message.map(|link| link.header.index)),
-            Err(err) if has_errno(&err, libc::ENODEV) => Ok(None),
+            Err(err) if err.has_errno(libc::ENODEV) => Ok(None),
             Err(err) => Err(err),
         }
     }
 
     /// Names of all links in the namespace.
-    pub async fn link_names(&self) -> anyhow::Result<Vec<String>> {
+    pub async fn link_names(&self) -> Result<Vec<String>> {
         let links = self.all_links().await?;
         Ok(links.iter().filter_map(link_name).collect())
     }
 
     /// Creates a bridge, left down (see [`Netlink::set_up`]).
-    pub async fn create_bridge(&self, name: &str) -> anyhow::Result<()> {
-        check_link_name(name)?;
+    pub async fn create_bridge(&self, name: &str) -> Result<()> {
+        let action = format!("creating bridge {name}");
+        check_link_name(name)
+            .map_err(|e| e.while_doing(|| format!("{action} in {}", self.scope)))?;
         // Not `LinkBridge::new`, which would also bring it up.
         let message = LinkMessageBuilder::<LinkBridge>::new(name).build();
         let request = self.handle.link().add(message).execute();
-        self.run(format!("creating bridge {name}"), request).await
+        self.run(action, request).await
     }
 
     /// Creates a veth pair with both ends in this namespace, both down.
-    pub async fn create_veth(&self, name: &str, peer_name: &str) -> anyhow::Result<()> {
-        check_link_name(name)?;
-        check_link_name(peer_name)?;
+    pub async fn create_veth(&self, name: &str, peer_name: &str) -> Result<()> {
+        let action = format!("creating veth pair {name} <-> {peer_name}");
+        check_link_name(name)
+            .and_then(|()| check_link_name(peer_name))
+            .map_err(|e| e.while_doing(|| format!("{action} in {}", self.scope)))?;
         let message = LinkVeth::new(name, peer_name).build();
         let request = self.handle.link().add(message).execute();
-        self.run(
-            format!("creating veth pair {name} <-> {peer_name}"),
-            request,
-        )
-        .await
+        self.run(action, request).await
     }
 
     /// Moves a link into the namespace behind `netns_fd` (see
     /// [`netns::open`]). It arrives there down and without addresses.
-    pub async fn move_link_to_netns(&self, name: &str, netns_fd: &File) -> anyhow::Result<()> {
-        let index = self.require_link(name).await?;
+    pub async fn move_link_to_netns(&self, name: &str, netns_fd: &File) -> Result<()> {
+        let action = format!("moving link {name} to another netns");
+        let index = self.require_link(&action, name).await?;
         let message = LinkUnspec::new_with_index(index)
             .setns_by_fd(netns_fd.as_raw_fd())
             .build();
-        self.change_link(format!("moving link {name} to another netns"), message)
-            .await
+        self.change_link(action, message).await
     }
 
     /// Makes `link` a port of `bridge`.
-    pub async fn set_master(&self, link: &str, bridge: &str) -> anyhow::Result<()> {
-        let link_index = self.require_link(link).await?;
-        let bridge_index = self.require_link(bridge).await?;
+    pub async fn set_master(&self, link: &str, bridge: &str) -> Result<()> {
+        let action = format!("attaching link {link} to bridge {bridge}");
+        let link_index = self.require_link(&action, link).await?;
+        let bridge_index = self.require_link(&action, bridge).await?;
         let message = LinkUnspec::new_with_index(link_index)
             .controller(bridge_index)
             .build();
-        self.change_link(format!("attaching link {link} to bridge {bridge}"), message)
-            .await
+        self.change_link(action, message).await
     }
 
-    pub async fn set_up(&self, name: &str) -> anyhow::Result<()> {
-        let index = self.require_link(name).await?;
+    pub async fn set_up(&self, name: &str) -> Result<()> {
+        let action = format!("setting link {name} up");
+        let index = self.require_link(&action, name).await?;
         let message = LinkUnspec::new_with_index(index).up().build();
-        self.change_link(format!("setting link {name} up"), message)
-            .await
+        self.change_link(action, message).await
     }
 
-    pub async fn set_mtu(&self, name: &str, mtu: u32) -> anyhow::Result<()> {
-        let index = self.require_link(name).await?;
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
+        let action = format!("setting mtu {mtu} on link {name}");
+        let index = self.require_link(&action, name).await?;
         let message = LinkUnspec::new_with_index(index).mtu(mtu).build();
-        self.change_link(format!("setting mtu {mtu} on link {name}"), message)
-            .await
+        self.change_link(action, message).await
     }
 
     /// Deletes a link (for a veth, both ends go). Succeeds if it is missing.
-    pub async fn delete_link(&self, name: &str) -> anyhow::Result<()> {
+    pub async fn delete_link(&self, name: &str) -> Result<()> {
         let Some(index) = self.link_index(name).await? else {
             return Ok(());
         };
         let request = self.handle.link().del(index).execute();
         match self.run(format!("deleting link {name}"), request).await {
             // Gone in between, e.g. as the peer of a deleted veth.
-            Err(err) if has_errno(&err, libc::ENODEV) => Ok(()),
+            Err(err) if err.has_errno(libc::ENODEV) => Ok(()),
             other => other,
         }
     }
@@ -281,53 +220,42 @@ impl Netlink {
 
     /// Adds an address (`10.0.0.1/24`: address and prefix length) to a link.
     /// Succeeds if the link already has exactly that address.
-    pub async fn add_address(&self, link: &str, address: IpNet) -> anyhow::Result<()> {
-        let index = self.require_link(link).await?;
+    pub async fn add_address(&self, link: &str, address: IpNet) -> Result<()> {
+        let action = format!("adding address {address} to link {link}");
+        let index = self.require_link(&action, link).await?;
         let request = self
             .handle
             .address()
             .add(index, address.addr(), address.prefix_len())
             .execute();
-        match self
-            .run(format!("adding address {address} to link {link}"), request)
-            .await
-        {
-            Err(err) if has_errno(&err, libc::EEXIST) => Ok(()),
+        match self.run(action, request).await {
+            Err(err) if err.has_errno(libc::EEXIST) => Ok(()),
             other => other,
         }
     }
 
     /// The addresses of a link, IPv6 link-local ones included.
-    pub async fn addresses(&self, link: &str) -> anyhow::Result<Vec<IpNet>> {
-        let index = self.require_link(link).await?;
+    pub async fn addresses(&self, link: &str) -> Result<Vec<IpNet>> {
+        let action = format!("listing addresses of link {link}");
+        let index = self.require_link(&action, link).await?;
         let request = self
             .handle
             .address()
             .get()
             .set_link_index_filter(index)
             .execute();
-        let messages = self
-            .run(
-                format!("listing addresses of link {link}"),
-                request.try_collect::<Vec<_>>(),
-            )
-            .await?;
+        let messages = self.run(action, request.try_collect::<Vec<_>>()).await?;
         Ok(messages.iter().filter_map(address_of).collect())
     }
 
     /// Removes an address from a link. Succeeds if the link does not have it.
-    pub async fn del_address(&self, link: &str, address: IpNet) -> anyhow::Result<()> {
-        let index = self.require_link(link).await?;
+    pub async fn del_address(&self, link: &str, address: IpNet) -> Result<()> {
+        let action = format!("removing address {address} from link {link}");
+        let index = self.require_link(&action, link).await?;
         let message = address_message(index, address);
         let request = self.handle.address().del(message).execute();
-        match self
-            .run(
-                format!("removing address {address} from link {link}"),
-                request,
-            )
-            .await
-        {
-            Err(err) if has_errno(&err, libc::EADDRNOTAVAIL) => Ok(()),
+        match self.run(action, request).await {
+            Err(err) if err.has_errno(libc::EADDRNOTAVAIL) => Ok(()),
             other => other,
         }
     }
@@ -335,7 +263,7 @@ impl Netlink {
     // ----- routes -----
 
     /// The main-table unicast routes (IPv4 and IPv6) that carry `protocol`.
-    pub async fn routes(&self, protocol: u8) -> anyhow::Result<Vec<RouteSpec>> {
+    pub async fn routes(&self, protocol: u8) -> Result<Vec<RouteSpec>> {
         let link_names: HashMap<u32, String> = self
             .all_links()
             .await?
@@ -366,26 +294,25 @@ impl Netlink {
 
     /// Installs a route, replacing any route with the same destination (and
     /// default metric), so adding the same route again changes nothing.
-    pub async fn add_route(&self, route: &RouteSpec) -> anyhow::Result<()> {
+    pub async fn add_route(&self, route: &RouteSpec) -> Result<()> {
         self.install_route(route, InstallMode::Replace).await
     }
 
     /// Deletes exactly this route (protocol, gateway, source and device must
     /// match). Succeeds if there is no such route.
-    pub async fn del_route(&self, route: &RouteSpec) -> anyhow::Result<()> {
+    pub async fn del_route(&self, route: &RouteSpec) -> Result<()> {
         let action = format!("deleting route {route}");
         let message = self
-            .route_message(route, RouteScope::NoWhere)
-            .await
-            .with_context(|| action.clone())?;
+            .route_message(&action, route, RouteScope::NoWhere)
+            .await?;
         let request = self.handle.route().del(message).execute();
         match self.run(action, request).await {
-            Err(err) if has_errno(&err, libc::ESRCH) => Ok(()),
+            Err(err) if err.has_errno(libc::ESRCH) => Ok(()),
             other => other,
         }
     }
 
-    async fn install_route(&self, route: &RouteSpec, mode: InstallMode) -> anyhow::Result<()> {
+    pub(crate) async fn install_route(&self, route: &RouteSpec, mode: InstallMode) -> Result<()> {
         let action = format!("adding route {route}");
         // Routes without a gateway reach their destination on the link
         // itself, which is what `ip route add` marks them as too.
@@ -394,57 +321,73 @@ impl Netlink {
         } else {
             RouteScope::Link
         };
-        let message = self
-            .route_message(route, scope)
-            .await
-            .with_context(|| action.clone())?;
+        let message = self.route_message(&action, route, scope).await?;
         let request = self.handle.route().add(message);
         let request = match mode {
             InstallMode::Replace => request.replace(),
             InstallMode::Exclusive => request,
         };
         match self.run(action.clone(), request.execute()).await {
-            Err(err) if mode == InstallMode::Exclusive && has_errno(&err, libc::EEXIST) => bail!(
-                "{action} in {}: a route to {} already exists (of another protocol, \
-                 or from a second desired route to the same destination)",
-                self.scope,
-                route.dst.trunc()
-            ),
+            Err(Error::Kernel { errno, .. })
+                if mode == InstallMode::Exclusive && errno == libc::EEXIST =>
+            {
+                Err(Error::AlreadyExists {
+                    action,
+                    scope: self.scope.clone(),
+                    what: format!(
+                        "a route to {} (of another protocol, or from a second desired route \
+                         to the same destination)",
+                        route.dst.trunc()
+                    ),
+                })
+            }
             other => other,
         }
     }
 
     async fn route_message(
         &self,
+        action: &str,
         route: &RouteSpec,
         scope: RouteScope,
-    ) -> anyhow::Result<RouteMessage> {
+    ) -> Result<RouteMessage> {
+        // The builder's error type is not exported; its message is what matters.
+        let invalid = |reason: &dyn fmt::Display| Error::Invalid {
+            action: format!("{action} in {}", self.scope),
+            field: "route",
+            value: route.to_string(),
+            reason: reason.to_string(),
+        };
         let dst = route.dst.trunc();
         let mut builder = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst.addr(), dst.prefix_len())?
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(|e| invalid(&e))?
             .protocol(RouteProtocol::from(route.protocol))
             .scope(scope);
         if let Some(via) = route.via {
-            builder = builder.gateway(via)?;
+            builder = builder.gateway(via).map_err(|e| invalid(&e))?;
         }
         if let Some(src) = route.src {
-            builder = builder.pref_source(src)?;
+            builder = builder.pref_source(src).map_err(|e| invalid(&e))?;
         }
         if let Some(dev) = &route.dev {
-            builder = builder.output_interface(self.require_link(dev).await?);
+            builder = builder.output_interface(self.require_link(action, dev).await?);
         }
         Ok(builder.build())
     }
 
     // ----- plumbing -----
 
-    async fn require_link(&self, name: &str) -> anyhow::Result<u32> {
-        self.link_index(name)
-            .await?
-            .ok_or_else(|| anyhow!("link {name} not found in {}", self.scope))
+    /// The index of the named link, which `action` needs: [`Error::NotFound`] without it.
+    async fn require_link(&self, action: &str, name: &str) -> Result<u32> {
+        self.link_index(name).await?.ok_or_else(|| Error::NotFound {
+            action: action.to_owned(),
+            what: format!("link {name}"),
+            scope: self.scope.clone(),
+        })
     }
 
-    async fn all_links(&self) -> anyhow::Result<Vec<LinkMessage>> {
+    async fn all_links(&self) -> Result<Vec<LinkMessage>> {
         let request = self.handle.link().get().execute();
         self.run("listing links".to_owned(), request.try_collect::<Vec<_>>())
             .await
@@ -452,144 +395,56 @@ impl Netlink {
 
     /// Changes an existing link, like `ip link set` does (RTM_NEWLINK
     /// without NLM_F_CREATE).
-    async fn change_link(&self, action: String, message: LinkMessage) -> anyhow::Result<()> {
+    async fn change_link(&self, action: String, message: LinkMessage) -> Result<()> {
         let request = self.handle.link().change(message).execute();
         self.run(action, request).await
     }
 
     /// Awaits one request under the timeout; errors say what was being done
     /// and in which namespace.
-    async fn run<T>(
+    pub(crate) async fn run<T>(
         &self,
         action: String,
         request: impl Future<Output = Result<T, rtnetlink::Error>>,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T> {
         match tokio::time::timeout(self.timeout, request).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => {
-                Err(anyhow::Error::new(err).context(format!("{action} in {}", self.scope)))
-            }
-            Err(_elapsed) => bail!(
-                "{action} in {}: no answer from the kernel within {:?}",
-                self.scope,
-                self.timeout
-            ),
+            Ok(Err(rtnetlink::Error::NetlinkError(message))) => Err(Error::Kernel {
+                action,
+                scope: self.scope.clone(),
+                errno: message.raw_code().abs(),
+                message: None,
+            }),
+            Ok(Err(err)) => Err(Error::Protocol {
+                action,
+                scope: self.scope.clone(),
+                what: err.to_string(),
+            }),
+            Err(_elapsed) => Err(Error::Timeout {
+                action,
+                scope: self.scope.clone(),
+                after: self.timeout,
+            }),
         }
     }
 }
 
-/// Makes the kernel's routes of `protocol` (main table) equal to `desired`:
-/// installs what is missing or different, deletes what is not desired, and
-/// never touches a route of another protocol — not even one that is in the
-/// way of a desired route (that desired route fails instead).
-///
-/// Each failure is logged and the others still go ahead; the error at the
-/// end lists them all. Desired routes whose protocol is not `protocol` are
-/// refused as failures.
-pub async fn reconcile_routes(
-    nl: &Netlink,
-    protocol: u8,
-    desired: &[RouteSpec],
-) -> anyhow::Result<RouteChanges> {
-    let mut failures = Vec::new();
-    let desired = usable_desired_routes(protocol, desired, &mut failures);
-    let mut leftovers = nl
-        .routes(protocol)
-        .await
-        .context("reading routes back for reconcile")?;
-    let mut changes = RouteChanges::default();
-
-    for route in &desired {
-        if let Some(position) = leftovers
-            .iter()
-            .position(|current| current.satisfies(route))
-        {
-            leftovers.remove(position);
-            continue;
-        }
-        // One of ours to the same destination is swapped in one step, so
-        // traffic never sees the destination without a route.
-        let replaced = leftovers
-            .iter()
-            .position(|current| current.dst == route.dst);
-        let mode = if replaced.is_some() {
-            InstallMode::Replace
-        } else {
-            InstallMode::Exclusive
-        };
-        match nl.install_route(route, mode).await {
-            Ok(()) => {
-                changes.added.push(route.clone());
-                if let Some(position) = replaced {
-                    changes.removed.push(leftovers.remove(position));
-                }
-            }
-            Err(err) => note_failure(&mut failures, err),
-        }
-    }
-
-    for route in leftovers {
-        match nl.del_route(&route).await {
-            Ok(()) => changes.removed.push(route),
-            Err(err) => note_failure(&mut failures, err),
-        }
-    }
-
-    if failures.is_empty() {
-        Ok(changes)
-    } else {
-        bail!(
-            "{} of the route changes failed:\n  {}",
-            failures.len(),
-            failures.join("\n  ")
-        )
-    }
+fn current_runtime() -> Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current().map_err(|_| Error::Unsupported {
+        action: "opening a netlink connection".into(),
+        why: "a netlink connection needs a running tokio runtime".into(),
+    })
 }
 
-/// Normalised, de-duplicated desired routes; wrong-protocol ones become failures.
-fn usable_desired_routes(
-    protocol: u8,
-    desired: &[RouteSpec],
-    failures: &mut Vec<String>,
-) -> Vec<RouteSpec> {
-    let mut usable: Vec<RouteSpec> = Vec::with_capacity(desired.len());
-    for route in desired.iter().map(RouteSpec::normalized) {
-        if route.protocol != protocol {
-            note_failure(
-                failures,
-                anyhow!("desired route {route} does not carry protocol {protocol}"),
-            );
-        } else if !usable.contains(&route) {
-            usable.push(route);
-        }
-    }
-    usable
-}
-
-fn note_failure(failures: &mut Vec<String>, err: anyhow::Error) {
-    tracing::warn!("route reconcile: {err:#}");
-    failures.push(format!("{err:#}"));
-}
-
-fn current_runtime() -> anyhow::Result<tokio::runtime::Handle> {
-    tokio::runtime::Handle::try_current()
-        .context("a netlink connection needs a running tokio runtime")
-}
-
-fn check_link_name(name: &str) -> anyhow::Result<()> {
+fn check_link_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_LINK_NAME_LEN || name.contains(['/', ' ', ':']) {
-        bail!("invalid link name {name:?} (1 to {MAX_LINK_NAME_LEN} bytes, no '/', ':' or spaces)");
+        return Err(Error::invalid(
+            "link name",
+            name,
+            format!("1 to {MAX_LINK_NAME_LEN} bytes, no '/', ':' or spaces"),
+        ));
     }
     Ok(())
-}
-
-/// The kernel's errno behind an error, looking through all context layers.
-fn has_errno(err: &anyhow::Error, errno: i32) -> bool {
-    err.chain()
-        .any(|cause| match cause.downcast_ref::<rtnetlink::Error>() {
-            Some(rtnetlink::Error::NetlinkError(message)) => message.raw_code().abs() == errno,
-            _ => false,
-        })
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
@@ -682,5 +537,48 @@ fn ip_of(address: &RouteAddress) -> Option<IpAddr> {
         RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
         RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
         _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::routes::RouteTable for Netlink {
+    async fn routes(&self, protocol: u8) -> Result<Vec<RouteSpec>> {
+        Netlink::routes(self, protocol).await
+    }
+
+    async fn install(&self, route: &RouteSpec, replace: bool) -> Result<()> {
+        let mode = if replace {
+            InstallMode::Replace
+        } else {
+            InstallMode::Exclusive
+        };
+        self.install_route(route, mode).await
+    }
+
+    async fn delete(&self, route: &RouteSpec) -> Result<()> {
+        self.del_route(route).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::interface::InterfaceControl for Netlink {
+    async fn addresses(&self, link: &str) -> Result<Vec<IpNet>> {
+        Netlink::addresses(self, link).await
+    }
+
+    async fn add_address(&self, link: &str, address: IpNet) -> Result<()> {
+        Netlink::add_address(self, link, address).await
+    }
+
+    async fn del_address(&self, link: &str, address: IpNet) -> Result<()> {
+        Netlink::del_address(self, link, address).await
+    }
+
+    async fn set_mtu(&self, link: &str, mtu: u32) -> Result<()> {
+        Netlink::set_mtu(self, link, mtu).await
+    }
+
+    async fn set_up(&self, link: &str) -> Result<()> {
+        Netlink::set_up(self, link).await
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread;
 
-use anyhow::{Context, bail};
+use crate::error::{Error, Result};
 
 /// Where iproute2 keeps its named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -33,16 +33,26 @@ static RUN_DIR_SETUP: Mutex<()> = Mutex::new(());
 
 /// Creates the named network namespace, like `ip netns add NAME`.
 ///
-/// Fails (naming the namespace) if it already exists.
-pub fn create(name: &str) -> anyhow::Result<()> {
+/// Fails with [`Error::AlreadyExists`] if it already exists.
+pub fn create(name: &str) -> Result<()> {
     check_name(name)?;
-    prepare_run_dir().with_context(|| format!("preparing {NETNS_RUN_DIR} for netns {name}"))?;
+    prepare_run_dir().map_err(|(step, error)| {
+        Error::namespace(
+            name,
+            format!("creating network namespace {name}: preparing {NETNS_RUN_DIR}: {step}"),
+            error,
+        )
+    })?;
     let path = path_of(name);
     claim_name(&path, name)?;
-    if let Err(err) = bind_fresh_netns_on(&path) {
+    if let Err((step, error)) = bind_fresh_netns_on(&path) {
         // Leave no half-made namespace behind: the name must be usable again.
         let _ = fs::remove_file(&path);
-        return Err(err.context(format!("creating network namespace {name}")));
+        return Err(Error::namespace(
+            name,
+            format!("creating network namespace {name}: {step}"),
+            error,
+        ));
     }
     Ok(())
 }
@@ -51,17 +61,24 @@ pub fn create(name: &str) -> anyhow::Result<()> {
 ///
 /// Succeeds if it does not exist. The namespace itself lives on as long as a
 /// process or socket still uses it; only the name goes away.
-pub fn delete(name: &str) -> anyhow::Result<()> {
+pub fn delete(name: &str) -> Result<()> {
     check_name(name)?;
     let path = path_of(name);
     if fs::symlink_metadata(&path).is_err() {
         return Ok(());
     }
-    detach_mount(&path).with_context(|| format!("unmounting network namespace {name}"))?;
+    detach_mount(&path).map_err(|error| {
+        Error::namespace(name, format!("unmounting network namespace {name}"), error)
+    })?;
     match fs::remove_file(&path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => {
-            Err(err).with_context(|| format!("removing {}", path.display()))
-        }
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(Error::namespace(
+            name,
+            format!(
+                "deleting network namespace {name}: removing {}",
+                path.display()
+            ),
+            error,
+        )),
         _ => Ok(()),
     }
 }
@@ -85,20 +102,31 @@ pub fn list() -> Vec<String> {
 }
 
 /// Opens the namespace file, e.g. to hand its descriptor to netlink
-/// (`IFLA_NET_NS_FD`) or to [`enter_fd`].
-pub fn open(name: &str) -> anyhow::Result<File> {
+/// (`IFLA_NET_NS_FD`) or to [`enter_fd`]. [`Error::NotFound`] if there is no
+/// namespace of that name.
+pub fn open(name: &str) -> Result<File> {
     check_name(name)?;
     let path = path_of(name);
-    File::open(&path)
-        .with_context(|| format!("opening network namespace {name} ({})", path.display()))
+    File::open(&path).map_err(|error| {
+        if error.kind() == io::ErrorKind::NotFound {
+            Error::NotFound {
+                action: String::new(),
+                what: format!("network namespace {name}"),
+                scope: NETNS_RUN_DIR.into(),
+            }
+        } else {
+            Error::namespace(
+                name,
+                format!("opening network namespace {name} ({})", path.display()),
+                error,
+            )
+        }
+    })
 }
 
 /// Runs `f` on a fresh OS thread that lives inside the namespace and returns
 /// its result. A panic inside `f` is passed on to the caller.
-pub fn run_in<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
+pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     // Opened here rather than on the thread so a bad name fails early, with
     // the caller's context.
     let namespace = open(name)?;
@@ -109,9 +137,17 @@ pub fn run_in<T: Send + 'static>(
             drop(namespace);
             Ok(f())
         })
-        .with_context(|| format!("starting a thread for network namespace {name}"))?;
+        .map_err(|error| {
+            Error::namespace(
+                name,
+                format!("starting a thread for network namespace {name}"),
+                error,
+            )
+        })?;
     match worker.join() {
-        Ok(result) => result.with_context(|| format!("entering network namespace {name}")),
+        Ok(result) => result.map_err(|error| {
+            Error::namespace(name, format!("entering network namespace {name}"), error)
+        }),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
@@ -122,9 +158,11 @@ pub fn run_in<T: Send + 'static>(
 /// namespace: call it on the main thread before any other thread (such as a
 /// tokio runtime's) exists, since threads started later inherit it but
 /// threads started earlier do not.
-pub fn enter(name: &str) -> anyhow::Result<()> {
+pub fn enter(name: &str) -> Result<()> {
     let namespace = open(name)?;
-    enter_fd(namespace.as_raw_fd()).with_context(|| format!("entering network namespace {name}"))
+    enter_fd(namespace.as_raw_fd()).map_err(|error| {
+        Error::namespace(name, format!("entering network namespace {name}"), error)
+    })
 }
 
 /// Moves the calling thread into the namespace behind `fd`.
@@ -172,7 +210,7 @@ pub struct OwnedNetns {
 
 impl OwnedNetns {
     /// Creates the namespace (see [`create`]) and takes ownership of it.
-    pub fn create(name: &str) -> anyhow::Result<Self> {
+    pub fn create(name: &str) -> Result<Self> {
         create(name)?;
         Ok(Self {
             name: name.to_owned(),
@@ -198,20 +236,31 @@ fn path_of(name: &str) -> PathBuf {
 
 /// Names become file names under [`NETNS_RUN_DIR`]: refuse anything that
 /// would point elsewhere.
-fn check_name(name: &str) -> anyhow::Result<()> {
+fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        bail!("invalid network namespace name {name:?}");
+        return Err(Error::invalid(
+            "network namespace name",
+            name,
+            format!("must be a file name in {NETNS_RUN_DIR}"),
+        ));
     }
     if name.len() > 255 {
-        bail!("network namespace name {name:?} is longer than 255 bytes");
+        return Err(Error::invalid(
+            "network namespace name",
+            name,
+            "longer than 255 bytes",
+        ));
     }
     Ok(())
 }
 
+/// A failed step of creating a namespace, and its error.
+type Step = (String, io::Error);
+
 /// Makes sure [`NETNS_RUN_DIR`] exists and is a shared mount point, as
 /// iproute2 does, so that namespace mounts made here propagate to mount
 /// namespaces created later (e.g. by `ip netns exec`) and vice versa.
-fn prepare_run_dir() -> anyhow::Result<()> {
+fn prepare_run_dir() -> std::result::Result<(), Step> {
     let _serialised = RUN_DIR_SETUP
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -219,7 +268,7 @@ fn prepare_run_dir() -> anyhow::Result<()> {
         .recursive(true)
         .mode(0o755)
         .create(NETNS_RUN_DIR)
-        .with_context(|| format!("creating {NETNS_RUN_DIR}"))?;
+        .map_err(|e| (format!("creating {NETNS_RUN_DIR}"), e))?;
     let mut made_mount_point = false;
     loop {
         match mount(None, NETNS_RUN_DIR, libc::MS_SHARED | libc::MS_REC) {
@@ -231,11 +280,11 @@ fn prepare_run_dir() -> anyhow::Result<()> {
                     NETNS_RUN_DIR,
                     libc::MS_BIND | libc::MS_REC,
                 )
-                .with_context(|| format!("bind-mounting {NETNS_RUN_DIR} onto itself"))?;
+                .map_err(|e| (format!("bind-mounting {NETNS_RUN_DIR} onto itself"), e))?;
                 made_mount_point = true;
             }
             Err(err) => {
-                return Err(err).with_context(|| format!("making {NETNS_RUN_DIR} a shared mount"));
+                return Err((format!("making {NETNS_RUN_DIR} a shared mount"), err));
             }
         }
     }
@@ -243,7 +292,7 @@ fn prepare_run_dir() -> anyhow::Result<()> {
 
 /// Creates the empty file that will carry the namespace; `create_new` makes
 /// two concurrent creators of the same name see each other.
-fn claim_name(path: &Path, name: &str) -> anyhow::Result<()> {
+fn claim_name(path: &Path, name: &str) -> Result<()> {
     match fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -251,39 +300,52 @@ fn claim_name(path: &Path, name: &str) -> anyhow::Result<()> {
         .open(path)
     {
         Ok(_) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-            bail!("network namespace {name} already exists")
-        }
-        Err(err) => Err(err).with_context(|| format!("creating {}", path.display())),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Err(Error::AlreadyExists {
+            action: format!("creating network namespace {name}"),
+            scope: String::new(),
+            what: format!("network namespace {name}"),
+        }),
+        Err(err) => Err(Error::namespace(
+            name,
+            format!(
+                "creating network namespace {name}: creating {}",
+                path.display()
+            ),
+            err,
+        )),
     }
 }
 
 /// Unshares a new network namespace on a throw-away thread and pins it by
 /// bind-mounting the thread's namespace file onto `path`.
-fn bind_fresh_netns_on(path: &Path) -> anyhow::Result<()> {
+fn bind_fresh_netns_on(path: &Path) -> std::result::Result<(), Step> {
     let target = path.to_owned();
     let worker = thread::Builder::new()
         .name("netns-create".into())
-        .spawn(move || -> anyhow::Result<()> {
+        .spawn(move || -> std::result::Result<(), Step> {
             // SAFETY: plain syscall; it affects only this short-lived thread.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+                return Err((
+                    "unshare(CLONE_NEWNET)".to_owned(),
+                    io::Error::last_os_error(),
+                ));
             }
-            mount(Some(THREAD_NETNS_PATH), &target, libc::MS_BIND).with_context(|| {
-                format!(
+            mount(Some(THREAD_NETNS_PATH), &target, libc::MS_BIND).map_err(|e| {
+                let step = format!(
                     "bind-mounting {THREAD_NETNS_PATH} onto {}",
                     target.display()
-                )
+                );
+                (step, e)
             })
         })
-        .context("starting a thread to create the namespace")?;
+        .map_err(|e| ("starting a thread to create the namespace".to_owned(), e))?;
     match worker.join() {
         Ok(result) => result,
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
-fn detach_mount(path: &Path) -> anyhow::Result<()> {
+fn detach_mount(path: &Path) -> io::Result<()> {
     let target = c_path(path)?;
     // SAFETY: `target` is a valid NUL-terminated string for the call's duration.
     if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
@@ -295,7 +357,7 @@ fn detach_mount(path: &Path) -> anyhow::Result<()> {
     if err.raw_os_error() == Some(libc::EINVAL) {
         return Ok(());
     }
-    Err(err.into())
+    Err(err)
 }
 
 fn mount(source: Option<&str>, target: impl AsRef<Path>, flags: libc::c_ulong) -> io::Result<()> {

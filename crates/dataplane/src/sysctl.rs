@@ -8,34 +8,34 @@ use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use crate::error::{Error, Result};
 
 const PROC_SYS: &str = "/proc/sys";
 
 /// Sets a parameter, named like `sysctl` does (`net.ipv4.ip_forward`) or
 /// as a path (`net/ipv4/conf/eth0.100/forwarding`; needed when a component
 /// itself contains dots, such as a VLAN interface name).
-pub fn set(path: &str, value: &str) -> anyhow::Result<()> {
+pub fn set(path: &str, value: &str) -> Result<()> {
     let file = proc_path(path)?;
     let mut handle = fs::OpenOptions::new()
         .write(true)
         .open(&file)
-        .with_context(|| format!("opening sysctl {path} ({})", file.display()))?;
+        .map_err(|e| Error::io(format!("opening sysctl {path} ({})", file.display()), e))?;
     // One write call: procfs parses each write separately.
     handle
         .write_all(value.as_bytes())
-        .with_context(|| format!("setting sysctl {path} = {value:?}"))
+        .map_err(|e| Error::io(format!("setting sysctl {path} = {value:?}"), e))
 }
 
 /// Reads a parameter (same naming as [`set`]), without the trailing newline.
-pub fn get(path: &str) -> anyhow::Result<String> {
+pub fn get(path: &str) -> Result<String> {
     let file = proc_path(path)?;
     let text = fs::read_to_string(&file)
-        .with_context(|| format!("reading sysctl {path} ({})", file.display()))?;
+        .map_err(|e| Error::io(format!("reading sysctl {path} ({})", file.display()), e))?;
     Ok(text.trim_end_matches('\n').to_owned())
 }
 
-fn proc_path(path: &str) -> anyhow::Result<PathBuf> {
+fn proc_path(path: &str) -> Result<PathBuf> {
     let relative = path
         .strip_prefix(PROC_SYS)
         .unwrap_or(path)
@@ -49,7 +49,11 @@ fn proc_path(path: &str) -> anyhow::Result<PathBuf> {
         .split('/')
         .any(|part| part.is_empty() || part == "." || part == "..");
     if escapes {
-        bail!("invalid sysctl name {path:?}");
+        return Err(Error::invalid(
+            "sysctl name",
+            path,
+            format!("must name a file under {PROC_SYS}"),
+        ));
     }
     Ok(PathBuf::from(PROC_SYS).join(relative))
 }

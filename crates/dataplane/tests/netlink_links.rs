@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use netns_support::{ip, ip_json, ip_succeeds, scratch_netns};
+use trellis_dataplane::Error;
 use trellis_dataplane::netlink::Netlink;
 use trellis_dataplane::netns;
 
@@ -219,6 +220,10 @@ async fn errors_name_the_link_and_the_namespace() {
         message.contains("no-such-link") && message.contains(namespace.name()),
         "{message}"
     );
+    assert!(
+        matches!(&err, Error::NotFound { what, .. } if what == "link no-such-link"),
+        "{err:?}"
+    );
 
     nl.create_bridge("br-dup").await.expect("bridge");
     let err = nl
@@ -226,11 +231,25 @@ async fn errors_name_the_link_and_the_namespace() {
         .await
         .expect_err("duplicate bridge");
     assert!(format!("{err:#}").contains("br-dup"), "{err:#}");
-
+    // The kernel's refusal, with its errno.
     assert!(
-        nl.create_veth("a-name-that-is-too-long", "x")
-            .await
-            .is_err()
+        matches!(err, Error::Kernel { errno, .. } if errno == libc::EEXIST),
+        "{err:?}"
+    );
+
+    let err = nl
+        .create_veth("a-name-that-is-too-long", "x")
+        .await
+        .expect_err("name too long");
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                field: "link name",
+                ..
+            }
+        ),
+        "{err:?}"
     );
 }
 
@@ -238,6 +257,7 @@ async fn errors_name_the_link_and_the_namespace() {
 async fn connect_in_a_missing_namespace_fails() {
     let err = Netlink::connect_in("trt-does-not-exist").expect_err("no such namespace");
     assert!(format!("{err:#}").contains("trt-does-not-exist"), "{err:#}");
+    assert!(err.is_not_found(), "{err:?}");
     // The helper itself must not have created anything in the host.
     assert!(!ip_succeeds(&["link", "show", "br-t"]));
     let _ = ip(&["netns", "list"]);

@@ -6,8 +6,10 @@ mod netns_support;
 use std::collections::BTreeSet;
 
 use netns_support::{ip, ip_json, scratch_netns};
+use trellis_dataplane::Error;
 use trellis_dataplane::netlink::{Netlink, RouteSpec, reconcile_routes};
 use trellis_dataplane::netns::{self, OwnedNetns};
+use trellis_dataplane::routes::RouteTable;
 use trellis_dataplane::sysctl;
 
 const OURS: u8 = 99;
@@ -254,6 +256,35 @@ async fn one_bad_route_does_not_block_the_others() {
     assert!(
         message.starts_with("4 of the route changes failed"),
         "{message}"
+    );
+    // Some steps failed, as opposed to the kernel not even being readable.
+    let Error::Partial { failures, .. } = &err else {
+        panic!("not a partial failure: {err:?}");
+    };
+    assert_eq!(failures.len(), 4, "{failures:#?}");
+
+    // The route of another protocol in the way is a kind of its own, naming the namespace.
+    let err = nl
+        .install(&desired[0], false)
+        .await
+        .expect_err("another protocol's route is in the way");
+    assert!(
+        matches!(&err, Error::AlreadyExists { scope, .. } if scope == &format!("netns {ns}")),
+        "{err:?}"
+    );
+    assert!(err.has_errno(libc::EEXIST), "{err:?}");
+    // A missing device is NotFound, saying which route wanted it.
+    let err = nl
+        .install(&desired[2], false)
+        .await
+        .expect_err("no such dev");
+    assert!(
+        matches!(&err, Error::NotFound { what, .. } if what == "link no-such-dev"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("adding route 10.222.0.0/24"),
+        "{err}"
     );
 
     assert_eq!(

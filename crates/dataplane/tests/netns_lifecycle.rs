@@ -34,6 +34,10 @@ fn create_exists_list_delete_round_trip() {
 fn creating_twice_fails_naming_the_namespace() {
     let namespace = scratch_netns("twice");
     let err = netns::create(namespace.name()).expect_err("second create must fail");
+    assert!(
+        matches!(err, trellis_dataplane::Error::AlreadyExists { .. }),
+        "{err:?}"
+    );
     let message = format!("{err:#}");
     assert!(
         message.contains(namespace.name()),
@@ -122,7 +126,7 @@ fn run_in_runs_inside_the_namespace() {
 #[test]
 fn run_in_a_missing_namespace_fails_without_running() {
     let result = netns::run_in(&scratch_name("missing"), || panic!("must not run"));
-    assert!(result.is_err());
+    assert!(result.is_err_and(|err| err.is_not_found()));
 }
 
 #[test]

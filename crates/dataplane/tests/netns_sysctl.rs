@@ -15,7 +15,7 @@ fn ip_forward_set_inside_a_namespace_leaves_the_host_unchanged() {
         let fresh = sysctl::get("net.ipv4.ip_forward")?;
         sysctl::set("net.ipv4.ip_forward", "1")?;
         let after = sysctl::get("net/ipv4/ip_forward")?;
-        anyhow::Ok((fresh, after))
+        Ok::<_, trellis_dataplane::Error>((fresh, after))
     })
     .expect("run_in")
     .expect("sysctl inside the namespace");

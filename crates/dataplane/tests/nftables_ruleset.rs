@@ -6,11 +6,10 @@ mod netns_support;
 #[path = "netns_support/nft.rs"]
 mod nft_support;
 
-use std::io;
-
 use netns_support::{scratch_name, scratch_netns};
 use nft_support::{bytecode, chain, nft, objects, rules, ruleset_json};
 use serde_json::{Value, json};
+use trellis_dataplane::Error;
 use trellis_dataplane::nftables::dsl::{self, *};
 use trellis_dataplane::nftables::{
     BaseChain, Batch, ChainKind, CtState, Expr, Family, Hook, Nft, Policy, RuleInfo,
@@ -25,12 +24,6 @@ fn base(hook: Hook, priority: i32, kind: ChainKind, policy: Policy) -> Option<Ba
         kind,
         policy,
     })
-}
-
-fn errno_of(err: &anyhow::Error) -> Option<i32> {
-    err.chain()
-        .find_map(|cause| cause.downcast_ref::<io::Error>())
-        .and_then(io::Error::raw_os_error)
 }
 
 #[test]
@@ -463,7 +456,10 @@ fn a_batch_with_a_failing_op_applies_nothing() {
         )),
         "{text}"
     );
-    assert_eq!(errno_of(&err), Some(libc::ENOENT), "{text}");
+    assert!(
+        matches!(&err, Error::Kernel { errno, .. } if *errno == libc::ENOENT),
+        "{err:?}"
+    );
     assert!(!nft_handle.table_exists(inet, TABLE).expect("lookup"));
     assert_eq!(nft_handle.tables().expect("tables"), vec![]);
     assert!(objects(&ruleset_json(ns), "table").is_empty());
@@ -605,7 +601,10 @@ fn rules_lists_handles_and_comments_and_rules_can_be_deleted_by_handle() {
         format!("{err:#}").contains(&format!("listing rules of inet {TABLE}/nope in netns {ns}")),
         "{err:#}"
     );
-    assert_eq!(errno_of(&err), Some(libc::ENOENT));
+    assert!(
+        matches!(&err, Error::NotFound { what, .. } if *what == format!("chain inet {TABLE}/nope")),
+        "{err:?}"
+    );
 
     let mut batch = Batch::new();
     batch

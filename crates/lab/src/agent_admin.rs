@@ -1,51 +1,62 @@
-//! Reading a node agent's admin endpoint (metrics, readiness) from inside the node's own
-//! namespace, where it listens on loopback: the host's namespace is never connected to it.
+//! Reading a node agent's admin endpoint (metrics, readiness, state) over HTTP/1 with
+//! hyper. The connection is opened from inside the node's own namespace, where the agent
+//! listens on loopback: the host's namespace is never connected to it.
 
 use crate::processes;
 use crate::state::LabState;
 use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use trellis_dataplane::netns;
 
-/// A node agent's metrics page (Prometheus text).
-pub fn metrics_of(lab: &LabState, node: &str) -> anyhow::Result<String> {
-    match agent_page(lab, node, "/metrics")? {
+/// The longest one request may take: a SIGSTOPped agent's kernel still accepts the
+/// connection, and only a deadline tells it is silent.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node agent's metrics (OpenMetrics text).
+pub async fn metrics(lab: &LabState, node: &str) -> anyhow::Result<String> {
+    match page(lab, node, "/metrics").await? {
         (200, body) => Ok(body),
         (status, body) => bail!("{node}'s agent answered /metrics with {status}: {body:.200}"),
     }
 }
 
 /// A node agent's readiness: `Ok(true)` when `/readyz` answers 200, `Ok(false)` on 503.
-pub fn ready_of(lab: &LabState, node: &str) -> anyhow::Result<bool> {
-    match agent_page(lab, node, "/readyz")? {
+pub async fn ready(lab: &LabState, node: &str) -> anyhow::Result<bool> {
+    match page(lab, node, "/readyz").await? {
         (200, _) => Ok(true),
         (503, _) => Ok(false),
         (status, body) => bail!("{node}'s agent answered /readyz with {status}: {body:.200}"),
     }
 }
 
-/// One page of a node agent's HTTP endpoint: status code and body.
-fn agent_page(lab: &LabState, node: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
+/// One page: status code and body.
+async fn page(lab: &LabState, node: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let netns = lab.spec.node(node)?.netns.clone();
-    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
-    let fetched = netns::run_in(&netns, move || -> std::io::Result<String> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], processes::METRICS_PORT));
-        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        // A SIGSTOPped agent's kernel still accepts: only the read tells it is silent.
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        conn.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        conn.read_to_string(&mut response)?;
-        Ok(response)
-    })?
-    .with_context(|| format!("reading {path} of {node}'s agent"))?;
-    let status = fetched
-        .strip_prefix("HTTP/1.0 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok());
-    match (status, fetched.split_once("\r\n\r\n")) {
-        (Some(status), Some((_, body))) => Ok((status, body.to_string())),
-        _ => bail!("unexpected answer from {node}'s agent for {path}: {fetched:.200}"),
-    }
+    let exchange = async {
+        let stream = netns::run_in(&netns, || {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], processes::METRICS_PORT));
+            let stream = std::net::TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
+            stream.set_nonblocking(true)?;
+            std::io::Result::Ok(stream)
+        })??;
+        let stream = tokio::net::TcpStream::from_std(stream)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, "localhost")
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}"))
+        .and_then(|r| r)
+        .with_context(|| format!("reading {path} of {node}'s agent"))
 }

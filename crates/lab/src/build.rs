@@ -48,7 +48,7 @@ pub(crate) async fn attach_to_fabric(
     fabric.set_master(outer, bridge).await?;
     fabric.set_up(outer).await?;
     nl.add_address(inner, address).await?;
-    nl.set_up(inner).await
+    Ok(nl.set_up(inner).await?)
 }
 
 pub async fn create_node(spec: &LabSpec, node: &NodeSpec) -> anyhow::Result<()> {
@@ -119,7 +119,8 @@ async fn create_pod(
             src: None,
             protocol: RTPROT_STATIC,
         })
-        .await
+        .await?;
+    Ok(())
 }
 
 pub async fn create_host(spec: &LabSpec, host: &HostSpec) -> anyhow::Result<()> {
@@ -183,6 +184,7 @@ pub fn teardown(lab: &str) -> anyhow::Result<Teardown> {
     if !errors.is_empty() {
         anyhow::bail!("could not remove: {}", errors.join("; "));
     }
+    crate::built::removed(lab);
     Ok(report)
 }
 

@@ -11,7 +11,7 @@ pub fn exec(lab: &str, node: &str, pod: Option<&str>, command: &[String]) -> any
         Ok(netns_name) => {
             use std::os::unix::process::CommandExt;
             if let Err(e) = netns::enter(&netns_name) {
-                return e;
+                return e.into();
             }
             let err = std::process::Command::new(&command[0])
                 .args(&command[1..])

@@ -8,138 +8,10 @@
 use crate::processes;
 use crate::state::{self, LabState};
 use anyhow::bail;
-use clap::ValueEnum;
-use serde::{Deserialize, Serialize};
-use std::fmt;
+
+pub use crate::incident::{Fault, FaultKind};
 
 pub const FAULT_TABLE: &str = "trellis_fault";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FaultKind {
-    /// The node stops forwarding; it still answers pings and WireGuard handshakes.
-    BlackholeForward,
-    /// The node's agent and WireGuard device stop, as in a crash.
-    Kill,
-    /// The node loses its public and internal networks.
-    Partition,
-    /// Random loss on the node's links (give PERCENT).
-    Loss,
-    /// The public path between the node and another node (give PEER) drops everything:
-    /// their direct tunnel breaks while both still reach everyone else.
-    CutPath,
-    /// The store only (`lab fault store freeze`): etcd stopped with SIGSTOP.
-    Freeze,
-    /// The store only (`lab fault store throttle`): most store traffic dropped.
-    Throttle,
-}
-
-/// One injected fault, as recorded in the lab state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fault {
-    pub kind: FaultKind,
-    #[serde(default)]
-    pub new_flows_only: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
-}
-
-impl Fault {
-    pub fn new(kind: FaultKind, new_flows_only: bool, percent: Option<u8>) -> anyhow::Result<Self> {
-        if kind == FaultKind::CutPath {
-            bail!("cut-path needs a PEER, e.g. `trellis lab fault a1 cut-path b1`");
-        }
-        match (kind, percent) {
-            (FaultKind::Loss, None) => {
-                bail!("loss needs a PERCENT, e.g. `trellis lab fault a1 loss 5`")
-            }
-            (FaultKind::Loss, Some(p)) if !(1..=100).contains(&p) => {
-                bail!("invalid PERCENT {p}: 1-100")
-            }
-            (FaultKind::Loss, Some(_)) => {}
-            (_, Some(p)) => bail!("{kind:?} takes no PERCENT (got {p})"),
-            _ => {}
-        }
-        if matches!(kind, FaultKind::Freeze | FaultKind::Throttle) {
-            bail!(
-                "{kind:?} is a fault of the store: `trellis lab fault store {}`",
-                if kind == FaultKind::Freeze {
-                    "freeze"
-                } else {
-                    "throttle"
-                }
-            );
-        }
-        if new_flows_only && kind != FaultKind::BlackholeForward {
-            bail!("--new-flows-only applies to blackhole-forward only");
-        }
-        Ok(Self {
-            kind,
-            new_flows_only,
-            percent,
-            peer: None,
-        })
-    }
-
-    /// The fault from the command line's words: `loss PERCENT`, `cut-path PEER`, or a kind
-    /// that takes no value.
-    pub fn parse(
-        kind: FaultKind,
-        new_flows_only: bool,
-        value: Option<&str>,
-    ) -> anyhow::Result<Self> {
-        match (kind, value) {
-            (FaultKind::CutPath, Some(peer)) => {
-                if new_flows_only {
-                    bail!("--new-flows-only applies to blackhole-forward only");
-                }
-                Ok(Self::cut_path(peer))
-            }
-            (FaultKind::Loss, Some(v)) => {
-                let percent = v
-                    .parse::<u8>()
-                    .map_err(|_| anyhow::anyhow!("invalid PERCENT {v:?}: 1-100"))?;
-                Self::new(kind, new_flows_only, Some(percent))
-            }
-            (FaultKind::Loss | FaultKind::CutPath, None) => Self::new(kind, new_flows_only, None),
-            (_, Some(v)) => bail!("{kind:?} takes no value (got {v:?})"),
-            (_, None) => Self::new(kind, new_flows_only, None),
-        }
-    }
-
-    pub fn cut_path(peer: &str) -> Self {
-        Self {
-            kind: FaultKind::CutPath,
-            new_flows_only: false,
-            percent: None,
-            peer: Some(peer.to_string()),
-        }
-    }
-
-    /// Faults made on the fabric's bridge ports rather than in the node's namespace.
-    fn on_links(&self) -> bool {
-        matches!(self.kind, FaultKind::Loss | FaultKind::CutPath)
-    }
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            FaultKind::BlackholeForward if self.new_flows_only => {
-                f.write_str("blackhole-forward --new-flows-only")
-            }
-            FaultKind::BlackholeForward => f.write_str("blackhole-forward"),
-            FaultKind::Kill => f.write_str("kill"),
-            FaultKind::Partition => f.write_str("partition"),
-            FaultKind::Loss => write!(f, "loss {}%", self.percent.unwrap_or(0)),
-            FaultKind::CutPath => write!(f, "cut-path {}", self.peer.as_deref().unwrap_or("?")),
-            FaultKind::Freeze => f.write_str("freeze"),
-            FaultKind::Throttle => f.write_str("throttle"),
-        }
-    }
-}
 
 pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
     let mut state = LabState::load(lab)?;
@@ -154,11 +26,8 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
             else {
                 bail!("the agent of {node} is not running");
             };
-            // SAFETY: kill(2) on the pid the lab started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            // Reap it if we are its parent (a test or the demo), so it does not linger.
-            // SAFETY: waitpid on a pid that is either our child or not (then it returns -1).
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            // Reaped if we are its parent (a test or the demo), so it does not linger.
+            processes::kill_and_reap(pid);
             // Not our child: wait until it is really gone, so a `heal` right after it
             // finds it dead and starts a new one.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -306,6 +175,7 @@ mod rules {
             nft.apply(&batch(&fault, exists))
         })
         .await?
+        .map_err(anyhow::Error::from)
     }
 
     fn links_table(node: &str) -> String {
@@ -360,6 +230,7 @@ mod rules {
             nft.apply(&b)
         })
         .await?
+        .map_err(anyhow::Error::from)
     }
 
     pub async fn clear_links(fabric: &str, node: &str) -> anyhow::Result<()> {

@@ -7,20 +7,28 @@
 //! - [`up`]: bring a lab up and wait for convergence; [`build::teardown`] removes it;
 //! - [`fault`]: the incidents as injectable faults, and their healing;
 //! - [`check`], [`status`], [`agent_admin`]: what a lab does and says;
-//! - [`demo`], [`bench`]: the incidents replayed and measured.
+//! - [`demo`], [`bench`]: the incidents replayed and measured;
+//! - [`guard`] (with [`signals`] and [`built`]): whatever a command built is removed when it
+//!   ends, also on Ctrl-C, SIGTERM or SIGHUP.
 //!
 //! Nothing in the agent imports this crate: the lab resolves its own names ([`open_store`],
 //! [`state::running_labs`]) and hands agents a plain store address.
 
+#[macro_use]
+mod narrate;
+
 pub mod agent_admin;
 pub mod bench;
 pub mod build;
+pub mod built;
 pub mod check;
 pub mod demo;
 pub mod exec;
 pub mod fault;
-mod lease_demo;
+pub mod guard;
+pub mod incident;
 pub mod processes;
+pub mod signals;
 pub mod spec;
 pub mod state;
 pub mod status;

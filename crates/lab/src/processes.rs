@@ -2,9 +2,12 @@
 //! one `trellis agent` per node namespace. They are the production binary, started the
 //! way `ip netns exec` would start them, detached into their own session.
 
-use crate::spec::NodeSpec;
+use crate::spec::{ETCD_CLIENT_PORT, LabSpec, NodeSpec, StoreKind, etcd_ip};
 use crate::state;
 use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -64,7 +67,7 @@ pub fn spawn_program_in(
 /// Each agent serves its metrics here, on the loopback of its own node namespace.
 pub const METRICS_PORT: u16 = 9464;
 
-pub fn agent_args(spec: &crate::spec::LabSpec, node: &NodeSpec) -> Vec<String> {
+pub fn agent_args(spec: &LabSpec, node: &NodeSpec) -> Vec<String> {
     let (lab, resync_seconds) = (spec.name.as_str(), spec.agent_resync);
     let mut args = vec![
         "agent".to_string(),
@@ -82,10 +85,7 @@ pub fn agent_args(spec: &crate::spec::LabSpec, node: &NodeSpec) -> Vec<String> {
             "--state-cache={}",
             state::cache_path(lab, &node.name).display()
         ),
-        format!(
-            "--store={}",
-            crate::store::agent_store_url(spec, &node.location)
-        ),
+        format!("--store={}", agent_store_url(spec, &node.location)),
         format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"),
     ];
     if let Some(public) = node.public_ip {
@@ -102,30 +102,53 @@ pub fn agent_args(spec: &crate::spec::LabSpec, node: &NodeSpec) -> Vec<String> {
 /// started it (or, when that was a `trellis lab` command that has exited, for init, which
 /// in a container may take its time) to reap it.
 pub fn is_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid, 0) == 0 };
-    exists && !is_zombie(pid)
+    // Signal 0 only checks that the process exists.
+    kill(Pid::from_raw(pid), None).is_ok() && !is_zombie(pid)
+}
+
+/// Sends `signal`; false if the process is gone.
+pub fn signal(pid: i32, signal: Signal) -> bool {
+    kill(Pid::from_raw(pid), signal).is_ok()
+}
+
+/// Waits until a child of this process exits and reaps it; returns at once for a process
+/// that is not our child (another `trellis lab` command started it).
+pub fn reap(pid: i32) {
+    let _ = waitpid(Pid::from_raw(pid), None);
+}
+
+/// SIGKILL, then [`reap`]: SIGKILL cannot be caught, so the wait is short.
+pub fn kill_and_reap(pid: i32) {
+    signal(pid, Signal::SIGKILL);
+    reap(pid);
+}
+
+/// Whether a child of this process has exited, reaping it if so, without waiting; with
+/// its exit code when it exited normally.
+pub fn exited(pid: i32) -> Option<Option<i32>> {
+    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(Some(code)),
+        Ok(WaitStatus::StillAlive) | Err(_) => None,
+        Ok(_) => Some(None),
+    }
 }
 
 /// SIGTERM every process in the namespace, then SIGKILL what is left after `grace`.
 pub fn kill_all_in(netns_name: &str, grace: Duration) {
     let pids = netns::pids_in(netns_name);
     for pid in &pids {
-        // SAFETY: plain kill(2) on pids read from /proc.
-        unsafe { libc::kill(*pid, libc::SIGTERM) };
+        signal(*pid, Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline && pids.iter().any(|p| is_alive(*p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
     for pid in netns::pids_in(netns_name) {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        signal(pid, Signal::SIGKILL);
     }
     // Reap the ones this process started itself (`lab demo`), so none lingers as a zombie.
     for pid in pids {
-        // SAFETY: waitpid on a pid that is either our child or not (then it returns -1).
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        exited(pid);
     }
 }
 
@@ -138,4 +161,20 @@ fn is_zombie(pid: i32) -> bool {
 pub fn run_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+/// The `--store` an agent of `location` is given: the embedded store's socket, or the lab's
+/// etcd on the agent's own location network.
+fn agent_store_url(spec: &LabSpec, location: &str) -> String {
+    match spec.store {
+        StoreKind::Embedded => format!("unix:{}", state::store_socket(&spec.name).display()),
+        StoreKind::Etcd => {
+            let index = spec
+                .locations
+                .iter()
+                .position(|l| l.name == location)
+                .unwrap_or(0);
+            format!("etcd://{}:{ETCD_CLIENT_PORT}", etcd_ip(index))
+        }
+    }
 }

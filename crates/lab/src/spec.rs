@@ -4,12 +4,15 @@
 //! overlay addresses 100.64.0.0/16, probe addresses 100.65.0.0/16. Nothing here is routed outside the lab's namespaces.
 
 use anyhow::bail;
+use clap::ValueEnum;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use trellis_model::{GatewayHealth, Granularity};
 
 pub const LISTEN_PORT: u16 = 51820;
+/// Where a lab's etcd listens for clients, on each location network.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const MAX_NAME: usize = 6;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,7 +28,7 @@ pub struct LabParams {
     /// How often agents re-read and repair kernel state, in seconds.
     pub agent_resync: u64,
     pub gateway_health: GatewayHealth,
-    pub store: crate::store::StoreKind,
+    pub store: StoreKind,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +45,7 @@ pub struct LabSpec {
     #[serde(default)]
     pub gateway_health: GatewayHealth,
     #[serde(default)]
-    pub store: crate::store::StoreKind,
+    pub store: StoreKind,
 }
 
 fn default_resync() -> u64 {
@@ -265,6 +268,31 @@ impl LabSpec {
             .iter()
             .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
     }
+}
+
+/// Which store a lab runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// The embedded store, served over the etcd v3 API on a Unix socket.
+    #[default]
+    Embedded,
+    /// A real etcd (Debian's etcd-server) in its own namespace.
+    Etcd,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Etcd => "etcd",
+        }
+    }
+}
+
+/// The etcd address on location `index`'s network.
+pub fn etcd_ip(location_index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 20, location_index as u8, 250)
 }
 
 #[cfg(test)]

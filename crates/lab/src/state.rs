@@ -39,10 +39,10 @@ pub struct LabState {
     pub agent_pids: BTreeMap<String, i32>,
     /// Faults injected per node and not yet healed.
     #[serde(default)]
-    pub faults: BTreeMap<String, Vec<crate::fault::Fault>>,
+    pub faults: BTreeMap<String, Vec<crate::incident::Fault>>,
     /// Faults of the store not yet healed.
     #[serde(default)]
-    pub store_faults: Vec<crate::store::StoreFault>,
+    pub store_faults: Vec<crate::incident::StoreFault>,
 }
 
 impl LabState {

@@ -29,9 +29,15 @@ struct StoreView {
     kind: &'static str,
     pid: Option<i32>,
     netns: String,
-    /// The embedded store's Unix socket.
+    /// The embedded store's Unix socket, serving the etcd v3 API.
     #[serde(skip_serializing_if = "Option::is_none")]
     socket: Option<String>,
+    /// The etcd v3 endpoint a client on this host uses, and an `etcdctl` command line that
+    /// lists the lab's keys (etcdctl reaches a Unix socket only by a relative name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcdctl: Option<String>,
     /// Whether the store process is stopped (SIGSTOP, `lab fault store freeze`).
     frozen: bool,
     faults: Vec<String>,
@@ -177,7 +183,7 @@ async fn build_view(
                 .get(&n.name)
                 .copied()
                 .filter(|p| crate::processes::is_alive(*p)),
-            ready: crate::agent_admin::ready_of(state, &n.name).ok(),
+            ready: crate::agent_admin::ready(state, &n.name).await.ok(),
             agent: cluster.status.get(&n.name).cloned(),
             interface: n.interface.clone(),
             peers,
@@ -194,6 +200,8 @@ async fn build_view(
     }
     let mut warnings = topology.warnings.clone();
     warnings.extend(store_error);
+    let embedded = spec.store == crate::store::StoreKind::Embedded;
+    let socket = crate::state::store_socket(&spec.name);
     LabView {
         name: spec.name.clone(),
         granularity: spec.granularity.to_string(),
@@ -201,8 +209,20 @@ async fn build_view(
             kind: spec.store.name(),
             pid: state.store_pid.filter(|p| crate::processes::is_alive(*p)),
             netns: crate::store::netns_of(spec),
-            socket: (spec.store == crate::store::StoreKind::Embedded)
-                .then(|| crate::state::store_socket(&spec.name).display().to_string()),
+            socket: embedded.then(|| socket.display().to_string()),
+            endpoint: embedded.then(|| format!("unix://{}", socket.display())),
+            etcdctl: embedded.then(|| {
+                format!(
+                    "cd {} && ETCDCTL_API=3 etcdctl --endpoints unix://{} get --prefix {}",
+                    socket
+                        .parent()
+                        .map_or(String::new(), |d| d.display().to_string()),
+                    socket
+                        .file_name()
+                        .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
+                    crate::store::ETCD_PREFIX
+                )
+            }),
             frozen: state.store_pid.and_then(crate::processes::run_state) == Some('T'),
             faults: state.store_faults.iter().map(ToString::to_string).collect(),
         },

@@ -11,66 +11,25 @@ use crate::spec::{self, LabSpec};
 use crate::state::{self, LabState};
 use crate::{build, processes};
 use anyhow::{Context, bail};
-use clap::ValueEnum;
-use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+
 use std::sync::Arc;
 use std::time::Duration;
 use trellis_dataplane::netns;
 use trellis_store::Store;
 use trellis_store::etcd::{EtcdConfig, EtcdStore};
 
-pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub use crate::incident::StoreFault;
+use crate::incident::THROTTLE_PERCENT;
+pub use crate::spec::{ETCD_CLIENT_PORT, StoreKind, etcd_ip};
 const ETCD_PEER_PORT: u16 = 2380;
 /// Key prefix of the lab's cluster in its etcd.
 pub const ETCD_PREFIX: &str = "/trellis/";
-/// Share of the store's packets `store throttle` drops, in percent.
-const THROTTLE_PERCENT: u32 = 90;
 const STORE_FAULT_TABLE: &str = "trellis_store_links";
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum StoreKind {
-    /// The embedded store, served over the etcd v3 API on a Unix socket.
-    #[default]
-    Embedded,
-    /// A real etcd (Debian's etcd-server) in its own namespace.
-    Etcd,
-}
-
-impl StoreKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            StoreKind::Embedded => "embedded",
-            StoreKind::Etcd => "etcd",
-        }
-    }
-}
 
 pub fn netns_of(spec: &LabSpec) -> String {
     match spec.store {
         StoreKind::Embedded => spec::fabric_netns(&spec.name),
         StoreKind::Etcd => format!("tl-{}-store", spec.name),
-    }
-}
-
-/// The etcd address on location `index`'s network.
-pub fn etcd_ip(location_index: usize) -> Ipv4Addr {
-    Ipv4Addr::new(172, 20, location_index as u8, 250)
-}
-
-/// The `--store` an agent of `location` is given.
-pub fn agent_store_url(spec: &LabSpec, location: &str) -> String {
-    match spec.store {
-        StoreKind::Embedded => format!("unix:{}", state::store_socket(&spec.name).display()),
-        StoreKind::Etcd => {
-            let index = spec
-                .locations
-                .iter()
-                .position(|l| l.name == location)
-                .unwrap_or(0);
-            format!("etcd://{}:{ETCD_CLIENT_PORT}", etcd_ip(index))
-        }
     }
 }
 
@@ -181,50 +140,6 @@ pub fn open(lab: &str) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
-/// A fault of the store itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StoreFault {
-    /// etcd stopped with SIGSTOP: connections stay open, nothing answers.
-    Freeze,
-    /// etcd killed; `heal store` starts it again on the same data.
-    Kill,
-    /// One node's traffic to and from the store is dropped.
-    Partition(String),
-    /// Most packets to and from the store are dropped, for every node.
-    Throttle,
-}
-
-impl std::fmt::Display for StoreFault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreFault::Freeze => f.write_str("store freeze"),
-            StoreFault::Kill => f.write_str("store kill"),
-            StoreFault::Partition(node) => write!(f, "store partition {node}"),
-            StoreFault::Throttle => write!(f, "store throttle ({THROTTLE_PERCENT}% dropped)"),
-        }
-    }
-}
-
-impl StoreFault {
-    pub fn parse(kind: crate::fault::FaultKind, value: Option<&str>) -> anyhow::Result<Self> {
-        use crate::fault::FaultKind;
-        Ok(match (kind, value) {
-            (FaultKind::Freeze, None) => StoreFault::Freeze,
-            (FaultKind::Kill, None) => StoreFault::Kill,
-            (FaultKind::Throttle, None) => StoreFault::Throttle,
-            (FaultKind::Partition, Some(node)) => StoreFault::Partition(node.to_string()),
-            (FaultKind::Partition, None) => {
-                bail!("store partition needs a NODE, e.g. `trellis lab fault store partition a1`")
-            }
-            (k, _) => bail!(
-                "the store takes freeze, kill, partition NODE or throttle (got {k:?}{})",
-                value.map(|v| format!(" {v}")).unwrap_or_default()
-            ),
-        })
-    }
-}
-
 pub async fn inject(lab: &str, fault: StoreFault) -> anyhow::Result<()> {
     let mut state = LabState::load(lab)?;
     if state.spec.store != StoreKind::Etcd {
@@ -236,16 +151,10 @@ pub async fn inject(lab: &str, fault: StoreFault) -> anyhow::Result<()> {
             let Some(pid) = pid else {
                 bail!("etcd of lab {lab} is not running");
             };
-            let signal = if fault == StoreFault::Freeze {
-                libc::SIGSTOP
+            if fault == StoreFault::Freeze {
+                processes::signal(pid, nix::sys::signal::Signal::SIGSTOP);
             } else {
-                libc::SIGKILL
-            };
-            // SAFETY: kill(2) on the pid the lab started.
-            unsafe { libc::kill(pid, signal) };
-            if fault == StoreFault::Kill {
-                // SAFETY: reaps it if we are its parent; -1 otherwise.
-                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                processes::kill_and_reap(pid);
             }
         }
         StoreFault::Partition(node) => {
@@ -265,10 +174,9 @@ pub async fn heal(lab: &str) -> anyhow::Result<Vec<StoreFault>> {
         bail!("store faults need a lab on etcd (`trellis lab up --store etcd`)");
     }
     match state.store_pid.filter(|p| processes::is_alive(*p)) {
-        // SAFETY: kill(2) on the pid the lab started.
-        Some(pid) => unsafe {
-            libc::kill(pid, libc::SIGCONT);
-        },
+        Some(pid) => {
+            processes::signal(pid, nix::sys::signal::Signal::SIGCONT);
+        }
         None => state.store_pid = Some(spawn_etcd(&state.spec)?),
     }
     let healed = std::mem::take(&mut state.store_faults);
@@ -345,6 +253,7 @@ async fn program_links(state: &LabState) -> anyhow::Result<()> {
         nft.apply(&b)
     })
     .await?
+    .map_err(anyhow::Error::from)
 }
 
 /// `lab serve-store`: serves a new embedded store on the lab's socket, over the etcd v3

@@ -40,6 +40,7 @@ pub async fn up(params: &LabParams, timeout: Duration) -> anyhow::Result<Up> {
         Err(e) => {
             let logs = state::dir(&name).join("logs");
             if std::env::var_os("TRELLIS_LAB_KEEP_FAILED").is_some() {
+                crate::built::keep(&name);
                 bail!(
                     "lab {name} failed to come up: {e:#}\nagent logs: {}\n(kept for inspection: TRELLIS_LAB_KEEP_FAILED is set)",
                     logs.display()
@@ -77,6 +78,8 @@ fn collect_logs(lab: &str) -> String {
 
 /// Builds and starts a lab from its spec; the lab's own benches use it with fixed specs.
 pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
+    // Before anything exists, so that an interrupted command removes whatever did.
+    crate::built::building(&spec.name);
     let mut lab = LabState {
         spec: spec.clone(),
         store_pid: None,

@@ -1,26 +1,34 @@
-//! Plan → kernel. Computes this node's plan from the cluster state and brings the
-//! WireGuard device, the interface and the routes to it, reading each back.
+//! Plan → kernel. Computes this node's plan from the cluster state and brings the kernel
+//! to it through small reconcilers, each a pure diff followed by its operations and read
+//! back: WireGuard peers, the interface, routes, the probe relay; and records the
+//! location's gateway choice in the store. The kernel is reached through traits
+//! ([`Kernel`]), so a whole pass is tested against in-memory fakes.
 
+mod gateway_slots;
 pub mod relay;
+#[cfg(test)]
+mod tests;
 
+use crate::report::transition::Health;
 use crate::state::{ClusterState, PlanInputs};
 use ipnet::IpNet;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use trellis_dataplane::netlink::{Netlink, RouteSpec, reconcile_routes};
-use trellis_dataplane::nftables::Nft;
+use trellis_dataplane::interface::{InterfaceControl, reconcile_interface};
+use trellis_dataplane::nftables::Ruleset;
+use trellis_dataplane::routes::{RouteSpec, RouteTable, reconcile_routes};
 use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice, reconcile_peers};
-use trellis_model::{AgentStatus, GatewaySet, Host, Node, keys};
+use trellis_model::{AgentStatus, Host, Node};
 use trellis_plan::{NextHop, Plan, Topology};
-use trellis_store::{Compare, Op, Store};
+use trellis_store::{Op, Store};
 
 /// Routes the agent installs carry this protocol number, so it recognises its own routes
 /// and never touches anyone else's (`ip route show proto 116`).
 pub const ROUTE_PROTOCOL: u8 = 116;
 
 /// WireGuard adds 60 (IPv4) to 80 (IPv6) bytes to a 1500-byte underlay packet.
-const TUNNEL_MTU: u32 = 1420;
+pub const TUNNEL_MTU: u32 = 1420;
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -37,35 +45,33 @@ pub fn prepare_kernel() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The parts of the kernel a pass writes, each behind its reconciler's trait.
+#[derive(Clone)]
+pub struct Kernel {
+    pub device: Arc<dyn WireGuardDevice>,
+    pub interfaces: Arc<dyn InterfaceControl>,
+    pub routes: Arc<dyn RouteTable>,
+    pub ruleset: Arc<dyn Ruleset>,
+}
+
 pub struct Reconciler {
     node: Node,
     interface: String,
-    device: Arc<dyn WireGuardDevice>,
-    netlink: Arc<Netlink>,
-    nft: Arc<Nft>,
+    kernel: Kernel,
     store: Arc<dyn Store>,
     /// The routes the last pass left in place: one of them missing now was removed by
     /// someone else, whatever else changed since.
     routes_in_place: Vec<RouteSpec>,
 }
 
-/// The verdicts and active gateways a plan was made with.
-#[derive(Debug)]
-pub struct PlannedHealth {
-    /// Gateway candidates the observers' majority holds down.
-    pub down: BTreeSet<String>,
-    /// Active gateways per location.
-    pub gateways: BTreeMap<String, Vec<String>>,
-}
-
 #[derive(Debug, Default)]
 pub struct Outcome {
     plan: Option<Plan>,
-    health: Option<PlannedHealth>,
+    health: Option<Health>,
     nodes: usize,
     warnings: Vec<String>,
     errors: Vec<String>,
-    /// Routes found missing on a pass whose inputs had not changed: removed by someone else.
+    /// Routes the last pass had in place that this pass found missing and put back.
     routes_repaired: usize,
 }
 
@@ -78,11 +84,15 @@ impl Outcome {
         &self.errors
     }
 
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     pub fn routes_repaired(&self) -> usize {
         self.routes_repaired
     }
 
-    pub fn health(&self) -> Option<&PlannedHealth> {
+    pub fn health(&self) -> Option<&Health> {
         self.health.as_ref()
     }
 
@@ -101,21 +111,19 @@ impl Outcome {
     }
 }
 
+/// How many of the routes that were in place after the last pass had to be installed
+/// again: someone else removed (or changed) them.
+pub fn repaired(in_place: &[RouteSpec], installed: &[RouteSpec]) -> usize {
+    let in_place: std::collections::HashSet<&RouteSpec> = in_place.iter().collect();
+    installed.iter().filter(|r| in_place.contains(r)).count()
+}
+
 impl Reconciler {
-    pub fn new(
-        node: Node,
-        interface: String,
-        device: Arc<dyn WireGuardDevice>,
-        netlink: Arc<Netlink>,
-        nft: Arc<Nft>,
-        store: Arc<dyn Store>,
-    ) -> Self {
+    pub fn new(node: Node, interface: String, kernel: Kernel, store: Arc<dyn Store>) -> Self {
         Self {
             node,
             interface,
-            device,
-            netlink,
-            nft,
+            kernel,
             store,
             routes_in_place: Vec::new(),
         }
@@ -134,7 +142,7 @@ impl Reconciler {
         let mut outcome = Outcome {
             nodes: topology.nodes.len(),
             warnings: topology.warnings.clone(),
-            health: Some(PlannedHealth {
+            health: Some(Health {
                 down: topology.down.clone(),
                 gateways: topology.gateways.clone(),
             }),
@@ -163,7 +171,17 @@ impl Reconciler {
         if let Err(e) = self.record_gateway_choice(state, &topology).await {
             tracing::debug!("recording gateway choice: {e:#}");
         }
-        if let Err(e) = self.ensure_interface(&plan).await {
+        let addresses: Vec<IpNet> = std::iter::once(plan.address)
+            .chain(plan.probe_address)
+            .collect();
+        if let Err(e) = reconcile_interface(
+            self.kernel.interfaces.as_ref(),
+            &self.interface,
+            &addresses,
+            TUNNEL_MTU,
+        )
+        .await
+        {
             outcome
                 .errors
                 .push(format!("interface {}: {e:#}", self.interface));
@@ -171,7 +189,7 @@ impl Reconciler {
         let peers = peer_configs(&plan, &mut outcome.warnings).await;
         match tokio::time::timeout(
             DEVICE_TIMEOUT,
-            reconcile_peers(self.device.as_ref(), &peers),
+            reconcile_peers(self.kernel.device.as_ref(), &peers),
         )
         .await
         {
@@ -188,13 +206,9 @@ impl Reconciler {
             )),
         }
         let routes = route_specs(&plan, &self.interface);
-        match reconcile_routes(&self.netlink, ROUTE_PROTOCOL, &routes).await {
+        match reconcile_routes(self.kernel.routes.as_ref(), ROUTE_PROTOCOL, &routes).await {
             Ok(changes) => {
-                let restored = changes
-                    .added
-                    .iter()
-                    .filter(|r| self.routes_in_place.contains(r))
-                    .count();
+                let restored = repaired(&self.routes_in_place, &changes.added);
                 if restored > 0 {
                     outcome.routes_repaired = restored;
                     tracing::warn!(restored, "routes had drifted; repaired");
@@ -214,7 +228,7 @@ impl Reconciler {
                 outcome.errors.push(format!("{e:#}"));
             }
         }
-        let nft = self.nft.clone();
+        let ruleset = self.kernel.ruleset.clone();
         let (interface, probe_ip, internal_ip) = (
             self.interface.clone(),
             plan.probe_address.map(|a| a.addr()),
@@ -222,7 +236,7 @@ impl Reconciler {
         );
         let relay = plan.relay.clone();
         let programmed = tokio::task::spawn_blocking(move || {
-            relay::reconcile(&nft, &interface, probe_ip, internal_ip, &relay)
+            relay::reconcile(ruleset.as_ref(), &interface, probe_ip, internal_ip, &relay)
         })
         .await;
         match programmed {
@@ -238,26 +252,8 @@ impl Reconciler {
         outcome
     }
 
-    /// The overlay and probe addresses on the interface, MTU, and the link up. Idempotent.
-    async fn ensure_interface(&self, plan: &Plan) -> anyhow::Result<()> {
-        let nl = &self.netlink;
-        let want: Vec<IpNet> = std::iter::once(plan.address)
-            .chain(plan.probe_address)
-            .collect();
-        let have = nl.addresses(&self.interface).await?;
-        for missing in want.iter().filter(|a| !have.contains(a)) {
-            nl.add_address(&self.interface, *missing).await?;
-        }
-        for stale in have.iter().filter(|a| !want.contains(a)) {
-            nl.del_address(&self.interface, *stale).await?;
-        }
-        nl.set_mtu(&self.interface, TUNNEL_MTU).await?;
-        nl.set_up(&self.interface).await
-    }
-
     /// Store the location's gateway choice when it differs from the stored record, so that
-    /// the choice stays sticky. Every node of the location computes the same value and the
-    /// write is conditional on the record's revision, so concurrent writers are harmless.
+    /// the choice stays sticky (see [`gateway_slots`]).
     async fn record_gateway_choice(
         &self,
         state: &ClusterState,
@@ -267,24 +263,18 @@ impl Reconciler {
         let Some(chosen) = topology.slots.get(location) else {
             return Ok(());
         };
-        let key = keys::gateways(location);
-        let compare = match state.gateways.get(location) {
-            Some((stored, _)) if &stored.slots == chosen => return Ok(()),
-            Some((_, revision)) => Compare::ModRevision(key.clone(), *revision),
-            None => Compare::Absent(key.clone()),
+        let Some((compare, record)) =
+            gateway_slots::write(location, state.gateways.get(location), chosen)
+        else {
+            return Ok(());
         };
-        let record = GatewaySet {
-            location: location.clone(),
-            slots: chosen.clone(),
-        };
-        let value = serde_json::to_vec(&record)?;
         let result = self
             .store
             .txn(
                 vec![compare],
                 vec![Op::Put {
-                    key,
-                    value,
+                    key: trellis_model::keys::gateways(location),
+                    value: serde_json::to_vec(&record)?,
                     lease: None,
                 }],
             )

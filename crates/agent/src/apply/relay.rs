@@ -7,7 +7,9 @@
 
 use anyhow::Context;
 use std::net::IpAddr;
-use trellis_dataplane::nftables::{BaseChain, Batch, ChainKind, Family, Hook, Nft, Policy, dsl};
+use trellis_dataplane::nftables::{
+    BaseChain, Batch, ChainKind, Family, Hook, Policy, Ruleset, dsl,
+};
 use trellis_plan::RelayTarget;
 
 pub const TABLE: &str = "trellis";
@@ -94,38 +96,123 @@ fn batch(
     b
 }
 
-/// Bring the relay table to the plan; returns whether anything was changed.
-pub fn reconcile(
-    nft: &Nft,
+/// The batch that brings the table from `current` (its rules as (chain, comment) pairs, or
+/// `None` when there is no table) to the plan; `None` when nothing differs. The table is
+/// replaced whole, atomically, whenever anything differs.
+pub fn plan(
+    current: Option<&[(String, String)]>,
     interface: &str,
     probe_ip: Option<IpAddr>,
     internal_ip: IpAddr,
     relay: &[RelayTarget],
-) -> anyhow::Result<bool> {
+) -> Option<Batch> {
     let relay = match probe_ip {
         Some(_) => relay,
         None => &[],
     };
     let probe_ip = probe_ip.unwrap_or(internal_ip);
-    let exists = nft.table_exists(Family::Inet, TABLE)?;
     let wanted = desired(interface, probe_ip, internal_ip, relay);
-    if exists {
+    match current {
+        Some(have) if have == wanted.as_slice() => None,
+        None if wanted.is_empty() => None,
+        _ => Some(batch(
+            interface,
+            probe_ip,
+            internal_ip,
+            relay,
+            current.is_some(),
+        )),
+    }
+}
+
+/// Reads the table back, and applies [`plan`]'s batch if anything differs; returns whether
+/// anything was changed. Blocking (netlink): call it off the async threads.
+pub fn reconcile(
+    ruleset: &dyn Ruleset,
+    interface: &str,
+    probe_ip: Option<IpAddr>,
+    internal_ip: IpAddr,
+    relay: &[RelayTarget],
+) -> anyhow::Result<bool> {
+    let current = if ruleset.table_exists(Family::Inet, TABLE)? {
         let mut have = Vec::new();
         for chain in [PRE, POST] {
-            let rules = nft.rules(Family::Inet, TABLE, chain).unwrap_or_default();
+            let rules = ruleset
+                .rules(Family::Inet, TABLE, chain)
+                .unwrap_or_default();
             have.extend(
                 rules
                     .into_iter()
                     .map(|r| (chain.to_string(), r.comment.unwrap_or_default())),
             );
         }
-        if have == wanted {
-            return Ok(false);
+        Some(have)
+    } else {
+        None
+    };
+    match plan(current.as_deref(), interface, probe_ip, internal_ip, relay) {
+        None => Ok(false),
+        Some(batch) => {
+            ruleset
+                .apply(&batch)
+                .context("programming the probe relay")?;
+            Ok(true)
         }
-    } else if wanted.is_empty() {
-        return Ok(false);
     }
-    nft.apply(&batch(interface, probe_ip, internal_ip, relay, exists))
-        .context("programming the probe relay")?;
-    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_dataplane::fake::FakeRuleset;
+
+    fn targets() -> Vec<RelayTarget> {
+        vec![
+            RelayTarget {
+                node: "a3".into(),
+                to: "172.20.0.12".parse().unwrap(),
+                ids: (0, 16383),
+            },
+            RelayTarget {
+                node: "a2".into(),
+                to: "172.20.0.11".parse().unwrap(),
+                ids: (16384, 32767),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_table_is_written_when_it_differs_and_left_alone_when_not() {
+        let ruleset = FakeRuleset::default();
+        let (probe, internal) = (
+            Some("100.65.0.1".parse().unwrap()),
+            "172.20.0.10".parse().unwrap(),
+        );
+        assert!(reconcile(&ruleset, "wg0", probe, internal, &targets()).unwrap());
+        assert_eq!(
+            ruleset.comments(Family::Inet, TABLE, PRE),
+            [
+                "relay 100.65.0.1 ids 0-16383 from wg0 to 172.20.0.12 (a3)",
+                "relay 100.65.0.1 ids 16384-32767 from wg0 to 172.20.0.11 (a2)"
+            ]
+        );
+        assert_eq!(
+            ruleset.comments(Family::Inet, TABLE, POST),
+            ["answers of relayed probes leave as 172.20.0.10"]
+        );
+        assert!(!reconcile(&ruleset, "wg0", probe, internal, &targets()).unwrap());
+        assert_eq!(
+            ruleset.applied().len(),
+            1,
+            "an unchanged plan writes nothing"
+        );
+
+        // one target fewer: the table is replaced whole, in one batch
+        assert!(reconcile(&ruleset, "wg0", probe, internal, &targets()[..1]).unwrap());
+        assert_eq!(ruleset.comments(Family::Inet, TABLE, PRE).len(), 1);
+        // not a gateway candidate any more (no probe address): the table goes
+        assert!(reconcile(&ruleset, "wg0", None, internal, &targets()).unwrap());
+        assert!(!ruleset.table_exists(Family::Inet, TABLE).unwrap());
+        assert!(!reconcile(&ruleset, "wg0", None, internal, &[]).unwrap());
+    }
 }

@@ -10,6 +10,7 @@
 use super::{FencedError, LeaderWork, Term};
 use crate::backoff::Backoff;
 use crate::state::ClusterState;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,19 +26,20 @@ const PERIOD: Duration = Duration::from_secs(5);
 /// Most deletions in one transaction (etcd allows 128 operations by default).
 const DELETES_PER_TXN: usize = 64;
 
+/// Counters for leader-only work, handed to the leader tasks.
+#[derive(Clone, Debug, Default)]
+pub struct LeaderWorkCounters {
+    pub allocations: Counter,
+    pub collected: Counter,
+    pub failures: Counter,
+    pub fenced: Counter,
+}
+
 pub struct ClusterWork {
     pub store: Arc<dyn Store>,
     pub state: watch::Receiver<Arc<ClusterState>>,
     /// Counts terms and task failures, for metrics and tests.
-    pub stats: Arc<WorkStats>,
-}
-
-#[derive(Default, Debug)]
-pub struct WorkStats {
-    pub allocations: std::sync::atomic::AtomicU64,
-    pub collected: std::sync::atomic::AtomicU64,
-    pub failures: std::sync::atomic::AtomicU64,
-    pub fenced: std::sync::atomic::AtomicU64,
+    pub stats: LeaderWorkCounters,
 }
 
 #[async_trait::async_trait]
@@ -66,7 +68,7 @@ impl LeaderWork for ClusterWork {
 }
 
 /// Runs `once` every period until the term ends, retrying failures with backoff.
-async fn run_in_term<F, Fut>(term: &Term, name: &str, stats: &WorkStats, mut once: F)
+async fn run_in_term<F, Fut>(term: &Term, name: &str, stats: &LeaderWorkCounters, mut once: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -84,15 +86,11 @@ where
             }
             Err(e) => {
                 if matches!(e.downcast_ref(), Some(FencedError::TermOver(_))) {
-                    stats
-                        .fenced
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    stats.fenced.inc();
                     tracing::warn!(epoch = term.epoch, "{name}: fenced off: {e}");
                     return;
                 }
-                stats
-                    .failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.failures.inc();
                 let delay = backoff.next_delay();
                 tracing::warn!(epoch = term.epoch, retry_in = ?delay, "{name}: {e:#}");
                 delay
@@ -140,9 +138,7 @@ impl ClusterWork {
                 )
                 .await?;
             if written {
-                self.stats
-                    .allocations
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.allocations.inc();
                 tracing::info!(node, %cidr, epoch = term.epoch, "pod CIDR allocated");
             }
         }
@@ -191,9 +187,7 @@ impl ClusterWork {
                     )
                     .await?;
                 if deleted {
-                    self.stats
-                        .collected
-                        .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.collected.inc_by(chunk.len() as u64);
                     tracing::info!(
                         node,
                         records = chunk.len(),

@@ -1,6 +1,8 @@
 //! Agent → store: what this agent says about itself. Its node record is kept equal to what
 //! it knows ([`register`]); its status and its opinions live under one lease
-//! ([`leased`]), so a dead agent's words disappear on their own.
+//! ([`leased`]), so a dead agent's words disappear on their own. [`transition`] decides
+//! what changed in the cluster's health between passes, for metrics and logs.
 
 pub mod leased;
 pub mod register;
+pub mod transition;

@@ -16,19 +16,20 @@ pub struct PlanInputs {
     pub health: HealthInputs,
 }
 
-/// What decides that a gateway (or a direct path) is down, by the cluster's health mode.
+/// What the cluster's health measurements amount to, by its health mode. Only the derived
+/// verdicts are plan inputs, not the raw opinions: one observer changing its mind without
+/// changing a verdict re-plans nobody.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HealthInputs {
-    /// Forwarding probes: each gateway candidate's observers' opinions
-    /// (`observations[gateway][observer] = up`), and the direct paths either end reports
-    /// broken.
+    /// Forwarding probes: the gateway candidates a majority of their observers hold down,
+    /// and the direct paths either end reports broken.
     Forwarding {
-        observations: BTreeMap<String, BTreeMap<String, bool>>,
+        down: BTreeSet<String>,
         broken_paths: BTreeSet<(String, String)>,
     },
     /// The liveness baseline (Kilo's model, for comparison): a gateway is down only when its
     /// agent's status lease expired; paths are never measured.
-    Liveness { live_agents: BTreeSet<String> },
+    Liveness { down: BTreeSet<String> },
 }
 
 impl ClusterState {
@@ -37,12 +38,21 @@ impl ClusterState {
             .settings
             .as_ref()
             .map_or(GatewayHealth::Forwarding, |s| s.gateway_health);
+        let nodes = self.nodes_with_allocations();
         let health = match mode {
             GatewayHealth::Liveness => HealthInputs::Liveness {
-                live_agents: self.status.keys().cloned().collect(),
+                down: candidates(nodes.values())
+                    .into_iter()
+                    .filter(|n| !self.status.contains_key(&n.name))
+                    .map(|n| n.name.clone())
+                    .collect(),
             },
             GatewayHealth::Forwarding => HealthInputs::Forwarding {
-                observations: self.observations.clone(),
+                down: verdicts(nodes.values(), &self.observations)
+                    .into_iter()
+                    .filter(|(_, v)| *v == Verdict::Down)
+                    .map(|(g, _)| g)
+                    .collect(),
                 broken_paths: self
                     .paths
                     .iter()
@@ -52,7 +62,7 @@ impl ClusterState {
             },
         };
         PlanInputs {
-            nodes: self.nodes_with_allocations(),
+            nodes,
             peers: self.peers.clone(),
             gateways: self
                 .gateways
@@ -70,18 +80,7 @@ impl PlanInputs {
     /// mode because their agent's lease expired.
     pub fn measured_down(&self) -> BTreeSet<String> {
         match &self.health {
-            HealthInputs::Liveness { live_agents } => candidates(self.nodes.values())
-                .into_iter()
-                .filter(|n| !live_agents.contains(&n.name))
-                .map(|n| n.name.clone())
-                .collect(),
-            HealthInputs::Forwarding { observations, .. } => {
-                verdicts(self.nodes.values(), observations)
-                    .into_iter()
-                    .filter(|(_, v)| *v == Verdict::Down)
-                    .map(|(g, _)| g)
-                    .collect()
-            }
+            HealthInputs::Forwarding { down, .. } | HealthInputs::Liveness { down } => down.clone(),
         }
     }
 

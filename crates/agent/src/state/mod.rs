@@ -294,4 +294,58 @@ pub(super) mod tests {
             "the liveness baseline measures nothing"
         );
     }
+
+    /// Only verdicts are plan inputs: one dissenting observer re-plans nobody, a majority
+    /// does.
+    #[test]
+    fn plan_inputs_change_with_verdicts_not_with_single_opinions() {
+        let node = |name: &str, loc: &str, i: u8| {
+            format!(
+                r#"{{"name":"{name}","location":"{loc}","internal_ip":"172.20.{}.{i}/24","endpoint":"198.18.0.{i}:51820","listen_port":51820,"public_key":"{}","overlay_ip":"100.64.0.{i}","probe_ip":"100.65.0.{i}"}}"#,
+                if loc == "site-a" { 0 } else { 1 },
+                trellis_model::PublicKey([i; 32]),
+            )
+        };
+        let mut kvs = Vec::new();
+        for (i, (name, loc)) in [
+            ("a1", "site-a"),
+            ("a2", "site-a"),
+            ("b1", "site-b"),
+            ("b2", "site-b"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            kvs.push(kv(
+                &format!("nodes/{name}"),
+                &node(name, loc, i as u8 + 1),
+                i as u64 + 1,
+            ));
+        }
+        let mut state = ClusterState::from_list(&kvs, 4);
+        let defaults = Settings::default();
+        let observers: Vec<String> = state.topology(&defaults).observers["a1"].clone();
+        assert_eq!(observers.len(), 3, "{observers:?}");
+        let opinion = |observer: &str, up: bool| {
+            Event::Put(kv(
+                &format!("observations/a1/{observer}"),
+                &format!(r#"{{"gateway":"a1","observer":"{observer}","up":{up}}}"#),
+                10,
+            ))
+        };
+        for o in &observers {
+            state.apply(&opinion(o, true)); // every observer starts out saying "up"
+        }
+        let before = state.plan_inputs(&defaults);
+        state.apply(&opinion(&observers[0], false));
+        assert_eq!(
+            state.plan_inputs(&defaults),
+            before,
+            "one dissenting observer"
+        );
+        state.apply(&opinion(&observers[1], false));
+        let after = state.plan_inputs(&defaults);
+        assert_ne!(after, before, "a majority holds a1 down");
+        assert!(after.measured_down().contains("a1"));
+    }
 }

@@ -100,6 +100,12 @@ fn publish_cached(cache: Option<&StateCache>, tx: &watch::Sender<Arc<ClusterStat
     }
 }
 
+/// Publications of the state are at least this far apart. A change after a quiet spell
+/// is published at once (a verdict must not wait); the events of a busy spell (every
+/// agent rewriting its status after one change of a 10,000-node cluster) are published
+/// together, each publication costing every consumer a copy and a comparison of the state.
+const MIN_PUBLISH_GAP: Duration = Duration::from_millis(20);
+
 async fn follow(
     store: &dyn Store,
     synced: &mut Synced,
@@ -107,20 +113,31 @@ async fn follow(
     backoff: &mut Backoff,
     cache: Option<&StateCache>,
 ) -> Result<(), StoreError> {
+    use tokio::time::{Instant, sleep_until};
     const SAVE_EVERY: Duration = Duration::from_secs(1);
     let mut watch = store.watch("", synced.state.revision).await?;
     backoff.reset();
     // A fresh listing or a resumed watch may have changed things: save once at the start.
     let mut unsaved = true;
-    let mut last_save: Option<tokio::time::Instant> = None;
+    let mut last_save: Option<Instant> = None;
+    let mut last_publish: Option<Instant> = None;
+    let mut unpublished = false;
     let ended = loop {
-        let save_at = last_save.map_or_else(tokio::time::Instant::now, |t| t + SAVE_EVERY);
+        let save_at = last_save.map_or_else(Instant::now, |t| t + SAVE_EVERY);
+        let publish_at = last_publish.map_or_else(Instant::now, |t| t + MIN_PUBLISH_GAP);
         let event = tokio::select! {
+            biased;
+            _ = sleep_until(publish_at), if unpublished => {
+                tx.send_replace(Arc::new(synced.state.clone()));
+                unpublished = false;
+                last_publish = Some(Instant::now());
+                continue;
+            }
             event = watch.next() => event,
-            _ = tokio::time::sleep_until(save_at), if unsaved && cache.is_some() => {
+            _ = sleep_until(save_at), if unsaved && cache.is_some() => {
                 save(cache, synced).await;
                 unsaved = false;
-                last_save = Some(tokio::time::Instant::now());
+                last_save = Some(Instant::now());
                 continue;
             }
         };
@@ -141,12 +158,22 @@ async fn follow(
                 }
             }
         }
-        tx.send_replace(Arc::new(synced.state.clone()));
         unsaved = true;
+        let quiet = last_publish.is_none_or(|t| t.elapsed() >= MIN_PUBLISH_GAP);
+        if quiet || broken.is_some() {
+            tx.send_replace(Arc::new(synced.state.clone()));
+            unpublished = false;
+            last_publish = Some(Instant::now());
+        } else {
+            unpublished = true;
+        }
         if let Some(e) = broken {
             break e;
         }
     };
+    if unpublished {
+        tx.send_replace(Arc::new(synced.state.clone()));
+    }
     // The store just went away, which is when the latest state matters most.
     if unsaved {
         save(cache, synced).await;
@@ -200,5 +227,50 @@ mod tests {
         assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["a1"]);
         sync.abort();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A change after a quiet spell is published at once; the events of a busy spell are
+    /// published in batches at most MIN_PUBLISH_GAP apart, and the last one is never lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_change_is_published_at_once_and_a_busy_spell_in_batches() {
+        use trellis_store::embedded::EmbeddedStore;
+        let store = EmbeddedStore::new();
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterState::default()));
+        let sync = tokio::spawn(sync_forever(store.clone(), tx, None));
+        store.put("x/0", b"0".to_vec()).await.unwrap();
+        rx.wait_for(|s| s.revision >= 1).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let asked = tokio::time::Instant::now();
+        let revision = store.put("x/quiet", b"1".to_vec()).await.unwrap();
+        rx.wait_for(|s| s.revision == revision).await.unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_millis(5),
+            "{:?}",
+            asked.elapsed()
+        );
+
+        let mut counted = rx.clone();
+        let counter = tokio::spawn(async move {
+            let mut publications = 0;
+            while counted.changed().await.is_ok() {
+                publications += 1;
+            }
+            publications
+        });
+        let mut last = 0;
+        for i in 0..200 {
+            last = store.put(&format!("x/{i}"), b"2".to_vec()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        rx.wait_for(|s| s.revision == last).await.unwrap();
+        sync.abort();
+        let _ = sync.await;
+        drop(rx);
+        let publications = counter.await.unwrap();
+        assert!(
+            (2..=15).contains(&publications),
+            "200 changes over 200 ms published {publications} times"
+        );
     }
 }

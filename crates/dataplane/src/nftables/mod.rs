@@ -4,8 +4,8 @@
 //! - [`Nft`]: a connection bound to one network namespace. Every call is
 //!   bounded by a timeout ([`DEFAULT_TIMEOUT`]) and every kernel error comes
 //!   back naming what was being done, where (`adding rule to inet t/forward
-//!   in netns X: Operation not supported (os error 95)`); the kernel's errno
-//!   is in the chain as a [`std::io::Error`].
+//!   in netns X: Operation not supported (os error 95)`), as an
+//!   [`Error::Kernel`] carrying the kernel's errno.
 //! - [`Batch`]: tables, chains and rules to add or remove, applied as one
 //!   transaction: all of it or none of it.
 //! - [`Expr`] and [`dsl`]: rule expressions, typed, and fragments that read
@@ -27,13 +27,12 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
-
 pub use expr::{
     ByteorderOp, CmpOp, CtKey, CtState, CtStatus, Expr, MetaKey, NatFamily, NatKind, NumgenKind,
     PayloadBase, Reg, Verdict,
 };
 
+use crate::error::{Error, Result};
 use crate::netns;
 use socket::NfSocket;
 use wire::{Ack, Attrs, MsgHeader};
@@ -191,9 +190,10 @@ pub struct RuleInfo {
     pub comment: Option<String>,
 }
 
-/// One change of a [`Batch`].
+/// One change of a [`Batch`], readable so that tests and in-memory fakes can follow what
+/// a batch does without a kernel.
 #[derive(Clone, Debug)]
-enum Op {
+pub enum Op {
     AddTable {
         family: Family,
         name: String,
@@ -257,8 +257,9 @@ impl fmt::Display for Op {
 }
 
 impl Op {
-    /// Appends the op's message to a batch being built.
-    fn encode(&self, buf: &mut Vec<u8>, seq: u32) -> anyhow::Result<()> {
+    /// Appends the op's message to a batch being built. Refuses ([`Error::Invalid`]) what
+    /// the kernel would refuse or misread.
+    fn encode(&self, buf: &mut Vec<u8>, seq: u32) -> Result<()> {
         use wire::*;
         let header = |msg: u16, flags: u16, family: Family| MsgHeader {
             ty: nft_type(msg),
@@ -269,7 +270,7 @@ impl Op {
         };
         match self {
             Op::AddTable { family, name } => {
-                check_name("table", name)?;
+                check_name("table name", name)?;
                 // NLM_F_CREATE without NLM_F_EXCL: an existing table is fine
                 // (`nft add table`).
                 put_message(buf, header(NFT_MSG_NEWTABLE, NLM_F_CREATE, *family), |a| {
@@ -278,13 +279,13 @@ impl Op {
                 });
             }
             Op::DeleteTable { family, name } => {
-                check_name("table", name)?;
+                check_name("table name", name)?;
                 put_message(buf, header(NFT_MSG_DELTABLE, 0, *family), |a| {
                     a.str(NFTA_TABLE_NAME, name);
                 });
             }
             Op::FlushTable { family, name } => {
-                check_name("table", name)?;
+                check_name("table name", name)?;
                 // What `nft flush table` sends: delete the rules of every
                 // chain of the table.
                 put_message(buf, header(NFT_MSG_DELRULE, 0, *family), |a| {
@@ -297,13 +298,18 @@ impl Op {
                 chain,
                 base,
             } => {
-                check_name("table", table)?;
-                check_name("chain", chain)?;
+                check_name("table name", table)?;
+                check_name("chain name", chain)?;
                 let hook = match base {
                     Some(base) => Some(family.hook_number(base.hook).ok_or_else(|| {
-                        anyhow!(
-                            "the {family} family has no {} hook that this module can attach to",
-                            base.hook.name()
+                        Error::invalid(
+                            "base chain hook",
+                            base.hook.name(),
+                            format!(
+                                "the {family} family has no {} hook that this module can \
+                                 attach to",
+                                base.hook.name()
+                            ),
                         )
                     })?),
                     None => None,
@@ -332,9 +338,9 @@ impl Op {
                 exprs,
                 comment,
             } => {
-                check_name("table", table)?;
-                check_name("chain", chain)?;
-                expr::check_rule(exprs).map_err(|err| anyhow!("{err}"))?;
+                check_name("table name", table)?;
+                check_name("chain name", chain)?;
+                expr::check_rule(exprs).map_err(|err| Error::invalid("rule", "", err))?;
                 let userdata = comment.as_deref().map(comment_userdata).transpose()?;
                 let flags = NLM_F_CREATE | NLM_F_APPEND;
                 put_message(buf, header(NFT_MSG_NEWRULE, flags, *family), |a| {
@@ -356,8 +362,8 @@ impl Op {
                 chain,
                 handle,
             } => {
-                check_name("table", table)?;
-                check_name("chain", chain)?;
+                check_name("table name", table)?;
+                check_name("chain name", chain)?;
                 put_message(buf, header(NFT_MSG_DELRULE, 0, *family), |a| {
                     a.str(NFTA_RULE_TABLE, table);
                     a.str(NFTA_RULE_CHAIN, chain);
@@ -470,6 +476,11 @@ impl Batch {
         })
     }
 
+    /// The changes, in the order the kernel applies them.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
     fn push(&mut self, op: Op) -> &mut Batch {
         self.ops.push(op);
         self
@@ -515,19 +526,25 @@ impl fmt::Debug for Nft {
 
 impl Nft {
     /// Connects in the calling thread's network namespace.
-    pub fn connect() -> anyhow::Result<Nft> {
-        let socket = NfSocket::open().context("opening an nf_tables netlink socket")?;
+    pub fn connect() -> Result<Nft> {
+        let socket = NfSocket::open().map_err(|e| {
+            Error::io(
+                "opening an nf_tables netlink socket in the current netns",
+                e,
+            )
+        })?;
         Ok(Nft::with_socket(socket, "current netns".to_owned()))
     }
 
     /// Connects to the named network namespace: the socket is created inside
     /// it and stays bound to it, whichever thread uses it later.
-    pub fn connect_in(netns_name: &str) -> anyhow::Result<Nft> {
-        let socket = netns::run_in(netns_name, NfSocket::open)
-            .with_context(|| format!("connecting to nf_tables in netns {netns_name}"))?
-            .with_context(|| {
-                format!("opening an nf_tables netlink socket in netns {netns_name}")
-            })?;
+    pub fn connect_in(netns_name: &str) -> Result<Nft> {
+        let socket = netns::run_in(netns_name, NfSocket::open)?.map_err(|e| {
+            Error::io(
+                format!("opening an nf_tables netlink socket in netns {netns_name}"),
+                e,
+            )
+        })?;
         Ok(Nft::with_socket(socket, format!("netns {netns_name}")))
     }
 
@@ -554,12 +571,17 @@ impl Nft {
     /// Applies the batch as one transaction. On error nothing of it is
     /// applied, and the error names the first op the kernel refused (and
     /// how many others it refused as well, often as a consequence).
-    pub fn apply(&self, batch: &Batch) -> anyhow::Result<()> {
+    pub fn apply(&self, batch: &Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let deadline = Instant::now() + self.timeout;
-        let ops = u32::try_from(batch.ops.len()).context("batch too large")?;
+        let ops = u32::try_from(batch.ops.len())
+            .ok()
+            .filter(|ops| *ops < u32::MAX - 2)
+            .ok_or_else(|| {
+                Error::invalid("batch", "", format!("{} ops are too many", batch.ops.len()))
+            })?;
         let mut conn = self.lock();
         let begin = conn.take_seqs(ops + 2);
         let first_op = begin + 1;
@@ -569,13 +591,14 @@ impl Nft {
         put_delimiter(&mut request, wire::NFNL_MSG_BATCH_BEGIN, begin);
         for (op, seq) in batch.ops.iter().zip(first_op..) {
             op.encode(&mut request, seq)
-                .with_context(|| format!("{op} in {}", self.scope))?;
+                .map_err(|e| e.while_doing(|| format!("{op} in {}", self.scope)))?;
         }
         put_delimiter(&mut request, wire::NFNL_MSG_BATCH_END, end);
 
-        let summary = || format!("applying a batch of {ops} nftables ops in {}", self.scope);
+        let doing = || format!("applying a batch of {ops} nftables ops");
+        let io_error = |e| Error::io(format!("{} in {}", doing(), self.scope), e);
         conn.socket.make_room(request.len(), batch.ops.len());
-        conn.socket.send(&request).with_context(summary)?;
+        conn.socket.send(&request).map_err(io_error)?;
 
         // Every op carries NLM_F_ACK, so each gets an answer (errors and
         // successes alike arrive once the kernel is done with the batch).
@@ -592,19 +615,25 @@ impl Nft {
             } else {
                 deadline
             };
-            if !socket.recv(buf, wait_until).with_context(summary)? {
+            if !socket.recv(buf, wait_until).map_err(io_error)? {
                 if batch_error.is_some() {
                     break;
                 }
-                bail!(
-                    "{}: no answer from the kernel within {:?} ({pending} of {ops} ops unanswered; \
-                     the batch may or may not have been applied)",
-                    summary(),
-                    self.timeout
-                );
+                return Err(Error::Timeout {
+                    action: format!(
+                        "{} ({pending} of them unanswered; the batch may or may not have \
+                         been applied)",
+                        doing()
+                    ),
+                    scope: self.scope.clone(),
+                    after: self.timeout,
+                });
             }
-            let messages = wire::messages(buf)
-                .ok_or_else(|| anyhow!("{}: malformed answer from the kernel", summary()))?;
+            let messages = wire::messages(buf).ok_or_else(|| Error::Protocol {
+                action: doing(),
+                scope: self.scope.clone(),
+                what: "malformed answer from the kernel".into(),
+            })?;
             for message in messages {
                 if message.ty != wire::NLMSG_ERROR {
                     continue;
@@ -635,25 +664,31 @@ impl Nft {
             })
             .collect();
         if let Some((op, ack)) = failures.first() {
-            let mut context = format!("{op} in {}", self.scope);
+            // The scope carries the note, so the message reads "OP in netns X (and ...): ".
+            let mut scope = self.scope.clone();
             if failures.len() > 1 {
-                context.push_str(&format!(
+                scope.push_str(&format!(
                     " (and {} later ops of the batch failed too; nothing was applied)",
                     failures.len() - 1
                 ));
             }
-            return Err(kernel_error(ack).context(context));
+            return Err(kernel_error(ack, op.to_string(), scope));
         }
         if let Some(ack) = batch_error {
-            return Err(kernel_error(&ack).context(format!("committing: {}", summary())));
+            return Err(kernel_error(
+                &ack,
+                format!("committing a batch of {ops} nftables ops"),
+                self.scope.clone(),
+            ));
         }
         Ok(())
     }
 
     /// Whether the table exists.
-    pub fn table_exists(&self, family: Family, name: &str) -> anyhow::Result<bool> {
-        let action = || format!("looking up table {family} {name} in {}", self.scope);
-        check_name("table", name).with_context(action)?;
+    pub fn table_exists(&self, family: Family, name: &str) -> Result<bool> {
+        let action = || format!("looking up table {family} {name}");
+        check_name("table name", name)
+            .map_err(|e| e.while_doing(|| format!("{} in {}", action(), self.scope)))?;
         let found = self.get(wire::NFT_MSG_GETTABLE, family.code(), action, |a| {
             a.str(wire::NFTA_TABLE_NAME, name);
         })?;
@@ -661,8 +696,8 @@ impl Nft {
     }
 
     /// All tables, of every family.
-    pub fn tables(&self) -> anyhow::Result<Vec<(Family, String)>> {
-        let action = || format!("listing tables in {}", self.scope);
+    pub fn tables(&self) -> Result<Vec<(Family, String)>> {
+        let action = || "listing tables".to_owned();
         let messages = self.dump(wire::NFT_MSG_GETTABLE, 0, action, |_| {})?;
         let mut tables = Vec::new();
         for message in &messages {
@@ -682,15 +717,11 @@ impl Nft {
     }
 
     /// The rules of a chain, in order. Fails if the chain does not exist.
-    pub fn rules(&self, family: Family, table: &str, chain: &str) -> anyhow::Result<Vec<RuleInfo>> {
-        let action = || {
-            format!(
-                "listing rules of {family} {table}/{chain} in {}",
-                self.scope
-            )
-        };
-        check_name("table", table).with_context(action)?;
-        check_name("chain", chain).with_context(action)?;
+    pub fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>> {
+        let action = || format!("listing rules of {family} {table}/{chain}");
+        check_name("table name", table)
+            .and_then(|()| check_name("chain name", chain))
+            .map_err(|e| e.while_doing(|| format!("{} in {}", action(), self.scope)))?;
         // A rule dump of a missing chain is just empty: ask for the chain
         // first so a typo does not pass for "no rules".
         let chain_exists = self.get(wire::NFT_MSG_GETCHAIN, family.code(), action, |a| {
@@ -698,10 +729,11 @@ impl Nft {
             a.str(wire::NFTA_CHAIN_NAME, chain);
         })?;
         if !chain_exists {
-            return Err(
-                anyhow::Error::new(io::Error::from_raw_os_error(libc::ENOENT))
-                    .context(format!("{}: no such chain", action())),
-            );
+            return Err(Error::NotFound {
+                action: action(),
+                what: format!("chain {family} {table}/{chain}"),
+                scope: self.scope.clone(),
+            });
         }
         let messages = self.dump(wire::NFT_MSG_GETRULE, family.code(), action, |a| {
             a.str(wire::NFTA_RULE_TABLE, table);
@@ -747,7 +779,7 @@ impl Nft {
         family: u8,
         action: impl Fn() -> String,
         fill: impl FnOnce(&mut Attrs<'_>),
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool> {
         let deadline = Instant::now() + self.timeout;
         let mut conn = self.lock();
         let seq = conn.take_seqs(1);
@@ -761,30 +793,31 @@ impl Nft {
         };
         wire::put_message(&mut request, header, fill);
         let Conn { socket, buf, .. } = &mut *conn;
-        socket.send(&request).with_context(&action)?;
+        socket
+            .send(&request)
+            .map_err(|e| self.io_error(&action, e))?;
         let mut found = false;
         loop {
-            if !socket.recv(buf, deadline).with_context(&action)? {
-                bail!(
-                    "{}: no answer from the kernel within {:?}",
-                    action(),
-                    self.timeout
-                );
+            if !socket
+                .recv(buf, deadline)
+                .map_err(|e| self.io_error(&action, e))?
+            {
+                return Err(self.timed_out(&action));
             }
             let messages = wire::messages(buf)
-                .ok_or_else(|| anyhow!("{}: malformed answer from the kernel", action()))?;
+                .ok_or_else(|| self.malformed(&action, "malformed answer from the kernel"))?;
             for message in messages.iter().filter(|m| m.seq == seq) {
                 if message.ty != wire::NLMSG_ERROR {
                     found = true;
                     continue;
                 }
                 let Some(ack) = wire::parse_ack(message) else {
-                    bail!("{}: malformed acknowledgement", action());
+                    return Err(self.malformed(&action, "malformed acknowledgement"));
                 };
                 return match ack.errno {
                     0 => Ok(found),
                     libc::ENOENT => Ok(false),
-                    _ => Err(kernel_error(&ack).context(action())),
+                    _ => Err(kernel_error(&ack, action(), self.scope.clone())),
                 };
             }
         }
@@ -798,7 +831,7 @@ impl Nft {
         family: u8,
         action: impl Fn() -> String,
         fill: impl Fn(&mut Attrs<'_>),
-    ) -> anyhow::Result<Vec<Vec<u8>>> {
+    ) -> Result<Vec<Vec<u8>>> {
         let deadline = Instant::now() + self.timeout;
         let mut conn = self.lock();
         for _attempt in 0..DUMP_ATTEMPTS {
@@ -813,19 +846,20 @@ impl Nft {
             };
             wire::put_message(&mut request, header, &fill);
             let Conn { socket, buf, .. } = &mut *conn;
-            socket.send(&request).with_context(&action)?;
+            socket
+                .send(&request)
+                .map_err(|e| self.io_error(&action, e))?;
             let mut payloads = Vec::new();
             let mut interrupted = false;
             'receive: loop {
-                if !socket.recv(buf, deadline).with_context(&action)? {
-                    bail!(
-                        "{}: no answer from the kernel within {:?}",
-                        action(),
-                        self.timeout
-                    );
+                if !socket
+                    .recv(buf, deadline)
+                    .map_err(|e| self.io_error(&action, e))?
+                {
+                    return Err(self.timed_out(&action));
                 }
                 let messages = wire::messages(buf)
-                    .ok_or_else(|| anyhow!("{}: malformed answer from the kernel", action()))?;
+                    .ok_or_else(|| self.malformed(&action, "malformed answer from the kernel"))?;
                 for message in messages.iter().filter(|m| m.seq == seq) {
                     interrupted |= message.flags & wire::NLM_F_DUMP_INTR != 0;
                     match message.ty {
@@ -837,23 +871,29 @@ impl Nft {
                                 .and_then(|b| b.try_into().ok())
                                 .map_or(0, i32::from_ne_bytes);
                             if status < 0 {
-                                let err = io::Error::from_raw_os_error(status.saturating_neg());
-                                return Err(anyhow::Error::new(err).context(action()));
+                                return Err(Error::Kernel {
+                                    action: action(),
+                                    scope: self.scope.clone(),
+                                    errno: status.saturating_neg(),
+                                    message: None,
+                                });
                             }
                             break 'receive;
                         }
                         wire::NLMSG_ERROR => {
                             let Some(ack) = wire::parse_ack(message) else {
-                                bail!("{}: malformed error answer", action());
+                                return Err(self.malformed(&action, "malformed error answer"));
                             };
                             if ack.errno == libc::EINTR {
                                 interrupted = true;
                                 break 'receive;
                             }
-                            return Err(kernel_error(&ack).context(action()));
+                            return Err(kernel_error(&ack, action(), self.scope.clone()));
                         }
                         wire::NLMSG_OVERRUN => {
-                            bail!("{}: the kernel lost part of the answer", action())
+                            return Err(
+                                self.malformed(&action, "the kernel lost part of the answer")
+                            );
                         }
                         _ => payloads.push(message.payload.to_vec()),
                     }
@@ -863,10 +903,30 @@ impl Nft {
                 return Ok(payloads);
             }
         }
-        bail!(
-            "{}: the ruleset kept changing while being read ({DUMP_ATTEMPTS} attempts)",
-            action()
-        )
+        Err(self.malformed(
+            &action,
+            &format!("the ruleset kept changing while being read ({DUMP_ATTEMPTS} attempts)"),
+        ))
+    }
+
+    fn io_error(&self, action: impl Fn() -> String, error: io::Error) -> Error {
+        Error::io(format!("{} in {}", action(), self.scope), error)
+    }
+
+    fn timed_out(&self, action: impl Fn() -> String) -> Error {
+        Error::Timeout {
+            action: action(),
+            scope: self.scope.clone(),
+            after: self.timeout,
+        }
+    }
+
+    fn malformed(&self, action: impl Fn() -> String, what: &str) -> Error {
+        Error::Protocol {
+            action: action(),
+            scope: self.scope.clone(),
+            what: what.to_owned(),
+        }
     }
 }
 
@@ -882,34 +942,36 @@ fn put_delimiter(buf: &mut Vec<u8>, ty: u16, seq: u32) {
     wire::put_message(buf, header, |_| {});
 }
 
-/// The kernel's errno as an [`io::Error`], with its extended-ack message
-/// (if any) as context.
-fn kernel_error(ack: &Ack) -> anyhow::Error {
-    let err = anyhow::Error::new(io::Error::from_raw_os_error(ack.errno));
-    match &ack.message {
-        Some(message) => err.context(message.clone()),
-        None => err,
+/// The kernel's refusal, with its errno and extended-ack message (if any).
+fn kernel_error(ack: &Ack, action: String, scope: String) -> Error {
+    Error::Kernel {
+        action,
+        scope,
+        errno: ack.errno,
+        message: ack.message.clone(),
     }
 }
 
-fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
+fn check_name(field: &'static str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() >= wire::NFT_NAME_MAXLEN || name.contains('\0') {
-        bail!(
-            "invalid {what} name {name:?} (1 to {} bytes, no NUL)",
-            wire::NFT_NAME_MAXLEN - 1
-        );
+        return Err(Error::invalid(
+            field,
+            name,
+            format!("1 to {} bytes, no NUL", wire::NFT_NAME_MAXLEN - 1),
+        ));
     }
     Ok(())
 }
 
 /// A rule comment as libnftnl stores it in NFTA_RULE_USERDATA: a TLV of
 /// type NFTNL_UDATA_RULE_COMMENT holding the NUL-terminated string.
-fn comment_userdata(comment: &str) -> anyhow::Result<Vec<u8>> {
+fn comment_userdata(comment: &str) -> Result<Vec<u8>> {
     if comment.len() > wire::UDATA_COMMENT_MAXLEN || comment.contains('\0') {
-        bail!(
-            "invalid rule comment {comment:?} (at most {} bytes, no NUL)",
-            wire::UDATA_COMMENT_MAXLEN
-        );
+        return Err(Error::invalid(
+            "rule comment",
+            comment,
+            format!("at most {} bytes, no NUL", wire::UDATA_COMMENT_MAXLEN),
+        ));
     }
     let mut userdata = vec![wire::UDATA_RULE_COMMENT, (comment.len() + 1) as u8];
     userdata.extend_from_slice(comment.as_bytes());
@@ -927,6 +989,29 @@ fn comment_of_userdata(mut userdata: &[u8]) -> Option<String> {
         userdata = &rest[usize::from(*len)..];
     }
     None
+}
+
+/// What a reconciler needs of nf_tables: read tables and rules back, apply a batch
+/// atomically. [`Nft`] is the real one; [`crate::fake::FakeRuleset`] an in-memory one.
+/// Blocking, as the netlink socket underneath is: call it off the async threads.
+pub trait Ruleset: Send + Sync {
+    fn table_exists(&self, family: Family, name: &str) -> Result<bool>;
+    fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>>;
+    fn apply(&self, batch: &Batch) -> Result<()>;
+}
+
+impl Ruleset for Nft {
+    fn table_exists(&self, family: Family, name: &str) -> Result<bool> {
+        Nft::table_exists(self, family, name)
+    }
+
+    fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>> {
+        Nft::rules(self, family, table, chain)
+    }
+
+    fn apply(&self, batch: &Batch) -> Result<()> {
+        Nft::apply(self, batch)
+    }
 }
 
 #[cfg(test)]
@@ -996,6 +1081,10 @@ mod tests {
             }),
         };
         let err = op.encode(&mut Vec::new(), 1).unwrap_err();
+        assert!(
+            matches!(&err, Error::Invalid { field: "base chain hook", value, .. } if value == "forward"),
+            "{err:?}"
+        );
         assert!(
             format!("{err}").contains("netdev family has no forward hook"),
             "{err}"

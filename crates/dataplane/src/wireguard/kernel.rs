@@ -8,10 +8,10 @@
 //! [`WireGuardDevice`] interface.
 
 use super::{PeerConfig, PeerStatus, WireGuardDevice};
-use anyhow::{Context, bail};
+use crate::error::{Error, Result};
 use async_trait::async_trait;
 use futures::StreamExt;
-use genetlink::GenetlinkHandle;
+use genetlink::{GenetlinkError, GenetlinkHandle};
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
@@ -44,6 +44,8 @@ pub fn unavailable_reason() -> Option<String> {
 pub struct KernelDevice {
     name: String,
     handle: Mutex<GenetlinkHandle>,
+    /// Which namespace the device is in, for error messages.
+    scope: String,
 }
 
 impl KernelDevice {
@@ -54,9 +56,10 @@ impl KernelDevice {
         name: &str,
         private_key: &StaticSecret,
         listen_port: u16,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
+        let action = format!("creating WireGuard interface {name}");
         if let Some(why) = unavailable_reason() {
-            bail!("creating {name}: {why}");
+            return Err(Error::Unsupported { action, why });
         }
         if netlink.link_index(name).await?.is_none() {
             let request = netlink
@@ -64,26 +67,31 @@ impl KernelDevice {
                 .link()
                 .add(rtnetlink::LinkWireguard::new(name).build())
                 .execute();
-            tokio::time::timeout(REQUEST_TIMEOUT, request)
-                .await
-                .with_context(|| format!("creating {name}: timed out"))?
-                .with_context(|| format!("creating WireGuard interface {name}"))?;
+            netlink.run(action, request).await?;
         }
-        let (connection, handle, _) =
-            genetlink::new_connection().context("opening generic netlink")?;
+        let (connection, handle, _) = genetlink::new_connection()
+            .map_err(|e| Error::io(format!("opening a generic netlink socket for {name}"), e))?;
         tokio::spawn(connection);
         let device = Self {
             name: name.to_string(),
             handle: Mutex::new(handle),
+            scope: netlink.scope().to_owned(),
         };
         device
-            .send(set_device(name, private_key, listen_port))
-            .await
-            .with_context(|| format!("setting key and port of {name}"))?;
+            .send(
+                format!("setting key and port of {name}"),
+                set_device(name, private_key, listen_port),
+            )
+            .await?;
         Ok(device)
     }
 
-    async fn send(&self, message: WireguardMessage) -> anyhow::Result<Vec<WireguardMessage>> {
+    /// One generic netlink request, bounded by [`REQUEST_TIMEOUT`]; errors name `action`.
+    async fn send(
+        &self,
+        action: String,
+        message: WireguardMessage,
+    ) -> Result<Vec<WireguardMessage>> {
         let flags = if message.cmd == WireguardCmd::GetDevice {
             NLM_F_REQUEST | NLM_F_DUMP
         } else {
@@ -91,22 +99,48 @@ impl KernelDevice {
         };
         let mut request = NetlinkMessage::from(GenlMessage::from_payload(message));
         request.header.flags = flags;
+        let kernel = |errno: i32| Error::Kernel {
+            action: action.clone(),
+            scope: self.scope.clone(),
+            errno,
+            message: None,
+        };
+        let failed = |what: String| Error::Protocol {
+            action: action.clone(),
+            scope: self.scope.clone(),
+            what,
+        };
         let exchange = async {
             let mut handle = self.handle.lock().await;
-            let mut responses = handle.request(request).await?;
+            let mut responses = handle.request(request).await.map_err(|e| match e {
+                GenetlinkError::NetlinkError(io) => match io.raw_os_error() {
+                    Some(errno) => kernel(errno),
+                    None => failed(io.to_string()),
+                },
+                other => failed(format!("generic netlink: {other}")),
+            })?;
             let mut out = Vec::new();
             while let Some(reply) = responses.next().await {
-                match reply?.payload {
+                let reply =
+                    reply.map_err(|e| failed(format!("malformed answer from the kernel: {e}")))?;
+                match reply.payload {
                     NetlinkPayload::InnerMessage(genl) => out.push(genl.payload),
-                    NetlinkPayload::Error(e) if e.code.is_some() => bail!("kernel refused: {e}"),
+                    NetlinkPayload::Error(e) if e.code.is_some() => {
+                        return Err(kernel(e.raw_code().abs()));
+                    }
                     _ => {}
                 }
             }
-            anyhow::Ok(out)
+            Ok(out)
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .with_context(|| format!("{}: generic netlink request timed out", self.name))?
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(Error::Timeout {
+                action,
+                scope: self.scope.clone(),
+                after: REQUEST_TIMEOUT,
+            }),
+        }
     }
 }
 
@@ -116,18 +150,31 @@ impl WireGuardDevice for KernelDevice {
         &self.name
     }
 
-    async fn peers(&self) -> anyhow::Result<Vec<PeerStatus>> {
-        let replies = self.send(get_device(&self.name)).await?;
+    async fn peers(&self) -> Result<Vec<PeerStatus>> {
+        let replies = self
+            .send(
+                format!("reading the peers of {}", self.name),
+                get_device(&self.name),
+            )
+            .await?;
         Ok(peers_of(&replies, SystemTime::now()))
     }
 
-    async fn upsert_peer(&self, peer: &PeerConfig) -> anyhow::Result<()> {
-        self.send(set_peer(&self.name, peer)).await?;
+    async fn upsert_peer(&self, peer: &PeerConfig) -> Result<()> {
+        self.send(
+            format!("configuring peer {} on {}", peer.public_key, self.name),
+            set_peer(&self.name, peer),
+        )
+        .await?;
         Ok(())
     }
 
-    async fn remove_peer(&self, key: &PublicKey) -> anyhow::Result<()> {
-        self.send(remove_peer(&self.name, key)).await?;
+    async fn remove_peer(&self, key: &PublicKey) -> Result<()> {
+        self.send(
+            format!("removing peer {key} from {}", self.name),
+            remove_peer(&self.name, key),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The node's private key: generated once, kept in a file only root can read, in the
 //! format `wg genkey` writes so operators can use `wg pubkey < FILE`.
 
-use anyhow::{Context, bail};
+use crate::error::{Error, Result};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use std::fs;
@@ -13,23 +13,32 @@ use x25519_dalek::StaticSecret;
 
 /// Read the private key at `path`, or generate and store one if the file does not exist.
 /// A file with looser permissions than 0600 is tightened and reported.
-pub fn load_or_generate(path: &Path) -> anyhow::Result<StaticSecret> {
+pub fn load_or_generate(path: &Path) -> Result<StaticSecret> {
     match fs::read_to_string(path) {
         Ok(text) => {
-            let mode = fs::metadata(path)?.permissions().mode() & 0o777;
+            let mode = fs::metadata(path)
+                .map_err(|e| Error::io(format!("reading the mode of {}", path.display()), e))?
+                .permissions()
+                .mode()
+                & 0o777;
             if mode & 0o077 != 0 {
                 tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "private key readable by others; setting 0600");
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("tightening permissions of {}", path.display()))?;
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| {
+                    Error::io(format!("tightening permissions of {}", path.display()), e)
+                })?;
             }
-            parse(&text).with_context(|| format!("private key file {}", path.display()))
+            parse(&text)
+                .map_err(|e| e.while_doing(|| format!("loading private key {}", path.display())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = StaticSecret::random();
             store(path, &key)?;
             Ok(key)
         }
-        Err(e) => Err(e).with_context(|| format!("reading private key {}", path.display())),
+        Err(e) => Err(Error::io(
+            format!("reading private key {}", path.display()),
+            e,
+        )),
     }
 }
 
@@ -37,21 +46,30 @@ pub fn public_key(secret: &StaticSecret) -> PublicKey {
     PublicKey(x25519_dalek::PublicKey::from(secret).to_bytes())
 }
 
-fn parse(text: &str) -> anyhow::Result<StaticSecret> {
-    let bytes = STANDARD
-        .decode(text.trim())
-        .context("is not base64 (expected the output of `wg genkey`)")?;
+/// The key in `wg genkey` format. The value is never repeated in errors: it is a secret.
+fn parse(text: &str) -> Result<StaticSecret> {
+    let bytes = STANDARD.decode(text.trim()).map_err(|e| {
+        Error::invalid(
+            "private key",
+            "",
+            format!("is not base64 ({e}); expected the output of `wg genkey`"),
+        )
+    })?;
     let Ok(bytes) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-        bail!("decodes to {} bytes, a WireGuard key has 32", bytes.len());
+        return Err(Error::invalid(
+            "private key",
+            "",
+            format!("decodes to {} bytes, a WireGuard key has 32", bytes.len()),
+        ));
     };
     Ok(StaticSecret::from(bytes))
 }
 
 /// Write to a temporary file with mode 0600 from the start, then rename, so the key is
 /// never visible to others and never half-written.
-fn store(path: &Path, key: &StaticSecret) -> anyhow::Result<()> {
+fn store(path: &Path, key: &StaticSecret) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     let tmp = path.with_extension("tmp");
     let mut file = fs::OpenOptions::new()
@@ -60,10 +78,12 @@ fn store(path: &Path, key: &StaticSecret) -> anyhow::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    writeln!(file, "{}", STANDARD.encode(key.to_bytes()))?;
-    file.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("storing private key {}", path.display()))?;
+        .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    writeln!(file, "{}", STANDARD.encode(key.to_bytes()))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("storing private key {}", path.display()), e))?;
     Ok(())
 }
 
@@ -101,7 +121,17 @@ mod tests {
         let Err(err) = load_or_generate(&path) else {
             panic!("a 3-byte key was accepted");
         };
-        let err = format!("{err:#}");
+        assert!(
+            matches!(
+                err,
+                Error::Invalid {
+                    field: "private key",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = err.to_string();
         assert!(err.contains("3 bytes") && err.contains("key"), "{err}");
         fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }

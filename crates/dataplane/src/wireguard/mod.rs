@@ -11,6 +11,7 @@ pub mod keyfile;
 pub mod uapi;
 pub mod userspace;
 
+use crate::error::{Error, Result};
 use async_trait::async_trait;
 use ipnet::IpNet;
 use std::collections::BTreeSet;
@@ -58,11 +59,11 @@ impl PeerStatus {
 pub trait WireGuardDevice: Send + Sync {
     /// The network interface name.
     fn name(&self) -> &str;
-    async fn peers(&self) -> anyhow::Result<Vec<PeerStatus>>;
+    async fn peers(&self) -> Result<Vec<PeerStatus>>;
     /// Add the peer, or change only the fields that differ on an existing one. Never
     /// resets the peer's session.
-    async fn upsert_peer(&self, peer: &PeerConfig) -> anyhow::Result<()>;
-    async fn remove_peer(&self, key: &PublicKey) -> anyhow::Result<()>;
+    async fn upsert_peer(&self, peer: &PeerConfig) -> Result<()>;
+    async fn remove_peer(&self, key: &PublicKey) -> Result<()>;
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -78,55 +79,80 @@ impl PeerChanges {
     }
 }
 
-/// Bring the device's peers to `desired`, touching only peers that differ: other peers'
-/// sessions carry on (Kilo replaces the whole set and drops packets on every resync).
+/// One change of a device's peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerOp {
+    Add(PeerConfig),
+    /// Change an existing peer's attributes in place (its session carries on).
+    Update(PeerConfig),
+    Remove(PublicKey),
+}
+
+/// The operations that bring `current` to `desired`, touching only peers that differ:
+/// other peers' sessions carry on (Kilo replaces the whole set and drops packets on every
+/// resync).
 ///
-/// A configured endpoint of `None` leaves whatever endpoint the device learned from the
+/// A desired endpoint of `None` leaves whatever endpoint the device learned from the
 /// peer's own handshakes, because a peer that dials in (NAT, no public address) is
 /// reachable only at the address it came from.
+pub fn diff_peers(current: &[PeerConfig], desired: &[PeerConfig]) -> Vec<PeerOp> {
+    let by_key: std::collections::HashMap<&PublicKey, &PeerConfig> =
+        current.iter().map(|p| (&p.public_key, p)).collect();
+    let wanted: std::collections::HashSet<&PublicKey> =
+        desired.iter().map(|p| &p.public_key).collect();
+    let mut ops = Vec::new();
+    for want in desired {
+        match by_key.get(&want.public_key) {
+            None => ops.push(PeerOp::Add(want.clone())),
+            Some(have) if !same_config(have, want) => ops.push(PeerOp::Update(want.clone())),
+            Some(_) => {}
+        }
+    }
+    ops.extend(
+        current
+            .iter()
+            .filter(|have| !wanted.contains(&have.public_key))
+            .map(|have| PeerOp::Remove(have.public_key)),
+    );
+    ops
+}
+
+/// Brings the device's peers to `desired` (see [`diff_peers`]), one peer at a time; a
+/// failed step never stops the others, and the error, [`Error::Partial`], lists every one
+/// that failed. Any other error means the device's peers could not even be read, and
+/// nothing was changed.
 pub async fn reconcile_peers(
     device: &dyn WireGuardDevice,
     desired: &[PeerConfig],
-) -> anyhow::Result<PeerChanges> {
-    let current = device.peers().await?;
+) -> Result<PeerChanges> {
+    let current: Vec<PeerConfig> = device
+        .peers()
+        .await?
+        .into_iter()
+        .map(|p| p.config)
+        .collect();
     let mut changes = PeerChanges::default();
     let mut failures = Vec::new();
-    for want in desired {
-        let have = current
-            .iter()
-            .find(|p| p.config.public_key == want.public_key);
-        let needs_write = match have {
-            None => true,
-            Some(have) => !same_config(&have.config, want),
-        };
-        if !needs_write {
-            continue;
-        }
-        match device.upsert_peer(want).await {
-            Ok(()) if have.is_none() => changes.added.push(want.public_key),
-            Ok(()) => changes.updated.push(want.public_key),
-            Err(e) => failures.push(format!("peer {}: {e:#}", want.public_key)),
-        }
-    }
-    for have in &current {
-        let key = have.config.public_key;
-        if desired.iter().any(|d| d.public_key == key) {
-            continue;
-        }
-        match device.remove_peer(&key).await {
-            Ok(()) => changes.removed.push(key),
-            Err(e) => failures.push(format!("removing peer {key}: {e:#}")),
+    for op in diff_peers(&current, desired) {
+        match &op {
+            PeerOp::Add(peer) | PeerOp::Update(peer) => match device.upsert_peer(peer).await {
+                Ok(()) if matches!(op, PeerOp::Add(_)) => changes.added.push(peer.public_key),
+                Ok(()) => changes.updated.push(peer.public_key),
+                Err(e) => failures.push(format!("peer {}: {e}", peer.public_key)),
+            },
+            PeerOp::Remove(key) => match device.remove_peer(key).await {
+                Ok(()) => changes.removed.push(*key),
+                Err(e) => failures.push(format!("removing peer {key}: {e}")),
+            },
         }
     }
     if failures.is_empty() {
         Ok(changes)
     } else {
-        anyhow::bail!(
-            "{} of the peer updates on {} failed: {}",
-            failures.len(),
-            device.name(),
-            failures.join("; ")
-        )
+        Err(Error::Partial {
+            what: format!("peer updates on {}", device.name()),
+            failures,
+        })
     }
 }
 
@@ -134,4 +160,74 @@ fn same_config(have: &PeerConfig, want: &PeerConfig) -> bool {
     have.allowed_ips == want.allowed_ips
         && have.persistent_keepalive.unwrap_or(0) == want.persistent_keepalive.unwrap_or(0)
         && (want.endpoint.is_none() || have.endpoint == want.endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeWireGuard;
+
+    fn peer(key: u8, endpoint: Option<&str>, ips: &[&str]) -> PeerConfig {
+        PeerConfig {
+            public_key: PublicKey([key; 32]),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn only_peers_that_differ_are_touched() {
+        let current = [
+            peer(1, Some("198.18.0.10:51820"), &["10.244.1.0/24"]),
+            peer(2, Some("198.18.0.11:51820"), &["10.244.2.0/24"]),
+            peer(3, None, &["10.244.3.0/24"]),
+        ];
+        let desired = [
+            peer(1, Some("198.18.0.10:51820"), &["10.244.1.0/24"]),
+            peer(
+                2,
+                Some("198.18.0.11:51820"),
+                &["10.244.2.0/24", "10.244.5.0/24"],
+            ),
+            peer(4, None, &["10.244.4.0/24"]),
+        ];
+        assert_eq!(
+            diff_peers(&current, &desired),
+            [
+                PeerOp::Update(desired[1].clone()),
+                PeerOp::Add(desired[2].clone()),
+                PeerOp::Remove(PublicKey([3; 32])),
+            ]
+        );
+        // an endpoint learned from the peer's handshakes is kept when none is configured
+        let learned = [peer(5, Some("203.0.113.9:40000"), &["10.5.0.1/32"])];
+        assert!(diff_peers(&learned, &[peer(5, None, &["10.5.0.1/32"])]).is_empty());
+        // keepalive None and Some(0) are the same thing to the device
+        let mut zero = peer(6, None, &["10.6.0.1/32"]);
+        zero.persistent_keepalive = Some(0);
+        assert!(diff_peers(&[zero], &[peer(6, None, &["10.6.0.1/32"])]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn changing_one_peer_keeps_every_other_session() {
+        let device = FakeWireGuard::new("wg0");
+        let desired = vec![
+            peer(1, Some("198.18.0.10:51820"), &["10.244.1.0/24"]),
+            peer(2, Some("198.18.0.11:51820"), &["10.244.2.0/24"]),
+        ];
+        reconcile_peers(&device, &desired).await.unwrap();
+        let sessions = device.sessions();
+        let mut moved = desired.clone();
+        moved[1].endpoint = Some("198.18.0.99:51820".parse().unwrap());
+        let changes = reconcile_peers(&device, &moved).await.unwrap();
+        assert_eq!(changes.updated, [PublicKey([2; 32])]);
+        assert!(changes.added.is_empty() && changes.removed.is_empty());
+        assert_eq!(device.sessions(), sessions, "no session was restarted");
+        assert_eq!(
+            device.writes_to(&PublicKey([1; 32])),
+            1,
+            "peer 1 written once, at the start"
+        );
+    }
 }

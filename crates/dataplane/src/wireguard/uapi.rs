@@ -3,7 +3,7 @@
 //! Lets `trellis lab status` and the tests read any device, ours or a reference one.
 
 use super::PeerStatus;
-use anyhow::{Context, bail};
+use crate::error::{Error, Result};
 use ipnet::IpNet;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,20 +17,47 @@ pub struct DeviceInfo {
     pub peers: Vec<PeerStatus>,
 }
 
-pub async fn get(socket: &Path, timeout: Duration) -> anyhow::Result<DeviceInfo> {
-    tokio::time::timeout(timeout, get_inner(socket))
-        .await
-        .with_context(|| format!("{} did not answer within {timeout:?}", socket.display()))?
+/// What [`get`] and [`parse_get`] say they were doing.
+const ACTION: &str = "reading the device state (get=1)";
+
+/// The device state, asked over the control socket at `socket`.
+pub async fn get(socket: &Path, timeout: Duration) -> Result<DeviceInfo> {
+    let scope = format!("control socket {}", socket.display());
+    match tokio::time::timeout(timeout, get_inner(socket, &scope)).await {
+        Ok(Err(Error::Protocol { action, what, .. })) => Err(Error::Protocol {
+            action,
+            scope,
+            what,
+        }),
+        Ok(Err(Error::Kernel {
+            action,
+            errno,
+            message,
+            ..
+        })) => Err(Error::Kernel {
+            action,
+            scope,
+            errno,
+            message,
+        }),
+        Ok(result) => result,
+        Err(_elapsed) => Err(Error::Timeout {
+            action: ACTION.into(),
+            scope,
+            after: timeout,
+        }),
+    }
 }
 
-async fn get_inner(socket: &Path) -> anyhow::Result<DeviceInfo> {
+async fn get_inner(socket: &Path, scope: &str) -> Result<DeviceInfo> {
     let mut stream = tokio::net::UnixStream::connect(socket)
         .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    stream.write_all(b"get=1\n\n").await?;
+        .map_err(|e| Error::io(format!("connecting to {scope}"), e))?;
+    let exchange = |e| Error::io(format!("{ACTION} over {scope}"), e);
+    stream.write_all(b"get=1\n\n").await.map_err(exchange)?;
     let mut lines = BufReader::new(stream).lines();
     let mut body = Vec::new();
-    while let Some(line) = lines.next_line().await? {
+    while let Some(line) = lines.next_line().await.map_err(exchange)? {
         if line.is_empty() {
             break;
         }
@@ -39,21 +66,31 @@ async fn get_inner(socket: &Path) -> anyhow::Result<DeviceInfo> {
     parse_get(&body, SystemTime::now())
 }
 
-fn hex_key(value: &str) -> anyhow::Result<PublicKey> {
+fn malformed(what: String) -> Error {
+    Error::Protocol {
+        action: ACTION.into(),
+        scope: String::new(),
+        what,
+    }
+}
+
+fn hex_key(value: &str) -> Result<PublicKey> {
+    let not_hex = || malformed(format!("key {value:?} is not 64 hex digits"));
     if value.len() != 64 {
-        bail!("key {value:?} is not 64 hex digits");
+        return Err(not_hex());
     }
     let mut out = [0u8; 32];
     for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16)
-            .with_context(|| format!("key {value:?} is not hex"))?;
+        let digits = value.get(2 * i..2 * i + 2).ok_or_else(not_hex)?;
+        *byte = u8::from_str_radix(digits, 16).map_err(|_| not_hex())?;
     }
     Ok(PublicKey(out))
 }
 
 /// Parse the key=value lines of a `get=1` answer. `now` turns absolute handshake times
-/// into ages.
-pub fn parse_get(lines: &[String], now: SystemTime) -> anyhow::Result<DeviceInfo> {
+/// into ages. A malformed answer is an [`Error::Protocol`]; a device answering with an
+/// errno an [`Error::Kernel`] with it.
+pub fn parse_get(lines: &[String], now: SystemTime) -> Result<DeviceInfo> {
     let mut info = DeviceInfo::default();
     let mut handshake_secs: u64 = 0;
     let mut handshake_nanos: u64 = 0;
@@ -69,10 +106,20 @@ pub fn parse_get(lines: &[String], now: SystemTime) -> anyhow::Result<DeviceInfo
     let mut peer: Option<PeerStatus> = None;
     for line in lines {
         let Some((key, value)) = line.split_once('=') else {
-            bail!("malformed line {line:?}");
+            return Err(malformed(format!("malformed line {line:?}")));
         };
         match key {
-            "errno" if value != "0" => bail!("device answered errno={value}"),
+            "errno" if value != "0" => {
+                return Err(match value.parse::<i32>() {
+                    Ok(errno) => Error::Kernel {
+                        action: ACTION.into(),
+                        scope: String::new(),
+                        errno: errno.abs(),
+                        message: Some("the device refused".into()),
+                    },
+                    Err(_) => malformed(format!("errno={value}")),
+                });
+            }
             "private_key" => {
                 let secret = hex_key(value)?;
                 let secret = x25519_dalek::StaticSecret::from(secret.0);
@@ -93,7 +140,7 @@ pub fn parse_get(lines: &[String], now: SystemTime) -> anyhow::Result<DeviceInfo
                     "allowed_ip" => {
                         let net: IpNet = value
                             .parse()
-                            .with_context(|| format!("allowed_ip {value:?}"))?;
+                            .map_err(|e| malformed(format!("allowed_ip {value:?}: {e}")))?;
                         p.config.allowed_ips.insert(net);
                     }
                     "persistent_keepalive_interval" => {
@@ -141,6 +188,34 @@ mod tests {
         assert_eq!(p.config.allowed_ips.len(), 2);
         assert_eq!(p.config.persistent_keepalive, Some(25));
         assert_eq!((p.rx_bytes, p.tx_bytes), (42, 7));
-        assert!(parse_get(&["errno=2".into()], SystemTime::now()).is_err());
+        let err = parse_get(&["errno=2".into()], SystemTime::now()).unwrap_err();
+        assert!(err.has_errno(libc::ENOENT), "{err:?}");
+        let err = parse_get(&["public_key=zz".into()], SystemTime::now()).unwrap_err();
+        assert!(matches!(err, Error::Protocol { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_device_is_a_timeout_and_a_missing_one_an_io_error() {
+        let dir = std::env::temp_dir().join(format!("trellis-uapi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("silent.sock");
+        let _ = std::fs::remove_file(&path);
+        // Accepts (the backlog does) but never answers.
+        let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let err = get(&path, Duration::from_millis(20)).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Timeout { after, .. } if *after == Duration::from_millis(20)),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+
+        let missing = dir.join("missing.sock");
+        let err = get(&missing, Duration::from_secs(1)).await.unwrap_err();
+        assert!(err.has_errno(libc::ENOENT), "{err:?}");
+        assert!(err.to_string().contains("missing.sock"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,7 +2,7 @@
 //! the standard control socket so `wg show` and `wg set` work on it.
 
 use super::{PeerConfig, PeerStatus, WireGuardDevice};
-use anyhow::Context;
+use crate::error::{Error, Result};
 use async_trait::async_trait;
 use gotatun::device::uapi::UapiServer;
 use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
@@ -24,28 +24,28 @@ impl UserspaceDevice {
     /// Create the TUN interface `name` in the calling thread's network namespace and start
     /// the device on UDP `listen_port`. The interface is left down and unaddressed; the
     /// link reconciler owns that.
-    pub async fn create(
-        name: &str,
-        private_key: StaticSecret,
-        listen_port: u16,
-    ) -> anyhow::Result<Self> {
-        let uapi = UapiServer::default_unix_socket(name, None, None)
-            .map_err(|e| anyhow::anyhow!("control socket for {name}: {e}"))?;
+    pub async fn create(name: &str, private_key: StaticSecret, listen_port: u16) -> Result<Self> {
+        let uapi = UapiServer::default_unix_socket(name, None, None).map_err(|e| {
+            Error::io(
+                format!("opening the control socket for {name}"),
+                std::io::Error::other(format!("{e:#}")),
+            )
+        })?;
         let device = DeviceBuilder::new()
             .with_default_udp()
             .create_tun(name)
-            .with_context(|| format!("creating TUN device {name}"))?
+            .map_err(|e| device_error(format!("creating TUN device {name}"), e))?
             .with_listen_port(listen_port)
             .with_uapi(uapi)
             .build()
             .await
-            .with_context(|| format!("starting WireGuard on {name}"))?;
+            .map_err(|e| device_error(format!("starting WireGuard on {name}"), e))?;
         // Setting the key after build brings the UDP socket up even before the first peer
         // exists, so peers that know us can complete handshakes right away.
         device
             .set_private_key(private_key)
             .await
-            .with_context(|| format!("binding UDP port {listen_port} for {name}"))?;
+            .map_err(|e| device_error(format!("binding UDP port {listen_port} for {name}"), e))?;
         Ok(Self {
             name: name.to_string(),
             device,
@@ -64,6 +64,16 @@ impl Drop for UserspaceDevice {
     }
 }
 
+/// A failure of the userspace device, as an [`Error::Io`] (its OS error kept where it has
+/// one).
+fn device_error(action: String, error: gotatun::device::Error) -> Error {
+    let error = match error {
+        gotatun::device::Error::IoError(error) => error,
+        other => std::io::Error::other(other.to_string()),
+    };
+    Error::io(action, error)
+}
+
 fn to_gotatun_key(key: &PublicKey) -> x25519_dalek::PublicKey {
     x25519_dalek::PublicKey::from(key.0)
 }
@@ -79,7 +89,7 @@ impl WireGuardDevice for UserspaceDevice {
         &self.name
     }
 
-    async fn peers(&self) -> anyhow::Result<Vec<PeerStatus>> {
+    async fn peers(&self) -> Result<Vec<PeerStatus>> {
         let peers = self.device.peers().await;
         Ok(peers
             .into_iter()
@@ -103,7 +113,7 @@ impl WireGuardDevice for UserspaceDevice {
             .collect())
     }
 
-    async fn upsert_peer(&self, want: &PeerConfig) -> anyhow::Result<()> {
+    async fn upsert_peer(&self, want: &PeerConfig) -> Result<()> {
         let key = to_gotatun_key(&want.public_key);
         let allowed: Vec<_> = want.allowed_ips.iter().map(to_network).collect();
         let endpoint = want.endpoint;
@@ -128,15 +138,20 @@ impl WireGuardDevice for UserspaceDevice {
                 }
             })
             .await
-            .with_context(|| format!("configuring peer {} on {}", want.public_key, self.name))
+            .map_err(|e| {
+                device_error(
+                    format!("configuring peer {} on {}", want.public_key, self.name),
+                    e,
+                )
+            })
     }
 
-    async fn remove_peer(&self, key: &PublicKey) -> anyhow::Result<()> {
+    async fn remove_peer(&self, key: &PublicKey) -> Result<()> {
         let k = to_gotatun_key(key);
         self.device
             .write(async |dev| dev.remove_peer(&k).await)
             .await
-            .with_context(|| format!("removing peer {key} from {}", self.name))?;
+            .map_err(|e| device_error(format!("removing peer {key} from {}", self.name), e))?;
         Ok(())
     }
 }

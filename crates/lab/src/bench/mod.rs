@@ -9,8 +9,11 @@
 //! it is the time until connections succeed again. Lost: failed attempts.
 
 pub(crate) mod leadership;
+mod peer;
+mod tcp;
 
 pub use leadership::{LeadershipArgs, leadership, table as leadership_table};
+pub(crate) use tcp::{CONNECT_TIMEOUT, SERVER_PORT, Servers, connect_from};
 
 use crate::build;
 use crate::fault::{self, Fault, FaultKind};
@@ -19,18 +22,14 @@ use crate::state::LabState;
 use crate::up::bring_up;
 use anyhow::{Context, bail};
 use serde::Serialize;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use trellis_dataplane::netns;
 use trellis_model::{GatewayHealth, Granularity};
 
 const ATTEMPT_EVERY: Duration = Duration::from_millis(10);
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 const BEFORE_FAULT: Duration = Duration::from_millis(500);
-pub(crate) const SERVER_PORT: u16 = 7070;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -45,9 +44,14 @@ pub struct Row {
     /// Trials that had not recovered when the observation window closed (their outage is
     /// counted as the whole window).
     pub unrecovered: usize,
+    /// Trials the rig could not run (an error of its own, not an outage), even when
+    /// retried once; they are not in the percentiles.
+    pub rig_errors: usize,
 }
 
 pub struct FailoverArgs {
+    /// The lab's name; `None`: bff for the forwarding trials, bfl for the baseline.
+    pub name: Option<String>,
     pub trials: usize,
     pub window: Duration,
     /// What breaks: gateways (with these fault kinds), or the direct path between two
@@ -100,8 +104,18 @@ pub fn default_kinds() -> Vec<Fault> {
     ]
 }
 
-pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
+/// What a failover bench measured, and why it stopped early if it did: the rows measured
+/// before that are kept.
+pub struct Failover {
+    pub rows: Vec<Row>,
+    pub stopped: Option<anyhow::Error>,
+}
+
+pub async fn failover(args: &FailoverArgs) -> Failover {
+    let mut out = Failover {
+        rows: Vec::new(),
+        stopped: None,
+    };
     for (baseline, health) in [
         (false, GatewayHealth::Forwarding),
         (true, GatewayHealth::Liveness),
@@ -109,82 +123,127 @@ pub async fn failover(args: &FailoverArgs) -> anyhow::Result<Vec<Row>> {
         if (baseline && !args.baseline) || (!baseline && !args.forwarding) {
             continue;
         }
-        let name = if baseline { "bfl" } else { "bff" };
-        let _ = build::teardown(name);
-        let mut params = bench_lab(name, health);
-        if matches!(args.target, Target::DirectPath) {
-            params.granularity = Granularity::Full;
-        }
-        let spec = params.spec()?;
-        let kinds = match &args.target {
-            Target::Gateways(kinds) => kinds.clone(),
-            Target::DirectPath => vec![Fault::cut_path(&direct_pair(&spec)?.1)],
+        // One lab at a time, so both modes may share a --name.
+        let name = match &args.name {
+            Some(n) => n.clone(),
+            None if baseline => "bfl".into(),
+            None => "bff".into(),
         };
-        let result = async {
-            bring_up(&spec, Duration::from_secs(60)).await?;
-            // Detectors hold their verdicts for a start-up grace; the first trial should
-            // not fall inside it while the others do not.
-            let grace = trellis_plan::health::DetectorConfig::default().startup_grace_ms;
-            tokio::time::sleep(Duration::from_millis(grace + 500)).await;
-            let mut out = Vec::new();
-            for kind in &kinds {
-                let mut outages = Vec::new();
-                let mut lost = 0;
-                let mut unrecovered = 0;
-                for trial in 0..args.trials {
-                    let scenario = match args.target {
-                        Target::Gateways(_) => Scenario::gateway(name, kind, trial).await?,
-                        Target::DirectPath => Scenario::direct_path(&spec, kind)?,
-                    };
-                    let t = run_trial(name, &scenario, args.window)
-                        .await
-                        .with_context(|| format!("{} trial {trial}", scenario.fault))?;
-                    eprintln!(
-                        "{} {kind}: trial {}/{}: outage {:.0} ms, {} connections lost{}",
-                        if baseline { "liveness" } else { "forwarding" },
-                        trial + 1,
-                        args.trials,
-                        t.outage.as_secs_f64() * 1000.0,
-                        t.lost,
-                        if t.recovered {
-                            ""
-                        } else {
-                            " (not recovered in the window)"
-                        }
-                    );
-                    outages.push(t.outage.as_secs_f64() * 1000.0);
-                    lost += t.lost;
-                    unrecovered += usize::from(!t.recovered);
-                }
-                outages.sort_by(f64::total_cmp);
-                // each kind's row as soon as it is known: a long run cut short keeps them
-                eprintln!(
-                    "{} {kind}: p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms, {lost} lost, {unrecovered} not recovered",
-                    if baseline { "liveness" } else { "forwarding" },
-                    percentile(&outages, 0.50),
-                    percentile(&outages, 0.95),
-                    percentile(&outages, 0.99),
-                    outages.last().copied().unwrap_or(0.0),
-                );
-                out.push(Row {
-                    kind: kind.to_string(),
-                    baseline,
-                    trials: outages.len(),
-                    p50_ms: percentile(&outages, 0.50),
-                    p95_ms: percentile(&outages, 0.95),
-                    p99_ms: percentile(&outages, 0.99),
-                    max_ms: outages.last().copied().unwrap_or(0.0),
-                    lost,
-                    unrecovered,
-                });
-            }
-            anyhow::Ok(out)
+        let _ = build::teardown(&name);
+        let result = failover_mode(args, &name, baseline, health, &mut out.rows).await;
+        let _ = build::teardown(&name);
+        if let Err(e) = result {
+            out.stopped = Some(e);
+            break;
         }
-        .await;
-        let _ = build::teardown(name);
-        rows.extend(result?);
     }
-    Ok(rows)
+    out
+}
+
+/// One mode's trials on a lab of its own; each fault kind's row is pushed to `rows` as
+/// soon as it is known, so a run cut short keeps them.
+async fn failover_mode(
+    args: &FailoverArgs,
+    name: &str,
+    baseline: bool,
+    health: GatewayHealth,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let mode = if baseline { "liveness" } else { "forwarding" };
+    let mut params = bench_lab(name, health);
+    if matches!(args.target, Target::DirectPath) {
+        params.granularity = Granularity::Full;
+    }
+    let spec = params.spec()?;
+    let kinds = match &args.target {
+        Target::Gateways(kinds) => kinds.clone(),
+        Target::DirectPath => vec![Fault::cut_path(&direct_pair(&spec)?.1)],
+    };
+    bring_up(&spec, Duration::from_secs(60)).await?;
+    // Detectors hold their verdicts for a start-up grace; the first trial should
+    // not fall inside it while the others do not.
+    let grace = trellis_plan::health::DetectorConfig::default().startup_grace_ms;
+    tokio::time::sleep(Duration::from_millis(grace + 500)).await;
+    let mut servers = Servers::default();
+    for kind in &kinds {
+        let mut outages = Vec::new();
+        let (mut lost, mut unrecovered, mut rig_errors) = (0, 0, 0);
+        for trial in 0..args.trials {
+            let what = format!("{mode} {kind}: trial {}/{}", trial + 1, args.trials);
+            let t = match retried_trial(args, &spec, kind, trial, &mut servers, &what).await {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{what}: not measured, an error of the rig: {e:#}");
+                    rig_errors += 1;
+                    continue;
+                }
+            };
+            eprintln!(
+                "{what}: outage {:.0} ms, {} connections lost{}",
+                t.outage.as_secs_f64() * 1000.0,
+                t.lost,
+                if t.recovered {
+                    ""
+                } else {
+                    " (not recovered in the window)"
+                }
+            );
+            outages.push(t.outage.as_secs_f64() * 1000.0);
+            lost += t.lost;
+            unrecovered += usize::from(!t.recovered);
+        }
+        outages.sort_by(f64::total_cmp);
+        let row = Row {
+            kind: kind.to_string(),
+            baseline,
+            trials: outages.len(),
+            p50_ms: percentile(&outages, 0.50),
+            p95_ms: percentile(&outages, 0.95),
+            p99_ms: percentile(&outages, 0.99),
+            max_ms: outages.last().copied().unwrap_or(0.0),
+            lost,
+            unrecovered,
+            rig_errors,
+        };
+        // each kind's row as soon as it is known: a long run cut short keeps them
+        eprintln!(
+            "{mode} {kind}: p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms, {lost} lost, {unrecovered} not recovered, {rig_errors} not measured",
+            row.p50_ms, row.p95_ms, row.p99_ms, row.max_ms,
+        );
+        rows.push(row);
+    }
+    Ok(())
+}
+
+/// One trial; if the rig fails (not the mesh: an outage is a result), the fault is healed,
+/// the mesh given time to settle, and the trial run once more.
+async fn retried_trial(
+    args: &FailoverArgs,
+    spec: &crate::spec::LabSpec,
+    kind: &Fault,
+    trial: usize,
+    servers: &mut Servers,
+    what: &str,
+) -> anyhow::Result<Trial> {
+    let lab = spec.name.as_str();
+    let mut last = None;
+    for attempt in 0..2 {
+        let scenario = match args.target {
+            Target::Gateways(_) => Scenario::gateway(lab, kind, trial).await?,
+            Target::DirectPath => Scenario::direct_path(spec, kind)?,
+        };
+        match run_trial(lab, &scenario, args.window, servers).await {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                if attempt == 0 {
+                    eprintln!("{what}: an error of the rig, retrying once: {e:#}");
+                }
+                let _ = settle(lab, &scenario.fault_node).await;
+                last = Some(e.context(scenario.fault.to_string()));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt ran")))
 }
 
 /// The benchmarks' lab: two locations of three nodes, two of them public, two gateways each.
@@ -309,15 +368,19 @@ fn direct_pair(spec: &crate::spec::LabSpec) -> anyhow::Result<(String, String)> 
     }
 }
 
-async fn run_trial(lab: &str, scenario: &Scenario, window: Duration) -> anyhow::Result<Trial> {
-    let state = LabState::load(lab)?;
+async fn run_trial(
+    lab: &str,
+    scenario: &Scenario,
+    window: Duration,
+    servers: &mut Servers,
+) -> anyhow::Result<Trial> {
     let Scenario {
         fault_node,
         fault: kind,
         server: server_pod,
         clients,
     } = scenario;
-    let _server = Server::start(&server_pod.netns).await?;
+    servers.ensure(&server_pod.netns).await?;
     let target = SocketAddr::V4(SocketAddrV4::new(server_pod.ip.addr(), SERVER_PORT));
 
     let start = Instant::now();
@@ -371,8 +434,18 @@ async fn run_trial(lab: &str, scenario: &Scenario, window: Duration) -> anyhow::
         Some(last) => (last + ATTEMPT_EVERY).saturating_duration_since(fault_at),
     };
 
-    // Heal, and wait until every candidate forwards again (after the hold-down, or longer
-    // if its flapping is being damped) and the mesh has converged, so trials start alike.
+    settle(lab, fault_node).await?;
+    Ok(Trial {
+        outage,
+        lost,
+        recovered,
+    })
+}
+
+/// Heal, and wait until every candidate forwards again (after the hold-down, or longer
+/// if its flapping is being damped) and the mesh has converged, so trials start alike.
+async fn settle(lab: &str, fault_node: &str) -> anyhow::Result<()> {
+    let state = LabState::load(lab)?;
     fault::heal(lab, fault_node).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -401,66 +474,7 @@ async fn run_trial(lab: &str, scenario: &Scenario, window: Duration) -> anyhow::
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(Trial {
-        outage,
-        lost,
-        recovered,
-    })
-}
-
-pub(crate) async fn connect_from(netns_name: &str, target: SocketAddr) -> bool {
-    let Ok(Ok(fd)) = netns::run_in(netns_name, || {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if fd < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        }
-    }) else {
-        return false;
-    };
-    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    matches!(
-        tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await,
-        Ok(Ok(_))
-    )
-}
-
-/// A TCP listener inside a pod that accepts and closes connections.
-pub(crate) struct Server {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    pub(crate) async fn start(netns_name: &str) -> anyhow::Result<Self> {
-        let listener = netns::run_in(netns_name, || {
-            let l =
-                std::net::TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT))?;
-            l.set_nonblocking(true)?;
-            std::io::Result::Ok(l)
-        })??;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let task = tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                drop(conn);
-            }
-        });
-        Ok(Self { task })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    Ok(())
 }
 
 pub fn table(rows: &[Row]) -> String {
@@ -485,6 +499,19 @@ pub fn table(rows: &[Row]) -> String {
             r.unrecovered
         ));
     }
+    // Rare, so not a column: a row's trials column already counts only measured trials.
+    for r in rows.iter().filter(|r| r.rig_errors > 0) {
+        out.push_str(&format!(
+            "\n{} ({}): {} trial{} not measured (errors of the rig, not outages)",
+            r.kind,
+            if r.baseline { "liveness" } else { "forwarding" },
+            r.rig_errors,
+            if r.rig_errors == 1 { "" } else { "s" }
+        ));
+    }
+    if rows.iter().any(|r| r.rig_errors > 0) {
+        out.push('\n');
+    }
     out
 }
 
@@ -504,8 +531,11 @@ pub struct FalseFailover {
 
 /// Random loss on every link of every node for `duration`; count gateway changes (the
 /// target is none) and the single observers' false alarms that the majority absorbed.
-pub async fn false_failover(duration: Duration, loss: u8) -> anyhow::Result<FalseFailover> {
-    let name = "bfx";
+pub async fn false_failover(
+    name: &str,
+    duration: Duration,
+    loss: u8,
+) -> anyhow::Result<FalseFailover> {
     let _ = build::teardown(name);
     let spec = bench_lab(name, GatewayHealth::Forwarding).spec()?;
     let result = async {
@@ -589,5 +619,30 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 20.0);
         assert_eq!(percentile(&[7.0], 0.99), 7.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn trials_the_rig_failed_are_noted_under_the_table() {
+        let row = |rig_errors| Row {
+            kind: "kill".into(),
+            baseline: false,
+            trials: 2,
+            p50_ms: 400.0,
+            p95_ms: 500.0,
+            p99_ms: 500.0,
+            max_ms: 500.0,
+            lost: 80,
+            unrecovered: 0,
+            rig_errors,
+        };
+        assert!(!table(&[row(0)]).contains("not measured"));
+        let t = table(&[row(0), row(1)]);
+        assert!(t.contains("| kill | forwarding probes | 2 | 400 |"), "{t}");
+        assert!(
+            t.ends_with(
+                "\nkill (forwarding): 1 trial not measured (errors of the rig, not outages)\n"
+            ),
+            "{t}"
+        );
     }
 }

@@ -148,17 +148,20 @@ impl AgentArgs {
                 persistent_keepalive: None,
             },
             resync: Duration::from_secs(self.resync_seconds.max(1)),
-            probe: ProbeConfig {
-                interval: Duration::from_millis(self.probe_interval_ms.max(10)),
-                rounds: RoundConfig {
-                    min_timeout_ms: self.probe_min_timeout_ms.max(1),
-                    ..RoundConfig::default()
-                },
-                detector: DetectorConfig {
-                    multiplier: self.probe_multiplier.max(1),
-                    hold_down_ms: self.hold_down_ms,
-                    ..DetectorConfig::default()
-                },
+            probe: {
+                let defaults = ProbeConfig::default();
+                ProbeConfig {
+                    interval_ms: self.probe_interval_ms.max(10),
+                    rounds: RoundConfig {
+                        min_timeout_ms: self.probe_min_timeout_ms.max(1),
+                        ..defaults.rounds
+                    },
+                    detector: DetectorConfig {
+                        multiplier: self.probe_multiplier.max(1),
+                        hold_down_ms: self.hold_down_ms,
+                        ..defaults.detector
+                    },
+                }
             },
             admin_addr: self.metrics_addr,
         };

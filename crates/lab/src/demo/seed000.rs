@@ -1,20 +1,21 @@
-//! `trellis lab demo`: seed 000 replayed on a lab. A gateway keeps answering pings and
-//! WireGuard handshakes but stops forwarding new flows; Trellis's observers notice, the
-//! gateway is replaced, traffic flows again, and after the fault is healed and the hold-down
-//! has passed the gateway takes its share back. Every step is printed with its time since
-//! the fault (or the heal), and a summary table closes the run.
+//! Seed 000: a gateway keeps answering pings and WireGuard handshakes but stops forwarding
+//! new flows; Trellis's observers notice, the gateway is replaced, traffic flows again, and
+//! after the fault is healed and the hold-down has passed the gateway takes its share back.
+//! Every step is printed with its time since the fault (or the heal).
 
-use crate::bench::{SERVER_PORT, Server, Stream, connect_from};
+use super::lab::{summary_table, up_and_check};
+use crate::bench::{SERVER_PORT, Servers, Stream, connect_from};
 use crate::fault::{self, Fault, FaultKind};
-use crate::spec::LabParams;
-use crate::state::LabState;
-use crate::{build, check, state};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use trellis_model::{GatewayHealth, Granularity};
+use trellis_model::Granularity;
+
+/// Connection attempts (started, finished, succeeded), appended by the traffic task as
+/// they finish.
+type Attempts = Arc<Mutex<Vec<(Instant, Instant, bool)>>>;
 
 /// A new connection this often, from the other location's pods to a pod the faulty gateway
 /// serves: the stream whose outage the demo measures.
@@ -28,85 +29,43 @@ fn hold_down() -> Duration {
     Duration::from_millis(trellis_plan::health::DetectorConfig::default().hold_down_ms)
 }
 
-/// The incidents the demo replays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seed {
-    /// A gateway stops forwarding new flows while it still answers pings and handshakes.
-    Gateway000,
-    /// The store stops answering; the leader must stop without taking anything down.
-    Lease001,
-}
-
-/// Replays one incident on a lab of its own, prints each step and a summary table, and
-/// removes the lab, also when interrupted. `Ok(true)` when the demo passed.
-pub async fn run(name: &str, granularity: Granularity, seed: Seed) -> anyhow::Result<bool> {
-    let name = name.to_string();
-    crate::spec::validate_lab_name(&name)?;
-    if state::dir(&name).join("lab.json").exists() {
-        println!("== removing a leftover lab {name}");
-        build::teardown(&name)?;
-    }
-    // Ctrl-C must not leave a half-built lab behind: the teardown below always runs.
-    let replay = async {
-        anyhow::Ok(if seed == Seed::Lease001 {
-            let s = crate::lease_demo::scenario(&name).await?;
-            (s.table(), s.passed(), SEED_001_PASSED)
-        } else {
-            let s = scenario(&name, granularity).await?;
-            (s.table(), s.passed(), SEED_000_PASSED)
-        })
-    };
-    let result = tokio::select! {
-        r = replay => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-    println!("\n== trellis lab down --name {name}");
-    match build::teardown(&name) {
-        Ok(d) => println!(
-            "removed {} namespaces and {} processes",
-            d.namespaces, d.processes
-        ),
-        Err(e) => eprintln!("teardown failed: {e:#}"),
-    }
-    let (table, passed, success) = result?;
-    println!("\n{table}");
-    if passed {
-        println!("{success}");
-    } else {
-        println!("demo FAILED: see the steps above");
-    }
-    Ok(passed)
-}
-
-const SEED_000_PASSED: &str = "demo passed: the gateway that stopped forwarding was routed around and took its share back after the hold-down";
-const SEED_001_PASSED: &str = "demo passed: the leader stopped at its renew deadline, nothing else stopped, and a leader came back with the store";
-
 /// What the demo saw, in milliseconds since the fault (failover part) or the heal
-/// (failback part). `None`: did not happen within the limit.
-#[derive(Default, Debug)]
-struct Summary {
+/// (failback part); also the `--json` summary. `None` (`null`): did not happen within the
+/// limit.
+#[derive(Default, Debug, serde::Serialize)]
+pub(super) struct Summary {
+    /// Every pod reached every other before the fault.
     pairs_ok: bool,
+    /// The gateway that stops forwarding new flows.
     gateway: String,
+    /// The node whose pod the measured stream goes to, served by `gateway`.
     served: String,
     fault: String,
-    first_observer: Option<(u128, String)>,
-    verdict_down: Option<u128>,
-    replaced: Option<(u128, String)>,
-    restored: Option<u128>,
-    lost: usize,
-    attempts: usize,
-    observers_up: Option<u128>,
-    failback: Option<u128>,
-    lost_after_heal: usize,
-    attempts_after_heal: usize,
+    first_observer: Option<String>,
+    first_observer_ms: Option<u128>,
+    verdict_down_ms: Option<u128>,
+    /// The gateway that took `served` over.
+    replaced_by: Option<String>,
+    replaced_ms: Option<u128>,
+    /// New connections to `served`'s pod succeed again.
+    restored_ms: Option<u128>,
+    connections_lost: usize,
+    connections_attempted: usize,
+    /// Since the heal: every observer sees `gateway` forward again.
+    observers_up_ms: Option<u128>,
+    /// Since the heal: `gateway` serves `served` again.
+    failback_ms: Option<u128>,
+    hold_down_ms: u128,
+    connections_lost_after_heal: usize,
+    connections_attempted_after_heal: usize,
 }
 
 impl Summary {
-    fn passed(&self) -> bool {
-        self.pairs_ok && self.restored.is_some() && self.failback.is_some()
+    pub(super) fn passed(&self) -> bool {
+        self.pairs_ok && self.restored_ms.is_some() && self.failback_ms.is_some()
     }
 
-    fn table(&self) -> String {
+    pub(super) fn table(&self) -> String {
         let ms = |v: Option<u128>| v.map_or("did not happen".to_string(), |v| format!("{v} ms"));
         let mut rows: Vec<(String, String)> = vec![
             (
@@ -116,32 +75,33 @@ impl Summary {
             (
                 format!(
                     "first observer says it stopped forwarding ({})",
-                    self.first_observer
-                        .as_ref()
-                        .map_or("-", |(_, o)| o.as_str())
+                    self.first_observer.as_deref().unwrap_or("-")
                 ),
-                ms(self.first_observer.as_ref().map(|(t, _)| *t)),
+                ms(self.first_observer_ms),
             ),
-            ("majority verdict: down".into(), ms(self.verdict_down)),
+            ("majority verdict: down".into(), ms(self.verdict_down_ms)),
             (
                 format!(
                     "gateway replaced (by {})",
-                    self.replaced.as_ref().map_or("-", |(_, g)| g.as_str())
+                    self.replaced_by.as_deref().unwrap_or("-")
                 ),
-                ms(self.replaced.as_ref().map(|(t, _)| *t)),
+                ms(self.replaced_ms),
             ),
             (
                 format!("new connections to {}'s pod succeed again", self.served),
-                ms(self.restored),
+                ms(self.restored_ms),
             ),
             (
                 "connections lost".into(),
-                format!("{} of {}", self.lost, self.attempts),
+                format!(
+                    "{} of {}",
+                    self.connections_lost, self.connections_attempted
+                ),
             ),
             ("fault healed".into(), "t = 0".into()),
             (
                 "every observer sees it forward again".into(),
-                ms(self.observers_up),
+                ms(self.observers_up_ms),
             ),
             (
                 format!(
@@ -149,11 +109,14 @@ impl Summary {
                     self.gateway,
                     hold_down().as_secs()
                 ),
-                ms(self.failback),
+                ms(self.failback_ms),
             ),
             (
                 "connections lost during failback".into(),
-                format!("{} of {}", self.lost_after_heal, self.attempts_after_heal),
+                format!(
+                    "{} of {}",
+                    self.connections_lost_after_heal, self.connections_attempted_after_heal
+                ),
             ),
         ];
         rows.push((
@@ -164,54 +127,7 @@ impl Summary {
     }
 }
 
-/// A demo's closing table: what happened, and when or how much.
-pub(crate) fn summary_table(rows: &[(String, String)]) -> String {
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut out = format!("{:width$}  {}\n", "SUMMARY", "");
-    for (k, v) in rows {
-        out.push_str(&format!("{k:width$}  {v}\n"));
-    }
-    out
-}
-
-/// Connection attempts (started, finished, succeeded), appended by the traffic task as
-/// they finish.
-type Attempts = Arc<Mutex<Vec<(Instant, Instant, bool)>>>;
-
-/// The demos' lab: 6 nodes in 2 locations, 2 gateways each, brought up and checked
-/// pair by pair, with each step printed. Returns the lab and whether every pair answered.
-pub(crate) async fn up_and_check(
-    name: &str,
-    granularity: Granularity,
-    store: crate::store::StoreKind,
-) -> anyhow::Result<(LabState, bool)> {
-    println!(
-        "== trellis lab up --name {name} --nodes 6 --locations 2 --gateways 2 --granularity {granularity} --store {}",
-        store.name()
-    );
-    let params = LabParams {
-        name: name.to_string(),
-        nodes: 6,
-        locations: 2,
-        granularity,
-        gateways: 2,
-        public_per_location: 2,
-        pods_per_node: 1,
-        agent_resync: 10,
-        gateway_health: GatewayHealth::Forwarding,
-        store,
-    };
-    let up = crate::up::up(&params, Duration::from_secs(60)).await?;
-    println!("{}", crate::up::summary(&up));
-    print!("{}", crate::status::show(name, false).await?);
-    let lab = LabState::load(name)?;
-    println!("\n== trellis lab check --name {name}   (ICMP between every pair of pods)");
-    let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
-    print!("{}", check::matrix(&report));
-    Ok((lab, report.ok))
-}
-
-async fn scenario(name: &str, granularity: Granularity) -> anyhow::Result<Summary> {
+pub(super) async fn scenario(name: &str, granularity: Granularity) -> anyhow::Result<Summary> {
     let (lab, pairs_ok) =
         up_and_check(name, granularity, crate::store::StoreKind::Embedded).await?;
 
@@ -227,11 +143,13 @@ async fn scenario(name: &str, granularity: Granularity) -> anyhow::Result<Summar
         pairs_ok,
         gateway: gateway.clone(),
         served: served.clone(),
+        hold_down_ms: hold_down().as_millis(),
         ..Default::default()
     };
-    let _server = Server::start(&server.netns).await?;
+    let mut servers = Servers::default();
+    servers.ensure(&server.netns).await?;
     let target = SocketAddr::V4(SocketAddrV4::new(server.ip.addr(), SERVER_PORT));
-    println!(
+    say!(
         "\n== traffic: a new TCP connection every {} ms from the pods of the other location to {} ({}'s pod, served by gateway {gateway})",
         CONNECT_EVERY.as_millis(),
         server.ip.addr(),
@@ -244,22 +162,22 @@ async fn scenario(name: &str, granularity: Granularity) -> anyhow::Result<Summar
 
         let fault = Fault::new(FaultKind::BlackholeForward, true, None)?;
         summary.fault = fault.to_string();
-        println!(
+        say!(
             "\n== trellis lab fault --name {name} {gateway} {fault}   (seed 000: {gateway} still answers pings and handshakes, but drops every new flow it should forward)"
         );
         fault::inject(name, &gateway, fault).await?;
         let t0 = Instant::now();
-        println!("  t = 0 at {}", wall_clock());
+        say!("  t = 0 at {}", wall_clock());
         failover(store.as_ref(), &attempts, t0, &mut summary).await?;
 
-        println!("\n== trellis lab heal --name {name} {gateway}");
+        say!("\n== trellis lab heal --name {name} {gateway}");
         fault::heal(name, &gateway).await?;
         let h0 = Instant::now();
-        println!("  t = 0 at {}", wall_clock());
+        say!("  t = 0 at {}", wall_clock());
         failback(store.as_ref(), &attempts, h0, &mut summary).await?;
         let (lost, total) = tally(&attempts, By::Start, h0, Instant::now());
-        summary.lost_after_heal = lost;
-        summary.attempts_after_heal = total;
+        summary.connections_lost_after_heal = lost;
+        summary.connections_attempted_after_heal = total;
         anyhow::Ok(())
     }
     .await;
@@ -286,47 +204,49 @@ async fn failover(
             if summary.first_observer.is_none()
                 && let Some(o) = view.observers_down(&gateway).first()
             {
-                println!(
+                say!(
                     "  +{:>5} ms  observer {o} sees {gateway} stop forwarding",
                     since(now)
                 );
-                summary.first_observer = Some((since(now), o.clone()));
+                summary.first_observer = Some(o.clone());
+                summary.first_observer_ms = Some(since(now));
             }
-            if summary.verdict_down.is_none() && view.down.contains(&gateway) {
+            if summary.verdict_down_ms.is_none() && view.down.contains(&gateway) {
                 let o = view.observers_down(&gateway).join(", ");
-                println!(
+                say!(
                     "  +{:>5} ms  majority verdict: {gateway} is down (observers {o})",
                     since(now)
                 );
-                summary.verdict_down = Some(since(now));
+                summary.verdict_down_ms = Some(since(now));
             }
-            if summary.replaced.is_none()
+            if summary.replaced_by.is_none()
                 && let Some(new) = view.serving.get(&summary.served)
                 && *new != gateway
             {
-                println!(
+                say!(
                     "  +{:>5} ms  {} is now served by {new}; {gateway} has left its slot",
                     since(now),
                     summary.served
                 );
-                summary.replaced = Some((since(now), new.clone()));
+                summary.replaced_by = Some(new.clone());
+                summary.replaced_ms = Some(since(now));
             }
         }
-        if summary.restored.is_none()
+        if summary.restored_ms.is_none()
             && let Some(restored) = restored_at(attempts, t0, now)
         {
-            println!(
+            say!(
                 "  +{:>5} ms  new connections succeed again (first success after the last failure; confirmed at +{} ms)",
                 since(restored),
                 since(now)
             );
-            summary.restored = Some(since(restored));
+            summary.restored_ms = Some(since(restored));
         }
         if now.duration_since(last_report) >= Duration::from_secs(1) {
             report_traffic(attempts, since(now), last_report, now, "in the last second");
             last_report = now;
         }
-        if summary.replaced.is_some() && summary.restored.is_some() {
+        if summary.replaced_by.is_some() && summary.restored_ms.is_some() {
             break;
         }
     }
@@ -339,8 +259,8 @@ async fn failover(
         "since the last line",
     );
     let (lost, total) = tally(attempts, By::Start, t0, now);
-    summary.lost = lost;
-    summary.attempts = total;
+    summary.connections_lost = lost;
+    summary.connections_attempted = total;
     Ok(())
 }
 
@@ -360,24 +280,25 @@ async fn failback(
         tokio::time::sleep(POLL_EVERY).await;
         let now = Instant::now();
         if let Ok(view) = View::load(store).await {
-            if summary.observers_up.is_none()
+            if summary.observers_up_ms.is_none()
                 && view.observers_down(&gateway).is_empty()
                 && !view.down.contains(&gateway)
             {
-                println!(
+                say!(
                     "  +{:>5} ms  every observer sees {gateway} forward again (it waited out the {} s hold-down)",
                     since(now),
                     hold_down().as_secs()
                 );
-                summary.observers_up = Some(since(now));
+                summary.observers_up_ms = Some(since(now));
             }
-            if summary.failback.is_none() && view.serving.get(&summary.served) == Some(&gateway) {
-                println!(
+            if summary.failback_ms.is_none() && view.serving.get(&summary.served) == Some(&gateway)
+            {
+                say!(
                     "  +{:>5} ms  failback: {} is served by {gateway} again",
                     since(now),
                     summary.served
                 );
-                summary.failback = Some(since(now));
+                summary.failback_ms = Some(since(now));
                 done_at = Some(now);
             }
         }
@@ -396,7 +317,7 @@ async fn failback(
 async fn progress(attempts: &Attempts, from: Instant, length: Duration, label: &str) {
     tokio::time::sleep(length).await;
     let (lost, total) = tally(attempts, By::Start, from, Instant::now());
-    println!(
+    say!(
         "  traffic {label}: {}/{} new connections ok",
         total - lost,
         total
@@ -449,7 +370,7 @@ fn tally(attempts: &Attempts, by: By, from: Instant, to: Instant) -> (usize, usi
 /// One progress line: how the connections that finished since `from` fared.
 fn report_traffic(attempts: &Attempts, elapsed_ms: u128, from: Instant, now: Instant, span: &str) {
     let (lost, total) = tally(attempts, By::End, from, now);
-    println!(
+    say!(
         "  +{elapsed_ms:>5} ms  traffic: {} connections succeeded, {lost} failed (timed out) {span}",
         total - lost
     );

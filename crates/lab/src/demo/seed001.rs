@@ -1,10 +1,11 @@
-//! `trellis lab demo --seed 001`: seed 001 replayed on a lab on etcd. The store stops
+//! Seed 001 replayed on a lab on etcd. The store stops
 //! answering (SIGSTOP, as an API server under pressure); the leader stops its leader-only
 //! work at its renew deadline and nothing else happens: no agent exits, every node stays
 //! ready, traffic between every pair of pods keeps flowing. After the store is back a
 //! leader acts again. Every step is printed with its time since the freeze (or the thaw).
 
-use crate::agent_admin::ready_of;
+use super::lab::{summary_table, up_and_check};
+use crate::agent_admin::ready;
 use crate::bench::leadership::{Traffic, acting_leaders, new_leader, one_leader};
 use crate::processes;
 use crate::state::LabState;
@@ -20,19 +21,30 @@ const POLL: Duration = Duration::from_millis(50);
 const OUTAGE: Duration = Duration::from_secs(15);
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
-#[derive(Default, Debug)]
+/// What the demo saw, in milliseconds since the freeze (or the thaw, for `back_ms`); also
+/// the `--json` summary. `None` (`null`): did not happen within the limit.
+#[derive(Default, Debug, serde::Serialize)]
 pub struct Summary {
+    /// Every pod reached every other before the freeze.
     pairs_ok: bool,
+    /// The leader when the store froze, and its epoch.
     leader: String,
     epoch: u64,
+    /// The leader stopped its leader-only work.
     stopped_ms: Option<u128>,
     renew_deadline_ms: u128,
-    samples: usize,
-    unready_samples: usize,
+    /// Agent processes that exited or were replaced (target 0).
     restarts: usize,
-    attempts: usize,
-    lost: usize,
-    back: Option<(u128, String, u64)>,
+    /// Readiness samples of running agents, and how many said not ready (target 0).
+    readiness_samples: usize,
+    unready_samples: usize,
+    /// New TCP connections between every pair of pods, and how many failed (target 0).
+    connections_attempted: usize,
+    connections_lost: usize,
+    /// After the thaw: a leader acts again, who, with which epoch.
+    back_ms: Option<u128>,
+    next_leader: Option<String>,
+    next_epoch: Option<u64>,
 }
 
 impl Summary {
@@ -43,8 +55,8 @@ impl Summary {
                 .is_some_and(|ms| ms <= self.renew_deadline_ms + 1_000)
             && self.unready_samples == 0
             && self.restarts == 0
-            && self.lost == 0
-            && self.back.is_some()
+            && self.connections_lost == 0
+            && self.back_ms.is_some()
     }
 
     pub fn table(&self) -> String {
@@ -67,36 +79,37 @@ impl Summary {
             ),
             (
                 "node readiness samples that were not ready".into(),
-                format!("{} of {}", self.unready_samples, self.samples),
+                format!("{} of {}", self.unready_samples, self.readiness_samples),
             ),
             (
                 "new TCP connections between all pod pairs that failed".into(),
-                format!("{} of {}", self.lost, self.attempts),
+                format!(
+                    "{} of {}",
+                    self.connections_lost, self.connections_attempted
+                ),
             ),
             ("store thawed".into(), "t = 0".into()),
             (
-                match &self.back {
-                    Some((_, node, epoch)) => {
+                match (&self.next_leader, self.next_epoch) {
+                    (Some(node), Some(epoch)) => {
                         format!("a leader acts again: {node} (epoch {epoch})")
                     }
-                    None => "a leader acts again".into(),
+                    _ => "a leader acts again".into(),
                 },
-                self.back
-                    .as_ref()
-                    .map_or("did not happen".into(), |(ms, _, _)| format!("{ms} ms")),
+                self.back_ms
+                    .map_or("did not happen".into(), |ms| format!("{ms} ms")),
             ),
             (
                 "the same outage under Skupper (seed 001)".into(),
                 "controller exits: restarts, NotReady, config drift".into(),
             ),
         ];
-        crate::demo::summary_table(&rows)
+        summary_table(&rows)
     }
 }
 
 pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
-    let (lab, pairs_ok) =
-        crate::demo::up_and_check(name, Granularity::Location, StoreKind::Etcd).await?;
+    let (lab, pairs_ok) = up_and_check(name, Granularity::Location, StoreKind::Etcd).await?;
 
     let leader = one_leader(name, Duration::from_secs(30)).await?;
     let epoch = trellis_agent::leader::current_leader(crate::open_store(name)?.as_ref())
@@ -110,19 +123,19 @@ pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
         renew_deadline_ms: election.renew_deadline.as_millis(),
         ..Default::default()
     };
-    println!(
+    say!(
         "\n== leader: {leader} (epoch {epoch}); lease {} s, renew deadline {} s",
         election.lease.as_secs(),
         election.renew_deadline.as_secs()
     );
     let pids_before = lab.agent_pids.clone();
-    println!(
+    say!(
         "== traffic: a new TCP connection every 20 ms, in turn between every ordered pair of the 6 pods"
     );
     let traffic = Traffic::start(&lab).await?;
     sleep(Duration::from_secs(1)).await;
 
-    println!(
+    say!(
         "\n== trellis lab fault --name {name} store freeze   (seed 001: the store stops answering, connections stay open)"
     );
     store::inject(name, StoreFault::Freeze).await?;
@@ -132,16 +145,16 @@ pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
         if summary.stopped_ms.is_none() && !acting_leaders(name).await?.contains(&leader) {
             let ms = t0.elapsed().as_millis();
             summary.stopped_ms = Some(ms);
-            println!(
+            say!(
                 "  t = {ms:>5} ms  {leader} stops leader-only work: its last renewal is older than the renew deadline (it does not exit)"
             );
         }
         if Instant::now() >= next_progress {
             next_progress += PROGRESS_EVERY;
             let (ready, running) = readiness(name).await?;
-            summary.samples += running.len();
+            summary.readiness_samples += running.len();
             summary.unready_samples += running.len() - ready;
-            println!(
+            say!(
                 "  t = {:>5} ms  agents running {}/6, data plane ready {ready}/6, connections {} ok, {} failed",
                 t0.elapsed().as_millis(),
                 running.len(),
@@ -152,7 +165,7 @@ pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
         sleep(POLL).await;
     }
 
-    println!("\n== trellis lab heal --name {name} store");
+    say!("\n== trellis lab heal --name {name} store");
     store::heal(name).await?;
     let h0 = Instant::now();
     if let Ok(ms) = new_leader(name, None, h0, Duration::from_secs(30)).await {
@@ -160,12 +173,14 @@ pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
             trellis_agent::leader::current_leader(crate::open_store(name)?.as_ref())
                 .await?
                 .unwrap_or_default();
-        println!("  t = {ms:>5.0} ms  a leader acts again: {node} (epoch {epoch})");
-        summary.back = Some((ms as u128, node, epoch));
+        say!("  t = {ms:>5.0} ms  a leader acts again: {node} (epoch {epoch})");
+        summary.back_ms = Some(ms as u128);
+        summary.next_leader = Some(node);
+        summary.next_epoch = Some(epoch);
     }
     let (attempts, lost) = traffic.stop().await;
-    summary.attempts = attempts;
-    summary.lost = lost;
+    summary.connections_attempted = attempts;
+    summary.connections_lost = lost;
     let lab = LabState::load(name)?;
     summary.restarts = pids_before
         .iter()
@@ -177,23 +192,21 @@ pub async fn scenario(name: &str) -> anyhow::Result<Summary> {
 /// (ready agents, running agents) right now.
 async fn readiness(name: &str) -> anyhow::Result<(usize, Vec<String>)> {
     let lab = LabState::load(name)?;
-    Ok(tokio::task::spawn_blocking(move || {
-        let running: Vec<String> = lab
-            .spec
-            .nodes
-            .iter()
-            .filter(|n| {
-                lab.agent_pids
-                    .get(&n.name)
-                    .is_some_and(|p| processes::is_alive(*p))
-            })
-            .map(|n| n.name.clone())
-            .collect();
-        let ready = running
-            .iter()
-            .filter(|n| ready_of(&lab, n).unwrap_or(false))
-            .count();
-        (ready, running)
-    })
-    .await?)
+    let running: Vec<String> = lab
+        .spec
+        .nodes
+        .iter()
+        .filter(|n| {
+            lab.agent_pids
+                .get(&n.name)
+                .is_some_and(|p| processes::is_alive(*p))
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    let answers = futures::future::join_all(running.iter().map(|n| ready(&lab, n))).await;
+    let ready = answers
+        .into_iter()
+        .filter(|r| matches!(r, Ok(true)))
+        .count();
+    Ok((ready, running))
 }
