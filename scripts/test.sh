@@ -31,4 +31,11 @@ done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# nextest runs the test binaries side by side, the labs one at a time (.config/nextest.toml);
+# plain `cargo test` runs them one after the other, which takes minutes longer.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked
+fi

@@ -2,15 +2,14 @@
 //! different command, each signalled at a point where its lab exists. Needs root. Labs are
 //! named `tsig…` and removed by a guard, also when a test fails.
 
+mod support;
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// Labs share two cores: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+use support::lab_namespaces;
 
 /// A `trellis lab …` command running in the background, with its output in files; on drop
 /// it is killed if it still runs and its lab is removed.
@@ -120,18 +119,6 @@ impl Drop for Running {
     }
 }
 
-fn lab_namespaces(lab: &str) -> Vec<String> {
-    let prefix = format!("tl-{lab}-");
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The lab's state file, once written.
 fn lab_state(lab: &str) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(format!("/run/trellis/labs/{lab}/lab.json")).ok()?;
@@ -198,7 +185,7 @@ fn assert_exit(status: ExitStatus, code: i32, run: &Running) {
 /// the teardown does not cut it short.
 #[test]
 fn sigint_during_a_bench_trial_removes_the_bench_lab() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = support::serial();
     let lab = "tsigi";
     let mut run = Running::start(
         lab,
@@ -244,7 +231,7 @@ fn sigint_during_a_bench_trial_removes_the_bench_lab() {
 /// SIGTERM while the demo's traffic runs: the demo's lab goes, exit code 143.
 #[test]
 fn sigterm_during_the_demo_removes_the_demo_lab() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = support::serial();
     let lab = "tsigt";
     let mut run = Running::start(lab, &["lab", "demo", "--name", lab]);
     run.wait_for("the demo's traffic", Duration::from_secs(60), |run| {
@@ -263,7 +250,7 @@ fn sigterm_during_the_demo_removes_the_demo_lab() {
 /// converge before the signal; the teardown must also cope with a stopped process.
 #[test]
 fn sighup_during_lab_up_removes_the_half_built_lab() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = support::serial();
     let lab = "tsigh";
     let mut run = Running::start(lab, &["lab", "up", "--name", lab, "--nodes", "4"]);
     run.wait_for("its store and agents", Duration::from_secs(30), |_| {

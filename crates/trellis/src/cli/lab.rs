@@ -193,23 +193,11 @@ pub enum BenchCommand {
         /// Trials per fault kind and mode.
         #[arg(long, default_value_t = 20)]
         trials: usize,
-        /// How long to wait for recovery before a trial counts as not recovered (seconds).
-        #[arg(long, default_value_t = 10)]
-        window_seconds: u64,
         /// Only these fault kinds (default: all).
         #[arg(long, value_delimiter = ',')]
         kinds: Vec<FaultKind>,
-        /// Print JSON rows instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Which gateway health to measure: forwarding (probes), liveness (the baseline),
-        /// or both in one run (the default, and what a comparison should use).
-        #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
-        health: String,
-        /// The bench's lab (1-6 lowercase letters or digits; a lab of that name is removed
-        /// first); by default bff for the forwarding trials and bfl for the baseline.
-        #[arg(long, value_parser = lab_name)]
-        name: Option<String>,
+        #[command(flatten)]
+        trial: TrialArgs,
     },
     /// Outage of new connections when the direct tunnel between two public nodes of
     /// different locations breaks (`cut-path`), with path probes and relay fallback, and
@@ -218,19 +206,8 @@ pub enum BenchCommand {
         /// Trials per mode.
         #[arg(long, default_value_t = 10)]
         trials: usize,
-        /// How long to wait for recovery before a trial counts as not recovered (seconds).
-        #[arg(long, default_value_t = 10)]
-        window_seconds: u64,
-        /// Print JSON rows instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// forwarding (path probes), liveness (the baseline), or both in one run.
-        #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
-        health: String,
-        /// The bench's lab (1-6 lowercase letters or digits; a lab of that name is removed
-        /// first); by default bff for the path-probe trials and bfl for the baseline.
-        #[arg(long, value_parser = lab_name)]
-        name: Option<String>,
+        #[command(flatten)]
+        trial: TrialArgs,
     },
     /// Seed 001 on a lab on etcd: takeover after the leader's node is killed, time for a
     /// leader to stop acting after the store freezes, agent restarts and lost connections
@@ -268,6 +245,25 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bfx", value_parser = lab_name)]
         name: String,
     },
+}
+
+/// What `bench failover` and `bench path-fallback` share.
+#[derive(Args, Debug)]
+pub struct TrialArgs {
+    /// How long to wait for recovery before a trial counts as not recovered (seconds).
+    #[arg(long, default_value_t = 10)]
+    window_seconds: u64,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Which health to measure: forwarding (probes), liveness (the baseline), or both in
+    /// one run (the default, and what a comparison should use).
+    #[arg(long, default_value = "both", value_parser = ["both", "forwarding", "liveness"])]
+    health: String,
+    /// The bench's lab (1-6 lowercase letters or digits; a lab of that name is removed
+    /// first); by default bff for the forwarding trials and bfl for the baseline.
+    #[arg(long, value_parser = lab_name)]
+    name: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -392,42 +388,17 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Bench(BenchCommand::Failover {
             trials,
-            window_seconds,
             kinds,
-            json,
-            health,
-            name,
+            trial,
         }) => {
             let kinds = bench::default_kinds()
                 .into_iter()
                 .filter(|f| kinds.is_empty() || kinds.contains(&f.kind))
                 .collect();
-            failover_bench(
-                bench::Target::Gateways(kinds),
-                trials,
-                window_seconds,
-                &health,
-                json,
-                name,
-            )
-            .await
+            failover_bench(bench::Target::Gateways(kinds), trials, trial).await
         }
-        LabCommand::Bench(BenchCommand::PathFallback {
-            trials,
-            window_seconds,
-            json,
-            health,
-            name,
-        }) => {
-            failover_bench(
-                bench::Target::DirectPath,
-                trials,
-                window_seconds,
-                &health,
-                json,
-                name,
-            )
-            .await
+        LabCommand::Bench(BenchCommand::PathFallback { trials, trial }) => {
+            failover_bench(bench::Target::DirectPath, trials, trial).await
         }
         LabCommand::Bench(BenchCommand::Leadership {
             reps,
@@ -509,11 +480,14 @@ fn listed<T: std::fmt::Display>(healed: &[T]) -> String {
 async fn failover_bench(
     target: bench::Target,
     trials: usize,
-    window_seconds: u64,
-    health: &str,
-    json: bool,
-    name: Option<String>,
+    trial: TrialArgs,
 ) -> anyhow::Result<ExitCode> {
+    let TrialArgs {
+        window_seconds,
+        json,
+        health,
+        name,
+    } = trial;
     let args = bench::FailoverArgs {
         name,
         trials: trials.max(1),
