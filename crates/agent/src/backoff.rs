@@ -43,9 +43,61 @@ impl Backoff {
     }
 }
 
+/// Calls `attempt` until it succeeds, sleeping a jittered, growing delay (from `base` up to
+/// `max`) after each failure: for what the agent cannot work without and must not exit
+/// over (a device, a socket, a listener). The first two failures are logged at debug (an
+/// address that appears only once the first plan is applied), later ones as warnings.
+pub async fn until_ok<T, E, F, Fut>(what: &str, base: Duration, max: Duration, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(base, max);
+    for failures in 1u64.. {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if failures <= 2 {
+                    tracing::debug!(retry_in = ?delay, "{what}: {e}");
+                } else {
+                    tracing::warn!(retry_in = ?delay, failures, "{what}: {e}");
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    unreachable!("a u64 of failures cannot run out")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn until_ok_retries_with_growing_delays_and_returns_the_success() {
+        let mut calls = 0;
+        let started = tokio::time::Instant::now();
+        let value = until_ok(
+            "test",
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            || {
+                calls += 1;
+                let outcome = if calls < 4 { Err("not yet") } else { Ok(calls) };
+                async move { outcome }
+            },
+        )
+        .await;
+        assert_eq!(value, 4);
+        // three failures: at least half of 100 + 200 + 400 ms waited
+        assert!(
+            started.elapsed() >= Duration::from_millis(350),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     #[test]
     fn grows_caps_and_jitters() {

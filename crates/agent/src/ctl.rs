@@ -4,23 +4,46 @@
 //! with [`ClusterState::topology`], the same function the agents plan with.
 
 use crate::state::{self, ClusterState};
-use anyhow::{Context, bail};
 use serde::Serialize;
-use trellis_model::{AgentStatus, ExternalPeer, Validate, keys};
-use trellis_plan::{Settings, Topology, graph, showconf};
-use trellis_store::Store;
+use trellis_model::{AgentStatus, ExternalPeer, InvalidField, Validate, keys};
+use trellis_plan::{PlanError, Settings, Topology, graph, showconf};
+use trellis_store::{Store, StoreError};
 
-async fn snapshot(store: &dyn Store) -> anyhow::Result<(ClusterState, Topology)> {
-    let state = state::load(store).await.context("reading cluster state")?;
+/// Why a command could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("the store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    /// The planner would leave the record out, so it is not stored.
+    #[error("{0}")]
+    Refused(String),
+    #[error("no {what} named {name:?}{hint}")]
+    NotFound {
+        what: &'static str,
+        name: String,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("encoding a record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+type Result<T> = std::result::Result<T, CtlError>;
+
+async fn snapshot(store: &dyn Store) -> Result<(ClusterState, Topology)> {
+    let state = state::load(store).await?;
     let topology = state.topology(&Settings::default());
     Ok((state, topology))
 }
 
 /// Registers (or replaces) an external peer; refuses one the planner would leave out,
 /// instead of storing a peer that silently never works.
-pub async fn peer_add(store: &dyn Store, peer: &ExternalPeer) -> anyhow::Result<()> {
+pub async fn peer_add(store: &dyn Store, peer: &ExternalPeer) -> Result<()> {
     peer.validate()?;
-    let state = state::load(store).await.context("reading cluster state")?;
+    let state = state::load(store).await?;
     let mut inputs = state.plan_inputs(&Settings::default());
     inputs.peers.insert(peer.name.clone(), peer.clone());
     let topology = inputs.topology();
@@ -29,7 +52,7 @@ pub async fn peer_add(store: &dyn Store, peer: &ExternalPeer) -> anyhow::Result<
         .iter()
         .find(|w| w.starts_with(&format!("peer {} ", peer.name)))
     {
-        bail!("{w}");
+        return Err(CtlError::Refused(w.clone()));
     }
     store
         .put(&keys::peer(&peer.name), serde_json::to_vec(peer)?)
@@ -37,28 +60,35 @@ pub async fn peer_add(store: &dyn Store, peer: &ExternalPeer) -> anyhow::Result<
     Ok(())
 }
 
-pub async fn peer_remove(store: &dyn Store, name: &str) -> anyhow::Result<()> {
+pub async fn peer_remove(store: &dyn Store, name: &str) -> Result<()> {
     if store.get(&keys::peer(name)).await?.is_none() {
-        bail!("no peer named {name:?}");
+        return Err(CtlError::NotFound {
+            what: "peer",
+            name: name.to_string(),
+            hint: "",
+        });
     }
     store.delete(&keys::peer(name)).await?;
     Ok(())
 }
 
-pub async fn peers(store: &dyn Store) -> anyhow::Result<Vec<ExternalPeer>> {
-    let state = state::load(store).await.context("reading cluster state")?;
+pub async fn peers(store: &dyn Store) -> Result<Vec<ExternalPeer>> {
+    let state = state::load(store).await?;
     Ok(state.peers.into_values().collect())
 }
 
 /// A wg-quick configuration for an external peer.
-pub async fn peer_config(store: &dyn Store, name: &str) -> anyhow::Result<String> {
+pub async fn peer_config(store: &dyn Store, name: &str) -> Result<String> {
     let (_, topology) = snapshot(store).await?;
-    showconf::external_peer_config(&topology, name)
-        .with_context(|| format!("no external peer named {name:?} (see `trellis peer list`)"))
+    showconf::external_peer_config(&topology, name).ok_or_else(|| CtlError::NotFound {
+        what: "external peer",
+        name: name.to_string(),
+        hint: " (see `trellis peer list`)",
+    })
 }
 
 /// A node's WireGuard peers as a `wg setconf` file.
-pub async fn node_config(store: &dyn Store, name: &str) -> anyhow::Result<String> {
+pub async fn node_config(store: &dyn Store, name: &str) -> Result<String> {
     let (_, topology) = snapshot(store).await?;
     let plan = topology.plan_for(name)?;
     Ok(showconf::node_config(
@@ -68,7 +98,7 @@ pub async fn node_config(store: &dyn Store, name: &str) -> anyhow::Result<String
 }
 
 /// The topology as GraphViz.
-pub async fn graph(store: &dyn Store) -> anyhow::Result<String> {
+pub async fn graph(store: &dyn Store) -> Result<String> {
     let (_, topology) = snapshot(store).await?;
     Ok(graph::dot(&topology))
 }
@@ -100,11 +130,9 @@ pub struct NodeStatus {
     pub agent: Option<AgentStatus>,
 }
 
-pub async fn status(store: &dyn Store) -> anyhow::Result<Status> {
+pub async fn status(store: &dyn Store) -> Result<Status> {
     let (state, topology) = snapshot(store).await?;
-    let leader = crate::leader::current_leader(store)
-        .await
-        .context("reading the leader election")?;
+    let leader = crate::leader::current_leader(store).await?;
     Ok(Status {
         revision: state.revision,
         granularity: topology.settings.granularity.to_string(),

@@ -6,7 +6,7 @@
 //! agent's lease) and the metrics.
 
 use crate::admin::Metrics;
-use crate::backoff::Backoff;
+use crate::backoff;
 use crate::report::leased::LeasedKeys;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -161,15 +161,11 @@ fn publish(leased: &LeasedKeys, subject: &Subject, me: &str, up: bool) {
 /// The probe address appears on the interface only after the first plan is applied, so
 /// binding is retried until it works.
 async fn open_socket(probe_ip: Ipv4Addr) -> IcmpSocket {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    loop {
-        match IcmpSocket::open(Some(probe_ip)) {
-            Ok(socket) => return socket,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::debug!(retry_in = ?delay, "probe socket: {e:#}");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+    backoff::until_ok(
+        "probe socket",
+        Duration::from_millis(50),
+        Duration::from_secs(5),
+        || async move { IcmpSocket::open(Some(probe_ip)) },
+    )
+    .await
 }

@@ -4,13 +4,11 @@
 //! and the kernel are retried with jittered backoff while the last applied state keeps
 //! forwarding.
 
-use crate::backoff::Backoff;
 use crate::leader::ElectionConfig;
 use crate::probe::ProbeConfig;
 use crate::state::{ClusterState, PlanInputs};
 use crate::store_addr::{EtcdOptions, StoreAddress};
 use crate::{admin, apply, probe, report};
-use anyhow::Context;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -123,20 +121,37 @@ impl AgentConfig {
     }
 }
 
+/// Why the agent could not start. Only bad input and a kernel that lacks what the agent
+/// needs stop it; everything that can heal on its own (the store, the device) is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    #[error("--wireguard kernel: {0}")]
+    NoKernelWireGuard(String),
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store_addr::OpenError),
+    #[error(transparent)]
+    Kernel(#[from] trellis_dataplane::Error),
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Builds its own runtime: the caller may have
 /// entered a network namespace, which every thread must share, so no thread may exist
 /// before this is called.
-pub fn main(config: AgentConfig) -> anyhow::Result<()> {
+pub fn main(config: AgentConfig) -> Result<(), StartError> {
     config.validate()?;
     if config.wireguard == WireGuardBackend::Kernel
         && let Some(why) = trellis_dataplane::wireguard::kernel::unavailable_reason()
     {
-        anyhow::bail!("--wireguard kernel: {why}");
+        return Err(StartError::NoKernelWireGuard(why.to_string()));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(StartError::Runtime)?;
     // Store clients spawn their connection tasks on the runtime.
     let store = {
         let _runtime = runtime.enter();
@@ -152,9 +167,9 @@ async fn run(
     store: Arc<dyn trellis_store::Store>,
     node: Node,
     key: x25519_dalek::StaticSecret,
-) -> anyhow::Result<()> {
+) -> Result<(), StartError> {
     tracing::info!(node = %node.name, location = %node.location, store = %config.store, "agent starting");
-    apply::prepare_kernel().context("preparing kernel settings")?;
+    apply::prepare_kernel()?;
     let netlink = Arc::new(Netlink::connect()?);
     let device = start_device(&config, key, &netlink).await;
     let kernel = apply::Kernel {
@@ -361,26 +376,29 @@ async fn start_device(
     key: x25519_dalek::StaticSecret,
     netlink: &Netlink,
 ) -> Arc<dyn WireGuardDevice> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    loop {
-        let (interface, port) = (config.interface.as_str(), config.listen_port);
-        let created: trellis_dataplane::Result<Arc<dyn WireGuardDevice>> = match config.wireguard {
-            WireGuardBackend::Kernel => KernelDevice::create(netlink, interface, &key, port)
-                .await
-                .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),
-            WireGuardBackend::Userspace => UserspaceDevice::create(interface, key.clone(), port)
-                .await
-                .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),
-        };
-        match created {
-            Ok(device) => return device,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::error!(interface = %config.interface, retry_in = ?delay, "creating WireGuard device: {e:#}");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+    let (interface, port) = (config.interface.as_str(), config.listen_port);
+    let what = format!("creating WireGuard device {interface}");
+    crate::backoff::until_ok(
+        &what,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        || async {
+            let created: trellis_dataplane::Result<Arc<dyn WireGuardDevice>> = match config
+                .wireguard
+            {
+                WireGuardBackend::Kernel => KernelDevice::create(netlink, interface, &key, port)
+                    .await
+                    .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),
+                WireGuardBackend::Userspace => {
+                    UserspaceDevice::create(interface, key.clone(), port)
+                        .await
+                        .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>)
+                }
+            };
+            created
+        },
+    )
+    .await
 }
 
 async fn shutdown_signal() {

@@ -7,7 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use trellis_model::InvalidField;
 use trellis_store::Store;
-use trellis_store::etcd::{Credentials, EtcdConfig, EtcdStore, TlsFiles};
+use trellis_store::etcd::{ConfigError, Credentials, EtcdConfig, EtcdStore, TlsFiles};
+
+/// Why a store client could not be made: always bad input, named.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    #[error(transparent)]
+    Etcd(#[from] ConfigError),
+}
 
 /// How long one store call may take before it counts as failed.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,7 +153,7 @@ impl StoreAddress {
 
     /// A client of the store. Must run inside a tokio runtime: clients spawn their
     /// connection tasks on it.
-    pub fn open(&self, etcd: &EtcdOptions) -> anyhow::Result<Arc<dyn Store>> {
+    pub fn open(&self, etcd: &EtcdOptions) -> Result<Arc<dyn Store>, OpenError> {
         Ok(match self {
             StoreAddress::Unix(path) => EtcdStore::new(EtcdConfig {
                 endpoints: vec![format!("unix://{}", path.display())],

@@ -3,7 +3,6 @@
 //! time, so a client that stalls is dropped and never blocks the next.
 
 use super::Admin;
-use crate::backoff::Backoff;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -22,17 +21,13 @@ const JSON: &str = "application/json";
 
 /// Serves until the process ends; binding is retried (the address may not exist yet).
 pub async fn serve(addr: SocketAddr, admin: Admin) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    let listener = loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(%addr, retry_in = ?delay, "admin listener: {e}");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    };
+    let listener = crate::backoff::until_ok(
+        &format!("admin listener on {addr}"),
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        || tokio::net::TcpListener::bind(addr),
+    )
+    .await;
     tracing::info!(%addr, "serving /metrics, /readyz, /healthz and /debug/state");
     loop {
         let stream = match listener.accept().await {

@@ -32,7 +32,7 @@ pub const TUNNEL_MTU: u32 = 1420;
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn prepare_kernel() -> anyhow::Result<()> {
+pub fn prepare_kernel() -> trellis_dataplane::Result<()> {
     use trellis_dataplane::sysctl;
     // Gateways forward for their location, and replies may come back on another interface
     // than the request left on, which strict reverse-path filtering would drop.

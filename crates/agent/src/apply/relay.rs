@@ -5,7 +5,6 @@
 //! new flow each time, exactly like user traffic. Programmed as one nftables table that is
 //! replaced atomically whenever it differs from the plan.
 
-use anyhow::Context;
 use std::net::IpAddr;
 use trellis_dataplane::nftables::{
     BaseChain, Batch, ChainKind, Family, Hook, Policy, Ruleset, dsl,
@@ -133,7 +132,7 @@ pub fn reconcile(
     probe_ip: Option<IpAddr>,
     internal_ip: IpAddr,
     relay: &[RelayTarget],
-) -> anyhow::Result<bool> {
+) -> trellis_dataplane::Result<bool> {
     let current = if ruleset.table_exists(Family::Inet, TABLE)? {
         let mut have = Vec::new();
         for chain in [PRE, POST] {
@@ -153,9 +152,7 @@ pub fn reconcile(
     match plan(current.as_deref(), interface, probe_ip, internal_ip, relay) {
         None => Ok(false),
         Some(batch) => {
-            ruleset
-                .apply(&batch)
-                .context("programming the probe relay")?;
+            ruleset.apply(&batch)?;
             Ok(true)
         }
     }

@@ -473,7 +473,7 @@ async fn own_key_deleted(watch: &mut Option<trellis_store::Watch>, key: &str) ->
 
 /// The current leader per the store: the candidate with the lowest create revision, its
 /// identity and its epoch.
-pub async fn current_leader(store: &dyn Store) -> anyhow::Result<Option<(String, Revision)>> {
+pub async fn current_leader(store: &dyn Store) -> Result<Option<(String, Revision)>, StoreError> {
     let (candidates, _) = store.list(keys::ELECTION).await?;
     Ok(candidates
         .into_iter()

@@ -6,12 +6,36 @@
 //! through the same validation as records read from the store, so a cache written by an
 //! older agent, or damaged on disk, can only ever drop records, never smuggle one in.
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use trellis_store::{KeyValue, Revision};
+
+/// Why the cache could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a state cache: {source}", path.display())]
+    NotACache {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
+    let path = path.to_path_buf();
+    move |source| CacheError::Io {
+        action,
+        path,
+        source,
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct Cached {
@@ -34,14 +58,17 @@ impl StateCache {
     }
 
     /// The records and the revision they reflect; `None` when there is no cache yet.
-    pub fn load(&self) -> anyhow::Result<Option<(Vec<KeyValue>, Revision)>> {
+    pub fn load(&self) -> Result<Option<(Vec<KeyValue>, Revision)>, CacheError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+            Err(e) => return Err(io("reading", &self.path)(e)),
         };
-        let cached: Cached = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a state cache", self.path.display()))?;
+        let cached: Cached =
+            serde_json::from_slice(&bytes).map_err(|source| CacheError::NotACache {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(Some((cached.records, cached.revision)))
     }
 
@@ -51,22 +78,23 @@ impl StateCache {
         &self,
         records: &BTreeMap<String, KeyValue>,
         revision: Revision,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), CacheError> {
         let cached = Cached {
             revision,
             records: records.values().cloned().collect(),
         };
-        let bytes = serde_json::to_vec(&cached)?;
+        let bytes = serde_json::to_vec(&cached).map_err(|source| CacheError::NotACache {
+            path: self.path.clone(),
+            source,
+        })?;
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
         let tmp = self.path.with_extension("tmp");
-        let mut file =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("replacing {}", self.path.display()))
+        let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+        file.write_all(&bytes).map_err(io("writing", &tmp))?;
+        file.sync_all().map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(io("replacing", &self.path))
     }
 }
 

@@ -66,7 +66,7 @@ impl StoreArgs {
     fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
         match (&self.store, &self.lab) {
             (Some(_), Some(_)) => bail!("give either --store or --lab, not both"),
-            (Some(address), None) => StoreAddress::parse(address)?.open(&self.etcd.options()),
+            (Some(address), None) => Ok(StoreAddress::parse(address)?.open(&self.etcd.options())?),
             (None, Some(lab)) => trellis_lab::open_store(lab),
             (None, None) => {
                 let labs =
