@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Independent checkers and interop peers the tests use; the product itself needs none.
-packages=(iproute2 iputils-ping nftables wireguard-tools wireguard-go iperf3 etcd-server etcd-client openssl)
+packages=(iproute2 iputils-ping nftables conntrack wireguard-tools wireguard-go iperf3 etcd-server etcd-client openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,13 +4,17 @@
 
 use crate::error::{Error, Result};
 use crate::interface::InterfaceControl;
-use crate::nftables::{Batch, Family, Op, RuleInfo, Ruleset};
+use crate::nftables::{
+    BaseChain, Batch, ChainInfo, ElemValue, ElementInfo, Expr, Family, Op, RuleDump, RuleInfo,
+    Ruleset, SetInfo, SetRef, SetSpec, Verdict, check_batch, encode_exprs,
+};
 use crate::routes::{RouteSpec, RouteTable};
 use crate::wireguard::{PeerConfig, PeerStatus, WireGuardDevice};
 use async_trait::async_trait;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 use trellis_model::PublicKey;
 
 /// Where the fakes' errors say they happened.
@@ -249,8 +253,14 @@ impl InterfaceControl for FakeInterfaces {
     }
 }
 
-/// nf_tables as tables of chains of commented rules; batches apply all or nothing, as in
-/// the kernel, and every applied batch is kept.
+/// nf_tables as tables of chains of rules and of sets of elements; batches apply all or
+/// nothing, as in the kernel, and every applied batch is kept. Ops are checked as the real
+/// [`crate::nftables::Nft`] checks them before sending, and the kernel's refusals that a
+/// reconciler must handle are mirrored: missing tables, chains, sets, elements and jump
+/// targets ([`Error::NotFound`]), a set or element of another type or value in the way
+/// ([`Error::AlreadyExists`]), deleting a chain something still jumps to or a set a rule
+/// uses (`EBUSY`). Not modelled: anonymous sets as listed objects, element expiry,
+/// deleting a rule handle that is not there (accepted, as it always was here).
 #[derive(Default)]
 pub struct FakeRuleset {
     state: Mutex<NftState>,
@@ -258,9 +268,36 @@ pub struct FakeRuleset {
 
 #[derive(Clone, Default)]
 struct NftState {
-    tables: BTreeMap<(Family, String), BTreeMap<String, Vec<RuleInfo>>>,
+    tables: BTreeMap<(Family, String), FakeTable>,
     next_handle: u64,
     applied: Vec<Batch>,
+}
+
+#[derive(Clone, Default)]
+struct FakeTable {
+    chains: BTreeMap<String, FakeChain>,
+    sets: BTreeMap<String, FakeSet>,
+}
+
+#[derive(Clone)]
+struct FakeChain {
+    handle: u64,
+    base: Option<BaseChain>,
+    rules: Vec<FakeRule>,
+}
+
+#[derive(Clone)]
+struct FakeRule {
+    handle: u64,
+    comment: Option<String>,
+    exprs: Vec<Expr>,
+}
+
+#[derive(Clone)]
+struct FakeSet {
+    handle: u64,
+    spec: SetSpec,
+    elements: BTreeMap<Vec<u8>, (Option<ElemValue>, Option<Duration>)>,
 }
 
 impl FakeRuleset {
@@ -274,9 +311,402 @@ impl FakeRuleset {
         locked(&self.state)
             .tables
             .get(&(family, table.to_string()))
-            .and_then(|chains| chains.get(chain))
-            .map(|rules| rules.iter().filter_map(|r| r.comment.clone()).collect())
+            .and_then(|t| t.chains.get(chain))
+            .map(|c| c.rules.iter().filter_map(|r| r.comment.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// The expressions of a chain's rules, in order.
+    pub fn rule_exprs(&self, family: Family, table: &str, chain: &str) -> Vec<Vec<Expr>> {
+        locked(&self.state)
+            .tables
+            .get(&(family, table.to_string()))
+            .and_then(|t| t.chains.get(chain))
+            .map(|c| c.rules.iter().map(|r| r.exprs.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl NftState {
+    fn table(
+        &self,
+        family: Family,
+        table: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<&FakeTable> {
+        self.tables
+            .get(&(family, table.to_string()))
+            .ok_or_else(|| not_found(action(), format!("table {family} {table}")))
+    }
+
+    fn table_mut(
+        &mut self,
+        family: Family,
+        table: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<&mut FakeTable> {
+        self.tables
+            .get_mut(&(family, table.to_string()))
+            .ok_or_else(|| not_found(action(), format!("table {family} {table}")))
+    }
+
+    fn handle(&mut self) -> u64 {
+        self.next_handle += 1;
+        self.next_handle
+    }
+
+    fn apply_op(&mut self, op: &Op) -> Result<()> {
+        let action = || op.to_string();
+        match op {
+            Op::AddTable { family, name } => {
+                self.tables.entry((*family, name.clone())).or_default();
+            }
+            Op::DeleteTable { family, name } => {
+                self.table(*family, name, &action)?;
+                self.tables.remove(&(*family, name.clone()));
+            }
+            Op::DestroyTable { family, name } => {
+                self.tables.remove(&(*family, name.clone()));
+            }
+            Op::FlushTable { family, name } => {
+                let table = self.table_mut(*family, name, &action)?;
+                table.chains.values_mut().for_each(|c| c.rules.clear());
+            }
+            Op::AddChain {
+                family,
+                table,
+                chain,
+                base,
+            } => {
+                let handle = self.handle();
+                let t = self.table_mut(*family, table, &action)?;
+                let entry = t.chains.entry(chain.clone()).or_insert(FakeChain {
+                    handle,
+                    base: *base,
+                    rules: Vec::new(),
+                });
+                if base.is_some() {
+                    entry.base = *base;
+                }
+            }
+            Op::DeleteChain {
+                family,
+                table,
+                chain,
+            }
+            | Op::DestroyChain {
+                family,
+                table,
+                chain,
+            } => {
+                let strict = matches!(op, Op::DeleteChain { .. });
+                let t = self.table_mut(*family, table, &action)?;
+                if !t.chains.contains_key(chain) {
+                    return if strict {
+                        Err(not_found(
+                            action(),
+                            format!("chain {family} {table}/{chain}"),
+                        ))
+                    } else {
+                        Ok(())
+                    };
+                }
+                if t.jumps_to(chain) {
+                    return Err(busy(action(), "something still jumps to the chain"));
+                }
+                t.chains.remove(chain);
+            }
+            Op::FlushChain {
+                family,
+                table,
+                chain,
+            } => {
+                let t = self.table_mut(*family, table, &action)?;
+                match t.chains.get_mut(chain) {
+                    Some(c) => c.rules.clear(),
+                    None => {
+                        return Err(not_found(
+                            action(),
+                            format!("chain {family} {table}/{chain}"),
+                        ));
+                    }
+                }
+            }
+            Op::AddRule {
+                family,
+                table,
+                chain,
+                exprs,
+                comment,
+            } => {
+                let handle = self.handle();
+                let t = self.table_mut(*family, table, &action)?;
+                for name in exprs.iter().filter_map(set_of) {
+                    if !t.sets.contains_key(name) {
+                        return Err(not_found(action(), format!("set {family} {table}/{name}")));
+                    }
+                }
+                for target in exprs.iter().flat_map(targets) {
+                    if !t.chains.contains_key(target) {
+                        return Err(not_found(
+                            action(),
+                            format!("chain {family} {table}/{target}"),
+                        ));
+                    }
+                }
+                match t.chains.get_mut(chain) {
+                    Some(c) => c.rules.push(FakeRule {
+                        handle,
+                        comment: comment.clone(),
+                        exprs: exprs.clone(),
+                    }),
+                    None => {
+                        return Err(not_found(
+                            action(),
+                            format!("chain {family} {table}/{chain}"),
+                        ));
+                    }
+                }
+            }
+            Op::DeleteRule {
+                family,
+                table,
+                chain,
+                handle,
+            }
+            | Op::DestroyRule {
+                family,
+                table,
+                chain,
+                handle,
+            } => {
+                let strict = matches!(op, Op::DeleteRule { .. });
+                match self
+                    .table_mut(*family, table, &action)?
+                    .chains
+                    .get_mut(chain)
+                {
+                    Some(c) => c.rules.retain(|r| r.handle != *handle),
+                    None if strict => {
+                        return Err(not_found(
+                            action(),
+                            format!("chain {family} {table}/{chain}"),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            Op::AddSet {
+                family,
+                table,
+                name,
+                spec,
+            } => {
+                let handle = self.handle();
+                let t = self.table_mut(*family, table, &action)?;
+                match t.sets.get(name) {
+                    Some(have) if have.spec.key != spec.key || have.spec.data != spec.data => {
+                        return Err(Error::AlreadyExists {
+                            action: action(),
+                            scope: SCOPE.into(),
+                            what: format!("a set {family} {table}/{name} of another type"),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        t.sets.insert(
+                            name.clone(),
+                            FakeSet {
+                                handle,
+                                spec: spec.clone(),
+                                elements: BTreeMap::new(),
+                            },
+                        );
+                    }
+                }
+            }
+            Op::DeleteSet {
+                family,
+                table,
+                name,
+            }
+            | Op::DestroySet {
+                family,
+                table,
+                name,
+            } => {
+                let strict = matches!(op, Op::DeleteSet { .. });
+                let t = self.table_mut(*family, table, &action)?;
+                if !t.sets.contains_key(name) {
+                    return if strict {
+                        Err(not_found(action(), format!("set {family} {table}/{name}")))
+                    } else {
+                        Ok(())
+                    };
+                }
+                let used = t
+                    .chains
+                    .values()
+                    .flat_map(|c| &c.rules)
+                    .flat_map(|r| &r.exprs)
+                    .any(|e| set_of(e) == Some(name.as_str()));
+                if used {
+                    return Err(busy(action(), "a rule still uses the set"));
+                }
+                t.sets.remove(name);
+            }
+            Op::FlushSet {
+                family,
+                table,
+                name,
+            } => {
+                let t = self.table_mut(*family, table, &action)?;
+                match t.sets.get_mut(name) {
+                    Some(set) => set.elements.clear(),
+                    None => {
+                        return Err(not_found(action(), format!("set {family} {table}/{name}")));
+                    }
+                }
+            }
+            Op::AddElements {
+                family,
+                table,
+                set,
+                elements,
+            } => {
+                let t = self.table_mut(*family, table, &action)?;
+                let chains: Vec<String> = t.chains.keys().cloned().collect();
+                let Some(fake) = t.sets.get_mut(set) else {
+                    return Err(not_found(action(), format!("set {family} {table}/{set}")));
+                };
+                for (i, elem) in elements.iter().enumerate() {
+                    let action = || op.describe(Some(i));
+                    fake.spec
+                        .check_element(i, elem)
+                        .map_err(|e| e.while_doing(action))?;
+                    if let Some(ElemValue::Verdict(Verdict::Jump(target) | Verdict::Goto(target))) =
+                        &elem.value
+                        && !chains.contains(target)
+                    {
+                        return Err(not_found(
+                            action(),
+                            format!("chain {family} {table}/{target}"),
+                        ));
+                    }
+                    match fake.elements.get(&elem.key) {
+                        Some((value, _)) if *value != elem.value => {
+                            return Err(Error::AlreadyExists {
+                                action: action(),
+                                scope: SCOPE.into(),
+                                what: "an element of that key with another value".into(),
+                            });
+                        }
+                        _ => {
+                            let timeout = elem.timeout.or(fake.spec.timeout);
+                            fake.elements
+                                .insert(elem.key.clone(), (elem.value.clone(), timeout));
+                        }
+                    }
+                }
+            }
+            Op::DeleteElements {
+                family,
+                table,
+                set,
+                keys,
+            }
+            | Op::DestroyElements {
+                family,
+                table,
+                set,
+                keys,
+            } => {
+                let strict = matches!(op, Op::DeleteElements { .. });
+                let fake = match self
+                    .tables
+                    .get_mut(&(*family, table.clone()))
+                    .and_then(|t| t.sets.get_mut(set))
+                {
+                    Some(fake) => fake,
+                    None if strict || !keys.is_empty() => {
+                        return Err(not_found(action(), format!("set {family} {table}/{set}")));
+                    }
+                    None => return Ok(()),
+                };
+                for (i, key) in keys.iter().enumerate() {
+                    if fake.elements.remove(key).is_none() && strict {
+                        return Err(not_found(op.describe(Some(i)), "element".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FakeTable {
+    /// Whether a rule or a verdict map element jumps to (or goes to) `chain`.
+    fn jumps_to(&self, chain: &str) -> bool {
+        let in_rules = self
+            .chains
+            .values()
+            .flat_map(|c| &c.rules)
+            .flat_map(|r| &r.exprs)
+            .any(|e| targets(e).any(|t| t == chain));
+        let in_maps = self.sets.values().flat_map(|s| s.elements.values()).any(|(v, _)| {
+            matches!(v, Some(ElemValue::Verdict(Verdict::Jump(t) | Verdict::Goto(t))) if t == chain)
+        });
+        in_rules || in_maps
+    }
+}
+
+/// The named set an expression uses.
+fn set_of(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Lookup {
+            set: SetRef::Named(name),
+            ..
+        }
+        | Expr::Dynset { set: name, .. } => Some(name),
+        _ => None,
+    }
+}
+
+/// The chains an expression jumps or goes to (directly or through an anonymous map).
+fn targets(expr: &Expr) -> Box<dyn Iterator<Item = &str> + '_> {
+    fn of(v: &Verdict) -> Option<&str> {
+        match v {
+            Verdict::Jump(t) | Verdict::Goto(t) => Some(t),
+            _ => None,
+        }
+    }
+    match expr {
+        Expr::Verdict(v) => Box::new(of(v).into_iter()),
+        Expr::Lookup {
+            set: SetRef::Anonymous(anon),
+            ..
+        } => Box::new(anon.elements.iter().filter_map(move |e| match &e.value {
+            Some(ElemValue::Verdict(v)) => of(v),
+            _ => None,
+        })),
+        _ => Box::new(std::iter::empty()),
+    }
+}
+
+fn not_found(action: String, what: String) -> Error {
+    Error::NotFound {
+        action,
+        what,
+        scope: SCOPE.into(),
+    }
+}
+
+fn busy(action: String, why: &str) -> Error {
+    Error::Kernel {
+        action,
+        scope: SCOPE.into(),
+        errno: libc::EBUSY,
+        message: Some(why.into()),
     }
 }
 
@@ -288,92 +718,123 @@ impl Ruleset for FakeRuleset {
     }
 
     fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>> {
+        Ok(self
+            .dump_rules(family, table, Some(chain))?
+            .into_iter()
+            .map(|r| RuleInfo {
+                handle: r.handle,
+                comment: r.comment,
+            })
+            .collect())
+    }
+
+    fn chains(&self, family: Family, table: &str) -> Result<Vec<ChainInfo>> {
         let s = locked(&self.state);
-        let missing = |what: String| Error::NotFound {
-            action: format!("listing rules of {family} {table}/{chain}"),
-            what,
-            scope: SCOPE.into(),
+        let t = s.table(family, table, &|| {
+            format!("listing chains of {family} {table}")
+        })?;
+        let mut chains: Vec<ChainInfo> = t
+            .chains
+            .iter()
+            .map(|(name, c)| ChainInfo {
+                name: name.clone(),
+                handle: c.handle,
+                base: c.base,
+                hooked: c.base.is_some(),
+            })
+            .collect();
+        chains.sort_by_key(|c| c.handle);
+        Ok(chains)
+    }
+
+    fn sets(&self, family: Family, table: &str) -> Result<Vec<SetInfo>> {
+        let s = locked(&self.state);
+        let t = s.table(family, table, &|| {
+            format!("listing sets of {family} {table}")
+        })?;
+        let mut sets: Vec<SetInfo> = t
+            .sets
+            .iter()
+            .map(|(name, set)| SetInfo {
+                name: name.clone(),
+                handle: set.handle,
+                spec: set.spec.clone(),
+                anonymous: false,
+            })
+            .collect();
+        sets.sort_by_key(|s| s.handle);
+        Ok(sets)
+    }
+
+    fn elements(&self, family: Family, table: &str, set: &str) -> Result<Vec<ElementInfo>> {
+        let s = locked(&self.state);
+        let action = || format!("listing elements of set {family} {table}/{set}");
+        let t = s.table(family, table, &action)?;
+        let fake = t
+            .sets
+            .get(set)
+            .ok_or_else(|| not_found(action(), format!("set {family} {table}/{set}")))?;
+        Ok(fake
+            .elements
+            .iter()
+            .map(|(key, (value, timeout))| ElementInfo {
+                key: key.clone(),
+                value: value.clone(),
+                timeout: *timeout,
+                // No time passes in the fake.
+                expires: *timeout,
+            })
+            .collect())
+    }
+
+    /// The expression bytes are this crate's encoding of the rule, which is not
+    /// byte-equal to what the kernel dumps (see [`RuleDump::exprs`]).
+    fn dump_rules(
+        &self,
+        family: Family,
+        table: &str,
+        chain: Option<&str>,
+    ) -> Result<Vec<RuleDump>> {
+        let s = locked(&self.state);
+        let action = || match chain {
+            Some(chain) => format!("listing rules of {family} {table}/{chain}"),
+            None => format!("listing rules of {family} {table}"),
         };
-        let chains = s
-            .tables
-            .get(&(family, table.to_string()))
-            .ok_or_else(|| missing(format!("table {family} {table}")))?;
-        chains
-            .get(chain)
-            .cloned()
-            .ok_or_else(|| missing(format!("chain {family} {table}/{chain}")))
+        let t = s.table(family, table, &action)?;
+        if let Some(chain) = chain
+            && !t.chains.contains_key(chain)
+        {
+            return Err(not_found(
+                action(),
+                format!("chain {family} {table}/{chain}"),
+            ));
+        }
+        let mut chains: Vec<(&String, &FakeChain)> = t
+            .chains
+            .iter()
+            .filter(|(name, _)| chain.is_none_or(|c| c == name.as_str()))
+            .collect();
+        chains.sort_by_key(|(_, c)| c.handle);
+        Ok(chains
+            .into_iter()
+            .flat_map(|(name, c)| {
+                c.rules.iter().map(move |r| RuleDump {
+                    chain: name.clone(),
+                    handle: r.handle,
+                    comment: r.comment.clone(),
+                    exprs: encode_exprs(&r.exprs),
+                })
+            })
+            .collect())
     }
 
     fn apply(&self, batch: &Batch) -> Result<()> {
+        // What the real one refuses before sending.
+        check_batch(batch)?;
         let mut s = locked(&self.state);
         let mut next = s.clone();
         for op in batch.ops() {
-            let missing = |what: &str| Error::NotFound {
-                action: op.to_string(),
-                what: what.into(),
-                scope: SCOPE.into(),
-            };
-            match op {
-                Op::AddTable { family, name } => {
-                    next.tables.entry((*family, name.clone())).or_default();
-                }
-                Op::DeleteTable { family, name } => {
-                    if next.tables.remove(&(*family, name.clone())).is_none() {
-                        return Err(missing("table"));
-                    }
-                }
-                Op::FlushTable { family, name } => {
-                    match next.tables.get_mut(&(*family, name.clone())) {
-                        Some(chains) => chains.values_mut().for_each(Vec::clear),
-                        None => return Err(missing("table")),
-                    }
-                }
-                Op::AddChain {
-                    family,
-                    table,
-                    chain,
-                    ..
-                } => match next.tables.get_mut(&(*family, table.clone())) {
-                    Some(chains) => {
-                        chains.entry(chain.clone()).or_default();
-                    }
-                    None => return Err(missing("table")),
-                },
-                Op::AddRule {
-                    family,
-                    table,
-                    chain,
-                    comment,
-                    ..
-                } => {
-                    next.next_handle += 1;
-                    let handle = next.next_handle;
-                    match next
-                        .tables
-                        .get_mut(&(*family, table.clone()))
-                        .and_then(|chains| chains.get_mut(chain))
-                    {
-                        Some(rules) => rules.push(RuleInfo {
-                            handle,
-                            comment: comment.clone(),
-                        }),
-                        None => return Err(missing("chain")),
-                    }
-                }
-                Op::DeleteRule {
-                    family,
-                    table,
-                    chain,
-                    handle,
-                } => match next
-                    .tables
-                    .get_mut(&(*family, table.clone()))
-                    .and_then(|chains| chains.get_mut(chain))
-                {
-                    Some(rules) => rules.retain(|r| r.handle != *handle),
-                    None => return Err(missing("chain")),
-                },
-            }
+            next.apply_op(op)?;
         }
         next.applied.push(batch.clone());
         *s = next;
@@ -397,6 +858,69 @@ mod tests {
             err.to_string().contains("listing rules of inet t/c"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_fake_ruleset_models_sets_elements_chains_and_destroys() {
+        use crate::nftables::{DataType, SetElem, dsl};
+        let ruleset = FakeRuleset::default();
+        let inet = Family::Inet;
+        let key = vec![10, 0, 0, 1];
+        let mut batch = Batch::new();
+        batch
+            .add_table(inet, "t")
+            .add_chain(inet, "t", "svc", None)
+            .add_set(inet, "t", "m", SetSpec::vmap(&[DataType::Ipv4Addr]))
+            .add_elements(
+                inet,
+                "t",
+                "m",
+                vec![SetElem::verdict(key.clone(), Verdict::Goto("svc".into()))],
+            )
+            .add_rule(inet, "t", "svc", dsl::accept(), Some("one"));
+        ruleset.apply(&batch).unwrap();
+        assert_eq!(ruleset.sets(inet, "t").unwrap()[0].name, "m");
+        assert_eq!(ruleset.elements(inet, "t", "m").unwrap()[0].key, key);
+        let rules = ruleset.dump_rules(inet, "t", None).unwrap();
+        assert_eq!(rules[0].comment.as_deref(), Some("one"));
+        assert!(!rules[0].exprs.is_empty());
+
+        // The map still jumps to the chain: it cannot go.
+        let mut batch = Batch::new();
+        batch.delete_chain(inet, "t", "svc");
+        let err = ruleset.apply(&batch).unwrap_err();
+        assert!(err.has_errno(libc::EBUSY), "{err:?}");
+        // Another value for a key in the map is in the way.
+        let mut batch = Batch::new();
+        batch.add_elements(
+            inet,
+            "t",
+            "m",
+            vec![SetElem::verdict(key.clone(), Verdict::Drop)],
+        );
+        assert!(matches!(
+            ruleset.apply(&batch),
+            Err(Error::AlreadyExists { .. })
+        ));
+        // Destroys of what is missing succeed; a batch is all or nothing.
+        let mut batch = Batch::new();
+        batch
+            .destroy_elements(inet, "t", "m", vec![key.clone(), vec![10, 0, 0, 9]])
+            .destroy_chain(inet, "t", "svc")
+            .destroy_chain(inet, "t", "gone")
+            .destroy_table(inet, "gone");
+        ruleset.apply(&batch).unwrap();
+        assert!(ruleset.chains(inet, "t").unwrap().is_empty());
+        let mut batch = Batch::new();
+        batch
+            .add_chain(inet, "t", "x", None)
+            .delete_elements(inet, "t", "m", vec![key]);
+        assert!(ruleset.apply(&batch).unwrap_err().is_not_found());
+        assert!(ruleset.chains(inet, "t").unwrap().is_empty());
+        // Refused before "sending", as the real one does.
+        let mut batch = Batch::new();
+        batch.add_elements(inet, "t", "m", vec![SetElem::key(vec![])]);
+        assert!(matches!(ruleset.apply(&batch), Err(Error::Invalid { .. })));
     }
 
     #[tokio::test]

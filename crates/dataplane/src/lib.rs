@@ -13,6 +13,7 @@
 //! Every fallible call returns [`Result`], whose [`Error`] says what was being done, where,
 //! and what the kernel answered, as a kind callers can match on (see [`error`]).
 
+pub mod conntrack;
 pub mod error;
 pub mod fake;
 pub mod icmp;

@@ -13,20 +13,31 @@
 //! Every fragment works in `inet`, `ip` and `ip6` tables: address and ICMP
 //! matches carry a `meta nfproto` check as nft adds in `inet` tables (in an
 //! `ip` table it is always true; nft lists it there as `meta nfproto ipv4`).
-//! Fragments use registers [`Reg::R1`] and [`Reg::R2`] only, freely, so a
-//! fragment never depends on what an earlier one left in a register.
+//! Fragments use registers from [`Reg::R1`] on (a concatenated key spans
+//! consecutive 32-bit registers, see [`load`]), freely, so a fragment never
+//! depends on what an earlier one left in a register.
+//!
+//! Sets and maps: [`in_set`], [`not_in_set`], [`vmap`], [`dnat_map`] look
+//! keys of [`Field`]s up in named sets (whose key type is [`key_type`] of
+//! the same fields); [`in_anonymous_set`], [`anonymous_vmap`] and
+//! [`numgen_vmap`] carry their own; [`update_set`] and [`add_to_set`] fill
+//! dynamic sets from the packet path. For many services prefer [`one_in`]
+//! rules to a map per service (see there why).
 //!
 //! Not re-exported at the module root on purpose: [`drop`] would shadow
 //! `std::mem::drop` under a glob import.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 
 use super::expr::{
-    ByteorderOp, CmpOp, CtKey, CtState, CtStatus, Expr, MetaKey, NatFamily, NatKind, NumgenKind,
-    PayloadBase, Reg, Verdict,
+    ByteorderOp, CmpOp, CtKey, CtState, CtStatus, DynsetOp, Expr, FibFlags, FibResult, IcmpxCode,
+    LookupResult, MetaKey, NatFamily, NatFlags, NatKind, NumgenKind, PayloadBase, Reg, RejectKind,
+    RouteType, SetRef, Verdict,
 };
+use super::set::{AnonSet, DataType, Datum, MapData, SetElem};
 
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -297,9 +308,357 @@ fn nat(kind: NatKind, addr: IpAddr, port: Option<u16>) -> Vec<Expr> {
     exprs
 }
 
+/// `th dport PORT`: the destination port of any transport header with
+/// ports at the usual place (TCP, UDP, SCTP, ...), without a protocol
+/// check: match the protocol first (or key on `meta l4proto` too).
+pub fn th_dport(port: u16) -> Vec<Expr> {
+    vec![
+        payload(PayloadBase::Transport, 2, 2),
+        cmp(CmpOp::Eq, port.to_be_bytes().to_vec()),
+    ]
+}
+
+/// `th sport PORT` (see [`th_dport`]).
+pub fn th_sport(port: u16) -> Vec<Expr> {
+    vec![
+        payload(PayloadBase::Transport, 0, 2),
+        cmp(CmpOp::Eq, port.to_be_bytes().to_vec()),
+    ]
+}
+
+/// A packet field that can be a set key or part of a concatenated one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Field {
+    /// `ip saddr` (with its `meta nfproto ipv4` check).
+    IpSaddr,
+    /// `ip daddr`.
+    IpDaddr,
+    /// `ip6 saddr` (with its `meta nfproto ipv6` check).
+    Ip6Saddr,
+    /// `ip6 daddr`.
+    Ip6Daddr,
+    /// `meta l4proto`.
+    L4Proto,
+    /// `th sport`.
+    ThSport,
+    /// `th dport`.
+    ThDport,
+    /// `meta mark`.
+    Mark,
+    /// `iifname`.
+    IifName,
+    /// `oifname`.
+    OifName,
+}
+
+impl Field {
+    /// The set key type of the field, for [`super::SetSpec`].
+    pub fn data_type(self) -> DataType {
+        match self {
+            Field::IpSaddr | Field::IpDaddr => DataType::Ipv4Addr,
+            Field::Ip6Saddr | Field::Ip6Daddr => DataType::Ipv6Addr,
+            Field::L4Proto => DataType::InetProto,
+            Field::ThSport | Field::ThDport => DataType::InetService,
+            Field::Mark => DataType::Mark,
+            Field::IifName | Field::OifName => DataType::IfName,
+        }
+    }
+
+    fn load(self, dreg: Reg) -> Expr {
+        let payload = |base, offset, len| Expr::Payload {
+            base,
+            offset,
+            len,
+            dreg,
+        };
+        let meta = |key| Expr::Meta { key, dreg };
+        match self {
+            Field::IpSaddr => payload(PayloadBase::Network, 12, 4),
+            Field::IpDaddr => payload(PayloadBase::Network, 16, 4),
+            Field::Ip6Saddr => payload(PayloadBase::Network, 8, 16),
+            Field::Ip6Daddr => payload(PayloadBase::Network, 24, 16),
+            Field::L4Proto => meta(MetaKey::L4Proto),
+            Field::ThSport => payload(PayloadBase::Transport, 0, 2),
+            Field::ThDport => payload(PayloadBase::Transport, 2, 2),
+            Field::Mark => meta(MetaKey::Mark),
+            Field::IifName => meta(MetaKey::IifName),
+            Field::OifName => meta(MetaKey::OifName),
+        }
+    }
+}
+
+/// The key type of a set keyed by these fields: `SetSpec::vmap(&key_type(&[Field::IpDaddr,
+/// Field::L4Proto, Field::ThDport]))` is `type ipv4_addr . inet_proto . inet_service :
+/// verdict`.
+pub fn key_type(fields: &[Field]) -> Vec<DataType> {
+    fields.iter().map(|f| f.data_type()).collect()
+}
+
+/// Loads `FIELD . FIELD ...` into [`Reg::R1`] and the 32-bit registers
+/// after it, as nft does for a concatenation (`ip daddr . meta l4proto . th
+/// dport` goes to registers 1, 9 and 10), after the address family checks
+/// the fields need. Fields whose registers would run past the last one are
+/// left out, and the rule is then refused before sending (its lookup reads
+/// more than was loaded).
+pub fn load(fields: &[Field]) -> Vec<Expr> {
+    let mut exprs = Vec::new();
+    let v4 = fields
+        .iter()
+        .any(|f| matches!(f, Field::IpSaddr | Field::IpDaddr));
+    let v6 = fields
+        .iter()
+        .any(|f| matches!(f, Field::Ip6Saddr | Field::Ip6Daddr));
+    if v4 {
+        exprs.extend(nfproto_ipv4());
+    }
+    if v6 {
+        exprs.extend(nfproto_ipv6());
+    }
+    let mut reg = Some(Reg::R1);
+    for field in fields {
+        let Some(dreg) = reg else { break };
+        exprs.push(field.load(dreg));
+        reg = dreg.after(field.data_type().width());
+    }
+    exprs
+}
+
+/// `FIELDS @set`: the rule goes on only if the key is in the named set.
+pub fn in_set(fields: &[Field], set: &str) -> Vec<Expr> {
+    lookup(fields, SetRef::Named(set.to_owned()), LookupResult::Present)
+}
+
+/// `FIELDS != @set`: the rule goes on only if the key is not in the set.
+pub fn not_in_set(fields: &[Field], set: &str) -> Vec<Expr> {
+    lookup(fields, SetRef::Named(set.to_owned()), LookupResult::Absent)
+}
+
+/// `FIELDS vmap @map`: applies the verdict the key maps to (the rule does
+/// nothing for a key that is not in the map).
+pub fn vmap(fields: &[Field], map: &str) -> Vec<Expr> {
+    lookup(fields, SetRef::Named(map.to_owned()), LookupResult::Verdict)
+}
+
+/// `FIELDS { KEY, ... }`: the key is one of these (an anonymous set, e.g.
+/// `meta l4proto { tcp, udp }`); each key built with [`super::concat`].
+pub fn in_anonymous_set(fields: &[Field], keys: Vec<Vec<u8>>) -> Vec<Expr> {
+    let set = AnonSet {
+        key: key_type(fields),
+        data: None,
+        elements: keys.into_iter().map(SetElem::key).collect(),
+    };
+    lookup(
+        fields,
+        SetRef::Anonymous(Box::new(set)),
+        LookupResult::Present,
+    )
+}
+
+/// `FIELDS vmap { KEY : VERDICT, ... }` with an anonymous verdict map.
+pub fn anonymous_vmap(fields: &[Field], entries: Vec<(Vec<u8>, Verdict)>) -> Vec<Expr> {
+    let set = AnonSet {
+        key: key_type(fields),
+        data: Some(MapData::Verdict),
+        elements: entries
+            .into_iter()
+            .map(|(key, verdict)| SetElem::verdict(key, verdict))
+            .collect(),
+    };
+    lookup(
+        fields,
+        SetRef::Anonymous(Box::new(set)),
+        LookupResult::Verdict,
+    )
+}
+
+fn lookup(fields: &[Field], set: SetRef, result: LookupResult) -> Vec<Expr> {
+    let mut exprs = load(fields);
+    exprs.push(Expr::Lookup {
+        sreg: Reg::R1,
+        set,
+        result,
+    });
+    exprs
+}
+
+/// `numgen random mod N vmap { 0 : V0, 1 : V1, ... }` with N the number of
+/// verdicts: one of them, uniformly at random, e.g. `goto` one of a
+/// service's endpoint chains. The map is anonymous: created with the rule,
+/// deleted with it. Each anonymous map is a set of the table, which the
+/// kernel searches by name in a list: fine for hundreds, quadratic for
+/// tens of thousands (about 9 s for 10,000 services here); see [`one_in`].
+pub fn numgen_vmap(kind: NumgenKind, verdicts: Vec<Verdict>) -> Vec<Expr> {
+    let modulus = u32::try_from(verdicts.len()).unwrap_or(u32::MAX);
+    let set = AnonSet {
+        key: vec![DataType::Integer],
+        data: Some(MapData::Verdict),
+        elements: (0..)
+            .zip(verdicts)
+            .map(|(i, verdict)| SetElem::verdict(Datum::Integer(i).bytes(), verdict))
+            .collect(),
+    };
+    vec![
+        Expr::Numgen {
+            kind,
+            modulus,
+            offset: 0,
+            dreg: Reg::R1,
+        },
+        Expr::Lookup {
+            sreg: Reg::R1,
+            set: SetRef::Anonymous(Box::new(set)),
+            result: LookupResult::Verdict,
+        },
+    ]
+}
+
+/// `numgen random mod N 0` (equal to 0): true with probability 1/N, a
+/// fresh draw in every rule. A uniform choice among N endpoints without a
+/// set: rule `i` (from 0) is `one_in(N - i)` then `goto` endpoint `i`, the
+/// last rule a plain `goto` (what kube-proxy's iptables mode does with
+/// `statistic`). Zero is zero in either byte order, so unlike
+/// [`numgen_random_below`] it needs no conversion: three expressions.
+///
+/// Prefer it to [`numgen_vmap`] for thousands of services: the kernel
+/// keeps a table's sets in a list searched by name, so a map per service
+/// costs time quadratic in the number of services (seconds at ten
+/// thousand), and a verdict map shared by all services is walked whole, at
+/// every commit, for each rule that uses it.
+pub fn one_in(n: u32) -> Vec<Expr> {
+    vec![
+        Expr::Numgen {
+            kind: NumgenKind::Random,
+            modulus: n,
+            offset: 0,
+            dreg: Reg::R1,
+        },
+        cmp(CmpOp::Eq, vec![0; 4]),
+    ]
+}
+
+/// `update @set { FIELDS [timeout T] }`: adds the key to a dynamic set, or
+/// restarts its timeout (`None`: the set's default). With [`in_set`] on
+/// the same set this is ClientIP session affinity: `update @aff { ip saddr
+/// timeout 3h }` where the choice is made, `ip saddr @aff goto ...` before.
+pub fn update_set(fields: &[Field], set: &str, timeout: Option<Duration>) -> Vec<Expr> {
+    dynset(DynsetOp::Update, fields, set, timeout)
+}
+
+/// `add @set { FIELDS [timeout T] }`: adds the key unless it is there.
+pub fn add_to_set(fields: &[Field], set: &str, timeout: Option<Duration>) -> Vec<Expr> {
+    dynset(DynsetOp::Add, fields, set, timeout)
+}
+
+fn dynset(op: DynsetOp, fields: &[Field], set: &str, timeout: Option<Duration>) -> Vec<Expr> {
+    let mut exprs = load(fields);
+    exprs.push(Expr::Dynset {
+        op,
+        set: set.to_owned(),
+        key: Reg::R1,
+        data: None,
+        timeout,
+    });
+    exprs
+}
+
+/// `dnat ip to FIELDS map @map` / `dnat ip6 to ...`: destination NAT to the
+/// address (and port, if `with_port`) the key maps to; the map's values are
+/// `ipv4_addr [. inet_service]` (or `ipv6_addr ...`). With a port, the rule
+/// must match a transport protocol first.
+pub fn dnat_map(fields: &[Field], map: &str, family: NatFamily, with_port: bool) -> Vec<Expr> {
+    let mut exprs = lookup(
+        fields,
+        SetRef::Named(map.to_owned()),
+        LookupResult::Value(Reg::R1),
+    );
+    let addr_len = match family {
+        NatFamily::Ipv4 => 4,
+        NatFamily::Ipv6 => 16,
+    };
+    exprs.push(Expr::Nat {
+        kind: NatKind::Dnat,
+        family,
+        addr: Some(Reg::R1),
+        port: if with_port {
+            Reg::R1.after(addr_len)
+        } else {
+            None
+        },
+    });
+    exprs
+}
+
+/// `fib daddr type TYPE`: the destination address is of this route type
+/// (`local`: one of this host's addresses).
+pub fn fib_daddr_type(route_type: RouteType) -> Vec<Expr> {
+    vec![
+        Expr::Fib {
+            flags: FibFlags::DADDR,
+            result: FibResult::AddrType,
+            dreg: Reg::R1,
+        },
+        cmp(CmpOp::Eq, route_type.code().to_ne_bytes().to_vec()),
+    ]
+}
+
+/// `reject`: as nft's default in an `inet` table, ICMP or ICMPv6 port
+/// unreachable by the packet's family (`reject with icmpx type
+/// port-unreachable`).
+pub fn reject() -> Vec<Expr> {
+    reject_icmpx(IcmpxCode::PortUnreachable)
+}
+
+/// `reject with icmpx type CODE`.
+pub fn reject_icmpx(code: IcmpxCode) -> Vec<Expr> {
+    vec![Expr::Reject {
+        kind: RejectKind::IcmpxUnreach,
+        code: code.code(),
+    }]
+}
+
+/// `reject with icmp type CODE` for IPv4 packets (3: port-unreachable).
+pub fn reject_icmp(code: u8) -> Vec<Expr> {
+    let mut exprs = nfproto_ipv4();
+    exprs.push(Expr::Reject {
+        kind: RejectKind::IcmpUnreach,
+        code,
+    });
+    exprs
+}
+
+/// `reject with icmpv6 type CODE` for IPv6 packets (4: port-unreachable).
+pub fn reject_icmpv6(code: u8) -> Vec<Expr> {
+    let mut exprs = nfproto_ipv6();
+    exprs.push(Expr::Reject {
+        kind: RejectKind::IcmpUnreach,
+        code,
+    });
+    exprs
+}
+
+/// `reject with tcp reset` (TCP packets only, which it checks).
+pub fn reject_tcp_reset() -> Vec<Expr> {
+    let mut exprs = l4proto(IPPROTO_TCP);
+    exprs.push(Expr::Reject {
+        kind: RejectKind::TcpReset,
+        code: 0,
+    });
+    exprs
+}
+
+/// `masquerade fully-random`: source ports from a full PRNG, so many
+/// clients behind one address do not clash.
+pub fn masquerade_fully_random() -> Vec<Expr> {
+    vec![Expr::Masquerade {
+        flags: NatFlags::FULLY_RANDOM,
+    }]
+}
+
 /// `masquerade`.
 pub fn masquerade() -> Vec<Expr> {
-    vec![Expr::Masquerade]
+    vec![Expr::Masquerade {
+        flags: NatFlags::NONE,
+    }]
 }
 
 /// `counter`.
@@ -412,6 +771,52 @@ mod tests {
         let exprs = numgen_random_below(100, 50);
         assert_eq!(exprs[2], cmp(CmpOp::Lt, vec![0, 0, 0, 50]));
         assert_eq!(check_rule(&exprs), Ok(()));
+    }
+
+    #[test]
+    fn concatenations_load_into_consecutive_32_bit_registers() {
+        // nft: meta load nfproto => reg 1, cmp, payload ... => reg 1,
+        // meta load l4proto => reg 9, payload ... => reg 10, lookup dreg 0.
+        let exprs = vmap(&[Field::IpDaddr, Field::L4Proto, Field::ThDport], "m");
+        let regs: Vec<u32> = exprs
+            .iter()
+            .filter_map(|e| match e {
+                Expr::Payload { dreg, .. } | Expr::Meta { dreg, .. } => Some(dreg.wire()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(regs, vec![1, 1, 9, 10]);
+        // IPv6: reg 1 (16 bytes), reg 2, reg 13.
+        let exprs = load(&[Field::Ip6Daddr, Field::L4Proto, Field::ThDport]);
+        let regs: Vec<u32> = exprs
+            .iter()
+            .skip(2)
+            .filter_map(|e| match e {
+                Expr::Payload { dreg, .. } | Expr::Meta { dreg, .. } => Some(dreg.wire()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(regs, vec![1, 2, 13]);
+        assert_eq!(check_rule(&exprs), Ok(()));
+    }
+
+    #[test]
+    fn numgen_vmap_keys_are_host_order_integers() {
+        let exprs = numgen_vmap(
+            NumgenKind::Random,
+            vec![Verdict::Goto("a".into()), Verdict::Goto("b".into())],
+        );
+        let Expr::Lookup {
+            set: SetRef::Anonymous(set),
+            ..
+        } = &exprs[1]
+        else {
+            panic!("{exprs:?}")
+        };
+        assert_eq!(set.elements[1].key, 1u32.to_ne_bytes());
+        assert_eq!(check_rule(&exprs), Ok(()));
+        // An empty map is refused before sending.
+        assert!(check_rule(&numgen_vmap(NumgenKind::Random, vec![])).is_err());
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! A rule is a list of expressions run in order on registers: loads
 //! ([`Expr::Meta`], [`Expr::Payload`], [`Expr::Ct`], [`Expr::Numgen`],
 //! [`Expr::Immediate`]) fill registers, [`Expr::Cmp`] stops the rule when a
-//! comparison fails, statements ([`Expr::Nat`], [`Expr::CtSet`], ...) act on
-//! the packet, and [`Expr::Verdict`] decides its fate. The encodings are
+//! comparison fails, [`Expr::Lookup`] consults a set or map (and can stop
+//! the rule, load a value or apply a verdict), statements ([`Expr::Nat`],
+//! [`Expr::CtSet`], [`Expr::Dynset`], [`Expr::Reject`], ...) act on the
+//! packet or the ruleset, and [`Expr::Verdict`] decides its fate. The encodings are
 //! byte for byte what `nft --debug=netlink` shows for the same rule.
 
 use std::fmt;
 
+use super::set::AnonSet;
 use super::wire::{self, Attrs};
 
 /// A data register, in the kernel's 32-bit register numbering
@@ -291,6 +294,231 @@ impl Verdict {
             Verdict::Return => -5,
         }
     }
+
+    /// Writes `NFTA_DATA_VERDICT` into a data attribute (an immediate's or
+    /// a verdict map element's).
+    pub(crate) fn encode_data(&self, data: &mut Attrs<'_>) {
+        data.nested(wire::NFTA_DATA_VERDICT, |v| {
+            v.u32_be(wire::NFTA_VERDICT_CODE, self.code() as u32);
+            if let Verdict::Jump(chain) | Verdict::Goto(chain) = self {
+                v.str(wire::NFTA_VERDICT_CHAIN, chain);
+            }
+        });
+    }
+
+    /// Reads the inside of an `NFTA_DATA_VERDICT`.
+    pub(crate) fn parse(attrs: &[u8]) -> Option<Verdict> {
+        let code = wire::find_attr(attrs, wire::NFTA_VERDICT_CODE).and_then(wire::be32)? as i32;
+        let chain = || wire::find_attr(attrs, wire::NFTA_VERDICT_CHAIN).map(wire::c_string);
+        Some(match code {
+            0 => Verdict::Drop,
+            1 => Verdict::Accept,
+            -1 => Verdict::Continue,
+            -3 => Verdict::Jump(chain()?),
+            -4 => Verdict::Goto(chain()?),
+            -5 => Verdict::Return,
+            _ => return None,
+        })
+    }
+
+    /// A jump or goto needs a chain name the kernel accepts.
+    pub(crate) fn check(&self) -> crate::error::Result<()> {
+        if let Verdict::Jump(chain) | Verdict::Goto(chain) = self
+            && (chain.is_empty() || chain.len() >= wire::NFT_NAME_MAXLEN || chain.contains('\0'))
+        {
+            return Err(crate::error::Error::invalid(
+                "verdict chain",
+                chain.as_str(),
+                format!("1 to {} bytes, no NUL", wire::NFT_NAME_MAXLEN - 1),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Verdict {
+    /// As nft writes it: `accept`, `goto CHAIN`, ...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Accept => f.write_str("accept"),
+            Verdict::Drop => f.write_str("drop"),
+            Verdict::Continue => f.write_str("continue"),
+            Verdict::Return => f.write_str("return"),
+            Verdict::Jump(chain) => write!(f, "jump {chain}"),
+            Verdict::Goto(chain) => write!(f, "goto {chain}"),
+        }
+    }
+}
+
+/// Which set a [`Expr::Lookup`] consults.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SetRef {
+    /// A named set of the rule's table (`@name`), existing or added earlier
+    /// in the same batch.
+    Named(String),
+    /// An anonymous set written into the rule (`{ 0 : goto a, ... }`): it is
+    /// created in the same transaction just before the rule and goes away
+    /// with it.
+    Anonymous(Box<AnonSet>),
+}
+
+/// What a [`Expr::Lookup`] does with what it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LookupResult {
+    /// `KEY @set`: the rule goes on only if the key is in the set.
+    Present,
+    /// `KEY != @set`: only if it is not.
+    Absent,
+    /// `KEY map @m`: the key's value goes into the register (the rule stops
+    /// if the key is not in the map).
+    Value(Reg),
+    /// `KEY vmap @m`: the key's verdict is applied (nothing happens if the
+    /// key is not in the map).
+    Verdict,
+}
+
+/// What a [`Expr::Dynset`] does to the set (`NFT_DYNSET_OP_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DynsetOp {
+    /// `add @set { KEY }`: adds the key if it is missing; an existing
+    /// element keeps its expiry.
+    Add,
+    /// `update @set { KEY }`: adds the key or restarts its timeout.
+    Update,
+    /// `delete @set { KEY }`.
+    Delete,
+}
+
+/// What a [`Expr::Fib`] looks up (`NFTA_FIB_FLAGS` bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FibFlags(pub u32);
+
+impl FibFlags {
+    pub const SADDR: FibFlags = FibFlags(1 << 0);
+    pub const DADDR: FibFlags = FibFlags(1 << 1);
+    pub const MARK: FibFlags = FibFlags(1 << 2);
+    pub const IIF: FibFlags = FibFlags(1 << 3);
+    pub const OIF: FibFlags = FibFlags(1 << 4);
+}
+
+impl std::ops::BitOr for FibFlags {
+    type Output = FibFlags;
+    fn bitor(self, other: FibFlags) -> FibFlags {
+        FibFlags(self.0 | other.0)
+    }
+}
+
+/// What a [`Expr::Fib`] stores (`NFT_FIB_RESULT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FibResult {
+    /// Output interface index (4 bytes, host order).
+    Oif,
+    /// Output interface name (16 bytes).
+    OifName,
+    /// Route type of the address (`RTN_*`, 4 bytes, host order: 2 local,
+    /// see [`RouteType`]).
+    AddrType,
+}
+
+impl FibResult {
+    fn code(self) -> u32 {
+        match self {
+            FibResult::Oif => 1,
+            FibResult::OifName => 2,
+            FibResult::AddrType => 3,
+        }
+    }
+
+    fn width(self) -> usize {
+        match self {
+            FibResult::OifName => 16,
+            FibResult::Oif | FibResult::AddrType => 4,
+        }
+    }
+}
+
+/// Route types as `fib ... type` yields them (`RTN_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteType {
+    Unicast,
+    Local,
+    Broadcast,
+    Anycast,
+    Multicast,
+    Blackhole,
+    Unreachable,
+    Prohibit,
+}
+
+impl RouteType {
+    pub fn code(self) -> u32 {
+        match self {
+            RouteType::Unicast => 1,
+            RouteType::Local => 2,
+            RouteType::Broadcast => 3,
+            RouteType::Anycast => 4,
+            RouteType::Multicast => 5,
+            RouteType::Blackhole => 6,
+            RouteType::Unreachable => 7,
+            RouteType::Prohibit => 8,
+        }
+    }
+}
+
+/// How [`Expr::Reject`] answers (`NFT_REJECT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectKind {
+    /// An ICMP (for IPv4 packets) or ICMPv6 (for IPv6) destination
+    /// unreachable with the family's own code: 3 is port unreachable for
+    /// ICMP, 4 for ICMPv6.
+    IcmpUnreach,
+    /// A TCP reset (only for TCP packets).
+    TcpReset,
+    /// A destination unreachable for either family, with a code of
+    /// [`IcmpxCode`].
+    IcmpxUnreach,
+}
+
+/// Family-independent reject codes (`NFT_REJECT_ICMPX_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IcmpxCode {
+    NoRoute,
+    PortUnreachable,
+    HostUnreachable,
+    AdminProhibited,
+}
+
+impl IcmpxCode {
+    pub fn code(self) -> u8 {
+        match self {
+            IcmpxCode::NoRoute => 0,
+            IcmpxCode::PortUnreachable => 1,
+            IcmpxCode::HostUnreachable => 2,
+            IcmpxCode::AdminProhibited => 3,
+        }
+    }
+}
+
+/// Flags of NAT statements (`NF_NAT_RANGE_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatFlags(pub u32);
+
+impl NatFlags {
+    pub const NONE: NatFlags = NatFlags(0);
+    /// `random`: source ports picked at random.
+    pub const RANDOM: NatFlags = NatFlags(0x4);
+    /// `persistent`: the same address for a client every time.
+    pub const PERSISTENT: NatFlags = NatFlags(0x8);
+    /// `fully-random`: source ports from a full PRNG (avoids the port
+    /// clashes of hash-based choice under many connections).
+    pub const FULLY_RANDOM: NatFlags = NatFlags(0x10);
+}
+
+impl std::ops::BitOr for NatFlags {
+    type Output = NatFlags;
+    fn bitor(self, other: NatFlags) -> NatFlags {
+        NatFlags(self.0 | other.0)
+    }
 }
 
 /// One nf_tables expression.
@@ -349,8 +577,9 @@ pub enum Expr {
         addr: Option<Reg>,
         port: Option<Reg>,
     },
-    /// Source NAT to the address of the output interface.
-    Masquerade,
+    /// Source NAT to the address of the output interface (`masquerade
+    /// [fully-random]`).
+    Masquerade { flags: NatFlags },
     /// `numgen reg = KIND mod MODULUS offset OFFSET` (host byte order).
     Numgen {
         kind: NumgenKind,
@@ -358,6 +587,33 @@ pub enum Expr {
         offset: u32,
         dreg: Reg,
     },
+    /// Looks the key in `sreg` (and the registers after it, for a
+    /// concatenation) up in a set or map.
+    Lookup {
+        sreg: Reg,
+        set: SetRef,
+        result: LookupResult,
+    },
+    /// Adds, updates or deletes the key in `key` in a named set with
+    /// [`super::SetFlags::DYNAMIC`] from the packet path, e.g. `update
+    /// @affinity { ip saddr timeout 3h }`. `data`: the value for a map.
+    Dynset {
+        op: DynsetOp,
+        set: String,
+        key: Reg,
+        data: Option<Reg>,
+        /// The element's timeout (the set's default without one).
+        timeout: Option<std::time::Duration>,
+    },
+    /// A routing lookup: `fib daddr type => dreg`.
+    Fib {
+        flags: FibFlags,
+        result: FibResult,
+        dreg: Reg,
+    },
+    /// Refuses the packet with an answer to its sender (a terminal
+    /// statement, like drop).
+    Reject { kind: RejectKind, code: u8 },
 }
 
 impl Expr {
@@ -373,20 +629,37 @@ impl Expr {
             Expr::Immediate { .. } | Expr::Verdict(_) => "immediate",
             Expr::Counter => "counter",
             Expr::Nat { .. } => "nat",
-            Expr::Masquerade => "masq",
+            Expr::Masquerade { .. } => "masq",
             Expr::Numgen { .. } => "numgen",
+            Expr::Lookup { .. } => "lookup",
+            Expr::Dynset { .. } => "dynset",
+            Expr::Fib { .. } => "fib",
+            Expr::Reject { .. } => "reject",
         }
     }
 
-    /// Writes this expression as one `NFTA_LIST_ELEM`.
-    pub(crate) fn encode(&self, attrs: &mut Attrs<'_>) {
+    /// Writes this expression as one `NFTA_LIST_ELEM`. `anon` yields the
+    /// names and transaction ids of the anonymous sets of the rule, in
+    /// order; the sets themselves are sent before the rule (see `batch.rs`).
+    pub(crate) fn encode(&self, attrs: &mut Attrs<'_>, anon: &mut std::slice::Iter<'_, AnonRef>) {
         attrs.nested(wire::NFTA_LIST_ELEM, |elem| {
             elem.str(wire::NFTA_EXPR_NAME, self.kind());
-            elem.nested(wire::NFTA_EXPR_DATA, |data| self.encode_data(data));
+            elem.nested(wire::NFTA_EXPR_DATA, |data| self.encode_data(data, anon));
         });
     }
 
-    fn encode_data(&self, a: &mut Attrs<'_>) {
+    /// The anonymous set of this expression, if it has one.
+    pub(crate) fn anonymous_set(&self) -> Option<&AnonSet> {
+        match self {
+            Expr::Lookup {
+                set: SetRef::Anonymous(set),
+                ..
+            } => Some(set),
+            _ => None,
+        }
+    }
+
+    fn encode_data(&self, a: &mut Attrs<'_>, anon: &mut std::slice::Iter<'_, AnonRef>) {
         use wire::*;
         match self {
             Expr::Meta { key, dreg } => {
@@ -456,14 +729,7 @@ impl Expr {
             }
             Expr::Verdict(verdict) => {
                 a.u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
-                a.nested(NFTA_IMMEDIATE_DATA, |d| {
-                    d.nested(NFTA_DATA_VERDICT, |v| {
-                        v.u32_be(NFTA_VERDICT_CODE, verdict.code() as u32);
-                        if let Verdict::Jump(chain) | Verdict::Goto(chain) = verdict {
-                            v.str(NFTA_VERDICT_CHAIN, chain);
-                        }
-                    });
-                });
+                a.nested(NFTA_IMMEDIATE_DATA, |d| verdict.encode_data(d));
             }
             Expr::Counter => {
                 a.u64_be(NFTA_COUNTER_BYTES, 0);
@@ -490,7 +756,12 @@ impl Expr {
                     a.u32_be(NFTA_NAT_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
                 }
             }
-            Expr::Masquerade => {}
+            Expr::Masquerade { flags } => {
+                // nft leaves the attribute out when there are no flags.
+                if flags.0 != 0 {
+                    a.u32_be(NFTA_MASQ_FLAGS, flags.0);
+                }
+            }
             Expr::Numgen {
                 kind,
                 modulus,
@@ -506,6 +777,102 @@ impl Expr {
                 a.u32_be(NFTA_NG_TYPE, kind);
                 a.u32_be(NFTA_NG_OFFSET, *offset);
             }
+            Expr::Lookup { sreg, set, result } => {
+                a.u32_be(NFTA_LOOKUP_SREG, sreg.wire());
+                match result {
+                    LookupResult::Value(dreg) => a.u32_be(NFTA_LOOKUP_DREG, dreg.wire()),
+                    LookupResult::Verdict => a.u32_be(NFTA_LOOKUP_DREG, NFT_REG_VERDICT),
+                    LookupResult::Present | LookupResult::Absent => {}
+                }
+                match set {
+                    SetRef::Named(name) => a.str(NFTA_LOOKUP_SET, name),
+                    SetRef::Anonymous(_) => {
+                        let (name, id) = anon
+                            .next()
+                            .map_or(("", 0), |anon| (anon.name.as_str(), anon.id));
+                        a.str(NFTA_LOOKUP_SET, name);
+                        a.u32_be(NFTA_LOOKUP_SET_ID, id);
+                    }
+                }
+                if *result == LookupResult::Absent {
+                    a.u32_be(NFTA_LOOKUP_FLAGS, NFT_LOOKUP_F_INV);
+                }
+            }
+            Expr::Dynset {
+                op,
+                set,
+                key,
+                data,
+                timeout,
+            } => {
+                a.u32_be(NFTA_DYNSET_SREG_KEY, key.wire());
+                if let Some(data) = data {
+                    a.u32_be(NFTA_DYNSET_SREG_DATA, data.wire());
+                }
+                let op = match op {
+                    DynsetOp::Add => 0,
+                    DynsetOp::Update => 1,
+                    DynsetOp::Delete => 2,
+                };
+                a.u32_be(NFTA_DYNSET_OP, op);
+                if let Some(timeout) = timeout {
+                    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                    a.u64_be(NFTA_DYNSET_TIMEOUT, ms);
+                }
+                a.str(NFTA_DYNSET_SET_NAME, set);
+            }
+            Expr::Fib {
+                flags,
+                result,
+                dreg,
+            } => {
+                a.u32_be(NFTA_FIB_FLAGS, flags.0);
+                a.u32_be(NFTA_FIB_RESULT, result.code());
+                a.u32_be(NFTA_FIB_DREG, dreg.wire());
+            }
+            Expr::Reject { kind, code } => {
+                let kind = match kind {
+                    RejectKind::IcmpUnreach => 0,
+                    RejectKind::TcpReset => 1,
+                    RejectKind::IcmpxUnreach => 2,
+                };
+                a.u32_be(NFTA_REJECT_TYPE, kind);
+                a.u8(NFTA_REJECT_ICMP_CODE, *code);
+            }
+        }
+    }
+}
+
+/// The name and transaction id an anonymous set is created with.
+#[derive(Clone, Debug)]
+pub(crate) struct AnonRef {
+    pub name: String,
+    pub id: u32,
+}
+
+impl AnonRef {
+    /// A fresh anonymous set: `__set` or `__map` and 16 hex digits that no
+    /// other set of the table has. nft leaves the naming to the kernel
+    /// (`__set%d`), which then scans every set of the table for a free
+    /// number: quadratic in the number of anonymous sets, seconds at ten
+    /// thousand services. The name is random (a per-process random base
+    /// plus a counter), and a clash is refused (`EEXIST`), never shared.
+    pub fn new(set: &AnonSet, id: u32) -> AnonRef {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static BASE: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let base = *BASE.get_or_init(|| {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(std::process::id());
+            hasher.finish()
+        });
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let kind = if set.data.is_some() { "map" } else { "set" };
+        AnonRef {
+            name: format!("__{kind}{:016x}", base.wrapping_add(n)),
+            id,
         }
     }
 }
@@ -604,7 +971,76 @@ pub(crate) fn check_rule(exprs: &[Expr]) -> Result<(), String> {
                 None
             }
             Expr::Numgen { dreg, .. } => Some((*dreg, 4)),
-            Expr::Verdict(_) | Expr::Counter | Expr::Masquerade => None,
+            Expr::Lookup { sreg, set, result } => {
+                let mut value_len = None;
+                if let SetRef::Anonymous(anon) = set {
+                    anon.check()
+                        .map_err(|e| format!("{}: {e}", position(i, expr)))?;
+                    read(sreg, super::set::concat_len(&anon.key), "set lookup")?;
+                    if let Some(super::set::MapData::Value(fields)) = &anon.data {
+                        value_len = Some(super::set::concat_len(fields));
+                    }
+                }
+                match (result, &set) {
+                    (LookupResult::Value(_), SetRef::Anonymous(anon))
+                        if !matches!(anon.data, Some(super::set::MapData::Value(_))) =>
+                    {
+                        return Err(format!(
+                            "{}: a value lookup needs a map of values",
+                            position(i, expr)
+                        ));
+                    }
+                    (LookupResult::Verdict, SetRef::Anonymous(anon))
+                        if anon.data != Some(super::set::MapData::Verdict) =>
+                    {
+                        return Err(format!(
+                            "{}: a verdict lookup needs a verdict map",
+                            position(i, expr)
+                        ));
+                    }
+                    _ => {}
+                }
+                if let SetRef::Named(name) = set {
+                    check_set_name(name).map_err(|e| format!("{}: {e}", position(i, expr)))?;
+                }
+                match result {
+                    // A value of unknown length (a named map): the register
+                    // counts as not loaded by this rule.
+                    LookupResult::Value(dreg) => match value_len {
+                        Some(len) => Some((*dreg, len)),
+                        None => {
+                            loaded[usize::from(dreg.0)] = None;
+                            None
+                        }
+                    },
+                    _ => None,
+                }
+            }
+            Expr::Dynset { set, timeout, .. } => {
+                check_set_name(set).map_err(|e| format!("{}: {e}", position(i, expr)))?;
+                if let Some(timeout) = timeout {
+                    super::set::timeout_ms("dynset timeout", *timeout)
+                        .map_err(|e| format!("{}: {e}", position(i, expr)))?;
+                }
+                None
+            }
+            Expr::Fib { result, dreg, .. } => Some((*dreg, result.width())),
+            Expr::Reject { kind, code } => {
+                if *kind == RejectKind::IcmpxUnreach && *code > IcmpxCode::AdminProhibited.code() {
+                    return Err(format!(
+                        "{}: icmpx code {code} (0 to 3 allowed)",
+                        position(i, expr)
+                    ));
+                }
+                None
+            }
+            Expr::Verdict(verdict) => {
+                verdict
+                    .check()
+                    .map_err(|e| format!("{}: {e}", position(i, expr)))?;
+                None
+            }
+            Expr::Counter | Expr::Masquerade { .. } => None,
         };
         if let Some((reg, len)) = written {
             let start = usize::from(reg.0);
@@ -621,6 +1057,16 @@ pub(crate) fn check_rule(exprs: &[Expr]) -> Result<(), String> {
             }
             loaded[start] = Some(len);
         }
+    }
+    Ok(())
+}
+
+fn check_set_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() >= wire::NFT_NAME_MAXLEN || name.contains('\0') {
+        return Err(format!(
+            "set name {name:?}: 1 to {} bytes, no NUL",
+            wire::NFT_NAME_MAXLEN - 1
+        ));
     }
     Ok(())
 }

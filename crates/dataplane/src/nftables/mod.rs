@@ -6,19 +6,43 @@
 //!   back naming what was being done, where (`adding rule to inet t/forward
 //!   in netns X: Operation not supported (os error 95)`), as an
 //!   [`Error::Kernel`] carrying the kernel's errno.
-//! - [`Batch`]: tables, chains and rules to add or remove, applied as one
-//!   transaction: all of it or none of it.
+//! - [`Batch`] of [`Op`]s: tables, chains, rules, sets and maps, and set
+//!   elements to add or remove, applied as one transaction: all of it or
+//!   none of it ([`Nft::apply`]); or a long list of them as consecutive
+//!   bounded transactions ([`Nft::apply_in_batches`]). `delete_*` ops fail
+//!   on a missing object, `destroy_*` ops (Linux 6.3+) treat it as done.
+//! - [`SetSpec`], [`SetElem`], [`Datum`]/[`concat`]: typed set and map
+//!   types (concatenations included, as `nft list` shows them), elements
+//!   with values, verdicts and timeouts, and the key bytes they compare.
 //! - [`Expr`] and [`dsl`]: rule expressions, typed, and fragments that read
-//!   like nft syntax.
+//!   like nft syntax, byte for byte what `nft --debug=netlink` shows for the
+//!   same rule (lookups in sets, maps and verdict maps, anonymous sets,
+//!   dynamic sets, `numgen`, `fib`, `reject`, NAT, `ct`, ...).
+//! - Reads back what the kernel holds: [`Nft::tables`], [`Nft::chains`],
+//!   [`Nft::sets`], [`Nft::elements`], [`Nft::rules`] and
+//!   [`Nft::dump_rules`] (with each rule's expressions as the kernel's raw
+//!   bytes, to fingerprint them).
 //!
 //! The calls block (for microseconds, normally; at most the timeout). From
 //! async code, either accept that or wrap them in `spawn_blocking`.
 //!
-//! Not here yet: sets and maps, chain deletion, listing chains or rule
-//! contents (read them with `nft -j list ruleset` when debugging).
+//! Why by hand: the Rust crates are `rustables` (GPL-3, which this project
+//! cannot take in, self-described as having rough edges, and without
+//! concatenated keys, element timeouts or the dumps a reconciler needs) and
+//! `nftnl` (bindings to the C libnftnl, a build dependency a fresh machine
+//! lacks). The wire format is small and stable; every encoding here is
+//! checked against nft's own by the `nftables_*` tests.
+//!
+//! Not here yet: interval sets (ranges and prefixes as set keys), stateful
+//! objects (named counters, quotas, limits), flowtables, netdev base chains
+//! (they need a device), rule insertion at a position or replacement by
+//! handle, per-element expressions (counters in elements), and decoding
+//! rule expressions back into [`Expr`] (dumps return their raw bytes).
 
+mod batch;
 pub mod dsl;
 mod expr;
+mod set;
 mod socket;
 mod wire;
 
@@ -27,13 +51,20 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use batch::{Batch, Op};
 pub use expr::{
-    ByteorderOp, CmpOp, CtKey, CtState, CtStatus, Expr, MetaKey, NatFamily, NatKind, NumgenKind,
-    PayloadBase, Reg, Verdict,
+    ByteorderOp, CmpOp, CtKey, CtState, CtStatus, DynsetOp, Expr, FibFlags, FibResult, IcmpxCode,
+    LookupResult, MetaKey, NatFamily, NatFlags, NatKind, NumgenKind, PayloadBase, Reg, RejectKind,
+    RouteType, SetRef, Verdict,
+};
+pub use set::{
+    AnonSet, DataType, Datum, ElemValue, ElementInfo, MAX_CONCAT_FIELDS, MapData, SetElem,
+    SetFlags, SetInfo, SetSpec, concat, concat_len,
 };
 
 use crate::error::{Error, Result};
 use crate::netns;
+use batch::{check_name, comment_of_userdata};
 use socket::NfSocket;
 use wire::{Ack, Attrs, MsgHeader};
 
@@ -92,6 +123,20 @@ impl Family {
             Family::Bridge => "bridge",
             Family::Netdev => "netdev",
         }
+    }
+
+    /// The hook of a hook number in this family (the inverse of
+    /// [`Family::hook_number`]).
+    fn hook_of(self, number: u32) -> Option<Hook> {
+        [
+            Hook::Prerouting,
+            Hook::Input,
+            Hook::Forward,
+            Hook::Output,
+            Hook::Postrouting,
+        ]
+        .into_iter()
+        .find(|hook| self.hook_number(*hook) == Some(number))
     }
 
     /// The kernel's hook number for `hook` in this family.
@@ -190,301 +235,73 @@ pub struct RuleInfo {
     pub comment: Option<String>,
 }
 
-/// One change of a [`Batch`], readable so that tests and in-memory fakes can follow what
-/// a batch does without a kernel.
-#[derive(Clone, Debug)]
-pub enum Op {
-    AddTable {
-        family: Family,
-        name: String,
-    },
-    DeleteTable {
-        family: Family,
-        name: String,
-    },
-    FlushTable {
-        family: Family,
-        name: String,
-    },
-    AddChain {
-        family: Family,
-        table: String,
-        chain: String,
-        base: Option<BaseChain>,
-    },
-    AddRule {
-        family: Family,
-        table: String,
-        chain: String,
-        exprs: Vec<Expr>,
-        comment: Option<String>,
-    },
-    DeleteRule {
-        family: Family,
-        table: String,
-        chain: String,
-        handle: u64,
-    },
+/// A rule as listed by [`Nft::dump_rules`]: with its chain and its
+/// expressions as the kernel returns them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleDump {
+    pub chain: String,
+    /// The kernel's handle, for [`Batch::delete_rule`].
+    pub handle: u64,
+    /// The comment nft (or [`Batch::add_rule`]) stored in its userdata.
+    pub comment: Option<String>,
+    /// The payload of NFTA_RULE_EXPRESSIONS as the kernel dumps it: the
+    /// same for the same rule, whoever added it, so it fingerprints the
+    /// rule. (It is the kernel's encoding, not the request's: counters carry
+    /// their current values and anonymous sets their kernel-given names, so
+    /// leave those out of what is fingerprinted, or compare like with like.)
+    pub exprs: Vec<u8>,
 }
 
-impl fmt::Display for Op {
-    /// What the op does, for error messages.
+/// A chain as listed by [`Nft::chains`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainInfo {
+    pub name: String,
+    pub handle: u64,
+    /// The hook of a base chain; `None` for a regular chain (and for base
+    /// chains of hooks [`BaseChain`] cannot express, e.g. netdev ingress,
+    /// which have `hooked` set).
+    pub base: Option<BaseChain>,
+    /// Whether the kernel reports a hook (a base chain).
+    pub hooked: bool,
+}
+
+/// A refused batch: the error, and which op (index in the batch) and which
+/// element of that op (index in its element list) the kernel refused
+/// first, where known.
+#[derive(Debug)]
+pub struct BatchError {
+    pub error: Error,
+    pub op: Option<usize>,
+    pub element: Option<usize>,
+}
+
+impl fmt::Display for BatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Op::AddTable { family, name } => write!(f, "adding table {family} {name}"),
-            Op::DeleteTable { family, name } => write!(f, "deleting table {family} {name}"),
-            Op::FlushTable { family, name } => write!(f, "flushing table {family} {name}"),
-            Op::AddChain {
-                family,
-                table,
-                chain,
-                ..
-            } => write!(f, "adding chain {family} {table}/{chain}"),
-            Op::AddRule {
-                family,
-                table,
-                chain,
-                ..
-            } => write!(f, "adding rule to {family} {table}/{chain}"),
-            Op::DeleteRule {
-                family,
-                table,
-                chain,
-                handle,
-            } => write!(f, "deleting rule {handle} from {family} {table}/{chain}"),
-        }
+        self.error.fmt(f)
     }
 }
 
-impl Op {
-    /// Appends the op's message to a batch being built. Refuses ([`Error::Invalid`]) what
-    /// the kernel would refuse or misread.
-    fn encode(&self, buf: &mut Vec<u8>, seq: u32) -> Result<()> {
-        use wire::*;
-        let header = |msg: u16, flags: u16, family: Family| MsgHeader {
-            ty: nft_type(msg),
-            flags: NLM_F_REQUEST | NLM_F_ACK | flags,
-            seq,
-            family: family.code(),
-            res_id: 0,
-        };
-        match self {
-            Op::AddTable { family, name } => {
-                check_name("table name", name)?;
-                // NLM_F_CREATE without NLM_F_EXCL: an existing table is fine
-                // (`nft add table`).
-                put_message(buf, header(NFT_MSG_NEWTABLE, NLM_F_CREATE, *family), |a| {
-                    a.str(NFTA_TABLE_NAME, name);
-                    a.u32_be(NFTA_TABLE_FLAGS, 0);
-                });
-            }
-            Op::DeleteTable { family, name } => {
-                check_name("table name", name)?;
-                put_message(buf, header(NFT_MSG_DELTABLE, 0, *family), |a| {
-                    a.str(NFTA_TABLE_NAME, name);
-                });
-            }
-            Op::FlushTable { family, name } => {
-                check_name("table name", name)?;
-                // What `nft flush table` sends: delete the rules of every
-                // chain of the table.
-                put_message(buf, header(NFT_MSG_DELRULE, 0, *family), |a| {
-                    a.str(NFTA_RULE_TABLE, name);
-                });
-            }
-            Op::AddChain {
-                family,
-                table,
-                chain,
-                base,
-            } => {
-                check_name("table name", table)?;
-                check_name("chain name", chain)?;
-                let hook = match base {
-                    Some(base) => Some(family.hook_number(base.hook).ok_or_else(|| {
-                        Error::invalid(
-                            "base chain hook",
-                            base.hook.name(),
-                            format!(
-                                "the {family} family has no {} hook that this module can \
-                                 attach to",
-                                base.hook.name()
-                            ),
-                        )
-                    })?),
-                    None => None,
-                };
-                put_message(buf, header(NFT_MSG_NEWCHAIN, NLM_F_CREATE, *family), |a| {
-                    a.str(NFTA_CHAIN_TABLE, table);
-                    a.str(NFTA_CHAIN_NAME, chain);
-                    if let (Some(base), Some(hook)) = (base, hook) {
-                        a.str(NFTA_CHAIN_TYPE, base.kind.name());
-                        let policy = match base.policy {
-                            Policy::Drop => 0,
-                            Policy::Accept => 1,
-                        };
-                        a.u32_be(NFTA_CHAIN_POLICY, policy);
-                        a.nested(NFTA_CHAIN_HOOK, |h| {
-                            h.u32_be(NFTA_HOOK_HOOKNUM, hook);
-                            h.u32_be(NFTA_HOOK_PRIORITY, base.priority as u32);
-                        });
-                    }
-                });
-            }
-            Op::AddRule {
-                family,
-                table,
-                chain,
-                exprs,
-                comment,
-            } => {
-                check_name("table name", table)?;
-                check_name("chain name", chain)?;
-                expr::check_rule(exprs).map_err(|err| Error::invalid("rule", "", err))?;
-                let userdata = comment.as_deref().map(comment_userdata).transpose()?;
-                let flags = NLM_F_CREATE | NLM_F_APPEND;
-                put_message(buf, header(NFT_MSG_NEWRULE, flags, *family), |a| {
-                    a.str(NFTA_RULE_TABLE, table);
-                    a.str(NFTA_RULE_CHAIN, chain);
-                    a.nested(NFTA_RULE_EXPRESSIONS, |list| {
-                        for expr in exprs {
-                            expr.encode(list);
-                        }
-                    });
-                    if let Some(userdata) = &userdata {
-                        a.bytes(NFTA_RULE_USERDATA, userdata);
-                    }
-                });
-            }
-            Op::DeleteRule {
-                family,
-                table,
-                chain,
-                handle,
-            } => {
-                check_name("table name", table)?;
-                check_name("chain name", chain)?;
-                put_message(buf, header(NFT_MSG_DELRULE, 0, *family), |a| {
-                    a.str(NFTA_RULE_TABLE, table);
-                    a.str(NFTA_RULE_CHAIN, chain);
-                    a.u64_be(NFTA_RULE_HANDLE, *handle);
-                });
-            }
-        }
-        Ok(())
+impl std::error::Error for BatchError {}
+
+impl From<BatchError> for Error {
+    fn from(refused: BatchError) -> Error {
+        refused.error
     }
 }
 
-/// A transaction: ops that the kernel applies all together or not at all,
-/// in the order they were added.
-#[derive(Clone, Debug, Default)]
-pub struct Batch {
-    ops: Vec<Op>,
-}
-
-impl Batch {
-    pub fn new() -> Batch {
-        Batch::default()
+/// Adds a note to where an error happened ("in netns X (transaction 2 of
+/// 5 ...)").
+fn append_to_scope(mut error: Error, note: &str) -> Error {
+    match &mut error {
+        Error::Kernel { scope, .. }
+        | Error::Timeout { scope, .. }
+        | Error::Protocol { scope, .. }
+        | Error::NotFound { scope, .. }
+        | Error::AlreadyExists { scope, .. } => scope.push_str(note),
+        Error::Invalid { action, .. } | Error::Io { action, .. } => action.push_str(note),
+        _ => {}
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-    }
-
-    /// Number of ops.
-    pub fn len(&self) -> usize {
-        self.ops.len()
-    }
-
-    /// `add table FAMILY NAME`: creates the table; an existing one is left
-    /// as it is.
-    pub fn add_table(&mut self, family: Family, name: &str) -> &mut Batch {
-        self.push(Op::AddTable {
-            family,
-            name: name.to_owned(),
-        })
-    }
-
-    /// `delete table FAMILY NAME`, with its chains and rules. Fails (and
-    /// with it the batch) if there is no such table.
-    pub fn delete_table(&mut self, family: Family, name: &str) -> &mut Batch {
-        self.push(Op::DeleteTable {
-            family,
-            name: name.to_owned(),
-        })
-    }
-
-    /// `flush table FAMILY NAME`: removes every rule, keeps the chains.
-    pub fn flush_table(&mut self, family: Family, name: &str) -> &mut Batch {
-        self.push(Op::FlushTable {
-            family,
-            name: name.to_owned(),
-        })
-    }
-
-    /// `add chain FAMILY TABLE CHAIN [{ BASE }]`: a regular chain (a target
-    /// for jumps) without `base`, else a base chain attached to a hook. An
-    /// existing chain is left as it is (a base chain gets the new policy).
-    pub fn add_chain(
-        &mut self,
-        family: Family,
-        table: &str,
-        chain: &str,
-        base: Option<BaseChain>,
-    ) -> &mut Batch {
-        self.push(Op::AddChain {
-            family,
-            table: table.to_owned(),
-            chain: chain.to_owned(),
-            base,
-        })
-    }
-
-    /// `add rule FAMILY TABLE CHAIN EXPRS [comment "COMMENT"]`: appends a
-    /// rule. The comment (at most 128 bytes) is stored the way nft stores
-    /// it, so `nft list` shows it.
-    pub fn add_rule(
-        &mut self,
-        family: Family,
-        table: &str,
-        chain: &str,
-        exprs: Vec<Expr>,
-        comment: Option<&str>,
-    ) -> &mut Batch {
-        self.push(Op::AddRule {
-            family,
-            table: table.to_owned(),
-            chain: chain.to_owned(),
-            exprs,
-            comment: comment.map(str::to_owned),
-        })
-    }
-
-    /// `delete rule FAMILY TABLE CHAIN handle HANDLE` (see [`Nft::rules`]).
-    pub fn delete_rule(
-        &mut self,
-        family: Family,
-        table: &str,
-        chain: &str,
-        handle: u64,
-    ) -> &mut Batch {
-        self.push(Op::DeleteRule {
-            family,
-            table: table.to_owned(),
-            chain: chain.to_owned(),
-            handle,
-        })
-    }
-
-    /// The changes, in the order the kernel applies them.
-    pub fn ops(&self) -> &[Op] {
-        &self.ops
-    }
-
-    fn push(&mut self, op: Op) -> &mut Batch {
-        self.ops.push(op);
-        self
-    }
+    error
 }
 
 /// A connection to nf_tables in one network namespace.
@@ -500,7 +317,10 @@ pub struct Nft {
 struct Conn {
     socket: NfSocket,
     next_seq: u32,
+    /// Answers are received here.
     buf: Vec<u8>,
+    /// Requests other than batches are built here.
+    request: Vec<u8>,
 }
 
 impl Conn {
@@ -555,7 +375,8 @@ impl Nft {
                 // Not 0, which is what unsolicited messages carry. Answers
                 // are per socket, so handles need not coordinate.
                 next_seq: 1,
-                buf: vec![0; 64 * 1024],
+                buf: vec![0; socket::RECV_BUFFER],
+                request: Vec::with_capacity(1024),
             }),
             timeout: DEFAULT_TIMEOUT,
             scope,
@@ -569,72 +390,136 @@ impl Nft {
     }
 
     /// Applies the batch as one transaction. On error nothing of it is
-    /// applied, and the error names the first op the kernel refused (and
-    /// how many others it refused as well, often as a consequence).
+    /// applied, and the error names the first op the kernel refused (for
+    /// element ops, the element too), and how many others it refused as
+    /// well, often as a consequence.
     pub fn apply(&self, batch: &Batch) -> Result<()> {
-        if batch.is_empty() {
+        self.apply_detailed(batch).map_err(|refused| refused.error)
+    }
+
+    /// [`Nft::apply`], telling also which op (index in the batch) and which
+    /// element of it the kernel refused, so a caller can set it aside and
+    /// apply the rest.
+    pub fn apply_detailed(&self, batch: &Batch) -> std::result::Result<(), BatchError> {
+        let encoded = batch::encode(batch.ops()).map_err(|(op, error)| BatchError {
+            error: error.while_doing(|| format!("{} in {}", batch.ops()[op], self.scope)),
+            op: Some(op),
+            element: None,
+        })?;
+        self.send_batch(batch.ops(), encoded)
+    }
+
+    /// Applies a long list of changes as consecutive transactions of at most
+    /// `max_weight` each ([`Batch::chunks`]; an element counts as one op),
+    /// so that no single transaction holds the kernel's nf_tables lock for
+    /// long. Every part is checked before the first is sent. If a part
+    /// fails, the ones before it stay applied, the rest is not sent, and the
+    /// error says which part it was. Returns the number of transactions.
+    pub fn apply_in_batches(&self, batch: &Batch, max_weight: usize) -> Result<usize> {
+        let chunks = batch::plan_chunks(batch.ops(), max_weight);
+        let mut encoded = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            let part = batch::encode(chunk).map_err(|(op, error)| {
+                error.while_doing(|| format!("{} in {}", chunk[op], self.scope))
+            })?;
+            encoded.push(part);
+        }
+        let total = chunks.len();
+        for (i, (chunk, part)) in chunks.iter().zip(encoded).enumerate() {
+            self.send_batch(chunk, part).map_err(|refused| {
+                let note = format!(
+                    " (transaction {} of {total}; the {i} before it were applied, \
+                     nothing after it was sent)",
+                    i + 1
+                );
+                append_to_scope(refused.error, &note)
+            })?;
+        }
+        Ok(total)
+    }
+
+    /// Sends an encoded batch and reads the kernel's verdict on it.
+    fn send_batch<O: std::borrow::Borrow<Op>>(
+        &self,
+        ops: &[O],
+        mut encoded: batch::Encoded,
+    ) -> std::result::Result<(), BatchError> {
+        let plain = |error| BatchError {
+            error,
+            op: None,
+            element: None,
+        };
+        let messages = encoded.message_count();
+        if messages == 0 {
             return Ok(());
         }
-        let deadline = Instant::now() + self.timeout;
-        let ops = u32::try_from(batch.ops.len())
+        let count = u32::try_from(messages)
             .ok()
-            .filter(|ops| *ops < u32::MAX - 2)
+            .filter(|count| *count < u32::MAX / 2)
             .ok_or_else(|| {
-                Error::invalid("batch", "", format!("{} ops are too many", batch.ops.len()))
+                plain(Error::invalid(
+                    "batch",
+                    "",
+                    format!("{messages} messages are too many"),
+                ))
             })?;
+        let deadline = Instant::now() + self.timeout;
+        let doing = || format!("applying a batch of {} nftables ops", ops.len());
+        let io_error = |e| plain(Error::io(format!("{} in {}", doing(), self.scope), e));
+
         let mut conn = self.lock();
-        let begin = conn.take_seqs(ops + 2);
-        let first_op = begin + 1;
-        let end = first_op + ops;
+        let begin = conn.take_seqs(count + 2);
+        encoded.rebase(begin);
+        let first = begin + 1;
+        let last = begin + count;
+        conn.socket.make_room(encoded.buf.len(), messages);
+        conn.socket.send(&encoded.buf).map_err(io_error)?;
 
-        let mut request = Vec::with_capacity(256 * batch.ops.len());
-        put_delimiter(&mut request, wire::NFNL_MSG_BATCH_BEGIN, begin);
-        for (op, seq) in batch.ops.iter().zip(first_op..) {
-            op.encode(&mut request, seq)
-                .map_err(|e| e.while_doing(|| format!("{op} in {}", self.scope)))?;
-        }
-        put_delimiter(&mut request, wire::NFNL_MSG_BATCH_END, end);
-
-        let doing = || format!("applying a batch of {ops} nftables ops");
-        let io_error = |e| Error::io(format!("{} in {}", doing(), self.scope), e);
-        conn.socket.make_room(request.len(), batch.ops.len());
-        conn.socket.send(&request).map_err(io_error)?;
-
-        // Every op carries NLM_F_ACK, so each gets an answer (errors and
-        // successes alike arrive once the kernel is done with the batch).
-        // An error on the batch-begin seq means the batch as a whole failed
-        // (e.g. its commit); after it nothing more may come.
-        let mut answers: Vec<Option<Ack>> = vec![None; batch.ops.len()];
+        // The kernel processes the batch within the send, then answers
+        // each refused message, and the last message (which alone asks
+        // for an acknowledgement) last of all. An error on the batch-begin
+        // seq means the batch as a whole failed (e.g. its commit); after
+        // it the last answer may not come.
+        let mut failures: Vec<Ack> = Vec::new();
         let mut batch_error: Option<Ack> = None;
-        let mut pending = batch.ops.len();
+        let mut lost_answers = false;
         let Conn { socket, buf, .. } = &mut *conn;
-        while pending > 0 {
-            let wait_until = if batch_error.is_some() {
+        'receive: loop {
+            let wait_until = if batch_error.is_some() || lost_answers {
                 // Collect what is already queued, then stop.
                 Instant::now()
             } else {
                 deadline
             };
-            if !socket.recv(buf, wait_until).map_err(io_error)? {
-                if batch_error.is_some() {
-                    break;
+            match socket.recv(buf, wait_until) {
+                Ok(true) => {}
+                Ok(false) if batch_error.is_some() || lost_answers => break,
+                Ok(false) => {
+                    return Err(plain(Error::Timeout {
+                        action: format!(
+                            "{} (no final answer; the batch may or may not have been applied)",
+                            doing()
+                        ),
+                        scope: self.scope.clone(),
+                        after: self.timeout,
+                    }));
                 }
-                return Err(Error::Timeout {
-                    action: format!(
-                        "{} ({pending} of them unanswered; the batch may or may not have \
-                         been applied)",
-                        doing()
-                    ),
-                    scope: self.scope.clone(),
-                    after: self.timeout,
-                });
+                // More refusals than the receive buffer holds: some were
+                // dropped, but any refusal means nothing was applied.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    lost_answers = true;
+                    continue;
+                }
+                Err(e) => return Err(io_error(e)),
             }
-            let messages = wire::messages(buf).ok_or_else(|| Error::Protocol {
-                action: doing(),
-                scope: self.scope.clone(),
-                what: "malformed answer from the kernel".into(),
+            let answers = wire::messages(buf).ok_or_else(|| {
+                plain(Error::Protocol {
+                    action: doing(),
+                    scope: self.scope.clone(),
+                    what: "malformed answer from the kernel".into(),
+                })
             })?;
-            for message in messages {
+            for message in answers {
                 if message.ty != wire::NLMSG_ERROR {
                     continue;
                 }
@@ -643,43 +528,53 @@ impl Nft {
                 };
                 if ack.seq == begin && ack.errno != 0 {
                     batch_error = Some(ack);
-                } else if (first_op..end).contains(&ack.seq) {
-                    let slot = &mut answers[(ack.seq - first_op) as usize];
-                    if slot.is_none() {
-                        pending -= 1;
+                } else if (first..=last).contains(&ack.seq) {
+                    let done = ack.seq == last;
+                    if ack.errno != 0 {
+                        failures.push(ack);
                     }
-                    *slot = Some(ack);
+                    if done {
+                        break 'receive;
+                    }
                 }
             }
         }
 
-        let failures: Vec<(&Op, &Ack)> = batch
-            .ops
-            .iter()
-            .zip(&answers)
-            .filter_map(|(op, ack)| {
-                ack.as_ref()
-                    .filter(|ack| ack.errno != 0)
-                    .map(|ack| (op, ack))
-            })
-            .collect();
-        if let Some((op, ack)) = failures.first() {
+        if let Some(ack) = failures.first() {
+            let origin = &encoded.origins[(ack.seq - first) as usize];
+            let element = ack.offset.and_then(|offset| origin.element_at(offset));
+            let op: &Op = ops[origin.op].borrow();
             // The scope carries the note, so the message reads "OP in netns X (and ...): ".
             let mut scope = self.scope.clone();
-            if failures.len() > 1 {
+            if failures.len() > 1 || lost_answers {
+                let others = failures.len() - 1;
+                let more = if lost_answers { " or more" } else { "" };
                 scope.push_str(&format!(
-                    " (and {} later ops of the batch failed too; nothing was applied)",
-                    failures.len() - 1
+                    " (and {others}{more} later messages of the batch failed too; nothing \
+                     was applied)"
                 ));
             }
-            return Err(kernel_error(ack, op.to_string(), scope));
+            return Err(BatchError {
+                error: kernel_error(ack, op.describe(element), scope),
+                op: Some(origin.op),
+                element,
+            });
         }
         if let Some(ack) = batch_error {
-            return Err(kernel_error(
+            return Err(plain(kernel_error(
                 &ack,
-                format!("committing a batch of {ops} nftables ops"),
+                format!("committing a batch of {} nftables ops", ops.len()),
                 self.scope.clone(),
-            ));
+            )));
+        }
+        if lost_answers {
+            return Err(plain(Error::Protocol {
+                action: doing(),
+                scope: self.scope.clone(),
+                what: "the kernel refused more of the batch than could be read back; nothing \
+                       was applied"
+                    .into(),
+            }));
         }
         Ok(())
     }
@@ -698,67 +593,277 @@ impl Nft {
     /// All tables, of every family.
     pub fn tables(&self) -> Result<Vec<(Family, String)>> {
         let action = || "listing tables".to_owned();
-        let messages = self.dump(wire::NFT_MSG_GETTABLE, 0, action, |_| {})?;
-        let mut tables = Vec::new();
-        for message in &messages {
-            let Some((family, attrs)) = wire::nf_split(message) else {
-                continue;
-            };
-            let (Some(family), Some(name)) = (
-                Family::from_code(family),
-                wire::find_attr(attrs, wire::NFTA_TABLE_NAME),
-            ) else {
-                continue;
-            };
-            tables.push((family, wire::c_string(name)));
-        }
+        let mut tables = self.dump(
+            wire::NFT_MSG_GETTABLE,
+            0,
+            action,
+            |_| {},
+            |family, attrs, out| {
+                if let (Some(family), Some(name)) = (
+                    Family::from_code(family),
+                    wire::find_attr(attrs, wire::NFTA_TABLE_NAME),
+                ) {
+                    out.push((family, wire::c_string(name)));
+                }
+            },
+        )?;
         tables.sort();
         Ok(tables)
     }
 
     /// The rules of a chain, in order. Fails if the chain does not exist.
     pub fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>> {
-        let action = || format!("listing rules of {family} {table}/{chain}");
+        Ok(self
+            .dump_rules(family, table, Some(chain))?
+            .into_iter()
+            .map(|rule| RuleInfo {
+                handle: rule.handle,
+                comment: rule.comment,
+            })
+            .collect())
+    }
+
+    /// The chains of a table, in the kernel's order, with their hooks.
+    /// Fails ([`Error::NotFound`]) if the table does not exist.
+    pub fn chains(&self, family: Family, table: &str) -> Result<Vec<ChainInfo>> {
+        let action = || format!("listing chains of {family} {table}");
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = self.lock();
+        self.require_table(&mut conn, deadline, family, table, &action)?;
+        self.chains_locked(&mut conn, deadline, family, table, &action)
+    }
+
+    fn chains_locked(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        family: Family,
+        table: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<Vec<ChainInfo>> {
+        let fill = |a: &mut Attrs<'_>| a.str(wire::NFTA_CHAIN_TABLE, table);
+        self.dump_locked(
+            conn,
+            deadline,
+            wire::NFT_MSG_GETCHAIN,
+            family.code(),
+            action,
+            fill,
+            |_, attrs, out| {
+                if let Some(chain) = parse_chain(family, table, attrs) {
+                    out.push(chain);
+                }
+            },
+        )
+    }
+
+    /// The sets and maps of a table, anonymous ones included, with their
+    /// types and flags. Fails ([`Error::NotFound`]) if the table does not
+    /// exist.
+    pub fn sets(&self, family: Family, table: &str) -> Result<Vec<SetInfo>> {
+        let action = || format!("listing sets of {family} {table}");
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = self.lock();
+        self.require_table(&mut conn, deadline, family, table, &action)?;
+        self.dump_locked(
+            &mut conn,
+            deadline,
+            wire::NFT_MSG_GETSET,
+            family.code(),
+            &action,
+            |a| a.str(wire::NFTA_SET_TABLE, table),
+            |_, attrs, out| {
+                let in_table = wire::find_attr(attrs, wire::NFTA_SET_TABLE)
+                    .map(wire::c_string)
+                    .is_some_and(|t| t == table);
+                if let Some(info) = SetInfo::parse(attrs).filter(|_| in_table) {
+                    out.push(info);
+                }
+            },
+        )
+    }
+
+    /// The elements of a set or map: keys, values or verdicts, timeouts and
+    /// time left. Fails ([`Error::NotFound`]) if the set (or its table)
+    /// does not exist.
+    pub fn elements(&self, family: Family, table: &str, set: &str) -> Result<Vec<ElementInfo>> {
+        let action = || format!("listing elements of set {family} {table}/{set}");
+        check_name("table name", table)
+            .and_then(|()| check_name("set name", set))
+            .map_err(|e| e.while_doing(|| format!("{} in {}", action(), self.scope)))?;
+        self.dump(
+            wire::NFT_MSG_GETSETELEM,
+            family.code(),
+            action,
+            |a| {
+                a.str(wire::NFTA_SET_ELEM_LIST_TABLE, table);
+                a.str(wire::NFTA_SET_ELEM_LIST_SET, set);
+            },
+            |_, attrs, out| ElementInfo::parse_list(attrs, out),
+        )
+        .map_err(|err| {
+            // The kernel refuses the dump of a missing set outright.
+            if err.has_errno(libc::ENOENT) {
+                Error::NotFound {
+                    action: action(),
+                    what: format!("set {family} {table}/{set}"),
+                    scope: self.scope.clone(),
+                }
+            } else {
+                err
+            }
+        })
+    }
+
+    /// The rules of one chain, or of every chain of the table (chain by
+    /// chain, in the kernel's order), with handle, comment and the kernel's
+    /// bytes of their expressions. Fails ([`Error::NotFound`]) if the table
+    /// (or the chain) does not exist.
+    ///
+    /// A whole table is read one chain at a time: the kernel's dump of a
+    /// whole table restarts from its first rule for every 32 KiB part, which
+    /// is quadratic (seconds at 100,000 rules), while a chain's dump goes
+    /// straight to the chain. The ruleset generation is read before and
+    /// after, and the listing repeated if anything was committed meanwhile,
+    /// so it is one consistent state.
+    pub fn dump_rules(
+        &self,
+        family: Family,
+        table: &str,
+        chain: Option<&str>,
+    ) -> Result<Vec<RuleDump>> {
+        let action = || match chain {
+            Some(chain) => format!("listing rules of {family} {table}/{chain}"),
+            None => format!("listing rules of {family} {table}"),
+        };
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = self.lock();
+        if let Some(chain) = chain {
+            self.require_chain(&mut conn, deadline, family, table, chain, &action)?;
+            return self.chain_rules(&mut conn, deadline, family, table, chain, &action);
+        }
+        self.require_table(&mut conn, deadline, family, table, &action)?;
+        for _attempt in 0..DUMP_ATTEMPTS {
+            let before = self.generation(&mut conn, deadline, &action)?;
+            let chains = self.chains_locked(&mut conn, deadline, family, table, &action)?;
+            let mut rules = Vec::new();
+            let mut vanished = false;
+            for chain in &chains {
+                match self.chain_rules(&mut conn, deadline, family, table, &chain.name, &action) {
+                    Ok(more) => rules.extend(more),
+                    // Deleted since the chains were listed: read again.
+                    Err(err) if err.has_errno(libc::ENOENT) => {
+                        vanished = true;
+                        break;
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            if !vanished && self.generation(&mut conn, deadline, &action)? == before {
+                return Ok(rules);
+            }
+        }
+        Err(self.malformed(
+            action,
+            &format!("the ruleset kept changing while being read ({DUMP_ATTEMPTS} attempts)"),
+        ))
+    }
+
+    /// One chain's rules, without checking that it exists (a missing
+    /// chain's dump is empty).
+    fn chain_rules(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        family: Family,
+        table: &str,
+        chain: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<Vec<RuleDump>> {
+        let fill = |a: &mut Attrs<'_>| {
+            a.str(wire::NFTA_RULE_TABLE, table);
+            a.str(wire::NFTA_RULE_CHAIN, chain);
+        };
+        self.dump_locked(
+            conn,
+            deadline,
+            wire::NFT_MSG_GETRULE,
+            family.code(),
+            action,
+            fill,
+            |_, attrs, out| {
+                if let Some(rule) = parse_rule(table, chain, attrs) {
+                    out.push(rule);
+                }
+            },
+        )
+    }
+
+    /// [`Error::NotFound`] unless the table exists: dumps of what a missing
+    /// table holds are just empty, and a typo must not pass for "nothing".
+    fn require_table(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        family: Family,
+        table: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<()> {
+        check_name("table name", table)
+            .map_err(|e| e.while_doing(|| format!("{} in {}", action(), self.scope)))?;
+        let found = self.get_locked(
+            conn,
+            deadline,
+            wire::NFT_MSG_GETTABLE,
+            family.code(),
+            action,
+            |a| {
+                a.str(wire::NFTA_TABLE_NAME, table);
+            },
+        )?;
+        if found.is_none() {
+            return Err(Error::NotFound {
+                action: action(),
+                what: format!("table {family} {table}"),
+                scope: self.scope.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Error::NotFound`] unless the chain exists (see
+    /// [`Nft::require_table`]).
+    fn require_chain(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        family: Family,
+        table: &str,
+        chain: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<()> {
         check_name("table name", table)
             .and_then(|()| check_name("chain name", chain))
             .map_err(|e| e.while_doing(|| format!("{} in {}", action(), self.scope)))?;
-        // A rule dump of a missing chain is just empty: ask for the chain
-        // first so a typo does not pass for "no rules".
-        let chain_exists = self.get(wire::NFT_MSG_GETCHAIN, family.code(), action, |a| {
-            a.str(wire::NFTA_CHAIN_TABLE, table);
-            a.str(wire::NFTA_CHAIN_NAME, chain);
-        })?;
-        if !chain_exists {
+        let found = self.get_locked(
+            conn,
+            deadline,
+            wire::NFT_MSG_GETCHAIN,
+            family.code(),
+            action,
+            |a| {
+                a.str(wire::NFTA_CHAIN_TABLE, table);
+                a.str(wire::NFTA_CHAIN_NAME, chain);
+            },
+        )?;
+        if found.is_none() {
             return Err(Error::NotFound {
                 action: action(),
                 what: format!("chain {family} {table}/{chain}"),
                 scope: self.scope.clone(),
             });
         }
-        let messages = self.dump(wire::NFT_MSG_GETRULE, family.code(), action, |a| {
-            a.str(wire::NFTA_RULE_TABLE, table);
-            a.str(wire::NFTA_RULE_CHAIN, chain);
-        })?;
-        let mut rules = Vec::new();
-        for message in &messages {
-            let Some((_, attrs)) = wire::nf_split(message) else {
-                continue;
-            };
-            let field = |ty| wire::find_attr(attrs, ty);
-            // The kernel filters by table and chain; checked again in case
-            // an old one ignores the filter.
-            if field(wire::NFTA_RULE_TABLE).map(wire::c_string).as_deref() != Some(table)
-                || field(wire::NFTA_RULE_CHAIN).map(wire::c_string).as_deref() != Some(chain)
-            {
-                continue;
-            }
-            let Some(handle) = field(wire::NFTA_RULE_HANDLE).and_then(wire::be64) else {
-                continue;
-            };
-            let comment = field(wire::NFTA_RULE_USERDATA).and_then(comment_of_userdata);
-            rules.push(RuleInfo { handle, comment });
-        }
-        Ok(rules)
+        Ok(())
     }
 
     // ----- plumbing -----
@@ -782,8 +887,23 @@ impl Nft {
     ) -> Result<bool> {
         let deadline = Instant::now() + self.timeout;
         let mut conn = self.lock();
+        Ok(self
+            .get_locked(&mut conn, deadline, msg, family, &action, fill)?
+            .is_some())
+    }
+
+    /// [`Nft::get`] on a locked connection: the payload of the answer,
+    /// `None` for ENOENT.
+    fn get_locked(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        msg: u16,
+        family: u8,
+        action: &dyn Fn() -> String,
+        fill: impl FnOnce(&mut Attrs<'_>),
+    ) -> Result<Option<Vec<u8>>> {
         let seq = conn.take_seqs(1);
-        let mut request = Vec::new();
         let header = MsgHeader {
             ty: wire::nft_type(msg),
             flags: wire::NLM_F_REQUEST | wire::NLM_F_ACK,
@@ -791,52 +911,90 @@ impl Nft {
             family,
             res_id: 0,
         };
-        wire::put_message(&mut request, header, fill);
-        let Conn { socket, buf, .. } = &mut *conn;
-        socket
-            .send(&request)
-            .map_err(|e| self.io_error(&action, e))?;
-        let mut found = false;
+        let Conn {
+            socket,
+            buf,
+            request,
+            ..
+        } = conn;
+        request.clear();
+        wire::put_message(request, header, fill);
+        socket.send(request).map_err(|e| self.io_error(action, e))?;
+        let mut found = Vec::new();
         loop {
             if !socket
                 .recv(buf, deadline)
-                .map_err(|e| self.io_error(&action, e))?
+                .map_err(|e| self.io_error(action, e))?
             {
-                return Err(self.timed_out(&action));
+                return Err(self.timed_out(action));
             }
             let messages = wire::messages(buf)
-                .ok_or_else(|| self.malformed(&action, "malformed answer from the kernel"))?;
+                .ok_or_else(|| self.malformed(action, "malformed answer from the kernel"))?;
             for message in messages.iter().filter(|m| m.seq == seq) {
                 if message.ty != wire::NLMSG_ERROR {
-                    found = true;
+                    found = message.payload.to_vec();
                     continue;
                 }
                 let Some(ack) = wire::parse_ack(message) else {
-                    return Err(self.malformed(&action, "malformed acknowledgement"));
+                    return Err(self.malformed(action, "malformed acknowledgement"));
                 };
                 return match ack.errno {
-                    0 => Ok(found),
-                    libc::ENOENT => Ok(false),
+                    0 => Ok(Some(found)),
+                    libc::ENOENT => Ok(None),
                     _ => Err(kernel_error(&ack, action(), self.scope.clone())),
                 };
             }
         }
     }
 
-    /// A dump: the payloads of all answers, restarted if the kernel says the
-    /// ruleset changed while it was being dumped.
-    fn dump(
+    /// The ruleset's generation: it changes with every committed
+    /// transaction, so equal numbers before and after a series of dumps
+    /// mean they read one consistent ruleset.
+    fn generation(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        action: &dyn Fn() -> String,
+    ) -> Result<u32> {
+        let payload = self
+            .get_locked(conn, deadline, wire::NFT_MSG_GETGEN, 0, action, |_| {})?
+            .unwrap_or_default();
+        wire::nf_split(&payload)
+            .and_then(|(_, attrs)| wire::find_attr(attrs, wire::NFTA_GEN_ID))
+            .and_then(wire::be32)
+            .ok_or_else(|| self.malformed(action, "no generation id in the kernel's answer"))
+    }
+
+    /// A dump, each answer's family and attributes (after the `nfgenmsg`)
+    /// given to `parse`, restarted if the kernel says the ruleset changed while it
+    /// was being dumped.
+    fn dump<T>(
         &self,
         msg: u16,
         family: u8,
         action: impl Fn() -> String,
         fill: impl Fn(&mut Attrs<'_>),
-    ) -> Result<Vec<Vec<u8>>> {
+        parse: impl FnMut(u8, &[u8], &mut Vec<T>),
+    ) -> Result<Vec<T>> {
         let deadline = Instant::now() + self.timeout;
         let mut conn = self.lock();
+        self.dump_locked(&mut conn, deadline, msg, family, &action, fill, parse)
+    }
+
+    /// [`Nft::dump`] on a locked connection.
+    #[allow(clippy::too_many_arguments)]
+    fn dump_locked<T>(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        msg: u16,
+        family: u8,
+        action: &dyn Fn() -> String,
+        fill: impl Fn(&mut Attrs<'_>),
+        mut parse: impl FnMut(u8, &[u8], &mut Vec<T>),
+    ) -> Result<Vec<T>> {
         for _attempt in 0..DUMP_ATTEMPTS {
             let seq = conn.take_seqs(1);
-            let mut request = Vec::new();
             let header = MsgHeader {
                 ty: wire::nft_type(msg),
                 flags: wire::NLM_F_REQUEST | wire::NLM_F_DUMP,
@@ -844,22 +1002,26 @@ impl Nft {
                 family,
                 res_id: 0,
             };
-            wire::put_message(&mut request, header, &fill);
-            let Conn { socket, buf, .. } = &mut *conn;
-            socket
-                .send(&request)
-                .map_err(|e| self.io_error(&action, e))?;
-            let mut payloads = Vec::new();
+            let Conn {
+                socket,
+                buf,
+                request,
+                ..
+            } = &mut *conn;
+            request.clear();
+            wire::put_message(request, header, &fill);
+            socket.send(request).map_err(|e| self.io_error(action, e))?;
+            let mut out = Vec::new();
             let mut interrupted = false;
             'receive: loop {
                 if !socket
                     .recv(buf, deadline)
-                    .map_err(|e| self.io_error(&action, e))?
+                    .map_err(|e| self.io_error(action, e))?
                 {
-                    return Err(self.timed_out(&action));
+                    return Err(self.timed_out(action));
                 }
                 let messages = wire::messages(buf)
-                    .ok_or_else(|| self.malformed(&action, "malformed answer from the kernel"))?;
+                    .ok_or_else(|| self.malformed(action, "malformed answer from the kernel"))?;
                 for message in messages.iter().filter(|m| m.seq == seq) {
                     interrupted |= message.flags & wire::NLM_F_DUMP_INTR != 0;
                     match message.ty {
@@ -882,7 +1044,7 @@ impl Nft {
                         }
                         wire::NLMSG_ERROR => {
                             let Some(ack) = wire::parse_ack(message) else {
-                                return Err(self.malformed(&action, "malformed error answer"));
+                                return Err(self.malformed(action, "malformed error answer"));
                             };
                             if ack.errno == libc::EINTR {
                                 interrupted = true;
@@ -892,19 +1054,23 @@ impl Nft {
                         }
                         wire::NLMSG_OVERRUN => {
                             return Err(
-                                self.malformed(&action, "the kernel lost part of the answer")
+                                self.malformed(action, "the kernel lost part of the answer")
                             );
                         }
-                        _ => payloads.push(message.payload.to_vec()),
+                        _ => {
+                            if let Some((family, attrs)) = wire::nf_split(message.payload) {
+                                parse(family, attrs, &mut out);
+                            }
+                        }
                     }
                 }
             }
             if !interrupted {
-                return Ok(payloads);
+                return Ok(out);
             }
         }
         Err(self.malformed(
-            &action,
+            action,
             &format!("the ruleset kept changing while being read ({DUMP_ATTEMPTS} attempts)"),
         ))
     }
@@ -930,16 +1096,62 @@ impl Nft {
     }
 }
 
-/// NFNL_MSG_BATCH_BEGIN / _END: family AF_UNSPEC, resource id the subsystem.
-fn put_delimiter(buf: &mut Vec<u8>, ty: u16, seq: u32) {
-    let header = MsgHeader {
-        ty,
-        flags: wire::NLM_F_REQUEST,
-        seq,
-        family: 0,
-        res_id: wire::NFNL_SUBSYS_NFTABLES,
-    };
-    wire::put_message(buf, header, |_| {});
+/// A chain of a dump answer, if it belongs to `table` (filtered here too:
+/// chain dumps of older kernels ignore the table).
+fn parse_chain(family: Family, table: &str, attrs: &[u8]) -> Option<ChainInfo> {
+    let field = |ty| wire::find_attr(attrs, ty);
+    if field(wire::NFTA_CHAIN_TABLE).map(wire::c_string).as_deref() != Some(table) {
+        return None;
+    }
+    let name = field(wire::NFTA_CHAIN_NAME).map(wire::c_string)?;
+    let hook = field(wire::NFTA_CHAIN_HOOK);
+    let base = hook.and_then(|hook| {
+        let number = wire::find_attr(hook, wire::NFTA_HOOK_HOOKNUM).and_then(wire::be32)?;
+        let priority = wire::find_attr(hook, wire::NFTA_HOOK_PRIORITY).and_then(wire::be32)? as i32;
+        let kind = match field(wire::NFTA_CHAIN_TYPE).map(wire::c_string)?.as_str() {
+            "filter" => ChainKind::Filter,
+            "nat" => ChainKind::Nat,
+            "route" => ChainKind::Route,
+            _ => return None,
+        };
+        let policy = match field(wire::NFTA_CHAIN_POLICY).and_then(wire::be32) {
+            Some(0) => Policy::Drop,
+            _ => Policy::Accept,
+        };
+        Some(BaseChain {
+            hook: family.hook_of(number)?,
+            priority,
+            kind,
+            policy,
+        })
+    });
+    Some(ChainInfo {
+        name,
+        handle: field(wire::NFTA_CHAIN_HANDLE)
+            .and_then(wire::be64)
+            .unwrap_or(0),
+        base,
+        hooked: hook.is_some(),
+    })
+}
+
+/// A rule of a dump answer, if it belongs to `table`/`chain` (checked again
+/// in case an old kernel ignores the dump's filter).
+fn parse_rule(table: &str, chain: &str, attrs: &[u8]) -> Option<RuleDump> {
+    let field = |ty| wire::find_attr(attrs, ty);
+    if field(wire::NFTA_RULE_TABLE).map(wire::c_string).as_deref() != Some(table)
+        || field(wire::NFTA_RULE_CHAIN).map(wire::c_string).as_deref() != Some(chain)
+    {
+        return None;
+    }
+    Some(RuleDump {
+        chain: chain.to_owned(),
+        handle: field(wire::NFTA_RULE_HANDLE).and_then(wire::be64)?,
+        comment: field(wire::NFTA_RULE_USERDATA).and_then(comment_of_userdata),
+        exprs: field(wire::NFTA_RULE_EXPRESSIONS)
+            .unwrap_or_default()
+            .to_vec(),
+    })
 }
 
 /// The kernel's refusal, with its errno and extended-ack message (if any).
@@ -952,52 +1164,56 @@ fn kernel_error(ack: &Ack, action: String, scope: String) -> Error {
     }
 }
 
-fn check_name(field: &'static str, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() >= wire::NFT_NAME_MAXLEN || name.contains('\0') {
-        return Err(Error::invalid(
-            field,
-            name,
-            format!("1 to {} bytes, no NUL", wire::NFT_NAME_MAXLEN - 1),
-        ));
-    }
-    Ok(())
+/// Checks a batch as [`Nft::apply`] does before sending anything (for the
+/// fakes, so they refuse what the real one refuses).
+pub(crate) fn check_batch(batch: &Batch) -> Result<()> {
+    batch::encode(batch.ops())
+        .map(|_| ())
+        .map_err(|(op, e)| e.while_doing(|| batch.ops()[op].to_string()))
 }
 
-/// A rule comment as libnftnl stores it in NFTA_RULE_USERDATA: a TLV of
-/// type NFTNL_UDATA_RULE_COMMENT holding the NUL-terminated string.
-fn comment_userdata(comment: &str) -> Result<Vec<u8>> {
-    if comment.len() > wire::UDATA_COMMENT_MAXLEN || comment.contains('\0') {
-        return Err(Error::invalid(
-            "rule comment",
-            comment,
-            format!("at most {} bytes, no NUL", wire::UDATA_COMMENT_MAXLEN),
-        ));
-    }
-    let mut userdata = vec![wire::UDATA_RULE_COMMENT, (comment.len() + 1) as u8];
-    userdata.extend_from_slice(comment.as_bytes());
-    userdata.push(0);
-    Ok(userdata)
-}
-
-/// The comment TLV of a rule's userdata, if there is one.
-fn comment_of_userdata(mut userdata: &[u8]) -> Option<String> {
-    while let [ty, len, rest @ ..] = userdata {
-        let value = rest.get(..usize::from(*len))?;
-        if *ty == wire::UDATA_RULE_COMMENT {
-            return Some(wire::c_string(value));
+/// This module's encoding of a rule's expressions (the inside of
+/// NFTA_RULE_EXPRESSIONS), anonymous sets named by their position.
+pub(crate) fn encode_exprs(exprs: &[Expr]) -> Vec<u8> {
+    let ids: Vec<expr::AnonRef> = (1..)
+        .take(exprs.len())
+        .map(|id| expr::AnonRef {
+            name: format!("__set{id}"),
+            id,
+        })
+        .collect();
+    let mut ids = ids.iter();
+    let mut buf = Vec::new();
+    wire::put_attrs(&mut buf, |list| {
+        for expr in exprs {
+            expr.encode(list, &mut ids);
         }
-        userdata = &rest[usize::from(*len)..];
-    }
-    None
+    });
+    buf
 }
 
-/// What a reconciler needs of nf_tables: read tables and rules back, apply a batch
-/// atomically. [`Nft`] is the real one; [`crate::fake::FakeRuleset`] an in-memory one.
-/// Blocking, as the netlink socket underneath is: call it off the async threads.
+/// What a reconciler needs of nf_tables: read tables, chains, sets, elements
+/// and rules back, apply a batch atomically. [`Nft`] is the real one;
+/// [`crate::fake::FakeRuleset`] an in-memory one. Blocking, as the netlink
+/// socket underneath is: call it off the async threads.
 pub trait Ruleset: Send + Sync {
     fn table_exists(&self, family: Family, name: &str) -> Result<bool>;
     fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>>;
+    fn chains(&self, family: Family, table: &str) -> Result<Vec<ChainInfo>>;
+    fn sets(&self, family: Family, table: &str) -> Result<Vec<SetInfo>>;
+    fn elements(&self, family: Family, table: &str, set: &str) -> Result<Vec<ElementInfo>>;
+    fn dump_rules(&self, family: Family, table: &str, chain: Option<&str>)
+    -> Result<Vec<RuleDump>>;
     fn apply(&self, batch: &Batch) -> Result<()>;
+
+    /// See [`Nft::apply_in_batches`].
+    fn apply_in_batches(&self, batch: &Batch, max_weight: usize) -> Result<usize> {
+        let chunks = batch.chunks(max_weight);
+        for chunk in &chunks {
+            self.apply(chunk)?;
+        }
+        Ok(chunks.len())
+    }
 }
 
 impl Ruleset for Nft {
@@ -1009,14 +1225,41 @@ impl Ruleset for Nft {
         Nft::rules(self, family, table, chain)
     }
 
+    fn chains(&self, family: Family, table: &str) -> Result<Vec<ChainInfo>> {
+        Nft::chains(self, family, table)
+    }
+
+    fn sets(&self, family: Family, table: &str) -> Result<Vec<SetInfo>> {
+        Nft::sets(self, family, table)
+    }
+
+    fn elements(&self, family: Family, table: &str, set: &str) -> Result<Vec<ElementInfo>> {
+        Nft::elements(self, family, table, set)
+    }
+
+    fn dump_rules(
+        &self,
+        family: Family,
+        table: &str,
+        chain: Option<&str>,
+    ) -> Result<Vec<RuleDump>> {
+        Nft::dump_rules(self, family, table, chain)
+    }
+
     fn apply(&self, batch: &Batch) -> Result<()> {
         Nft::apply(self, batch)
+    }
+
+    fn apply_in_batches(&self, batch: &Batch, max_weight: usize) -> Result<usize> {
+        Nft::apply_in_batches(self, batch, max_weight)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use batch::comment_userdata;
 
     #[test]
     fn comments_are_stored_as_nft_does() {
@@ -1049,20 +1292,19 @@ mod tests {
                 policy: Policy::Drop,
             }),
         );
-        let mut buf = Vec::new();
-        put_delimiter(&mut buf, wire::NFNL_MSG_BATCH_BEGIN, 1);
-        for (op, seq) in batch.ops.iter().zip(2..) {
-            op.encode(&mut buf, seq).unwrap();
-        }
-        put_delimiter(&mut buf, wire::NFNL_MSG_BATCH_END, 4);
-        let messages = wire::messages(&buf).unwrap();
+        let mut encoded = batch::encode(batch.ops()).unwrap();
+        encoded.rebase(1);
+        let messages = wire::messages(&encoded.buf).unwrap();
         let types: Vec<u16> = messages.iter().map(|m| m.ty).collect();
         assert_eq!(types, vec![0x10, 0x0a00, 0x0a03, 0x11]);
+        let seqs: Vec<u32> = messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
         // The delimiters name the subsystem in big-endian, as nft's "00 00 00 0a".
         assert_eq!(messages[0].payload, &[0, 0, 0, 10]);
-        let flags = messages[2].flags;
+        // Only the last message asks for an acknowledgement.
+        assert_eq!(messages[1].flags, wire::NLM_F_REQUEST | wire::NLM_F_CREATE);
         assert_eq!(
-            flags,
+            messages[2].flags,
             wire::NLM_F_REQUEST | wire::NLM_F_ACK | wire::NLM_F_CREATE
         );
     }
@@ -1080,7 +1322,9 @@ mod tests {
                 policy: Policy::Accept,
             }),
         };
-        let err = op.encode(&mut Vec::new(), 1).unwrap_err();
+        let Err((0, err)) = batch::encode(&[op]) else {
+            panic!("must be refused")
+        };
         assert!(
             matches!(&err, Error::Invalid { field: "base chain hook", value, .. } if value == "forward"),
             "{err:?}"

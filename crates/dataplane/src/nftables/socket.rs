@@ -8,9 +8,16 @@ use std::time::Instant;
 
 /// Kernel buffers get at least this much room; bigger batches get more.
 const MIN_BUFFER: usize = 1 << 20;
-/// What an acknowledgement costs in the receive buffer (skb overhead
-/// included), to size it for a batch's worth of them.
+/// What an answer costs in the receive buffer (skb overhead included), to
+/// size it for a batch's worth of refusals.
 const ACK_TRUESIZE: usize = 1024;
+/// At most this much receive buffer: a batch refused everywhere may lose
+/// some of its refusals (the first ones are kept, and any means nothing was
+/// applied), rather than pin hundreds of megabytes of kernel memory.
+const MAX_RCVBUF: usize = 32 << 20;
+/// Userspace receive buffer: more than any answer (dump parts are at most
+/// 32 KiB; refusals echo only the refused message's header).
+pub(crate) const RECV_BUFFER: usize = 256 * 1024;
 
 pub(crate) struct NfSocket {
     fd: OwnedFd,
@@ -65,8 +72,8 @@ impl NfSocket {
     }
 
     /// Grows the kernel's buffers so that a request of `request_len` bytes
-    /// fits in one send (a batch must arrive as one datagram) and `acks`
-    /// acknowledgements fit in the receive queue without being lost.
+    /// fits in one send (a batch must arrive as one datagram) and answers to
+    /// `acks` messages fit in the receive queue (up to a bound).
     /// Best effort: if the kernel refuses, sending fails visibly or the
     /// answer is missing and the deadline reports it.
     pub fn make_room(&mut self, request_len: usize, acks: usize) {
@@ -82,7 +89,7 @@ impl NfSocket {
                 self.sndbuf = snd;
             }
         }
-        let rcv = (acks * ACK_TRUESIZE).max(MIN_BUFFER);
+        let rcv = (acks * ACK_TRUESIZE).clamp(MIN_BUFFER, MAX_RCVBUF);
         if rcv > self.rcvbuf
             && self
                 .set_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, to_int(rcv))
@@ -128,10 +135,28 @@ impl NfSocket {
         }
     }
 
-    /// Receives one datagram into `buf` (resized to fit it), waiting until
-    /// `deadline` at most. `Ok(false)`: the deadline passed first.
+    /// Receives one datagram into `buf` (which then holds just the
+    /// datagram), waiting until `deadline` at most. `Ok(false)`:
+    /// the deadline passed first.
     pub fn recv(&self, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<bool> {
+        if buf.capacity() < RECV_BUFFER {
+            buf.reserve(RECV_BUFFER - buf.len());
+        }
         loop {
+            // The kernel answers within the send (batches and the first
+            // part of a dump alike), so the answer is usually queued
+            // already: try first, wait only if nothing is there.
+            if let Some(len) = self.recv_raw(buf, libc::MSG_DONTWAIT | libc::MSG_TRUNC)? {
+                if len > buf.len() {
+                    // MSG_TRUNC reports the datagram's full length; the
+                    // rest of it is lost.
+                    return Err(io::Error::other(format!(
+                        "an answer of {len} bytes did not fit in {} bytes",
+                        buf.len()
+                    )));
+                }
+                return Ok(true);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let mut poll = libc::pollfd {
                 fd: self.fd.as_raw_fd(),
@@ -149,44 +174,30 @@ impl NfSocket {
                 }
                 return Err(err);
             }
-            if ready == 0 {
-                if Instant::now() >= deadline {
-                    return Ok(false);
-                }
-                continue;
+            if ready == 0 && Instant::now() >= deadline {
+                return Ok(false);
             }
-            // Peek first: MSG_TRUNC makes netlink report the datagram's full
-            // length, so the buffer can be made big enough.
-            let len = self.recv_raw(buf, libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT)?;
-            let Some(len) = len else { continue };
-            if len > buf.len() {
-                buf.resize(len, 0);
-            }
-            let Some(got) = self.recv_raw(buf, libc::MSG_DONTWAIT)? else {
-                continue;
-            };
-            buf.truncate(got);
-            return Ok(true);
         }
     }
 
-    /// One recv(2); `None` when nothing is there (after all).
+    /// One recv(2) into `buf`'s capacity (not zeroed first: that would
+    /// cost more than the receive), `buf` then holding what was received.
+    /// Returns the datagram's length, which with MSG_TRUNC may exceed what
+    /// fitted; `None` when nothing is there.
     fn recv_raw(&self, buf: &mut Vec<u8>, flags: libc::c_int) -> io::Result<Option<usize>> {
-        if buf.len() < buf.capacity() {
-            buf.resize(buf.capacity(), 0);
-        }
+        buf.clear();
+        let room = buf.capacity();
         loop {
-            // SAFETY: recv(2) into our own buffer of `buf.len()` bytes.
-            let got = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags,
-                )
-            };
+            // SAFETY: recv(2) writes at most `room` bytes into the buffer's
+            // allocation, which has that capacity.
+            let got =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), room, flags) };
             if got >= 0 {
-                return Ok(Some(got as usize));
+                let len = got as usize;
+                // SAFETY: the kernel initialised the first min(len, room)
+                // bytes.
+                unsafe { buf.set_len(len.min(room)) };
+                return Ok(Some(len));
             }
             let err = io::Error::last_os_error();
             match err.kind() {

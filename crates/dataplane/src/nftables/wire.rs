@@ -17,6 +17,8 @@ pub(crate) const NLMSG_OVERRUN: u16 = 4;
 
 pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 pub(crate) const NLM_F_ACK: u16 = 0x4;
+/// In a request: create only, an existing object is an error (`EEXIST`).
+pub(crate) const NLM_F_EXCL: u16 = 0x200;
 pub(crate) const NLM_F_DUMP_INTR: u16 = 0x10;
 pub(crate) const NLM_F_DUMP: u16 = 0x300;
 pub(crate) const NLM_F_CREATE: u16 = 0x400;
@@ -27,6 +29,8 @@ pub(crate) const NLM_F_CAPPED: u16 = 0x100;
 pub(crate) const NLM_F_ACK_TLVS: u16 = 0x200;
 /// Extended-ack attribute: a human-readable message.
 pub(crate) const NLMSGERR_ATTR_MSG: u16 = 1;
+/// Extended-ack attribute: offset of the offending attribute in the request.
+pub(crate) const NLMSGERR_ATTR_OFFS: u16 = 2;
 
 const NLA_HDRLEN: usize = 4;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -47,9 +51,24 @@ pub(crate) const NFT_MSG_GETTABLE: u16 = 1;
 pub(crate) const NFT_MSG_DELTABLE: u16 = 2;
 pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
 pub(crate) const NFT_MSG_GETCHAIN: u16 = 4;
+pub(crate) const NFT_MSG_DELCHAIN: u16 = 5;
 pub(crate) const NFT_MSG_NEWRULE: u16 = 6;
 pub(crate) const NFT_MSG_GETRULE: u16 = 7;
 pub(crate) const NFT_MSG_DELRULE: u16 = 8;
+pub(crate) const NFT_MSG_NEWSET: u16 = 9;
+pub(crate) const NFT_MSG_GETSET: u16 = 10;
+pub(crate) const NFT_MSG_DELSET: u16 = 11;
+pub(crate) const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(crate) const NFT_MSG_GETSETELEM: u16 = 13;
+pub(crate) const NFT_MSG_DELSETELEM: u16 = 14;
+pub(crate) const NFT_MSG_GETGEN: u16 = 16;
+// "Delete if present" (Linux 6.3): like the DEL messages, but a missing
+// object is not an error.
+pub(crate) const NFT_MSG_DESTROYTABLE: u16 = 26;
+pub(crate) const NFT_MSG_DESTROYCHAIN: u16 = 27;
+pub(crate) const NFT_MSG_DESTROYRULE: u16 = 28;
+pub(crate) const NFT_MSG_DESTROYSET: u16 = 29;
+pub(crate) const NFT_MSG_DESTROYSETELEM: u16 = 30;
 
 /// The netlink message type of an nf_tables message.
 pub(crate) const fn nft_type(msg: u16) -> u16 {
@@ -58,10 +77,13 @@ pub(crate) const fn nft_type(msg: u16) -> u16 {
 
 // ----- nf_tables attributes -----
 
+pub(crate) const NFTA_GEN_ID: u16 = 1;
+
 pub(crate) const NFTA_TABLE_NAME: u16 = 1;
 pub(crate) const NFTA_TABLE_FLAGS: u16 = 2;
 
 pub(crate) const NFTA_CHAIN_TABLE: u16 = 1;
+pub(crate) const NFTA_CHAIN_HANDLE: u16 = 2;
 pub(crate) const NFTA_CHAIN_NAME: u16 = 3;
 pub(crate) const NFTA_CHAIN_HOOK: u16 = 4;
 pub(crate) const NFTA_CHAIN_POLICY: u16 = 5;
@@ -75,6 +97,43 @@ pub(crate) const NFTA_RULE_CHAIN: u16 = 2;
 pub(crate) const NFTA_RULE_HANDLE: u16 = 3;
 pub(crate) const NFTA_RULE_EXPRESSIONS: u16 = 4;
 pub(crate) const NFTA_RULE_USERDATA: u16 = 7;
+
+pub(crate) const NFTA_SET_TABLE: u16 = 1;
+pub(crate) const NFTA_SET_NAME: u16 = 2;
+pub(crate) const NFTA_SET_FLAGS: u16 = 3;
+pub(crate) const NFTA_SET_KEY_TYPE: u16 = 4;
+pub(crate) const NFTA_SET_KEY_LEN: u16 = 5;
+pub(crate) const NFTA_SET_DATA_TYPE: u16 = 6;
+pub(crate) const NFTA_SET_DATA_LEN: u16 = 7;
+pub(crate) const NFTA_SET_DESC: u16 = 9;
+pub(crate) const NFTA_SET_ID: u16 = 10;
+pub(crate) const NFTA_SET_TIMEOUT: u16 = 11;
+pub(crate) const NFTA_SET_USERDATA: u16 = 13;
+pub(crate) const NFTA_SET_HANDLE: u16 = 16;
+pub(crate) const NFTA_SET_DESC_SIZE: u16 = 1;
+
+pub(crate) const NFT_SET_ANONYMOUS: u32 = 0x1;
+pub(crate) const NFT_SET_CONSTANT: u32 = 0x2;
+pub(crate) const NFT_SET_MAP: u32 = 0x8;
+pub(crate) const NFT_SET_TIMEOUT: u32 = 0x10;
+/// "dynamic" in nft: updated from the packet path (dynset).
+pub(crate) const NFT_SET_EVAL: u32 = 0x20;
+/// NFTA_SET_DATA_TYPE of a verdict map (`NFT_DATA_VERDICT`).
+pub(crate) const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+
+pub(crate) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(crate) const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_DATA: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+pub(crate) const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+
+/// libnftnl's set userdata TLVs (`NFTNL_UDATA_SET_*`): how nft stores the
+/// byte order of keys and values, which it needs to print elements.
+pub(crate) const UDATA_SET_KEYBYTEORDER: u8 = 0;
+pub(crate) const UDATA_SET_DATABYTEORDER: u8 = 1;
 
 pub(crate) const NFTA_LIST_ELEM: u16 = 1;
 pub(crate) const NFTA_EXPR_NAME: u16 = 1;
@@ -128,6 +187,29 @@ pub(crate) const NFTA_NAT_FLAGS: u16 = 7;
 /// `NF_NAT_RANGE_PROTO_SPECIFIED`.
 pub(crate) const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
 
+pub(crate) const NFTA_MASQ_FLAGS: u16 = 1;
+
+pub(crate) const NFTA_LOOKUP_SET: u16 = 1;
+pub(crate) const NFTA_LOOKUP_SREG: u16 = 2;
+pub(crate) const NFTA_LOOKUP_DREG: u16 = 3;
+pub(crate) const NFTA_LOOKUP_SET_ID: u16 = 4;
+pub(crate) const NFTA_LOOKUP_FLAGS: u16 = 5;
+/// `NFT_LOOKUP_F_INV`: match when the key is *not* in the set.
+pub(crate) const NFT_LOOKUP_F_INV: u32 = 1;
+
+pub(crate) const NFTA_DYNSET_SET_NAME: u16 = 1;
+pub(crate) const NFTA_DYNSET_OP: u16 = 3;
+pub(crate) const NFTA_DYNSET_SREG_KEY: u16 = 4;
+pub(crate) const NFTA_DYNSET_SREG_DATA: u16 = 5;
+pub(crate) const NFTA_DYNSET_TIMEOUT: u16 = 6;
+
+pub(crate) const NFTA_FIB_DREG: u16 = 1;
+pub(crate) const NFTA_FIB_RESULT: u16 = 2;
+pub(crate) const NFTA_FIB_FLAGS: u16 = 3;
+
+pub(crate) const NFTA_REJECT_TYPE: u16 = 1;
+pub(crate) const NFTA_REJECT_ICMP_CODE: u16 = 2;
+
 pub(crate) const NFTA_NG_DREG: u16 = 1;
 pub(crate) const NFTA_NG_MODULUS: u16 = 2;
 pub(crate) const NFTA_NG_TYPE: u16 = 3;
@@ -162,6 +244,11 @@ pub(crate) fn put_message(buf: &mut Vec<u8>, header: MsgHeader, fill: impl FnOnc
     buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
 
+/// Appends bare attributes (no message header) to a buffer.
+pub(crate) fn put_attrs(buf: &mut Vec<u8>, fill: impl FnOnce(&mut Attrs<'_>)) {
+    fill(&mut Attrs { buf });
+}
+
 /// What goes into the `nlmsghdr` and `nfgenmsg` of a request.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MsgHeader {
@@ -189,10 +276,18 @@ impl Attrs<'_> {
 
     /// A NUL-terminated string, as the kernel's `NLA_STRING` policy wants.
     pub fn str(&mut self, ty: u16, value: &str) {
-        let mut bytes = Vec::with_capacity(value.len() + 1);
-        bytes.extend_from_slice(value.as_bytes());
-        bytes.push(0);
-        self.bytes(ty, &bytes);
+        // Written in place: batches carry hundreds of thousands of names.
+        let len = NLA_HDRLEN + value.len() + 1;
+        self.buf
+            .extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(value.as_bytes());
+        self.buf.push(0);
+        self.pad();
+    }
+
+    pub fn u8(&mut self, ty: u16, value: u8) {
+        self.bytes(ty, &[value]);
     }
 
     pub fn u32_be(&mut self, ty: u16, value: u32) {
@@ -210,8 +305,17 @@ impl Attrs<'_> {
         self.buf
             .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
         fill(&mut Attrs { buf: self.buf });
-        let len = u16::try_from(self.buf.len() - start).unwrap_or(u16::MAX);
+        // Callers keep nests under 64 KiB (element lists are split into
+        // several messages); a longer one would be misread, so it is marked
+        // with a length the kernel refuses rather than a wrapped one.
+        let len = u16::try_from(self.buf.len() - start).unwrap_or(0);
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    /// Where the next attribute starts in the whole buffer (to record
+    /// offsets that the kernel's extended acks point back to).
+    pub fn position(&self) -> usize {
+        self.buf.len()
     }
 
     fn pad(&mut self) {
@@ -267,6 +371,9 @@ pub(crate) struct Ack {
     pub errno: i32,
     /// The kernel's extended-ack message, if it gave one.
     pub message: Option<String>,
+    /// Offset in the request message of the attribute the kernel blamed
+    /// (e.g. the one element of a list it refused), if it said.
+    pub offset: Option<u32>,
 }
 
 pub(crate) fn parse_ack(message: &Message<'_>) -> Option<Ack> {
@@ -275,6 +382,7 @@ pub(crate) fn parse_ack(message: &Message<'_>) -> Option<Ack> {
     let request = payload.get(4..4 + NLMSG_HDRLEN)?;
     let seq = u32::from_ne_bytes(request[8..12].try_into().ok()?);
     let mut text = None;
+    let mut offset = None;
     if message.flags & NLM_F_ACK_TLVS != 0 {
         let echoed = if message.flags & NLM_F_CAPPED != 0 {
             NLMSG_HDRLEN
@@ -282,14 +390,24 @@ pub(crate) fn parse_ack(message: &Message<'_>) -> Option<Ack> {
             u32::from_ne_bytes(request[0..4].try_into().ok()?) as usize
         };
         let tlvs = payload.get(4 + align4(echoed)..).unwrap_or_default();
-        text = attrs(tlvs)
-            .find(|(ty, _)| *ty == NLMSGERR_ATTR_MSG)
-            .map(|(_, value)| c_string(value));
+        for (ty, value) in attrs(tlvs) {
+            match ty {
+                NLMSGERR_ATTR_MSG => text = Some(c_string(value)),
+                NLMSGERR_ATTR_OFFS => {
+                    offset = value
+                        .get(0..4)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u32::from_ne_bytes);
+                }
+                _ => {}
+            }
+        }
     }
     Some(Ack {
         seq,
         errno: error.saturating_neg(),
         message: text.filter(|text| !text.is_empty()),
+        offset,
     })
 }
 
@@ -320,6 +438,10 @@ pub(crate) fn find_attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
 pub(crate) fn c_string(value: &[u8]) -> String {
     let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
     String::from_utf8_lossy(&value[..end]).into_owned()
+}
+
+pub(crate) fn be32(value: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(value.get(0..4)?.try_into().ok()?))
 }
 
 pub(crate) fn be64(value: &[u8]) -> Option<u64> {
