@@ -1,7 +1,10 @@
 //! What the command-line tools do with cluster state: register and list external peers,
-//! print WireGuard configurations, draw the mesh, report status. Each takes a store and
-//! returns data or text; the `trellis` binary parses flags and prints. Every view is built
-//! with [`ClusterState::topology`], the same function the agents plan with.
+//! print WireGuard configurations, draw the mesh, report status, and ([`objects`]) apply,
+//! delete and get Services and EndpointSlices. Each takes a store and returns data or
+//! text; the `trellis` binary parses flags and prints. Every view is built with
+//! [`ClusterState::topology`], the same function the agents plan with.
+
+pub mod objects;
 
 use crate::state::{self, ClusterState};
 use serde::Serialize;
@@ -29,6 +32,16 @@ pub enum CtlError {
     Plan(#[from] PlanError),
     #[error("encoding a record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// One of several objects given at once was refused; `index` is its place among them.
+    #[error("object {} ({object}): {error}", index + 1)]
+    InvalidObject {
+        index: usize,
+        object: String,
+        error: InvalidField,
+    },
+    /// Other writers kept changing what this command read.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 type Result<T> = std::result::Result<T, CtlError>;

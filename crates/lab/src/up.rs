@@ -113,6 +113,7 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
             node_prefix: 24,
         }),
         gc_after_seconds: trellis_model::DEFAULT_GC_AFTER_SECONDS,
+        services: None,
     };
     store
         .put(keys::SETTINGS, serde_json::to_vec(&settings)?)

@@ -4,6 +4,7 @@
 //! by hand.
 
 use std::fmt;
+use std::net::IpAddr;
 
 pub const NODES: &str = "nodes/";
 pub const PEERS: &str = "peers/";
@@ -16,6 +17,15 @@ pub const POD_CIDRS: &str = "podcidrs/";
 /// The leader election: candidates' keys are `election/<lease id in hex>`, the layout of
 /// etcd's own election recipe (`etcdctl elect <prefix>election`).
 pub const ELECTION: &str = "election/";
+/// Services and EndpointSlices: `services/<namespace>/<name>`.
+pub const SERVICES: &str = "services/";
+pub const ENDPOINT_SLICES: &str = "endpointslices/";
+/// Claims on allocated values, each created only if absent in the transaction that writes
+/// the Service holding it, so two writers can never hand out the same one: a ClusterIP
+/// (`serviceips/<ip>`) or a node port (`nodeports/<port>`; one range for every protocol,
+/// as the API server's).
+pub const SERVICE_IPS: &str = "serviceips/";
+pub const NODE_PORTS: &str = "nodeports/";
 
 /// One record's place in the store.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -38,6 +48,14 @@ pub enum Key {
     PodCidr(String),
     /// A leader-election candidate, by its session lease.
     Candidate(u64),
+    /// A `v1 Service`.
+    Service { namespace: String, name: String },
+    /// A `discovery.k8s.io/v1 EndpointSlice`.
+    EndpointSlice { namespace: String, name: String },
+    /// A ClusterIP held by a Service (canonical text form).
+    ServiceIp(IpAddr),
+    /// A node port (or health check node port) held by a Service.
+    NodePort(u16),
 }
 
 impl Key {
@@ -65,8 +83,32 @@ impl Key {
             }
             PATHS => pair(rest).map(|(from, to)| Key::Path { from, to }),
             ELECTION => u64::from_str_radix(rest, 16).ok().map(Key::Candidate),
+            SERVICES => pair(rest).map(|(namespace, name)| Key::Service { namespace, name }),
+            ENDPOINT_SLICES => {
+                pair(rest).map(|(namespace, name)| Key::EndpointSlice { namespace, name })
+            }
+            // Only the canonical form, so one value has one key.
+            SERVICE_IPS => rest
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|ip| ip.to_string() == rest)
+                .map(Key::ServiceIp),
+            NODE_PORTS => rest
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0 && p.to_string() == rest)
+                .map(Key::NodePort),
             _ => None,
         }
+    }
+
+    /// Whether the record is the service proxy's (Services, EndpointSlices and their
+    /// claims), which the mesh's state leaves alone.
+    pub fn is_service_state(&self) -> bool {
+        matches!(
+            self,
+            Key::Service { .. } | Key::EndpointSlice { .. } | Key::ServiceIp(_) | Key::NodePort(_)
+        )
     }
 
     /// The nodes a record belongs to, for garbage collection of departed nodes. A status
@@ -80,7 +122,11 @@ impl Key {
             | Key::Peer(_)
             | Key::Gateways(_)
             | Key::Settings
-            | Key::Candidate(_) => Vec::new(),
+            | Key::Candidate(_)
+            | Key::Service { .. }
+            | Key::EndpointSlice { .. }
+            | Key::ServiceIp(_)
+            | Key::NodePort(_) => Vec::new(),
         }
     }
 }
@@ -99,6 +145,12 @@ impl fmt::Display for Key {
             Key::Path { from, to } => write!(f, "{PATHS}{from}/{to}"),
             Key::PodCidr(n) => write!(f, "{POD_CIDRS}{n}"),
             Key::Candidate(lease) => write!(f, "{ELECTION}{lease:x}"),
+            Key::Service { namespace, name } => write!(f, "{SERVICES}{namespace}/{name}"),
+            Key::EndpointSlice { namespace, name } => {
+                write!(f, "{ENDPOINT_SLICES}{namespace}/{name}")
+            }
+            Key::ServiceIp(ip) => write!(f, "{SERVICE_IPS}{ip}"),
+            Key::NodePort(port) => write!(f, "{NODE_PORTS}{port}"),
         }
     }
 }
@@ -135,6 +187,34 @@ pub fn pod_cidr(node: &str) -> String {
 pub fn candidate(lease: u64) -> String {
     Key::Candidate(lease).to_string()
 }
+pub fn service(namespace: &str, name: &str) -> String {
+    Key::Service {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+    .to_string()
+}
+pub fn endpoint_slice(namespace: &str, name: &str) -> String {
+    Key::EndpointSlice {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+    .to_string()
+}
+pub fn service_ip(ip: IpAddr) -> String {
+    Key::ServiceIp(ip).to_string()
+}
+pub fn node_port(port: u16) -> String {
+    Key::NodePort(port).to_string()
+}
+/// The prefix that lists one namespace's objects under `kind_prefix` (`SERVICES`,
+/// `ENDPOINT_SLICES`), or every namespace's.
+pub fn in_namespace(kind_prefix: &str, namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("{kind_prefix}{ns}/"),
+        None => kind_prefix.to_string(),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -158,12 +238,29 @@ mod tests {
             },
             Key::PodCidr("a3".into()),
             Key::Candidate(0x694d_8a2f_01c3),
+            Key::Service {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            Key::EndpointSlice {
+                namespace: "kube-system".into(),
+                name: "kube-dns-x7k2p".into(),
+            },
+            Key::ServiceIp("10.96.0.10".parse().unwrap()),
+            Key::ServiceIp("fd00:10:96::a".parse().unwrap()),
+            Key::NodePort(30080),
         ];
         for key in all {
             assert_eq!(Key::parse(&key.to_string()), Some(key.clone()), "{key}");
         }
         assert_eq!(candidate(0xabc), "election/abc");
         assert_eq!(observation("g", "o"), "observations/g/o");
+        assert_eq!(service("default", "web"), "services/default/web");
+        assert_eq!(endpoint_slice("ns", "s"), "endpointslices/ns/s");
+        assert_eq!(service_ip("fd00::1".parse().unwrap()), "serviceips/fd00::1");
+        assert_eq!(node_port(30000), "nodeports/30000");
+        assert_eq!(in_namespace(SERVICES, Some("default")), "services/default/");
+        assert_eq!(in_namespace(SERVICES, None), "services/");
     }
 
     #[test]
@@ -177,6 +274,15 @@ mod tests {
             "paths//b1",
             "election/not-hex",
             "settings/x",
+            "services/default",
+            "services/default/",
+            "services/a/b/c",
+            "endpointslices//s",
+            "serviceips/10.96.0.256",
+            "serviceips/fd00:0::1",
+            "nodeports/0",
+            "nodeports/030080",
+            "nodeports/65536",
             "kube-system/thing",
             "unrelated",
         ] {
@@ -192,6 +298,11 @@ mod tests {
         assert_eq!(owners("paths/a1/b1"), "a1,b1");
         assert_eq!(owners("settings"), "");
         assert_eq!(owners("peers/laptop"), "");
+        assert_eq!(
+            owners("services/default/a1"),
+            "",
+            "not a node's, whatever its name"
+        );
         assert_eq!(
             owners("status/a1"),
             "",

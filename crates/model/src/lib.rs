@@ -3,21 +3,39 @@
 //! Everything here is plain data plus validation. Records come from a store that other
 //! programs (and people) can write, so every decoder checks its input and names the field
 //! and value it rejects instead of letting a bad record reach the planner.
+//!
+//! Services and EndpointSlices are Kubernetes' own v1 shapes ([`service`],
+//! [`endpoint_slice`], [`object`] for manifests), so a Kubernetes backend can pass them
+//! through; [`allocate`] gives Services their ClusterIPs and node ports as the API server
+//! would.
 
+pub mod allocate;
+pub mod dns;
 mod endpoint;
+pub mod endpoint_slice;
 mod key;
 pub mod keys;
+pub mod meta;
 mod name;
 mod node;
+pub mod object;
 mod peer;
+pub mod service;
+mod service_settings;
 mod settings;
 
+pub use allocate::{ClaimHolder, Claims, allocate};
 pub use endpoint::{Endpoint, Host};
+pub use endpoint_slice::{AddressType, EndpointSlice, SliceEndpoint};
 pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 pub use key::PublicKey;
+pub use meta::{DEFAULT_NAMESPACE, IntOrString, ObjectMeta, Protocol};
 pub use name::validate_name;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
+pub use object::{Document, Kind, Object};
 pub use peer::ExternalPeer;
+pub use service::{Service, ServicePort, ServiceType};
+pub use service_settings::{DEFAULT_NODE_PORT_RANGE, PortRange, ServiceSettings};
 pub use settings::{
     AgentStatus, ClusterSettings, DEFAULT_GC_AFTER_SECONDS, GatewayHealth, Observation, PathReport,
     PodCidrAllocation, PodCidrPool,

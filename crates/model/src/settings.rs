@@ -1,4 +1,4 @@
-use crate::{Granularity, InvalidField, Validate};
+use crate::{Granularity, InvalidField, ServiceSettings, Validate};
 use serde::{Deserialize, Serialize};
 
 /// Cluster-wide settings, stored once so that every node plans with the same ones.
@@ -18,6 +18,17 @@ pub struct ClusterSettings {
     /// How long a node's agent must have been gone before the leader deletes its records.
     #[serde(default = "default_gc_after_seconds")]
     pub gc_after_seconds: u64,
+    /// Service CIDRs and node port range; absent (as in records written before Services
+    /// existed) means the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<ServiceSettings>,
+}
+
+impl ClusterSettings {
+    /// The service settings in force.
+    pub fn services(&self) -> ServiceSettings {
+        self.services.clone().unwrap_or_default()
+    }
 }
 
 pub const DEFAULT_GC_AFTER_SECONDS: u64 = 600;
@@ -112,6 +123,9 @@ impl Validate for ClusterSettings {
                 "must be at least 60: an agent restarting must not lose its records",
             ));
         }
+        if let Some(services) = &self.services {
+            services.validate()?;
+        }
         Ok(())
     }
 }
@@ -182,5 +196,30 @@ impl Validate for PathReport {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_written_before_services_still_decode() {
+        let old = br#"{"granularity":"location","gateways_per_location":2,"gc_after_seconds":600}"#;
+        let s: ClusterSettings = crate::decode("settings", old).unwrap();
+        assert_eq!(s.services, None);
+        assert_eq!(s.services().node_port_range().to_string(), "30000-32767");
+        assert!(
+            !serde_json::to_string(&s).unwrap().contains("services"),
+            "an absent section stays absent"
+        );
+    }
+
+    #[test]
+    fn a_bad_services_section_is_refused() {
+        let bad = br#"{"granularity":"location","gateways_per_location":2,
+            "services":{"cidrs":["10.96.0.1/12"]}}"#;
+        let e = crate::decode::<ClusterSettings>("settings", bad).unwrap_err();
+        assert_eq!(e.field, "settings: services.cidrs[0]", "{e}");
     }
 }

@@ -212,6 +212,7 @@ async fn the_leader_allocates_pod_cidrs_and_collects_departed_nodes() {
             node_prefix: 24,
         }),
         gc_after_seconds: 60,
+        services: None,
     };
     store
         .put(keys::SETTINGS, serde_json::to_vec(&settings).unwrap())

@@ -145,6 +145,11 @@ impl ClusterState {
                 self.pod_cidrs.insert(name.clone(), a);
             }
             Key::Candidate(_) => {} // the election reads its own keys
+            // Services, slices and their claims are not the mesh's: the proxy reads them.
+            Key::Service { .. }
+            | Key::EndpointSlice { .. }
+            | Key::ServiceIp(_)
+            | Key::NodePort(_) => {}
         }
         Ok(())
     }
@@ -166,7 +171,11 @@ impl ClusterState {
             }
             Key::Path { from, to } => drop(self.paths.remove(&(from.clone(), to.clone()))),
             Key::PodCidr(name) => drop(self.pod_cidrs.remove(name)),
-            Key::Candidate(_) => {}
+            Key::Candidate(_)
+            | Key::Service { .. }
+            | Key::EndpointSlice { .. }
+            | Key::ServiceIp(_)
+            | Key::NodePort(_) => {}
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod lab;
+mod objects;
 mod state;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,12 @@ pub enum Command {
     Graph(state::StoreArgs),
     /// Show the nodes, their gateways and what each agent last reported.
     Status(state::StatusArgs),
+    /// Create or update Services and EndpointSlices from manifests, as `kubectl apply`.
+    Apply(objects::ApplyArgs),
+    /// Delete Services and EndpointSlices, named or from manifests, as `kubectl delete`.
+    Delete(objects::DeleteArgs),
+    /// List Services or EndpointSlices, as `kubectl get`.
+    Get(objects::GetArgs),
 }
 
 impl Command {
@@ -68,6 +75,9 @@ impl Command {
             Command::Showconf(cmd) => runtime()?.block_on(state::showconf(cmd)),
             Command::Graph(args) => runtime()?.block_on(state::graph(args)),
             Command::Status(args) => runtime()?.block_on(state::status(args)),
+            Command::Apply(args) => runtime()?.block_on(objects::apply(args)),
+            Command::Delete(args) => runtime()?.block_on(objects::delete(args)),
+            Command::Get(args) => runtime()?.block_on(objects::get(args)),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `trellis peer|showconf|graph|status`: commands that read or write cluster state. The
+//! `trellis peer|showconf|graph|status`: commands that read or write cluster state (as do
+//! `apply|delete|get`, in `objects`, with the same [`StoreArgs`]). The
 //! store is `--store`, or a lab's (`--lab NAME`, or the only running lab), which the lab
 //! library resolves; the commands themselves live in `trellis_agent::ctl`.
 
@@ -63,7 +64,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
+    pub(super) fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
         match (&self.store, &self.lab) {
             (Some(_), Some(_)) => bail!("give either --store or --lab, not both"),
             (Some(address), None) => Ok(StoreAddress::parse(address)?.open(&self.etcd.options())?),
