@@ -105,6 +105,7 @@ fn config(n: &Node) -> AgentConfig {
         resync: Duration::from_secs(10),
         probe: ProbeConfig::default(),
         admin_addr: None,
+        service_proxy: false,
     }
 }
 
@@ -114,6 +115,7 @@ fn kernel() -> Kernel {
         interfaces: Arc::new(FakeInterfaces::default()),
         routes: Arc::new(FakeRoutes::new(trellis_agent::apply::ROUTE_PROTOCOL)),
         ruleset: Arc::new(FakeRuleset::default()),
+        service_proxy: None,
     }
 }
 

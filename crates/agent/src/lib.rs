@@ -28,6 +28,7 @@ pub mod backoff;
 pub mod ctl;
 pub mod leader;
 pub mod probe;
+pub mod proxy;
 pub mod report;
 pub mod run;
 pub mod state;

@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub probe: ProbeConfig,
     /// Where to serve metrics, readiness and state (`None`: off).
     pub admin_addr: Option<SocketAddr>,
+    /// Load-balance Services on this node (nftables table `trellis-proxy`).
+    pub service_proxy: bool,
 }
 
 impl AgentConfig {
@@ -177,6 +179,11 @@ async fn run(
         interfaces: netlink.clone(),
         routes: netlink,
         ruleset: Arc::new(trellis_dataplane::nftables::Nft::connect()?),
+        service_proxy: if config.service_proxy {
+            Some(Arc::new(crate::proxy::run::ProxyKernel::connect()?))
+        } else {
+            None
+        },
     };
     run_with(&config, store, node, kernel, shutdown_signal()).await;
     drop(device);
@@ -230,6 +237,28 @@ pub async fn run_with(
     let leased = report::leased::LeasedKeys::start(store.clone());
     if let Some(addr) = config.admin_addr {
         tokio::spawn(admin::serve(addr, admin.clone()));
+    }
+    if let Some(proxy_kernel) = kernel.service_proxy.clone() {
+        let node_port_addresses = std::iter::once(config.internal_ip.addr())
+            .chain(node.endpoint.as_ref().and_then(|e| match e.host {
+                trellis_model::Host::Ip(ip) => Some(ip),
+                trellis_model::Host::Dns(_) => None,
+            }))
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        let audit_interval = config.resync.max(Duration::from_secs(1));
+        tokio::spawn(crate::proxy::run::run(
+            store.clone(),
+            proxy_kernel,
+            crate::proxy::run::ProxyConfig {
+                node: node.name.clone(),
+                node_port_addresses,
+                audit_interval,
+                stale_after: audit_interval * 3 + Duration::from_secs(30),
+            },
+            state_rx.clone(),
+            metrics.proxy(),
+        ));
     }
     let (observe_tx, observe_rx) = watch::channel(probe::Targets::default());
     match node.probe_ip {

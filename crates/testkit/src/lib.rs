@@ -3,11 +3,13 @@
 //! - [`etcd`]: a real etcd (Debian's 3.4) on loopback ports, removed when dropped;
 //! - [`Freezable`]: a store whose calls hang while frozen, as a SIGSTOPped etcd's do, and
 //!   [`Unreachable`], one whose calls all fail;
+//! - [`netns`]: scratch network namespaces and a routed topology for kernel tests;
 //! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes,
 //!   instead of sleeping a fixed time and hoping.
 
 pub mod etcd;
 mod freezable;
+pub mod netns;
 mod wait;
 
 pub use freezable::{Freezable, Unreachable};

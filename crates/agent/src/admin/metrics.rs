@@ -6,6 +6,7 @@
 //! by [`crate::report::transition`] and only recorded here.
 
 use crate::leader::work::LeaderWorkCounters;
+use crate::proxy::metrics::ProxyMetrics;
 use crate::report::transition::Transition;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -51,6 +52,7 @@ struct Inner {
     leader: Gauge,
     leader_terms: Counter,
     leader_work: LeaderWorkCounters,
+    proxy: ProxyMetrics,
     state: Mutex<State>,
 }
 
@@ -93,6 +95,7 @@ impl Metrics {
             leader: Gauge::default(),
             leader_terms: Counter::default(),
             leader_work: LeaderWorkCounters::default(),
+            proxy: ProxyMetrics::default(),
             state: Mutex::default(),
             registry: Registry::default(),
         };
@@ -107,6 +110,7 @@ impl Metrics {
             "Terms of leadership this node has begun",
             inner.leader_terms.clone(),
         );
+        inner.proxy.register(r);
         let work = &inner.leader_work;
         r.register(
             "leader_pod_cidrs_allocated",
@@ -282,6 +286,10 @@ impl Metrics {
     }
 
     /// The counters the leader's tasks update, across all of this node's terms.
+    pub fn proxy(&self) -> ProxyMetrics {
+        self.inner.proxy.clone()
+    }
+
     pub fn leader_work(&self) -> LeaderWorkCounters {
         self.inner.leader_work.clone()
     }

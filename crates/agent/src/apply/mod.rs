@@ -52,6 +52,8 @@ pub struct Kernel {
     pub interfaces: Arc<dyn InterfaceControl>,
     pub routes: Arc<dyn RouteTable>,
     pub ruleset: Arc<dyn Ruleset>,
+    /// The service proxy's kernel interfaces (`None`: no service proxy).
+    pub service_proxy: Option<Arc<crate::proxy::run::ProxyKernel>>,
 }
 
 pub struct Reconciler {

@@ -74,6 +74,7 @@ fn rig(node: &Node) -> Rig {
         interfaces: interfaces.clone(),
         routes: routes.clone(),
         ruleset: ruleset.clone(),
+        service_proxy: None,
     };
     let reconciler = Reconciler::new(node.clone(), "wg0".into(), kernel, store.clone());
     Rig {

@@ -28,7 +28,8 @@ pub async fn sync_forever(
     loop {
         let result = match synced.as_mut() {
             None => match store.list("").await {
-                Ok((kvs, revision)) => {
+                Ok((mut kvs, revision)) => {
+                    kvs.retain(|kv| !is_service_state(&kv.key));
                     let s = Synced::from_list(kvs, revision);
                     tx.send_replace(Arc::new(s.state.clone()));
                     synced = Some(s);
@@ -79,6 +80,12 @@ impl Synced {
             }
         }
     }
+}
+
+/// Services and their endpoints change far more often than the mesh and mean nothing to
+/// it: the service proxy follows them on its own watch.
+fn is_service_state(key: &str) -> bool {
+    trellis_model::keys::Key::parse(key).is_some_and(|k| k.is_service_state())
 }
 
 /// Publishes the cached state, if there is one and nothing was read from the store yet.
@@ -146,11 +153,15 @@ async fn follow(
             Some(Err(e)) => break e,
             None => break StoreError::Unavailable("the watch ended".into()),
         };
+        if is_service_state(event.key()) {
+            continue;
+        }
         synced.apply(&event);
         // Coalesce a burst of events into one publication.
         let mut broken = None;
         while let Ok(Some(more)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
             match more {
+                Ok(more) if is_service_state(more.key()) => {}
                 Ok(more) => synced.apply(&more),
                 Err(e) => {
                     broken = Some(e);

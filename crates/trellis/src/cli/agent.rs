@@ -104,6 +104,9 @@ pub struct AgentArgs {
     /// (/debug/state) on this address (HOST:PORT); off when absent.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Do not load-balance Services on this node (no `trellis-proxy` nftables table).
+    #[arg(long)]
+    pub no_service_proxy: bool,
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
@@ -164,6 +167,7 @@ impl AgentArgs {
                 }
             },
             admin_addr: self.metrics_addr,
+            service_proxy: !self.no_service_proxy,
         };
         config.validate()?;
         Ok(config)

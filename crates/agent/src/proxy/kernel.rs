@@ -1,0 +1,131 @@
+//! The proxy's edge to nftables: reads the table back ([`read`]) and applies units of
+//! operations in bounded transactions ([`apply`]), setting aside a unit the kernel refuses
+//! so that the rest still lands.
+
+use super::reconcile::{KernelChain, KernelSet, KernelTable, Unit};
+use super::render::{TABLE, nft_family};
+use std::collections::BTreeMap;
+use trellis_dataplane::Error;
+use trellis_dataplane::nftables::{Batch, Nft, SetFlags};
+use trellis_proxy::IpFamily;
+
+/// At most this much weight (ops, elements counted one by one) per transaction: the
+/// kernel holds the nf_tables commit lock for the whole of one, and a cold start at 50,000
+/// services must not freeze every other nftables user (kubernetes issue 139328).
+pub const MAX_TRANSACTION_WEIGHT: usize = 10_000;
+
+/// Reads the proxy's table in `family`: chains with their rules' comments, named sets with
+/// the elements of those the proxy fills.
+pub fn read(nft: &Nft, family: IpFamily) -> Result<KernelTable, Error> {
+    let fam = nft_family(family);
+    if !nft.table_exists(fam, TABLE)? {
+        return Ok(KernelTable::default());
+    }
+    let mut table = KernelTable {
+        exists: true,
+        ..KernelTable::default()
+    };
+    for chain in nft.chains(fam, TABLE)? {
+        table.chains.insert(
+            chain.name,
+            KernelChain {
+                base: chain.base,
+                comments: Vec::new(),
+            },
+        );
+    }
+    for rule in nft.dump_rules(fam, TABLE, None)? {
+        table
+            .chains
+            .entry(rule.chain)
+            .or_default()
+            .comments
+            .push(rule.comment);
+    }
+    for set in nft.sets(fam, TABLE)? {
+        if set.anonymous {
+            continue;
+        }
+        let elements = if set.spec.flags.contains(SetFlags::DYNAMIC) {
+            BTreeMap::new()
+        } else {
+            nft.elements(fam, TABLE, &set.name)?
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect()
+        };
+        table.sets.insert(
+            set.name,
+            KernelSet {
+                spec: set.spec,
+                elements,
+            },
+        );
+    }
+    Ok(table)
+}
+
+/// What became of applying units.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub transactions: usize,
+    pub ops: usize,
+    /// Units the kernel refused, with why; the rest were applied.
+    pub refused: Vec<(String, String)>,
+}
+
+/// Applies `units` in order, packed into transactions of at most
+/// [`MAX_TRANSACTION_WEIGHT`]. When the kernel refuses a transaction, the unit holding the
+/// refused op is set aside and the transaction retried without it, so one bad element
+/// never holds up the others.
+pub fn apply(nft: &Nft, units: Vec<Unit>) -> Applied {
+    let mut applied = Applied::default();
+    let mut pending = units.into_iter().peekable();
+    while pending.peek().is_some() {
+        let mut group: Vec<Unit> = Vec::new();
+        let mut weight = 0;
+        while let Some(next) = pending.peek() {
+            let w = next.weight();
+            if !group.is_empty() && weight + w > MAX_TRANSACTION_WEIGHT {
+                break;
+            }
+            weight += w;
+            group.push(pending.next().expect("peeked"));
+        }
+        while !group.is_empty() {
+            let mut batch = Batch::new();
+            let mut owner = Vec::new();
+            for (i, unit) in group.iter().enumerate() {
+                for op in &unit.ops {
+                    batch.push(op.clone());
+                    owner.push(i);
+                }
+            }
+            match nft.apply_detailed(&batch) {
+                Ok(()) => {
+                    applied.transactions += 1;
+                    applied.ops += batch.len();
+                    break;
+                }
+                Err(refused) => {
+                    let culprit = refused.op.and_then(|op| owner.get(op).copied());
+                    match culprit {
+                        Some(i) => {
+                            let unit = group.remove(i);
+                            applied.refused.push((unit.what, refused.error.to_string()));
+                        }
+                        None => {
+                            // The kernel did not say which: give up on the whole group
+                            // rather than guess; the next audit retries it.
+                            let why = refused.error.to_string();
+                            for unit in group.drain(..) {
+                                applied.refused.push((unit.what, why.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    applied
+}

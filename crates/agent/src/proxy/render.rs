@@ -1,0 +1,613 @@
+//! From a planned table ([`trellis_proxy::Table`]) to nftables objects: sets and maps with
+//! their elements, chains with their rules. Pure: the reconciler compares what this gives
+//! with what the kernel holds.
+//!
+//! Every rule carries a comment `trellis:<fingerprint>`, a hash of its expressions, so the
+//! audit can tell our rules from anyone else's (and an old version's) without decoding
+//! every expression the kernel dumps.
+
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+use trellis_dataplane::nftables::dsl::{self, Field};
+use trellis_dataplane::nftables::{
+    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, Family, FibFlags, FibResult,
+    Hook, MetaKey, Policy, Reg, RouteType, SetFlags, SetSpec, Verdict, concat,
+};
+use trellis_proxy::ruleset::names;
+use trellis_proxy::{
+    Destination, IpFamily, NodePort, Protocol, Refusal, Rule, ServiceRules, Table,
+};
+
+/// The proxy's table, in both families.
+pub const TABLE: &str = "trellis-proxy";
+
+/// The packet mark bit that asks `masquerading` to masquerade (kube-proxy's).
+const MASQUERADE_MARK: u32 = 0x4000;
+
+const FILTER_PREROUTING: &str = "filter-prerouting";
+const FILTER_INPUT: &str = "filter-input";
+const FILTER_FORWARD: &str = "filter-forward";
+const FILTER_OUTPUT: &str = "filter-output";
+const FILTER_OUTPUT_POST_DNAT: &str = "filter-output-post-dnat";
+const NAT_PREROUTING: &str = "nat-prerouting";
+const NAT_OUTPUT: &str = "nat-output";
+const NAT_POSTROUTING: &str = "nat-postrouting";
+const SERVICES: &str = "services";
+const FIREWALL_CHECK: &str = "firewall-check";
+const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+const MASQUERADE_UNLESS_CLUSTER: &str = "masquerade-unless-cluster";
+const MASQUERADING: &str = "masquerading";
+const REJECT_CHAIN: &str = "reject-chain";
+
+/// A rule as the proxy writes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderedRule {
+    pub exprs: Vec<Expr>,
+    /// `trellis:<fingerprint>`.
+    pub comment: String,
+}
+
+impl RenderedRule {
+    fn new(mut exprs: Vec<Expr>) -> RenderedRule {
+        strip_family_checks(&mut exprs);
+        let comment = format!("trellis:{:016x}", fingerprint(&exprs));
+        RenderedRule { exprs, comment }
+    }
+}
+
+/// A chain as the proxy writes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderedChain {
+    pub base: Option<BaseChain>,
+    pub rules: Vec<RenderedRule>,
+}
+
+/// A set or map as the proxy writes it. Elements are compared only for sets the proxy
+/// fills (`dynamic` affinity sets belong to the packet path).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderedSet {
+    pub spec: SetSpec,
+    pub elements: BTreeMap<Vec<u8>, Option<ElemValue>>,
+}
+
+impl RenderedSet {
+    fn empty(spec: SetSpec) -> RenderedSet {
+        RenderedSet {
+            spec,
+            elements: BTreeMap::new(),
+        }
+    }
+
+    /// Whether the packet path writes its elements (the proxy leaves them alone).
+    pub fn is_dynamic(&self) -> bool {
+        self.spec.flags.contains(SetFlags::DYNAMIC)
+    }
+}
+
+/// One family's table as the proxy writes it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderedTable {
+    pub sets: BTreeMap<String, RenderedSet>,
+    pub chains: BTreeMap<String, RenderedChain>,
+}
+
+/// What one service port adds to its family's table.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderedPort {
+    /// Elements of the fixed maps and sets, by set name.
+    pub elements: BTreeMap<&'static str, BTreeMap<Vec<u8>, Option<ElemValue>>>,
+    pub chains: BTreeMap<String, RenderedChain>,
+    /// Its affinity sets.
+    pub sets: BTreeMap<String, RenderedSet>,
+}
+
+pub fn nft_family(family: IpFamily) -> Family {
+    match family {
+        IpFamily::V4 => Family::Ip,
+        IpFamily::V6 => Family::Ip6,
+    }
+}
+
+/// Field names by family.
+#[derive(Clone, Copy)]
+struct Fields {
+    saddr: Field,
+    daddr: Field,
+}
+
+fn fields(family: IpFamily) -> Fields {
+    match family {
+        IpFamily::V4 => Fields {
+            saddr: Field::IpSaddr,
+            daddr: Field::IpDaddr,
+        },
+        IpFamily::V6 => Fields {
+            saddr: Field::Ip6Saddr,
+            daddr: Field::Ip6Daddr,
+        },
+    }
+}
+
+/// The whole table: the fixed part, then every port's.
+pub fn render(table: &Table) -> RenderedTable {
+    let mut out = render_fixed(table);
+    for rules in table.services.values() {
+        let port = render_port(table.family, &table.cluster_cidrs, rules);
+        merge(&mut out, port);
+    }
+    out
+}
+
+/// Adds a port's objects to a table. A key two ports claim keeps the first's value (the
+/// planner's merge rule: ports in name order).
+pub fn merge(out: &mut RenderedTable, port: RenderedPort) {
+    for (set, elements) in port.elements {
+        let target = out
+            .sets
+            .get_mut(set)
+            .unwrap_or_else(|| panic!("fixed set {set} is rendered first"));
+        for (k, v) in elements {
+            target.elements.entry(k).or_insert(v);
+        }
+    }
+    out.chains.extend(port.chains);
+    out.sets.extend(port.sets);
+}
+
+/// The table's own chains and the fixed sets, with the node's elements.
+pub fn render_fixed(table: &Table) -> RenderedTable {
+    let family = table.family;
+    let f = fields(family);
+    let dest_key = [f.daddr, Field::L4Proto, Field::ThDport];
+    let port_key = [Field::L4Proto, Field::ThDport];
+    let mut sets = BTreeMap::new();
+    for (name, spec) in [
+        (names::SERVICE_IPS, SetSpec::vmap(&dsl::key_type(&dest_key))),
+        (
+            names::NO_ENDPOINT_SERVICES,
+            SetSpec::vmap(&dsl::key_type(&dest_key)),
+        ),
+        (
+            names::FIREWALL_IPS,
+            SetSpec::vmap(&dsl::key_type(&dest_key)),
+        ),
+        (
+            names::SERVICE_NODEPORTS,
+            SetSpec::vmap(&dsl::key_type(&port_key)),
+        ),
+        (
+            names::NO_ENDPOINT_NODEPORTS,
+            SetSpec::vmap(&dsl::key_type(&port_key)),
+        ),
+        (names::CLUSTER_IPS, SetSpec::set(&dsl::key_type(&[f.daddr]))),
+        (
+            names::NODEPORT_IPS,
+            SetSpec::set(&dsl::key_type(&[f.daddr])),
+        ),
+    ] {
+        sets.insert(name.to_string(), RenderedSet::empty(spec));
+    }
+    let node_ips = sets.get_mut(names::NODEPORT_IPS).expect("just added");
+    for addr in &table.node_port_addresses {
+        node_ips.elements.insert(addr_bytes(*addr), None);
+    }
+
+    let base = |hook, priority, kind| {
+        Some(BaseChain {
+            hook,
+            priority,
+            kind,
+            policy: Policy::Accept,
+        })
+    };
+    let new_only = |then: &str| [dsl::ct_state(CtState::NEW), dsl::jump(then)].concat();
+    let mut chains = BTreeMap::new();
+    let mut chain = |name: &str, base: Option<BaseChain>, rules: Vec<Vec<Expr>>| {
+        chains.insert(
+            name.to_string(),
+            RenderedChain {
+                base,
+                rules: rules.into_iter().map(RenderedRule::new).collect(),
+            },
+        );
+    };
+    // Filter chains run just around NAT (dstnat is -100): the firewall before it; after it,
+    // in input and forward, what NAT left addressed to a service is refused. (Not in
+    // prerouting: a reject there finds no route for its ICMP answer and drops silently.)
+    chain(
+        FILTER_PREROUTING,
+        base(Hook::Prerouting, -110, ChainKind::Filter),
+        vec![new_only(FIREWALL_CHECK)],
+    );
+    chain(
+        FILTER_INPUT,
+        base(Hook::Input, -110, ChainKind::Filter),
+        vec![
+            new_only(NODEPORT_ENDPOINTS_CHECK),
+            new_only(SERVICE_ENDPOINTS_CHECK),
+        ],
+    );
+    chain(
+        FILTER_FORWARD,
+        base(Hook::Forward, -110, ChainKind::Filter),
+        vec![
+            new_only(SERVICE_ENDPOINTS_CHECK),
+            new_only(CLUSTER_IPS_CHECK),
+        ],
+    );
+    chain(
+        FILTER_OUTPUT,
+        base(Hook::Output, -110, ChainKind::Filter),
+        vec![new_only(SERVICE_ENDPOINTS_CHECK), new_only(FIREWALL_CHECK)],
+    );
+    chain(
+        FILTER_OUTPUT_POST_DNAT,
+        base(Hook::Output, -90, ChainKind::Filter),
+        vec![new_only(CLUSTER_IPS_CHECK)],
+    );
+    chain(
+        NAT_PREROUTING,
+        base(Hook::Prerouting, -100, ChainKind::Nat),
+        vec![dsl::jump(SERVICES)],
+    );
+    chain(
+        NAT_OUTPUT,
+        base(Hook::Output, -100, ChainKind::Nat),
+        vec![dsl::jump(SERVICES)],
+    );
+    chain(
+        NAT_POSTROUTING,
+        base(Hook::Postrouting, 100, ChainKind::Nat),
+        vec![dsl::jump(MASQUERADING)],
+    );
+    chain(
+        FIREWALL_CHECK,
+        None,
+        vec![dsl::vmap(&dest_key, names::FIREWALL_IPS)],
+    );
+    chain(
+        SERVICE_ENDPOINTS_CHECK,
+        None,
+        vec![dsl::vmap(&dest_key, names::NO_ENDPOINT_SERVICES)],
+    );
+    chain(
+        NODEPORT_ENDPOINTS_CHECK,
+        None,
+        vec![
+            [
+                dsl::in_set(&[f.daddr], names::NODEPORT_IPS),
+                dsl::vmap(&port_key, names::NO_ENDPOINT_NODEPORTS),
+            ]
+            .concat(),
+        ],
+    );
+    chain(
+        CLUSTER_IPS_CHECK,
+        None,
+        vec![[dsl::in_set(&[f.daddr], names::CLUSTER_IPS), reject(family)].concat()],
+    );
+    chain(
+        SERVICES,
+        None,
+        vec![
+            dsl::vmap(&dest_key, names::SERVICE_IPS),
+            [
+                dsl::in_set(&[f.daddr], names::NODEPORT_IPS),
+                dsl::vmap(&port_key, names::SERVICE_NODEPORTS),
+            ]
+            .concat(),
+        ],
+    );
+    chain(MARK_FOR_MASQUERADE, None, vec![mark_or(MASQUERADE_MARK)]);
+    let mut unless_cluster: Vec<Vec<Expr>> = table
+        .cluster_cidrs
+        .iter()
+        .map(|cidr| [dsl::ip_saddr_in(*cidr), dsl::return_()].concat())
+        .collect();
+    unless_cluster.push(dsl::jump(MARK_FOR_MASQUERADE));
+    chain(MASQUERADE_UNLESS_CLUSTER, None, unless_cluster);
+    chain(
+        MASQUERADING,
+        None,
+        vec![
+            [mark_and(MASQUERADE_MARK, 0), dsl::return_()].concat(),
+            mark_xor(MASQUERADE_MARK),
+            dsl::masquerade_fully_random(),
+        ],
+    );
+    chain(REJECT_CHAIN, None, vec![reject(family)]);
+    RenderedTable { sets, chains }
+}
+
+/// One service port's elements, chains and sets.
+pub fn render_port(
+    family: IpFamily,
+    cluster_cidrs: &[IpNet],
+    rules: &ServiceRules,
+) -> RenderedPort {
+    let f = fields(family);
+    let mut out = RenderedPort::default();
+    let goto = |chain: &String| Some(ElemValue::Verdict(Verdict::Goto(chain.clone())));
+    let refuse = |r: &Refusal| {
+        Some(ElemValue::Verdict(match r {
+            Refusal::Reject => Verdict::Goto(REJECT_CHAIN.to_string()),
+            Refusal::Drop => Verdict::Drop,
+        }))
+    };
+    let mut add = |set: &'static str, key: Vec<u8>, value: Option<ElemValue>| {
+        out.elements.entry(set).or_default().insert(key, value);
+    };
+    for (dest, chain) in &rules.service_ips {
+        add(names::SERVICE_IPS, dest_bytes(dest), goto(chain));
+    }
+    for (dest, refusal) in &rules.no_endpoint_services {
+        add(
+            names::NO_ENDPOINT_SERVICES,
+            dest_bytes(dest),
+            refuse(refusal),
+        );
+    }
+    for (dest, chain) in &rules.firewall_ips {
+        add(names::FIREWALL_IPS, dest_bytes(dest), goto(chain));
+    }
+    for (port, chain) in &rules.node_ports {
+        add(names::SERVICE_NODEPORTS, node_port_bytes(port), goto(chain));
+    }
+    for (port, refusal) in &rules.no_endpoint_node_ports {
+        add(
+            names::NO_ENDPOINT_NODEPORTS,
+            node_port_bytes(port),
+            refuse(refusal),
+        );
+    }
+    for addr in &rules.cluster_ips {
+        add(names::CLUSTER_IPS, addr_bytes(*addr), None);
+    }
+    let protocol = rules
+        .service_ips
+        .keys()
+        .chain(rules.no_endpoint_services.keys())
+        .map(|d| d.protocol)
+        .next()
+        .unwrap_or(Protocol::Tcp);
+    for (name, body) in &rules.chains {
+        let rendered = body
+            .iter()
+            .flat_map(|rule| render_rule(f, protocol, cluster_cidrs, rule))
+            .map(RenderedRule::new)
+            .collect();
+        out.chains.insert(
+            name.clone(),
+            RenderedChain {
+                base: None,
+                rules: rendered,
+            },
+        );
+    }
+    for (set, timeout) in &rules.affinity_sets {
+        out.sets.insert(
+            set.clone(),
+            RenderedSet::empty(
+                SetSpec::set(&dsl::key_type(&[f.saddr]))
+                    .with_flags(SetFlags::DYNAMIC)
+                    .with_timeout(Duration::from_secs(u64::from(*timeout))),
+            ),
+        );
+    }
+    out
+}
+
+/// One planned rule as nftables rules (a few plan rules take more than one).
+fn render_rule(
+    f: Fields,
+    protocol: Protocol,
+    cluster_cidrs: &[IpNet],
+    rule: &Rule,
+) -> Vec<Vec<Expr>> {
+    match rule {
+        Rule::MasqueradeFromOutsideCluster { addr, port } => vec![
+            [
+                dsl::ip_daddr(*addr),
+                dsl::th_dport(*port),
+                dsl::jump(MASQUERADE_UNLESS_CLUSTER),
+            ]
+            .concat(),
+        ],
+        Rule::Masquerade => vec![dsl::jump(MARK_FOR_MASQUERADE)],
+        Rule::MasqueradeIfSource(addr) => {
+            vec![[dsl::ip_saddr(*addr), dsl::jump(MARK_FOR_MASQUERADE)].concat()]
+        }
+        Rule::MasqueradeIfLocalSource => {
+            vec![[fib_saddr_local(), dsl::jump(MARK_FOR_MASQUERADE)].concat()]
+        }
+        Rule::GotoIfFromCluster(chain) => cluster_cidrs
+            .iter()
+            .map(|cidr| [dsl::ip_saddr_in(*cidr), dsl::goto(chain)].concat())
+            .collect(),
+        Rule::GotoIfLocalSource(chain) => vec![[fib_saddr_local(), dsl::goto(chain)].concat()],
+        Rule::GotoIfAffine { set, chain } => {
+            vec![[dsl::in_set(&[f.saddr], set), dsl::goto(chain)].concat()]
+        }
+        // Rule i goes to endpoint i with probability 1/(N-i), the last one always: a
+        // uniform choice without a set per service. (A `numgen vmap` would need an
+        // anonymous map per service, and the kernel finds a table's sets by walking a
+        // list: 10,000 services took 9 s to program that way, 1.2 s this way.)
+        Rule::Balance(chains) => {
+            let n = chains.len() as u32;
+            chains
+                .iter()
+                .enumerate()
+                .map(|(i, chain)| {
+                    let left = n - i as u32;
+                    if left == 1 {
+                        dsl::goto(chain)
+                    } else {
+                        [dsl::one_in(left), dsl::goto(chain)].concat()
+                    }
+                })
+                .collect()
+        }
+        Rule::RememberClient { set } => vec![dsl::update_set(&[f.saddr], set, None)],
+        Rule::Dnat { addr, port } => vec![
+            [
+                dsl::l4proto(protocol.number()),
+                dsl::dnat_ip_port(*addr, *port),
+            ]
+            .concat(),
+        ],
+        Rule::DropUnlessSourceIn(ranges) => {
+            let mut out: Vec<Vec<Expr>> = ranges
+                .iter()
+                .map(|r| [dsl::ip_saddr_in(*r), dsl::return_()].concat())
+                .collect();
+            out.push(dsl::drop());
+            out
+        }
+        Rule::Goto(chain) => vec![dsl::goto(chain)],
+    }
+}
+
+/// Port unreachable, which a TCP client sees as "connection refused". Typed by family:
+/// the `icmpx` kind nft uses in `inet` tables is not handled by the `ip` and `ip6`
+/// families' reject, which then just drops.
+fn reject(family: IpFamily) -> Vec<Expr> {
+    match family {
+        IpFamily::V4 => dsl::reject_icmp(3),
+        IpFamily::V6 => dsl::reject_icmpv6(4),
+    }
+}
+
+/// Removes `meta nfproto` checks: the dsl adds them before address matches so that its
+/// fragments work in `inet` tables, but in an `ip` or `ip6` table they are always true,
+/// and nft (1.0.6) aborts listing a rule that has one there.
+fn strip_family_checks(exprs: &mut Vec<Expr>) {
+    let mut i = 0;
+    while i + 1 < exprs.len() {
+        let is_check = matches!(
+            (&exprs[i], &exprs[i + 1]),
+            (Expr::Meta { key: MetaKey::NfProto, dreg }, Expr::Cmp { sreg, op: CmpOp::Eq, .. })
+                if dreg == sreg
+        );
+        if is_check {
+            exprs.drain(i..i + 2);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// `meta mark set meta mark | BIT`.
+fn mark_or(bit: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: MetaKey::Mark,
+            dreg: Reg::R1,
+        },
+        Expr::Bitwise {
+            sreg: Reg::R1,
+            dreg: Reg::R1,
+            mask: (!bit).to_ne_bytes().to_vec(),
+            xor: bit.to_ne_bytes().to_vec(),
+        },
+        Expr::MetaSet {
+            key: MetaKey::Mark,
+            sreg: Reg::R1,
+        },
+    ]
+}
+
+/// `meta mark set meta mark ^ BIT`.
+fn mark_xor(bit: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: MetaKey::Mark,
+            dreg: Reg::R1,
+        },
+        Expr::Bitwise {
+            sreg: Reg::R1,
+            dreg: Reg::R1,
+            mask: u32::MAX.to_ne_bytes().to_vec(),
+            xor: bit.to_ne_bytes().to_vec(),
+        },
+        Expr::MetaSet {
+            key: MetaKey::Mark,
+            sreg: Reg::R1,
+        },
+    ]
+}
+
+/// `meta mark & BIT == VALUE`.
+fn mark_and(bit: u32, value: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: MetaKey::Mark,
+            dreg: Reg::R1,
+        },
+        Expr::Bitwise {
+            sreg: Reg::R1,
+            dreg: Reg::R1,
+            mask: bit.to_ne_bytes().to_vec(),
+            xor: 0u32.to_ne_bytes().to_vec(),
+        },
+        Expr::Cmp {
+            sreg: Reg::R1,
+            op: CmpOp::Eq,
+            data: value.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+/// `fib saddr type local`: the source is one of this node's addresses.
+fn fib_saddr_local() -> Vec<Expr> {
+    vec![
+        Expr::Fib {
+            flags: FibFlags::SADDR,
+            result: FibResult::AddrType,
+            dreg: Reg::R1,
+        },
+        Expr::Cmp {
+            sreg: Reg::R1,
+            op: CmpOp::Eq,
+            data: RouteType::Local.code().to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+fn addr_datum(addr: IpAddr) -> Datum {
+    match addr {
+        IpAddr::V4(a) => Datum::Ipv4(a),
+        IpAddr::V6(a) => Datum::Ipv6(a),
+    }
+}
+
+fn addr_bytes(addr: IpAddr) -> Vec<u8> {
+    concat(&[addr_datum(addr)])
+}
+
+/// `daddr . l4proto . dport` key bytes.
+pub fn dest_bytes(dest: &Destination) -> Vec<u8> {
+    concat(&[
+        addr_datum(dest.addr),
+        Datum::Proto(dest.protocol.number()),
+        Datum::Port(dest.port),
+    ])
+}
+
+/// `l4proto . dport` key bytes.
+pub fn node_port_bytes(port: &NodePort) -> Vec<u8> {
+    concat(&[Datum::Proto(port.protocol.number()), Datum::Port(port.port)])
+}
+
+/// FNV-1a over the expressions' debug form: stable for a given build, which is all the
+/// comment needs (a new build that renders a rule differently rewrites it once).
+fn fingerprint(exprs: &[Expr]) -> u64 {
+    let text = format!("{exprs:?}");
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,415 @@
+//! The service proxy's loop: store → view → plan (per touched service port) → units →
+//! kernel, then the audit (read back, repair) on a timer and after any failure, the
+//! conntrack sweep after changes to UDP services, and the health-check ports.
+//!
+//! Nothing is programmed until both Services and EndpointSlices have been listed (an
+//! endpoint-less view would program rejects), and a restart does not flush: the first
+//! pass is an audit, which changes only what differs from the plan.
+
+use super::health;
+use super::kernel::{self, Applied};
+use super::metrics::ProxyMetrics;
+use super::reconcile::{Desired, Unit, repair};
+use super::source;
+use super::view::{ServiceKey, ServiceView};
+use crate::backoff::Backoff;
+use crate::state::ClusterState;
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use trellis_dataplane::conntrack::{self, Conntrack};
+use trellis_dataplane::nftables::Nft;
+use trellis_proxy::conntrack::{Flow, FlowJudge};
+use trellis_proxy::{HealthCheck, IpFamily, NodeView, Protocol, ServicePortName, plan};
+use trellis_store::Store;
+
+/// The kernel interfaces the proxy programs.
+pub struct ProxyKernel {
+    pub nft: Nft,
+    /// `None`: stale UDP entries are not swept (no conntrack access).
+    pub conntrack: Option<Conntrack>,
+}
+
+impl ProxyKernel {
+    /// nftables and conntrack in the current network namespace.
+    pub fn connect() -> Result<ProxyKernel, trellis_dataplane::Error> {
+        let conntrack = match Conntrack::connect() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("conntrack unavailable, stale UDP entries will not be swept: {e}");
+                None
+            }
+        };
+        Ok(ProxyKernel {
+            nft: Nft::connect()?,
+            conntrack,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub node: String,
+    /// Where NodePorts and health-check ports answer.
+    pub node_port_addresses: Vec<IpAddr>,
+    /// Read the tables back and repair them at least this often.
+    pub audit_interval: Duration,
+    /// Health checks answer 503 once the last successful sync is older than this.
+    pub stale_after: Duration,
+}
+
+/// Runs the proxy forever. `state` supplies the cluster's pod networks (for masquerade
+/// decisions); everything else comes from the store.
+pub async fn run(
+    store: Arc<dyn Store>,
+    kernel: Arc<ProxyKernel>,
+    config: ProxyConfig,
+    mut state: watch::Receiver<Arc<ClusterState>>,
+    metrics: ProxyMetrics,
+) {
+    let (tx, mut rx) = mpsc::channel(64);
+    for prefix in source::PREFIXES {
+        tokio::spawn(source::follow(store.clone(), prefix, tx.clone()));
+    }
+    drop(tx);
+    let (health_tx, health_rx) = watch::channel(BTreeMap::new());
+    let (healthy_tx, healthy_rx) = watch::channel(false);
+    tokio::spawn(health::serve(
+        config.node_port_addresses.clone(),
+        health_rx,
+        healthy_rx,
+    ));
+
+    let mut proxy = Proxy::new(&config, cluster_cidrs(&state.borrow()), kernel, metrics);
+    let mut pending: BTreeSet<ServiceKey> = BTreeSet::new();
+    let mut next_audit = tokio::time::Instant::now() + config.audit_interval;
+    let mut audit_backoff = Backoff::new(Duration::from_millis(500), config.audit_interval);
+    let mut health_tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            update = rx.recv() => {
+                let Some(update) = update else { break };
+                let received = Instant::now();
+                pending.extend(proxy.view.apply(update));
+                while let Ok(more) = rx.try_recv() {
+                    pending.extend(proxy.view.apply(more));
+                }
+                proxy.metrics.rejected_records.set(proxy.view.rejected().len() as i64);
+                if !proxy.view.is_synced() {
+                    continue;
+                }
+                let first = !proxy.programmed;
+                let touched: Vec<ServiceKey> = if first {
+                    proxy.view.service_keys().cloned().collect()
+                } else {
+                    std::mem::take(&mut pending).into_iter().collect()
+                };
+                pending.clear();
+                let (units, udp_changed) = proxy.replan(&touched);
+                let ok = if first {
+                    // Whatever the kernel holds from before (a restart): change only what
+                    // differs.
+                    proxy.programmed = true;
+                    proxy.audit().await
+                } else {
+                    let ok = proxy.apply(units).await;
+                    proxy.metrics.programming_latency.observe(received.elapsed().as_secs_f64());
+                    ok
+                };
+                proxy.metrics.sync_duration.observe(received.elapsed().as_secs_f64());
+                if udp_changed || first {
+                    proxy.sweep_conntrack().await;
+                }
+                health_tx.send_replace(proxy.health_checks());
+                next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
+            }
+            _ = tokio::time::sleep_until(next_audit), if proxy.programmed => {
+                let ok = proxy.audit().await;
+                proxy.sweep_conntrack().await;
+                next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
+            }
+            changed = state.changed() => {
+                if changed.is_err() { continue; }
+                let cidrs = cluster_cidrs(&state.borrow_and_update());
+                if cidrs != proxy.cluster_cidrs && proxy.programmed {
+                    tracing::info!(?cidrs, "cluster networks changed: replanning every service");
+                    proxy.rebuild(cidrs);
+                    let ok = proxy.audit().await;
+                    next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
+                } else {
+                    proxy.cluster_cidrs_pending(cidrs);
+                }
+            }
+            _ = health_tick.tick() => {
+                let fresh = proxy.last_ok.is_some_and(|t| t.elapsed() < config.stale_after);
+                healthy_tx.send_if_modified(|h| std::mem::replace(h, fresh) != fresh);
+            }
+        }
+    }
+}
+
+/// The next audit: after the interval when all went well, sooner (with backoff) after a
+/// failure, so a refused change is retried without spinning.
+fn schedule(ok: bool, backoff: &mut Backoff, interval: Duration) -> tokio::time::Instant {
+    let delay = if ok {
+        backoff.reset();
+        interval
+    } else {
+        backoff.next_delay()
+    };
+    tokio::time::Instant::now() + delay
+}
+
+/// The pod networks: the pool the leader allocates from, else the nodes' own.
+fn cluster_cidrs(state: &ClusterState) -> Vec<IpNet> {
+    if let Some(pool) = state.settings.as_ref().and_then(|s| s.pod_cidr_pool) {
+        return vec![pool.cidr];
+    }
+    let all: Vec<IpNet> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.pod_cidrs.iter().copied())
+        .chain(state.pod_cidrs.values().map(|a| a.cidr))
+        .collect();
+    IpNet::aggregate(&all)
+}
+
+struct Proxy {
+    node: NodeView,
+    cluster_cidrs: Vec<IpNet>,
+    view: ServiceView,
+    desired: [Desired; 2],
+    /// The ports each service had in the plan, to remove the ones it lost.
+    ports_of: BTreeMap<ServiceKey, BTreeSet<ServicePortName>>,
+    health: BTreeMap<ServiceKey, (u16, HealthCheck)>,
+    kernel: Arc<ProxyKernel>,
+    metrics: ProxyMetrics,
+    programmed: bool,
+    last_ok: Option<Instant>,
+}
+
+impl Proxy {
+    fn new(
+        config: &ProxyConfig,
+        cluster_cidrs: Vec<IpNet>,
+        kernel: Arc<ProxyKernel>,
+        metrics: ProxyMetrics,
+    ) -> Proxy {
+        let node = NodeView {
+            name: config.node.clone(),
+            node_port_addresses: config.node_port_addresses.clone(),
+            cluster_cidrs: cluster_cidrs.clone(),
+        };
+        Proxy {
+            desired: desired_tables(&node),
+            node,
+            cluster_cidrs,
+            view: ServiceView::default(),
+            ports_of: BTreeMap::new(),
+            health: BTreeMap::new(),
+            kernel,
+            metrics,
+            programmed: false,
+            last_ok: None,
+        }
+    }
+
+    /// Remembers new cluster networks before the first programming (nothing to redo).
+    fn cluster_cidrs_pending(&mut self, cidrs: Vec<IpNet>) {
+        if !self.programmed && cidrs != self.cluster_cidrs {
+            self.rebuild(cidrs);
+        }
+    }
+
+    /// Replans every service for new cluster networks.
+    fn rebuild(&mut self, cidrs: Vec<IpNet>) {
+        self.node.cluster_cidrs = cidrs.clone();
+        self.cluster_cidrs = cidrs;
+        self.desired = desired_tables(&self.node);
+        self.ports_of.clear();
+        let all: Vec<ServiceKey> = self.view.service_keys().cloned().collect();
+        self.replan(&all);
+    }
+
+    /// Replans the given services; returns the units to apply and whether a UDP port was
+    /// among them.
+    fn replan(&mut self, services: &[ServiceKey]) -> (Vec<Unit>, bool) {
+        let mut units = Vec::new();
+        let mut udp = false;
+        for key in services {
+            let ports = self.view.ports_of(key);
+            let now: BTreeSet<ServicePortName> =
+                ports.iter().map(|(p, _)| p.name.clone()).collect();
+            let before = self.ports_of.remove(key).unwrap_or_default();
+            for gone in before.difference(&now) {
+                udp |= gone.protocol == Protocol::Udp;
+                for d in &mut self.desired {
+                    units.extend(d.set_port(gone, None));
+                }
+            }
+            for (port, endpoints) in &ports {
+                udp |= port.name.protocol == Protocol::Udp;
+                for d in &mut self.desired {
+                    let rules = plan::plan_port(port, endpoints, &self.node, d.family());
+                    units.extend(d.set_port(&port.name, Some(rules)));
+                }
+            }
+            let check = plan::plan(&ports, &self.node)
+                .health_checks
+                .into_iter()
+                .next();
+            match check {
+                Some(check) => self.health.insert(key.clone(), check),
+                None => self.health.remove(key),
+            };
+            if !now.is_empty() {
+                self.ports_of.insert(key.clone(), now);
+            }
+        }
+        self.metrics.service_ports.set(
+            self.desired
+                .iter()
+                .map(Desired::port_count)
+                .max()
+                .unwrap_or(0) as i64,
+        );
+        (super::reconcile::ordered(units), udp)
+    }
+
+    fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        self.health.values().cloned().collect()
+    }
+
+    /// Applies units off the async threads; true when the kernel took all of them.
+    async fn apply(&mut self, units: Vec<Unit>) -> bool {
+        if units.is_empty() {
+            return true;
+        }
+        let kernel = self.kernel.clone();
+        let applied = tokio::task::spawn_blocking(move || kernel::apply(&kernel.nft, units)).await;
+        self.record(applied.unwrap_or_else(|e| Applied {
+            refused: vec![("applying changes".into(), e.to_string())],
+            ..Applied::default()
+        }))
+    }
+
+    fn record(&mut self, applied: Applied) -> bool {
+        self.metrics.operations.inc_by(applied.ops as u64);
+        self.metrics
+            .transactions
+            .inc_by(applied.transactions as u64);
+        for (what, why) in &applied.refused {
+            tracing::warn!(
+                what,
+                "the kernel refused a proxy change (retried by the next audit): {why}"
+            );
+        }
+        self.metrics.failures.inc_by(applied.refused.len() as u64);
+        let ok = applied.refused.is_empty();
+        if ok {
+            self.last_ok = Some(Instant::now());
+        }
+        ok
+    }
+
+    /// Reads both tables back and repairs every difference; true when nothing was refused.
+    async fn audit(&mut self) -> bool {
+        let started = Instant::now();
+        let wanted: Vec<_> = self
+            .desired
+            .iter()
+            .map(|d| (d.family(), d.rendered()))
+            .collect();
+        let kernel = self.kernel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut drift_total = 0;
+            let mut applied = Applied::default();
+            for (family, rendered) in wanted {
+                match kernel::read(&kernel.nft, family) {
+                    Ok(have) => {
+                        let (units, drift) = repair(family, &rendered, &have);
+                        if drift.total() > 0 {
+                            tracing::info!(%family, ?drift, "proxy audit: repairing drift");
+                        }
+                        drift_total += drift.total();
+                        let a = kernel::apply(&kernel.nft, units);
+                        applied.ops += a.ops;
+                        applied.transactions += a.transactions;
+                        applied.refused.extend(a.refused);
+                    }
+                    Err(e) => applied
+                        .refused
+                        .push((format!("reading the {family} table back"), e.to_string())),
+                }
+            }
+            (drift_total, applied)
+        })
+        .await;
+        let ok = match result {
+            Ok((drift, applied)) => {
+                self.metrics.drift_repaired.inc_by(drift as u64);
+                self.record(applied)
+            }
+            Err(e) => {
+                tracing::warn!("proxy audit: {e}");
+                false
+            }
+        };
+        self.metrics
+            .audit_duration
+            .observe(started.elapsed().as_secs_f64());
+        ok
+    }
+
+    /// Deletes UDP conntrack entries the plan makes stale.
+    async fn sweep_conntrack(&mut self) {
+        if self.kernel.conntrack.is_none() {
+            return;
+        }
+        let judges: Vec<(IpFamily, FlowJudge)> = self
+            .desired
+            .iter()
+            .map(|d| (d.family(), FlowJudge::new(&d.table(&self.node))))
+            .collect();
+        let kernel = self.kernel.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let ct = kernel.conntrack.as_ref().expect("checked");
+            let entries = ct.entries(&conntrack::Filter::protocol(conntrack::Protocol::UDP))?;
+            let stale: Vec<_> = entries
+                .into_iter()
+                .filter(|e| {
+                    let flow = Flow {
+                        protocol: Protocol::Udp,
+                        original_dst: e.original.dst,
+                        original_dport: e.original.dport,
+                        reply_src: e.reply.src,
+                        reply_sport: e.reply.sport,
+                    };
+                    let family = IpFamily::of(e.original.dst);
+                    judges
+                        .iter()
+                        .any(|(f, judge)| *f == family && judge.is_stale(&flow))
+                })
+                .collect();
+            ct.delete_entries(&stale)
+        })
+        .await;
+        match swept {
+            Ok(Ok(removed)) => {
+                if removed > 0 {
+                    tracing::info!(removed, "stale UDP conntrack entries deleted");
+                }
+                self.metrics.conntrack_removed.inc_by(removed as u64);
+            }
+            Ok(Err(e)) => tracing::warn!("conntrack sweep: {e}"),
+            Err(e) => tracing::warn!("conntrack sweep: {e}"),
+        }
+    }
+}
+
+fn desired_tables(node: &NodeView) -> [Desired; 2] {
+    IpFamily::BOTH.map(|family| Desired::new(&plan::node_table(family, node)))
+}

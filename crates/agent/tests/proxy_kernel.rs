@@ -1,0 +1,254 @@
+//! The service proxy against a real kernel: three namespaces, A — R — B, the proxy
+//! programming R, a TCP server in B behind a ClusterIP and a NodePort, a client in A. What
+//! the proxy wrote is read back with `nft` as an independent witness, tampered with from
+//! outside, and must be repaired by the audit.
+
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use trellis_agent::admin::Metrics;
+use trellis_agent::proxy::run::{ProxyConfig, ProxyKernel, run};
+use trellis_agent::state::ClusterState;
+use trellis_dataplane::conntrack::Conntrack;
+use trellis_dataplane::netns;
+use trellis_dataplane::nftables::Nft;
+use trellis_store::Store;
+use trellis_store::embedded::EmbeddedStore;
+use trellis_testkit::netns::{Routed, nft};
+use trellis_testkit::wait_for;
+
+/// A server in B that answers each connection with `answer` and closes.
+fn serve_in(ns: &str, addr: &'static str, answer: &'static str) {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        netns::enter(&ns).expect("entering B");
+        let listener = TcpListener::bind(addr).expect("binding the backend");
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+}
+
+/// Connects from namespace `ns` and reads the answer.
+fn connect(ns: &str, to: &str) -> Result<String, String> {
+    let to: SocketAddr = to.parse().unwrap();
+    netns::run_in(ns, move || {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_millis(500))
+            .map_err(|e| e.kind().to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .map_err(|e| e.to_string())?;
+        Ok(answer)
+    })
+    .expect("entering the client's namespace")
+}
+
+async fn put(store: &EmbeddedStore, key: &str, value: serde_json::Value) {
+    store
+        .put(key, serde_json::to_vec(&value).unwrap())
+        .await
+        .unwrap();
+}
+
+fn service(node_port: bool) -> serde_json::Value {
+    let mut spec = json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]});
+    if node_port {
+        spec["type"] = json!("NodePort");
+        spec["ports"][0]["nodePort"] = json!(30080);
+    }
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "namespace": "shop"}, "spec": spec})
+}
+
+fn slice(addresses: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<_> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a], "nodeName": "other"}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "web-1", "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": endpoints})
+}
+
+fn second_slice() -> serde_json::Value {
+    let mut slice = slice(&[Routed::B]);
+    slice["metadata"]["name"] = json!("web-2");
+    slice["ports"][0]["port"] = json!(8081);
+    slice
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_programmed_repaired_after_tampering_and_refused_without_endpoints() {
+    let net = Routed::new("proxy");
+    let (a, r, b) = (
+        net.a.name().to_string(),
+        net.r.name().to_string(),
+        net.b.name().to_string(),
+    );
+    // A node has a default route: without one, a packet to an unknown ClusterIP port is
+    // dropped by routing before the filter that rejects it.
+    trellis_testkit::netns::ip(&["-n", &r, "route", "add", "default", "dev", "r1"]);
+    serve_in(&b, "10.91.2.2:8080", "b");
+    serve_in(&b, "10.91.2.2:8081", "b2");
+    let store = EmbeddedStore::new();
+    put(&store, "services/shop/web", service(true)).await;
+    put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
+
+    let kernel = Arc::new(ProxyKernel {
+        nft: Nft::connect_in(&r).unwrap(),
+        conntrack: Some(Conntrack::connect_in(&r).unwrap()),
+    });
+    let metrics = Metrics::new("r");
+    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let proxy = tokio::spawn(run(
+        store.clone() as Arc<dyn Store>,
+        kernel,
+        ProxyConfig {
+            node: "r".into(),
+            node_port_addresses: vec![Routed::R_A.parse().unwrap()],
+            audit_interval: Duration::from_millis(500),
+            stale_after: Duration::from_secs(30),
+        },
+        state_rx,
+        metrics.proxy(),
+    ));
+
+    let reach = |to: &'static str| {
+        let a = a.clone();
+        move || {
+            let a = a.clone();
+            async move { (connect(&a, to) == Ok("b".into())).then_some(()) }
+        }
+    };
+    wait_for(
+        "the ClusterIP to lead to B",
+        Duration::from_secs(10),
+        reach("10.96.0.10:80"),
+    )
+    .await;
+    wait_for(
+        "the NodePort to lead to B",
+        Duration::from_secs(5),
+        reach("10.91.1.1:30080"),
+    )
+    .await;
+    let rendered = metrics.render(std::time::Instant::now());
+    assert!(
+        rendered.contains("trellis_proxy_failures_total{node=\"r\"} 0"),
+        "the kernel took every change the first time: {rendered}"
+    );
+    assert_eq!(
+        connect(&a, "10.96.0.10:81"),
+        Err("connection refused".into()),
+        "an unknown port of a ClusterIP is rejected"
+    );
+
+    // A second endpoint (another port of B, through a second slice): new connections
+    // spread over both.
+    put(&store, "endpointslices/shop/web-2", second_slice()).await;
+    wait_for(
+        "connections to reach both endpoints",
+        Duration::from_secs(10),
+        || {
+            let a = a.clone();
+            async move {
+                let answers: std::collections::BTreeSet<_> = (0..40)
+                    .filter_map(|_| connect(&a, "10.96.0.10:80").ok())
+                    .collect();
+                (answers == ["b".to_string(), "b2".to_string()].into()).then_some(())
+            }
+        },
+    )
+    .await;
+    store.delete("endpointslices/shop/web-2").await.unwrap();
+
+    // `nft`, reading independently, sees the service in the map and its chains.
+    let listed = nft(&r, &["list", "table", "ip", "trellis-proxy"]);
+    assert!(
+        listed.contains("10.96.0.10 . tcp . 80 : goto service-shop/web/tcp/http"),
+        "{listed}"
+    );
+    assert!(listed.contains("dnat to 10.91.2.2:8080"), "{listed}");
+
+    // Tampering from outside: the endpoint chain flushed and the map entry deleted.
+    nft(
+        &r,
+        &[
+            "flush",
+            "chain",
+            "ip",
+            "trellis-proxy",
+            "endpoint-shop/web/tcp/http__10.91.2.2/8080",
+        ],
+    );
+    nft(
+        &r,
+        &[
+            "delete",
+            "element",
+            "ip",
+            "trellis-proxy",
+            "service-ips",
+            "{ 10.96.0.10 . tcp . 80 }",
+        ],
+    );
+    assert!(
+        connect(&a, "10.96.0.10:80").is_err(),
+        "the tampering broke the service"
+    );
+    wait_for(
+        "the audit to repair the tampering",
+        Duration::from_secs(10),
+        reach("10.96.0.10:80"),
+    )
+    .await;
+    let rendered = metrics.render(std::time::Instant::now());
+    assert!(
+        !rendered.contains("trellis_proxy_drift_repaired_total{node=\"r\"} 0"),
+        "the repair is counted: {rendered}"
+    );
+
+    // No endpoints: refused at once, on the ClusterIP and the NodePort.
+    put(&store, "endpointslices/shop/web-1", slice(&[])).await;
+    let refused = |to: &'static str| {
+        let a = a.clone();
+        move || {
+            let a = a.clone();
+            async move { (connect(&a, to) == Err("connection refused".into())).then_some(()) }
+        }
+    };
+    wait_for(
+        "the ClusterIP to be refused",
+        Duration::from_secs(5),
+        refused("10.96.0.10:80"),
+    )
+    .await;
+    wait_for(
+        "the NodePort to be refused",
+        Duration::from_secs(5),
+        refused("10.91.1.1:30080"),
+    )
+    .await;
+
+    // The service deleted: its chains and elements go, the table stays.
+    store.delete("services/shop/web").await.unwrap();
+    wait_for("the service's rules to go", Duration::from_secs(5), || {
+        let r = r.clone();
+        async move {
+            let listed = nft(&r, &["list", "table", "ip", "trellis-proxy"]);
+            (!listed.contains("shop/web")).then_some(())
+        }
+    })
+    .await;
+    proxy.abort();
+}
