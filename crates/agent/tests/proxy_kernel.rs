@@ -252,3 +252,188 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
     .await;
     proxy.abort();
 }
+
+/// A UDP server in B that answers every datagram with "b".
+fn serve_udp_in(ns: &str, addr: &'static str) {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        netns::enter(&ns).expect("entering B");
+        let socket = std::net::UdpSocket::bind(addr).expect("binding the UDP backend");
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(b"b", from);
+        }
+    });
+}
+
+fn dns_service() -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "dns", "namespace": "shop"},
+           "spec": {"clusterIP": "10.96.0.11",
+                    "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}})
+}
+
+fn dns_slice(addresses: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<_> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a]}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "dns-1", "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": "dns"}},
+           "addressType": "IPv4", "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+           "endpoints": endpoints})
+}
+
+/// Kubernetes issue 139628: a UDP client that keeps sending from one socket keeps its
+/// conntrack entry alive, and with it a translation to an endpoint that is gone. The
+/// proxy deletes such entries, so the client's next datagram is judged anew: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_to_a_service_scaled_to_zero_is_refused_not_blackholed() {
+    let net = Routed::new("udp");
+    let (a, r, b) = (
+        net.a.name().to_string(),
+        net.r.name().to_string(),
+        net.b.name().to_string(),
+    );
+    trellis_testkit::netns::ip(&["-n", &r, "route", "add", "default", "dev", "r1"]);
+    serve_udp_in(&b, "10.91.2.2:5353");
+    let store = EmbeddedStore::new();
+    put(&store, "services/shop/dns", dns_service()).await;
+    put(&store, "endpointslices/shop/dns-1", dns_slice(&[Routed::B])).await;
+    let kernel = Arc::new(ProxyKernel {
+        nft: Nft::connect_in(&r).unwrap(),
+        conntrack: Some(Conntrack::connect_in(&r).unwrap()),
+    });
+    let metrics = Metrics::new("r");
+    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let proxy = tokio::spawn(run(
+        store.clone() as Arc<dyn Store>,
+        kernel,
+        ProxyConfig {
+            node: "r".into(),
+            node_port_addresses: vec![],
+            audit_interval: Duration::from_millis(500),
+            stale_after: Duration::from_secs(30),
+        },
+        state_rx,
+        metrics.proxy(),
+    ));
+
+    // One client socket in A, connected to the service, sending again and again: every
+    // datagram after the first rides the same conntrack entry.
+    let socket = netns::run_in(&a, || {
+        let socket = std::net::UdpSocket::bind("10.91.1.2:40053").unwrap();
+        socket.connect("10.96.0.11:53").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        socket
+    })
+    .unwrap();
+    let ask = |socket: &std::net::UdpSocket| -> Result<String, std::io::ErrorKind> {
+        socket.send(b"?").map_err(|e| e.kind())?;
+        let mut buf = [0u8; 8];
+        let n = socket.recv(&mut buf).map_err(|e| e.kind())?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let socket = Arc::new(socket);
+    wait_for("the service to answer", Duration::from_secs(10), || {
+        let socket = socket.clone();
+        async move { (ask(&socket) == Ok("b".into())).then_some(()) }
+    })
+    .await;
+
+    // Scaled to zero. B still runs here, so a translation left in place would still be
+    // answered: the client must instead be refused.
+    put(&store, "endpointslices/shop/dns-1", dns_slice(&[])).await;
+    wait_for("the client's flow to be refused", Duration::from_secs(10), || {
+        let socket = socket.clone();
+        async move {
+            (ask(&socket) == Err(std::io::ErrorKind::ConnectionRefused)).then_some(())
+        }
+    })
+    .await;
+    let rendered = metrics.render(std::time::Instant::now());
+    assert!(
+        !rendered.contains("trellis_proxy_conntrack_removed_total{node=\"r\"} 0"),
+        "the stale entry was deleted by the proxy: {rendered}"
+    );
+
+    // Endpoints again: the refused flow's next datagram reaches B at once.
+    put(&store, "endpointslices/shop/dns-1", dns_slice(&[Routed::B])).await;
+    wait_for(
+        "the service to answer again",
+        Duration::from_secs(10),
+        || {
+            let socket = socket.clone();
+            async move { (ask(&socket) == Ok("b".into())).then_some(()) }
+        },
+    )
+    .await;
+    proxy.abort();
+}
+
+/// A dual-stack service: one ClusterIP per family, one EndpointSlice per family, each
+/// family's table programmed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_service_is_reached_over_both_families() {
+    let net = Routed::new("dual");
+    let (a, r, b) = (
+        net.a.name().to_string(),
+        net.r.name().to_string(),
+        net.b.name().to_string(),
+    );
+    serve_in(&b, "10.91.2.2:8080", "b");
+    serve_in(&b, "[fd91:2::2]:8080", "b6");
+    let store = EmbeddedStore::new();
+    put(
+        &store,
+        "services/shop/web",
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                        "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+    )
+    .await;
+    put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
+    let mut v6 = slice(&[Routed::B6]);
+    v6["metadata"]["name"] = json!("web-6");
+    v6["addressType"] = json!("IPv6");
+    put(&store, "endpointslices/shop/web-6", v6).await;
+    let kernel = Arc::new(ProxyKernel {
+        nft: Nft::connect_in(&r).unwrap(),
+        conntrack: None,
+    });
+    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let proxy = tokio::spawn(run(
+        store.clone() as Arc<dyn Store>,
+        kernel,
+        ProxyConfig {
+            node: "r".into(),
+            node_port_addresses: vec![],
+            audit_interval: Duration::from_millis(500),
+            stale_after: Duration::from_secs(30),
+        },
+        state_rx,
+        Metrics::new("r").proxy(),
+    ));
+    for (to, answer) in [("10.96.0.10:80", "b"), ("[fd00:96::10]:80", "b6")] {
+        wait_for(
+            &format!("{to} to lead to B"),
+            Duration::from_secs(10),
+            || {
+                let a = a.clone();
+                async move { (connect(&a, to) == Ok(answer.into())).then_some(()) }
+            },
+        )
+        .await;
+    }
+    let listed = nft(&r, &["list", "table", "ip6", "trellis-proxy"]);
+    assert!(
+        listed.contains("fd00:96::10 . tcp . 80 : goto service-shop/web/tcp/http"),
+        "{listed}"
+    );
+    proxy.abort();
+}

@@ -44,10 +44,11 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A — R — B: A and B are hosts, R routes between them.
+/// A — R — B: A and B are hosts, R routes between them, in both families.
 ///
 /// ```text
 ///  A: a0 10.91.1.2/24 ── r0 10.91.1.1/24 :R: r1 10.91.2.1/24 ── b0 10.91.2.2/24 :B
+///        fd91:1::2/64       fd91:1::1/64       fd91:2::1/64        fd91:2::2/64
 /// ```
 pub struct Routed {
     pub a: OwnedNetns,
@@ -60,6 +61,10 @@ impl Routed {
     pub const R_A: &str = "10.91.1.1";
     pub const R_B: &str = "10.91.2.1";
     pub const B: &str = "10.91.2.2";
+    pub const A6: &str = "fd91:1::2";
+    pub const R_A6: &str = "fd91:1::1";
+    pub const R_B6: &str = "fd91:2::1";
+    pub const B6: &str = "fd91:2::2";
 
     pub fn new(tag: &str) -> Routed {
         let routed = Routed {
@@ -83,14 +88,46 @@ impl Routed {
             ip(&["-n", ns, "address", "add", address, "dev", link]);
             ip(&["-n", ns, "link", "set", "dev", link, "up"]);
         }
+        for (ns, link, address) in [
+            (a, "a0", "fd91:1::2/64"),
+            (r, "r0", "fd91:1::1/64"),
+            (r, "r1", "fd91:2::1/64"),
+            (b, "b0", "fd91:2::2/64"),
+        ] {
+            // No duplicate address detection: the addresses are usable at once.
+            ip(&["-n", ns, "address", "add", address, "dev", link, "nodad"]);
+        }
         for ns in [a, r, b] {
             ip(&["-n", ns, "link", "set", "dev", "lo", "up"]);
         }
         ip(&["-n", a, "route", "add", "default", "via", Routed::R_A]);
         ip(&["-n", b, "route", "add", "default", "via", Routed::R_B]);
-        netns::run_in(r, || sysctl::set("net.ipv4.ip_forward", "1"))
-            .expect("entering R")
-            .expect("enabling forwarding in R");
+        ip(&[
+            "-n",
+            a,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            Routed::R_A6,
+        ]);
+        ip(&[
+            "-n",
+            b,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            Routed::R_B6,
+        ]);
+        netns::run_in(r, || {
+            sysctl::set("net.ipv4.ip_forward", "1")?;
+            sysctl::set("net.ipv6.conf.all.forwarding", "1")
+        })
+        .expect("entering R")
+        .expect("enabling forwarding in R");
         routed
     }
 }
