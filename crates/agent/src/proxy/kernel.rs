@@ -5,6 +5,7 @@
 use super::reconcile::{KernelChain, KernelSet, KernelTable, Unit};
 use super::render::{TABLE, nft_family};
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 use trellis_dataplane::Error;
 use trellis_dataplane::nftables::{Batch, Nft, SetFlags};
 use trellis_proxy::IpFamily;
@@ -72,6 +73,12 @@ pub struct Applied {
     pub ops: usize,
     /// Units the kernel refused, with why; the rest were applied.
     pub refused: Vec<(String, String)>,
+    /// The longest single transaction, from encoding to the kernel's answer: an upper
+    /// bound on how long it held the nf_tables commit lock.
+    pub longest_transaction: Duration,
+    /// The heaviest transaction sent ([`Unit::weight`] summed), at most
+    /// [`MAX_TRANSACTION_WEIGHT`] unless one unit alone weighs more.
+    pub heaviest_transaction: usize,
 }
 
 /// Applies `units` in order, packed into transactions of at most
@@ -101,7 +108,11 @@ pub fn apply(nft: &Nft, units: Vec<Unit>) -> Applied {
                     owner.push(i);
                 }
             }
-            match nft.apply_detailed(&batch) {
+            let sent = Instant::now();
+            let result = nft.apply_detailed(&batch);
+            applied.longest_transaction = applied.longest_transaction.max(sent.elapsed());
+            applied.heaviest_transaction = applied.heaviest_transaction.max(batch.weight());
+            match result {
                 Ok(()) => {
                     applied.transactions += 1;
                     applied.ops += batch.len();

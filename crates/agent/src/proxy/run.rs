@@ -189,7 +189,16 @@ struct Proxy {
     metrics: ProxyMetrics,
     programmed: bool,
     last_ok: Option<Instant>,
+    /// The ruleset generation at which the kernel was last known to hold the plan: while
+    /// the generation stays there, nobody has committed anything, and an audit has
+    /// nothing to read.
+    verified: Option<u32>,
+    /// Audits since the last full read, which happens at least every [`FULL_READ_EVERY`].
+    audits_since_read: u32,
 }
+
+/// However still the ruleset looks, read it whole at least this often (in audits).
+const FULL_READ_EVERY: u32 = 10;
 
 impl Proxy {
     fn new(
@@ -214,6 +223,8 @@ impl Proxy {
             metrics,
             programmed: false,
             last_ok: None,
+            verified: None,
+            audits_since_read: 0,
         }
     }
 
@@ -289,14 +300,34 @@ impl Proxy {
             return true;
         }
         let kernel = self.kernel.clone();
-        let applied = tokio::task::spawn_blocking(move || kernel::apply(&kernel.nft, units)).await;
-        self.record(applied.unwrap_or_else(|e| Applied {
-            refused: vec![("applying changes".into(), e.to_string())],
-            ..Applied::default()
-        }))
+        let result = tokio::task::spawn_blocking(move || {
+            let before = kernel.nft.generation().ok();
+            let applied = kernel::apply(&kernel.nft, units);
+            let after = kernel.nft.generation().ok();
+            (applied, before, after)
+        })
+        .await;
+        match result {
+            Ok((applied, before, after)) => {
+                let ok = self.record(&applied);
+                self.verified = if ok {
+                    still_verified(self.verified, before, after, applied.transactions)
+                } else {
+                    None
+                };
+                ok
+            }
+            Err(e) => {
+                self.verified = None;
+                self.record(&Applied {
+                    refused: vec![("applying changes".into(), e.to_string())],
+                    ..Applied::default()
+                })
+            }
+        }
     }
 
-    fn record(&mut self, applied: Applied) -> bool {
+    fn record(&mut self, applied: &Applied) -> bool {
         self.metrics.operations.inc_by(applied.ops as u64);
         self.metrics
             .transactions
@@ -316,15 +347,28 @@ impl Proxy {
     }
 
     /// Reads both tables back and repairs every difference; true when nothing was refused.
+    /// When the ruleset generation shows that nobody committed anything since the kernel
+    /// was last known to hold the plan, there is nothing to read (but a full read happens
+    /// at least every [`FULL_READ_EVERY`] audits regardless).
     async fn audit(&mut self) -> bool {
         let started = Instant::now();
-        let wanted: Vec<_> = self
-            .desired
-            .iter()
-            .map(|d| (d.family(), d.rendered()))
-            .collect();
+        self.audits_since_read += 1;
+        let full = self.verified.is_none() || self.audits_since_read >= FULL_READ_EVERY;
+        let wanted: Vec<_> = if full {
+            self.desired
+                .iter()
+                .map(|d| (d.family(), d.rendered()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let verified = self.verified;
         let kernel = self.kernel.clone();
         let result = tokio::task::spawn_blocking(move || {
+            let before = kernel.nft.generation().ok();
+            if !full && before.is_some() && before == verified {
+                return (0, Applied::default(), before, before, false);
+            }
             let mut drift_total = 0;
             let mut applied = Applied::default();
             for (family, rendered) in wanted {
@@ -345,16 +389,31 @@ impl Proxy {
                         .push((format!("reading the {family} table back"), e.to_string())),
                 }
             }
-            (drift_total, applied)
+            let after = kernel.nft.generation().ok();
+            (drift_total, applied, before, after, true)
         })
         .await;
         let ok = match result {
-            Ok((drift, applied)) => {
+            Ok((_, _, _, _, false)) => {
+                self.last_ok = Some(Instant::now());
+                true
+            }
+            Ok((drift, applied, before, after, true)) => {
+                self.audits_since_read = 0;
                 self.metrics.drift_repaired.inc_by(drift as u64);
-                self.record(applied)
+                let ok = self.record(&applied);
+                // Read at `before`, and every commit since was ours: the kernel holds the
+                // plan at `after`.
+                self.verified = if ok {
+                    still_verified(before, before, after, applied.transactions)
+                } else {
+                    None
+                };
+                ok
             }
             Err(e) => {
                 tracing::warn!("proxy audit: {e}");
+                self.verified = None;
                 false
             }
         };
@@ -410,6 +469,54 @@ impl Proxy {
     }
 }
 
+/// The generation at which the kernel still holds the plan after `transactions` commits of
+/// ours between readings `before` and `after`: known only if it held it at `before`
+/// (`verified`) and nobody else committed in between.
+fn still_verified(
+    verified: Option<u32>,
+    before: Option<u32>,
+    after: Option<u32>,
+    transactions: usize,
+) -> Option<u32> {
+    let (verified, before, after) = (verified?, before?, after?);
+    (verified == before && after == before.wrapping_add(transactions as u32)).then_some(after)
+}
+
 fn desired_tables(node: &NodeView) -> [Desired; 2] {
     IpFamily::BOTH.map(|family| Desired::new(&plan::node_table(family, node)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::still_verified;
+
+    #[test]
+    fn the_kernel_is_still_known_right_only_when_every_commit_between_was_ours() {
+        assert_eq!(still_verified(Some(7), Some(7), Some(9), 2), Some(9));
+        assert_eq!(still_verified(Some(7), Some(7), Some(7), 0), Some(7));
+        assert_eq!(
+            still_verified(Some(7), Some(7), Some(10), 2),
+            None,
+            "someone else committed"
+        );
+        assert_eq!(
+            still_verified(Some(6), Some(7), Some(8), 1),
+            None,
+            "changed before we began"
+        );
+        assert_eq!(
+            still_verified(None, Some(7), Some(8), 1),
+            None,
+            "never verified"
+        );
+        assert_eq!(
+            still_verified(Some(7), None, Some(8), 1),
+            None,
+            "generation unreadable"
+        );
+        assert_eq!(
+            still_verified(Some(u32::MAX), Some(u32::MAX), Some(0), 1),
+            Some(0)
+        );
+    }
 }

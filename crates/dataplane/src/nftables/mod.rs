@@ -611,6 +611,17 @@ impl Nft {
         Ok(tables)
     }
 
+    /// The ruleset's generation: every committed transaction in this namespace, by anyone,
+    /// moves it on. A reader that saw the ruleset right at generation G knows it is still
+    /// right while the generation is G.
+    pub fn generation(&self) -> Result<u32> {
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = self.lock();
+        self.generation_locked(&mut conn, deadline, &|| {
+            "reading the ruleset generation".to_owned()
+        })
+    }
+
     /// The rules of a chain, in order. Fails if the chain does not exist.
     pub fn rules(&self, family: Family, table: &str, chain: &str) -> Result<Vec<RuleInfo>> {
         Ok(self
@@ -744,7 +755,7 @@ impl Nft {
         }
         self.require_table(&mut conn, deadline, family, table, &action)?;
         for _attempt in 0..DUMP_ATTEMPTS {
-            let before = self.generation(&mut conn, deadline, &action)?;
+            let before = self.generation_locked(&mut conn, deadline, &action)?;
             let chains = self.chains_locked(&mut conn, deadline, family, table, &action)?;
             let mut rules = Vec::new();
             let mut vanished = false;
@@ -759,7 +770,7 @@ impl Nft {
                     Err(err) => return Err(err),
                 }
             }
-            if !vanished && self.generation(&mut conn, deadline, &action)? == before {
+            if !vanished && self.generation_locked(&mut conn, deadline, &action)? == before {
                 return Ok(rules);
             }
         }
@@ -950,7 +961,7 @@ impl Nft {
     /// The ruleset's generation: it changes with every committed
     /// transaction, so equal numbers before and after a series of dumps
     /// mean they read one consistent ruleset.
-    fn generation(
+    fn generation_locked(
         &self,
         conn: &mut Conn,
         deadline: Instant,
