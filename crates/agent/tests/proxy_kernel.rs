@@ -142,6 +142,14 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
         reach("10.91.1.1:30080"),
     )
     .await;
+    assert!(
+        metrics
+            .proxy()
+            .last_sync
+            .judge(std::time::Instant::now())
+            .is_ok(),
+        "/healthz/proxy: synced"
+    );
     let rendered = metrics.render(std::time::Instant::now());
     assert!(
         rendered.contains("trellis_proxy_failures_total{node=\"r\"} 0"),

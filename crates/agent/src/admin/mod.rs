@@ -4,6 +4,8 @@
 //! - `/readyz`: whether this node's data plane is in place ([`readiness`]): a plan applied
 //!   and verified by a recent pass, blind to the store and to leadership;
 //! - `/healthz`: whether the agent's main loop still runs;
+//! - `/healthz/proxy`: whether the service proxy's last successful sync is recent (as
+//!   kube-proxy's `/healthz`);
 //! - `/debug/state`: the last plan, each observer's opinions, the verdicts and this node's
 //!   own opinions, as JSON ([`DebugState`]).
 //!

@@ -28,7 +28,7 @@ pub async fn serve(addr: SocketAddr, admin: Admin) {
         || tokio::net::TcpListener::bind(addr),
     )
     .await;
-    tracing::info!(%addr, "serving /metrics, /readyz, /healthz and /debug/state");
+    tracing::info!(%addr, "serving /metrics, /readyz, /healthz, /healthz/proxy and /debug/state");
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -68,11 +68,18 @@ pub fn respond(admin: &Admin, method: &Method, path: &str, now: Instant) -> Resp
         "/" | "/metrics" => reply(StatusCode::OK, OPENMETRICS, admin.metrics.render(now)),
         "/readyz" => judged(admin.readiness(now), "ready", "not ready"),
         "/healthz" => judged(admin.liveness(now), "alive", "not alive"),
+        "/healthz/proxy" => judged(
+            admin.metrics.proxy().last_sync.judge(now),
+            "proxy healthy",
+            "proxy unhealthy",
+        ),
         "/debug/state" => reply(StatusCode::OK, JSON, admin.debug_json()),
         other => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            format!("no page {other:?}: try /metrics, /readyz, /healthz or /debug/state\n"),
+            format!(
+                "no page {other:?}: try /metrics, /readyz, /healthz, /healthz/proxy or /debug/state\n"
+            ),
         ),
     }
 }

@@ -4,6 +4,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// From half a millisecond to a minute: an endpoint change at one end, a cold start of
 /// 50,000 services at the other.
@@ -23,6 +25,54 @@ pub struct ProxyMetrics {
     pub conntrack_removed: Counter,
     pub service_ports: Gauge,
     pub rejected_records: Gauge,
+    /// When the kernel last took every change the proxy sent (or an audit found nothing to
+    /// do), for `/healthz/proxy`.
+    pub last_sync: SyncHealth,
+}
+
+/// The proxy's health as kube-proxy's `/healthz` reports it: healthy while its last
+/// successful sync is recent. Readiness of the node stays the mesh's alone.
+#[derive(Clone, Debug, Default)]
+pub struct SyncHealth {
+    inner: Arc<Mutex<SyncState>>,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    last_ok: Option<Instant>,
+    stale_after: Option<Duration>,
+}
+
+impl SyncHealth {
+    /// Records a successful sync; `stale_after` is how old one may get.
+    pub fn synced(&self, at: Instant, stale_after: Duration) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.last_ok = Some(at);
+        s.stale_after = Some(stale_after);
+    }
+
+    /// `Ok` with why while the last successful sync is recent, `Err` with why otherwise.
+    pub fn judge(&self, now: Instant) -> Result<String, String> {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match (s.last_ok, s.stale_after) {
+            (Some(at), Some(limit)) => {
+                let age = now.saturating_duration_since(at);
+                if age <= limit {
+                    Ok(format!(
+                        "last successful sync {:.1} s ago",
+                        age.as_secs_f64()
+                    ))
+                } else {
+                    Err(format!(
+                        "last successful sync {:.1} s ago, more than {:.0} s",
+                        age.as_secs_f64(),
+                        limit.as_secs_f64()
+                    ))
+                }
+            }
+            _ => Err("the service proxy has not synced yet (or does not run)".into()),
+        }
+    }
 }
 
 impl Default for ProxyMetrics {
@@ -38,6 +88,7 @@ impl Default for ProxyMetrics {
             conntrack_removed: Counter::default(),
             service_ports: Gauge::default(),
             rejected_records: Gauge::default(),
+            last_sync: SyncHealth::default(),
         }
     }
 }
@@ -97,5 +148,21 @@ impl ProxyMetrics {
             "Service and EndpointSlice records left out because they are invalid",
             self.rejected_records.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxy_is_healthy_while_its_last_sync_is_recent() {
+        let health = SyncHealth::default();
+        let t0 = Instant::now();
+        assert!(health.judge(t0).is_err(), "never synced");
+        health.synced(t0, Duration::from_secs(60));
+        assert!(health.judge(t0 + Duration::from_secs(59)).is_ok());
+        let stale = health.judge(t0 + Duration::from_secs(61)).unwrap_err();
+        assert!(stale.contains("more than 60 s"), "{stale}");
     }
 }

@@ -189,6 +189,7 @@ struct Proxy {
     metrics: ProxyMetrics,
     programmed: bool,
     last_ok: Option<Instant>,
+    stale_after: Duration,
     /// The ruleset generation at which the kernel was last known to hold the plan: while
     /// the generation stays there, nobody has committed anything, and an audit has
     /// nothing to read.
@@ -223,6 +224,7 @@ impl Proxy {
             metrics,
             programmed: false,
             last_ok: None,
+            stale_after: config.stale_after,
             verified: None,
             audits_since_read: 0,
         }
@@ -290,6 +292,12 @@ impl Proxy {
         (super::reconcile::ordered(units), udp)
     }
 
+    fn synced(&mut self) {
+        let now = Instant::now();
+        self.last_ok = Some(now);
+        self.metrics.last_sync.synced(now, self.stale_after);
+    }
+
     fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
         self.health.values().cloned().collect()
     }
@@ -341,7 +349,7 @@ impl Proxy {
         self.metrics.failures.inc_by(applied.refused.len() as u64);
         let ok = applied.refused.is_empty();
         if ok {
-            self.last_ok = Some(Instant::now());
+            self.synced();
         }
         ok
     }
@@ -395,7 +403,7 @@ impl Proxy {
         .await;
         let ok = match result {
             Ok((_, _, _, _, false)) => {
-                self.last_ok = Some(Instant::now());
+                self.synced();
                 true
             }
             Ok((drift, applied, before, after, true)) => {
