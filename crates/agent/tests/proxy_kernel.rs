@@ -445,3 +445,210 @@ async fn a_dual_stack_service_is_reached_over_both_families() {
     );
     proxy.abort();
 }
+
+/// A server that answers every line on a connection with its label, until the client
+/// closes: an established flow that can be checked again later.
+fn serve_lines_in(ns: &str, addr: &'static str, label: &'static str) {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        netns::enter(&ns).expect("entering B");
+        let listener = TcpListener::bind(addr).expect("binding the backend");
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(label.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn lines_slice(name: &str, port: u16, terminating: bool) -> serde_json::Value {
+    let conditions = if terminating {
+        json!({"ready": false, "serving": true, "terminating": true})
+    } else {
+        json!({"ready": true, "serving": true, "terminating": false})
+    };
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+           "endpoints": [{"addresses": [Routed::B], "conditions": conditions}]})
+}
+
+/// A terminating endpoint gets no new connections while its established ones go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
+    let net = Routed::new("term");
+    let (a, r, b) = (
+        net.a.name().to_string(),
+        net.r.name().to_string(),
+        net.b.name().to_string(),
+    );
+    serve_lines_in(&b, "10.91.2.2:9000", "old");
+    serve_lines_in(&b, "10.91.2.2:9001", "new");
+    let store = EmbeddedStore::new();
+    put(&store, "services/shop/web", service(false)).await;
+    put(
+        &store,
+        "endpointslices/shop/web-old",
+        lines_slice("web-old", 9000, false),
+    )
+    .await;
+    let kernel = Arc::new(ProxyKernel {
+        nft: Nft::connect_in(&r).unwrap(),
+        conntrack: Some(Conntrack::connect_in(&r).unwrap()),
+    });
+    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let proxy = tokio::spawn(run(
+        store.clone() as Arc<dyn Store>,
+        kernel,
+        ProxyConfig {
+            node: "r".into(),
+            node_port_addresses: vec![],
+            audit_interval: Duration::from_millis(500),
+            stale_after: Duration::from_secs(30),
+        },
+        state_rx,
+        Metrics::new("r").proxy(),
+    ));
+
+    // A long-lived connection, established to the one endpoint there is.
+    let ask = |stream: &mut TcpStream| -> Option<String> {
+        stream.write_all(b"?\n").ok()?;
+        let mut buf = [0u8; 16];
+        let n = stream.read(&mut buf).ok()?;
+        (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let mut long_lived = wait_for(
+        "a connection to the service",
+        Duration::from_secs(10),
+        || {
+            let a = a.clone();
+            async move {
+                netns::run_in(&a, || {
+                    let to: SocketAddr = "10.96.0.10:80".parse().unwrap();
+                    let s = TcpStream::connect_timeout(&to, Duration::from_millis(500)).ok()?;
+                    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+                    Some(s)
+                })
+                .unwrap()
+            }
+        },
+    )
+    .await;
+    assert_eq!(ask(&mut long_lived).as_deref(), Some("old"));
+
+    // The endpoint starts terminating while another is ready.
+    put(
+        &store,
+        "endpointslices/shop/web-new",
+        lines_slice("web-new", 9001, false),
+    )
+    .await;
+    put(
+        &store,
+        "endpointslices/shop/web-old",
+        lines_slice("web-old", 9000, true),
+    )
+    .await;
+    let fresh = || {
+        netns::run_in(&a, || {
+            let to: SocketAddr = "10.96.0.10:80".parse().unwrap();
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_millis(500)).ok()?;
+            s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+            s.write_all(b"?\n").ok()?;
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .unwrap()
+    };
+    wait_for(
+        "new connections to go to the ready endpoint",
+        Duration::from_secs(10),
+        || {
+            let answers: Vec<_> = (0..20).map(|_| fresh()).collect();
+            async move {
+                answers
+                    .iter()
+                    .all(|a| a.as_deref() == Some("new"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        ask(&mut long_lived).as_deref(),
+        Some("old"),
+        "the established connection to the terminating endpoint goes on"
+    );
+    proxy.abort();
+}
+
+/// ClientIP affinity: a client stays on the endpoint it first reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
+    let net = Routed::new("aff");
+    let (a, r, b) = (
+        net.a.name().to_string(),
+        net.r.name().to_string(),
+        net.b.name().to_string(),
+    );
+    serve_in(&b, "10.91.2.2:8080", "b");
+    serve_in(&b, "10.91.2.2:8081", "b2");
+    let store = EmbeddedStore::new();
+    let mut svc = service(false);
+    svc["spec"]["sessionAffinity"] = json!("ClientIP");
+    put(&store, "services/shop/web", svc).await;
+    put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
+    put(&store, "endpointslices/shop/web-2", second_slice()).await;
+    let kernel = Arc::new(ProxyKernel {
+        nft: Nft::connect_in(&r).unwrap(),
+        conntrack: None,
+    });
+    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let proxy = tokio::spawn(run(
+        store.clone() as Arc<dyn Store>,
+        kernel,
+        ProxyConfig {
+            node: "r".into(),
+            node_port_addresses: vec![],
+            audit_interval: Duration::from_millis(500),
+            stale_after: Duration::from_secs(30),
+        },
+        state_rx,
+        Metrics::new("r").proxy(),
+    ));
+    // Both endpoints programmed (the affinity rules name both sets).
+    wait_for(
+        "both endpoints in the rules",
+        Duration::from_secs(10),
+        || {
+            let r = r.clone();
+            async move {
+                let listed = nft(&r, &["list", "table", "ip", "trellis-proxy"]);
+                (listed.matches("@affinity-").count() >= 2).then_some(())
+            }
+        },
+    )
+    .await;
+    let first = connect(&a, "10.96.0.10:80").expect("the service answers");
+    for _ in 0..30 {
+        assert_eq!(
+            connect(&a, "10.96.0.10:80").as_ref(),
+            Ok(&first),
+            "the client stays"
+        );
+    }
+    let listed = nft(&r, &["list", "table", "ip", "trellis-proxy"]);
+    assert!(
+        listed.contains("10.91.1.2"),
+        "the client is remembered in its endpoint's set: {listed}"
+    );
+    proxy.abort();
+}
