@@ -87,6 +87,38 @@ fn second_slice() -> serde_json::Value {
     slice
 }
 
+/// The proxy programming namespace `r` from `store`, auditing every 500 ms; with
+/// `conntrack`, it sweeps stale entries; NodePorts answer on `node_port_address`.
+fn start_proxy(
+    store: &Arc<EmbeddedStore>,
+    r: &str,
+    conntrack: bool,
+    node_port_address: Option<&str>,
+) -> (tokio::task::JoinHandle<()>, Metrics) {
+    let kernel = Arc::new(ProxyKernel {
+        nft: Nft::connect_in(r).unwrap(),
+        conntrack: conntrack.then(|| Conntrack::connect_in(r).unwrap()),
+    });
+    let metrics = Metrics::new("r");
+    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let proxy = tokio::spawn(run(
+        store.clone() as Arc<dyn Store>,
+        kernel,
+        ProxyConfig {
+            node: "r".into(),
+            node_port_addresses: node_port_address
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            audit_interval: Duration::from_millis(500),
+            stale_after: Duration::from_secs(30),
+        },
+        state_rx,
+        metrics.proxy(),
+    ));
+    (proxy, metrics)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_are_programmed_repaired_after_tampering_and_refused_without_endpoints() {
     let net = Routed::new("proxy");
@@ -104,24 +136,7 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
     put(&store, "services/shop/web", service(true)).await;
     put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
 
-    let kernel = Arc::new(ProxyKernel {
-        nft: Nft::connect_in(&r).unwrap(),
-        conntrack: Some(Conntrack::connect_in(&r).unwrap()),
-    });
-    let metrics = Metrics::new("r");
-    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
-    let proxy = tokio::spawn(run(
-        store.clone() as Arc<dyn Store>,
-        kernel,
-        ProxyConfig {
-            node: "r".into(),
-            node_port_addresses: vec![Routed::R_A.parse().unwrap()],
-            audit_interval: Duration::from_millis(500),
-            stale_after: Duration::from_secs(30),
-        },
-        state_rx,
-        metrics.proxy(),
-    ));
+    let (proxy, metrics) = start_proxy(&store, &r, true, Some(Routed::R_A));
 
     let reach = |to: &'static str| {
         let a = a.clone();
@@ -309,24 +324,7 @@ async fn a_udp_flow_to_a_service_scaled_to_zero_is_refused_not_blackholed() {
     let store = EmbeddedStore::new();
     put(&store, "services/shop/dns", dns_service()).await;
     put(&store, "endpointslices/shop/dns-1", dns_slice(&[Routed::B])).await;
-    let kernel = Arc::new(ProxyKernel {
-        nft: Nft::connect_in(&r).unwrap(),
-        conntrack: Some(Conntrack::connect_in(&r).unwrap()),
-    });
-    let metrics = Metrics::new("r");
-    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
-    let proxy = tokio::spawn(run(
-        store.clone() as Arc<dyn Store>,
-        kernel,
-        ProxyConfig {
-            node: "r".into(),
-            node_port_addresses: vec![],
-            audit_interval: Duration::from_millis(500),
-            stale_after: Duration::from_secs(30),
-        },
-        state_rx,
-        metrics.proxy(),
-    ));
+    let (proxy, metrics) = start_proxy(&store, &r, true, None);
 
     // One client socket in A, connected to the service, sending again and again: every
     // datagram after the first rides the same conntrack entry.
@@ -410,23 +408,7 @@ async fn a_dual_stack_service_is_reached_over_both_families() {
     v6["metadata"]["name"] = json!("web-6");
     v6["addressType"] = json!("IPv6");
     put(&store, "endpointslices/shop/web-6", v6).await;
-    let kernel = Arc::new(ProxyKernel {
-        nft: Nft::connect_in(&r).unwrap(),
-        conntrack: None,
-    });
-    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
-    let proxy = tokio::spawn(run(
-        store.clone() as Arc<dyn Store>,
-        kernel,
-        ProxyConfig {
-            node: "r".into(),
-            node_port_addresses: vec![],
-            audit_interval: Duration::from_millis(500),
-            stale_after: Duration::from_secs(30),
-        },
-        state_rx,
-        Metrics::new("r").proxy(),
-    ));
+    let (proxy, _metrics) = start_proxy(&store, &r, false, None);
     for (to, answer) in [("10.96.0.10:80", "b"), ("[fd00:96::10]:80", "b6")] {
         wait_for(
             &format!("{to} to lead to B"),
@@ -499,23 +481,7 @@ async fn a_terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
         lines_slice("web-old", 9000, false),
     )
     .await;
-    let kernel = Arc::new(ProxyKernel {
-        nft: Nft::connect_in(&r).unwrap(),
-        conntrack: Some(Conntrack::connect_in(&r).unwrap()),
-    });
-    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
-    let proxy = tokio::spawn(run(
-        store.clone() as Arc<dyn Store>,
-        kernel,
-        ProxyConfig {
-            node: "r".into(),
-            node_port_addresses: vec![],
-            audit_interval: Duration::from_millis(500),
-            stale_after: Duration::from_secs(30),
-        },
-        state_rx,
-        Metrics::new("r").proxy(),
-    ));
+    let (proxy, _metrics) = start_proxy(&store, &r, true, None);
 
     // A long-lived connection, established to the one endpoint there is.
     let ask = |stream: &mut TcpStream| -> Option<String> {
@@ -607,23 +573,7 @@ async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
     put(&store, "services/shop/web", svc).await;
     put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
     put(&store, "endpointslices/shop/web-2", second_slice()).await;
-    let kernel = Arc::new(ProxyKernel {
-        nft: Nft::connect_in(&r).unwrap(),
-        conntrack: None,
-    });
-    let (_state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
-    let proxy = tokio::spawn(run(
-        store.clone() as Arc<dyn Store>,
-        kernel,
-        ProxyConfig {
-            node: "r".into(),
-            node_port_addresses: vec![],
-            audit_interval: Duration::from_millis(500),
-            stale_after: Duration::from_secs(30),
-        },
-        state_rx,
-        Metrics::new("r").proxy(),
-    ));
+    let (proxy, _metrics) = start_proxy(&store, &r, false, None);
     // Both endpoints programmed (the affinity rules name both sets).
     wait_for(
         "both endpoints in the rules",

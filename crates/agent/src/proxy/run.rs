@@ -88,6 +88,7 @@ pub async fn run(
     let mut next_audit = tokio::time::Instant::now() + config.audit_interval;
     let mut audit_backoff = Backoff::new(Duration::from_millis(500), config.audit_interval);
     let mut health_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut state_open = true;
     loop {
         tokio::select! {
             update = rx.recv() => {
@@ -107,7 +108,6 @@ pub async fn run(
                 } else {
                     std::mem::take(&mut pending).into_iter().collect()
                 };
-                pending.clear();
                 let (units, udp_changed) = proxy.replan(&touched);
                 let ok = if first {
                     // Whatever the kernel holds from before (a restart): change only what
@@ -131,8 +131,12 @@ pub async fn run(
                 proxy.sweep_conntrack().await;
                 next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
             }
-            changed = state.changed() => {
-                if changed.is_err() { continue; }
+            changed = state.changed(), if state_open => {
+                if changed.is_err() {
+                    // The state's owner is gone: keep the cluster networks as they are.
+                    state_open = false;
+                    continue;
+                }
                 let cidrs = cluster_cidrs(&state.borrow_and_update());
                 if cidrs != proxy.cluster_cidrs && proxy.programmed {
                     tracing::info!(?cidrs, "cluster networks changed: replanning every service");
