@@ -17,7 +17,8 @@ use trellis_dataplane::netns;
 use trellis_dataplane::nftables::Nft;
 use trellis_store::Store;
 use trellis_store::embedded::EmbeddedStore;
-use trellis_testkit::netns::{Routed, nft};
+use trellis_testkit::netns::Routed;
+use trellis_testkit::nft::nft;
 use trellis_testkit::wait_for;
 
 /// A server in B that answers each connection with `answer` and closes.

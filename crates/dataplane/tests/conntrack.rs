@@ -4,9 +4,8 @@
 //! reader of what R's table holds. Nothing runs in the host namespace; the namespaces
 //! (`trt-*`) go away when a test ends, also when it fails.
 
-mod netns_support;
-#[path = "netns_support/nft.rs"]
-mod nft_support;
+use trellis_testkit::netns as netns_support;
+use trellis_testkit::nft as nft_support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -18,16 +17,16 @@ use nft_support::{Routed, nft};
 use trellis_dataplane::conntrack::{
     Conntrack, Entry, Family, Filter, Protocol, Status, TcpState, Tuple,
 };
-use trellis_dataplane::{netns, sysctl};
+use trellis_dataplane::netns;
 
 /// The service port on R's address towards A, DNATed to B (UDP and TCP).
 const SERVICE_PORT: u16 = 5555;
 /// Another UDP service on the same address, also DNATed to B.
 const OTHER_PORT: u16 = 5557;
 
-const A6: &str = "fd91:1::2";
-const R_A6: &str = "fd91:1::1";
-const B6: &str = "fd91:2::2";
+const A6: &str = Routed::A6;
+const R_A6: &str = Routed::R_A6;
+const B6: &str = Routed::B6;
 /// A second address of B: the endpoint a service moves to.
 const B_NEW: &str = "10.91.2.3";
 
@@ -42,47 +41,6 @@ fn sock(ip: &str, port: u16) -> SocketAddr {
 /// The service as A sees it.
 fn service(port: u16) -> SocketAddr {
     sock(Routed::R_A, port)
-}
-
-/// Gives the A — R — B topology IPv6 addresses and routes as well.
-fn add_ipv6(net: &Routed) {
-    for (ns, link, address) in [
-        (net.a(), "a0", "fd91:1::2/64"),
-        (net.r(), Routed::R_TO_A, "fd91:1::1/64"),
-        (net.r(), Routed::R_TO_B, "fd91:2::1/64"),
-        (net.b(), "b0", "fd91:2::2/64"),
-    ] {
-        ip(&["-n", ns, "address", "add", address, "dev", link, "nodad"]);
-    }
-    ip(&["-n", net.a(), "-6", "route", "add", "default", "via", R_A6]);
-    ip(&[
-        "-n",
-        net.b(),
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        "fd91:2::1",
-    ]);
-    netns::run_in(net.r(), || sysctl::set("net.ipv6.conf.all.forwarding", "1"))
-        .expect("entering R")
-        .expect("enabling IPv6 forwarding in R");
-    // Neighbour discovery needs the links' own link-local addresses, which are tentative
-    // until duplicate address detection is done (a second or two after the links came up).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for ns in [net.a(), net.r(), net.b()] {
-        while !ip(&["-n", ns, "-6", "address", "show", "tentative"])
-            .trim()
-            .is_empty()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "IPv6 addresses in {ns} stay tentative"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 /// R's NAT: the service ports of R's address towards A lead to `udp_endpoint` (UDP
@@ -247,7 +205,6 @@ fn one<'a>(entries: &'a [Entry], what: &str, pick: impl Fn(&Entry) -> bool) -> &
 #[test]
 fn a_dump_shows_dnat_flows_with_their_tuples_as_the_conntrack_binary_does() {
     let net = Routed::new("ct-dump");
-    add_ipv6(&net);
     program_dnat(&net, Routed::B, true);
 
     let server = udp_in(net.b(), sock(Routed::B, SERVICE_PORT));

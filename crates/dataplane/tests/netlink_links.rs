@@ -2,7 +2,7 @@
 //! veth pair in one namespace, the veth's far end in a second one, and the
 //! two namespaces reaching each other across it.
 
-mod netns_support;
+use trellis_testkit::netns as netns_support;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;

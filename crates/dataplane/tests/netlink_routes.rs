@@ -1,7 +1,7 @@
 //! Route reconcile over netlink, checked with `ip -j route`: our protocol's
 //! routes converge on the desired set, everything else is left alone.
 
-mod netns_support;
+use trellis_testkit::netns as netns_support;
 
 use std::collections::BTreeSet;
 

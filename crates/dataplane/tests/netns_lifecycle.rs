@@ -1,7 +1,7 @@
 //! Named network namespaces: lifecycle, iproute2 compatibility, running code
 //! and processes inside them.
 
-mod netns_support;
+use trellis_testkit::netns as netns_support;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;

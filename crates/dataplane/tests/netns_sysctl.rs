@@ -1,7 +1,7 @@
 //! sysctl values are per network namespace: setting one inside a namespace
 //! leaves the host's alone.
 
-mod netns_support;
+use trellis_testkit::netns as netns_support;
 
 use netns_support::scratch_netns;
 use trellis_dataplane::{netns, sysctl};

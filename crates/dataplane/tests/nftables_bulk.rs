@@ -13,7 +13,7 @@
 //! `TRELLIS_BULK_SHAPE=anonymous` an anonymous map per service instead of
 //! a rule per endpoint ([`dsl::one_in`]).
 
-mod netns_support;
+use trellis_testkit::netns as netns_support;
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};

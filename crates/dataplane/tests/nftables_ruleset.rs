@@ -2,9 +2,8 @@
 //! reader: structure, encodings (against nft's own for the same rule text),
 //! transactions, listing and deleting rules, errors.
 
-mod netns_support;
-#[path = "netns_support/nft.rs"]
-mod nft_support;
+use trellis_testkit::netns as netns_support;
+use trellis_testkit::nft as nft_support;
 
 use netns_support::{scratch_name, scratch_netns};
 use nft_support::{bytecode, chain, nft, objects, rules, ruleset_json};

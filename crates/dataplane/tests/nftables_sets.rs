@@ -3,9 +3,8 @@
 //! changes in bounded transactions; checked with the `nft` binary as the
 //! independent reader.
 
-mod netns_support;
-#[path = "netns_support/nft.rs"]
-mod nft_support;
+use trellis_testkit::netns as netns_support;
+use trellis_testkit::nft as nft_support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,9 +1,7 @@
 //! Rules programmed over netlink, judged by what packets do: three
 //! namespaces A — R — B, with R routing between them (see `Routed`).
 
-mod netns_support;
-#[path = "netns_support/nft.rs"]
-mod nft_support;
+use trellis_testkit::nft as nft_support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -3,13 +3,15 @@
 //! - [`etcd`]: a real etcd (Debian's 3.4) on loopback ports, removed when dropped;
 //! - [`Freezable`]: a store whose calls hang while frozen, as a SIGSTOPped etcd's do, and
 //!   [`Unreachable`], one whose calls all fail;
-//! - [`netns`]: scratch network namespaces and a routed topology for kernel tests;
+//! - [`netns`] and [`nft`]: scratch network namespaces, a routed topology in both
+//!   families, and `ip`, `nft` and `ping` as independent witnesses for kernel tests;
 //! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes,
 //!   instead of sleeping a fixed time and hoping.
 
 pub mod etcd;
 mod freezable;
 pub mod netns;
+pub mod nft;
 mod wait;
 
 pub use freezable::{Freezable, Unreachable};

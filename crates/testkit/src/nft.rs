@@ -1,15 +1,11 @@
-//! Shared by the `nftables_*` integration tests (included with `#[path]`
-//! next to `mod netns_support;`): the `nft` binary as an independent reader
-//! of what the kernel has, and a routed three-namespace topology.
-#![allow(dead_code)]
+//! The `nft` binary as an independent reader of what the kernel has, and `ping` between
+//! namespaces.
 
 use std::process::Command;
 
 use serde_json::Value;
-use trellis_dataplane::netns::{self, OwnedNetns};
-use trellis_dataplane::sysctl;
 
-use crate::netns_support::{ip, scratch_netns};
+pub use crate::netns::Routed;
 
 /// Runs `nft ARGS...` inside the namespace, panics unless it succeeds,
 /// returns its stdout.
@@ -117,74 +113,4 @@ pub fn ping_works(from: &str, to: &str) -> bool {
 /// Whether a single ping gets through (no retry: for "must fail" checks).
 pub fn ping_once(from: &str, to: &str) -> bool {
     ping(from, to, 1, "1") == 1
-}
-
-/// A — R — B: A and B are hosts, R routes between them.
-///
-/// ```text
-///  A: a0 10.91.1.2/24 ── r0 10.91.1.1/24 :R: r1 10.91.2.1/24 ── b0 10.91.2.2/24 :B
-/// ```
-/// A and B route everything via R; R forwards (ip_forward = 1). All three
-/// namespaces go away when this is dropped.
-pub struct Routed {
-    pub a: OwnedNetns,
-    pub r: OwnedNetns,
-    pub b: OwnedNetns,
-}
-
-impl Routed {
-    pub const A: &str = "10.91.1.2";
-    pub const R_A: &str = "10.91.1.1";
-    pub const R_B: &str = "10.91.2.1";
-    pub const B: &str = "10.91.2.2";
-    /// R's link towards A and towards B.
-    pub const R_TO_A: &str = "r0";
-    pub const R_TO_B: &str = "r1";
-
-    pub fn new(tag: &str) -> Routed {
-        let routed = Routed {
-            a: scratch_netns(&format!("{tag}-a")),
-            r: scratch_netns(&format!("{tag}-r")),
-            b: scratch_netns(&format!("{tag}-b")),
-        };
-        let (a, r, b) = (routed.a(), routed.r(), routed.b());
-        let veth = |name, peer, peer_netns| {
-            ip(&["-n", r, "link", "add", "name", name, "type", "veth"]
-                .into_iter()
-                .chain(["peer", "name", peer, "netns", peer_netns])
-                .collect::<Vec<_>>());
-        };
-        veth(Routed::R_TO_A, "a0", a);
-        veth(Routed::R_TO_B, "b0", b);
-        for (ns, link, address) in [
-            (a, "a0", "10.91.1.2/24"),
-            (r, Routed::R_TO_A, "10.91.1.1/24"),
-            (r, Routed::R_TO_B, "10.91.2.1/24"),
-            (b, "b0", "10.91.2.2/24"),
-        ] {
-            ip(&["-n", ns, "address", "add", address, "dev", link]);
-            ip(&["-n", ns, "link", "set", "dev", link, "up"]);
-        }
-        for ns in [a, r, b] {
-            ip(&["-n", ns, "link", "set", "dev", "lo", "up"]);
-        }
-        ip(&["-n", a, "route", "add", "default", "via", Routed::R_A]);
-        ip(&["-n", b, "route", "add", "default", "via", Routed::R_B]);
-        netns::run_in(r, || sysctl::set("net.ipv4.ip_forward", "1"))
-            .expect("entering R")
-            .expect("enabling forwarding in R");
-        routed
-    }
-
-    pub fn a(&self) -> &str {
-        self.a.name()
-    }
-
-    pub fn r(&self) -> &str {
-        self.r.name()
-    }
-
-    pub fn b(&self) -> &str {
-        self.b.name()
-    }
 }
