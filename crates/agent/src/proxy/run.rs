@@ -365,7 +365,19 @@ impl Proxy {
     async fn audit(&mut self) -> bool {
         let started = Instant::now();
         self.audits_since_read += 1;
-        let full = self.verified.is_none() || self.audits_since_read >= FULL_READ_EVERY;
+        // A commit that was not ours since the tables were verified (someone tampered
+        // with them) means a full read now, not at the next periodic one.
+        let generation = {
+            let kernel = self.kernel.clone();
+            tokio::task::spawn_blocking(move || kernel.nft.generation().ok())
+                .await
+                .ok()
+                .flatten()
+        };
+        let full = self.verified.is_none()
+            || generation.is_none()
+            || generation != self.verified
+            || self.audits_since_read >= FULL_READ_EVERY;
         let wanted: Vec<_> = if full {
             self.desired
                 .iter()
@@ -380,6 +392,11 @@ impl Proxy {
             let before = kernel.nft.generation().ok();
             if !full && before.is_some() && before == verified {
                 return (0, Applied::default(), before, before, false);
+            }
+            if !full {
+                // A commit slipped in since the generation was read: nothing was rendered
+                // to compare with, so nothing is verified; the next audit reads in full.
+                return (0, Applied::default(), before, None, true);
             }
             let mut drift_total = 0;
             let mut applied = Applied::default();
