@@ -204,7 +204,21 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
     );
     assert!(listed.contains("dnat to 10.91.2.2:8080"), "{listed}");
 
-    // Tampering from outside: the endpoint chain flushed and the map entry deleted.
+    // Tampering from outside, once an audit has found the tables verified (and so would
+    // read nothing unless it notices someone else's commit): the endpoint chain flushed
+    // and the map entry deleted.
+    wait_for(
+        "an audit with nothing to read",
+        Duration::from_secs(10),
+        || {
+            let rendered = metrics.render(std::time::Instant::now());
+            async move {
+                (!rendered.contains("trellis_proxy_audits_unchanged_total{node=\"r\"} 0"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     nft(
         &r,
         &[
@@ -231,8 +245,8 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
         "the tampering broke the service"
     );
     wait_for(
-        "the audit to repair the tampering",
-        Duration::from_secs(10),
+        "the next audit to repair the tampering",
+        Duration::from_secs(3),
         reach("10.96.0.10:80"),
     )
     .await;

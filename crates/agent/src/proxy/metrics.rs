@@ -22,6 +22,7 @@ pub struct ProxyMetrics {
     pub transactions: Counter,
     pub failures: Counter,
     pub drift_repaired: Counter,
+    pub audits_unchanged: Counter,
     pub conntrack_removed: Counter,
     pub service_ports: Gauge,
     pub rejected_records: Gauge,
@@ -85,6 +86,7 @@ impl Default for ProxyMetrics {
             transactions: Counter::default(),
             failures: Counter::default(),
             drift_repaired: Counter::default(),
+            audits_unchanged: Counter::default(),
             conntrack_removed: Counter::default(),
             service_ports: Gauge::default(),
             rejected_records: Gauge::default(),
@@ -132,6 +134,11 @@ impl ProxyMetrics {
             "proxy_drift_repaired",
             "Differences between the kernel and the plan the audit found and repaired (chains, sets, elements)",
             self.drift_repaired.clone(),
+        );
+        r.register(
+            "proxy_audits_unchanged",
+            "Audits that found the ruleset generation where the proxy last verified its tables, so had nothing to read",
+            self.audits_unchanged.clone(),
         );
         r.register(
             "proxy_conntrack_removed",

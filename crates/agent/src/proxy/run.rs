@@ -424,6 +424,7 @@ impl Proxy {
         .await;
         let ok = match result {
             Ok((_, _, _, _, false)) => {
+                self.metrics.audits_unchanged.inc();
                 self.synced();
                 true
             }
