@@ -20,6 +20,7 @@ pub mod icmp;
 pub mod interface;
 pub mod netlink;
 pub mod netns;
+mod nfsocket;
 pub mod nftables;
 pub mod routes;
 pub mod sysctl;

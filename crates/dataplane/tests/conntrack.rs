@@ -30,6 +30,12 @@ const B6: &str = Routed::B6;
 /// A second address of B: the endpoint a service moves to.
 const B_NEW: &str = "10.91.2.3";
 
+/// The kernel's ids of entries: what identifies them between two dumps (a timeout read a
+/// moment later may be a second less).
+fn ids(entries: &[Entry]) -> Vec<u32> {
+    entries.iter().map(|e| e.id).collect()
+}
+
 fn addr(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
@@ -281,21 +287,23 @@ fn a_dump_shows_dnat_flows_with_their_tuples_as_the_conntrack_binary_does() {
 
     // Filters.
     let service_udp = Filter::protocol(Protocol::UDP).original_dst(service(SERVICE_PORT));
+    // Entries are compared by id: a timeout read a moment later may be a second less.
     let found = ct.entries(&service_udp).expect("filtered dump");
-    assert_eq!(found, vec![udp.clone()]);
+    assert_eq!(ids(&found), [udp.id]);
+    assert_eq!(found[0].original, udp.original);
     let v6 = ct
         .entries(&Filter::any().family(Family::V6))
         .expect("v6 dump");
-    assert!(v6.contains(udp6) && v6.iter().all(|e| e.family == Family::V6));
+    assert!(ids(&v6).contains(&udp6.id) && v6.iter().all(|e| e.family == Family::V6));
     let to_b = ct
         .entries(&Filter::any().reply_src_ip(addr(Routed::B)))
         .expect("dump by endpoint");
     assert_eq!(to_b.len(), 2, "the UDP and TCP v4 flows: {to_b:#?}");
-    assert!(to_b.contains(udp) && to_b.contains(tcp));
+    assert!(ids(&to_b).contains(&udp.id) && ids(&to_b).contains(&tcp.id));
     let tcp_only = ct
         .entries(&Filter::protocol(Protocol::TCP))
         .expect("TCP dump");
-    assert_eq!(tcp_only, vec![tcp.clone()]);
+    assert_eq!(ids(&tcp_only), [tcp.id]);
     let nobody = ct
         .entries(&Filter::protocol(Protocol::UDP).original_dport(OTHER_PORT))
         .expect("empty dump");
@@ -381,12 +389,13 @@ fn deleting_a_services_udp_entries_moves_its_clients_to_the_new_endpoint_and_not
         .find(|e| e.original.sport == 40001)
         .expect("client 1's old entry");
     assert_eq!(old_of_client1.original, after[0].original);
-    assert_ne!(
-        old_of_client1.id, after[0].id,
-        "the kernel's id covers the reply tuple"
-    );
-    assert!(!ct.delete(old_of_client1).expect("deleting by id"));
-    assert_eq!(ct.entries(&stale).expect("dump"), after);
+    // The kernel's id hashes the entry's address and original tuple: when the new entry
+    // reuses the old one's memory the ids are equal and nothing can tell them apart, so
+    // this holds only when they differ.
+    if old_of_client1.id != after[0].id {
+        assert!(!ct.delete(old_of_client1).expect("deleting by id"));
+        assert_eq!(ids(&ct.entries(&stale).expect("dump")), ids(&after));
+    }
     assert!(ct.delete(&after[0]).expect("deleting the new entry"));
     assert!(conntrack_list(net.r(), &["-p", "udp", "--dport", "5555"]).is_empty());
 }

@@ -17,7 +17,9 @@
 //!   list twice are listed once.
 //! - [`Conntrack::delete`], [`Conntrack::delete_entries`], [`Conntrack::delete_matching`]:
 //!   deletes by original tuple, zone and id, so an entry replaced in the meantime by a new
-//!   one with the same addresses and ports is left alone. An entry already gone counts as
+//!   one with the same addresses and ports is left alone — unless the kernel built the new
+//!   one in the old one's memory: its id hashes the entry's address and original tuple, so
+//!   the two then share it and cannot be told apart. An entry already gone counts as
 //!   deleted. Deletes of many entries are pipelined, [`DELETE_CHUNK`] to a round trip.
 //!
 //! **Why hand-written.** `netlink-packet-netfilter` (rust-netlink, 0.4.0, the one release
@@ -25,11 +27,9 @@
 //! but not what this module is mostly made of: no socket, deadline, multi-part dump or
 //! retry, no filter, no `CTA_ID` or `CTA_ZONE` (a delete without the id can remove a newer
 //! entry with the same tuple), and its API broke in each of its last two releases, a week
-//! apart. The two requests and the reader here are small. They follow
-//! [`crate::nftables`]'s encoder (same subsystem family, NETLINK_NETFILTER), whose socket
-//! and attribute helpers are private to that module; they are kept separate here rather
-//! than shared by changing that module. Merging the two into one nfnetlink layer is a
-//! later refactor.
+//! apart. The two requests and the reader here are small. They speak through
+//! the same NETLINK_NETFILTER socket as [`crate::nftables`] (`nfsocket`); the attribute
+//! encoding is this module's own.
 //!
 //! **Filtering** is done here, over the dump, except the address family, which the kernel
 //! filters (`nfgen_family` of the request, honoured by every kernel). The kernel's own
@@ -41,7 +41,6 @@
 //! The calls block, for microseconds normally and at most the timeout. From async code,
 //! accept that or wrap them in `spawn_blocking`.
 
-mod socket;
 mod wire;
 
 use std::collections::HashSet;
@@ -53,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::netns;
-use socket::CtSocket;
+use crate::nfsocket::NfSocket;
 
 /// How long one call may wait for the kernel: for the whole of a dump, for each round trip
 /// of a delete.
@@ -443,7 +442,7 @@ pub struct Conntrack {
 }
 
 struct Conn {
-    socket: CtSocket,
+    socket: NfSocket,
     next_seq: u32,
     buf: Vec<u8>,
 }
@@ -472,7 +471,7 @@ impl fmt::Debug for Conntrack {
 impl Conntrack {
     /// Connects in the calling thread's network namespace.
     pub fn connect() -> Result<Conntrack> {
-        let socket = CtSocket::open()
+        let socket = NfSocket::open()
             .map_err(|e| Error::io("opening a conntrack netlink socket in the current netns", e))?;
         Ok(Conntrack::with_socket(socket, "current netns".to_owned()))
     }
@@ -480,7 +479,7 @@ impl Conntrack {
     /// Connects to the named network namespace: the socket is created inside it and stays
     /// bound to it, whichever thread uses it later.
     pub fn connect_in(netns_name: &str) -> Result<Conntrack> {
-        let socket = netns::run_in(netns_name, CtSocket::open)?.map_err(|e| {
+        let socket = netns::run_in(netns_name, NfSocket::open)?.map_err(|e| {
             Error::io(
                 format!("opening a conntrack netlink socket in netns {netns_name}"),
                 e,
@@ -492,7 +491,7 @@ impl Conntrack {
         ))
     }
 
-    fn with_socket(socket: CtSocket, scope: String) -> Conntrack {
+    fn with_socket(socket: NfSocket, scope: String) -> Conntrack {
         Conntrack {
             conn: Mutex::new(Conn {
                 socket,

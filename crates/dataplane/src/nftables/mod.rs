@@ -43,7 +43,6 @@ mod batch;
 pub mod dsl;
 mod expr;
 mod set;
-mod socket;
 mod wire;
 
 use std::fmt;
@@ -64,8 +63,8 @@ pub use set::{
 
 use crate::error::{Error, Result};
 use crate::netns;
+use crate::nfsocket::{self, NfSocket};
 use batch::{check_name, comment_of_userdata};
-use socket::NfSocket;
 use wire::{Ack, Attrs, MsgHeader};
 
 /// How long one call may wait for the kernel before it is given up.
@@ -375,7 +374,7 @@ impl Nft {
                 // Not 0, which is what unsolicited messages carry. Answers
                 // are per socket, so handles need not coordinate.
                 next_seq: 1,
-                buf: vec![0; socket::RECV_BUFFER],
+                buf: vec![0; nfsocket::RECV_BUFFER],
                 request: Vec::with_capacity(1024),
             }),
             timeout: DEFAULT_TIMEOUT,

@@ -1,5 +1,6 @@
 //! A blocking NETLINK_NETFILTER socket whose every receive is bounded by a
-//! deadline.
+//! deadline: the one socket nf_tables ([`crate::nftables`]) and ctnetlink
+//! ([`crate::conntrack`]) both speak through.
 
 use std::io;
 use std::mem;
