@@ -43,6 +43,7 @@ mod batch;
 pub mod dsl;
 mod expr;
 mod set;
+mod verdict;
 mod wire;
 
 use std::fmt;

@@ -11,7 +11,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use super::expr::Verdict;
+use super::verdict::Verdict;
 use super::wire::{self, Attrs};
 use crate::error::{Error, Result};
 
