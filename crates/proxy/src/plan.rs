@@ -80,7 +80,10 @@ pub fn plan_port(
     };
     let usable = usable(endpoints, family, &node.name);
     let internal = verdict(&usable, port.internal_policy);
-    let external = verdict(&usable, port.external_policy);
+    // External traffic is refused outright only without any endpoint: a Local policy
+    // without a local one still serves pods and the node itself (kube-proxy's
+    // short-circuit), and drops the rest in its external chain.
+    let external = verdict(&usable, TrafficPolicy::Cluster);
 
     // Chains exist only where something goes to them.
     let mut uses_cluster_chain = false;
@@ -141,7 +144,6 @@ pub fn plan_port(
                         // Pods and the node itself are inside the cluster: they may use
                         // any endpoint (there are some, or this would be refused).
                         uses_cluster_chain = true;
-                        uses_local_chain = true;
                         let mut body = Vec::new();
                         if !node.cluster_cidrs.is_empty() {
                             body.push(Rule::GotoIfFromCluster(chain::cluster(name)));
@@ -149,8 +151,13 @@ pub fn plan_port(
                         body.extend([
                             Rule::MasqueradeIfLocalSource,
                             Rule::GotoIfLocalSource(chain::cluster(name)),
-                            Rule::Goto(chain::local(name)),
                         ]);
+                        if usable.local.is_empty() {
+                            body.push(Rule::Drop);
+                        } else {
+                            uses_local_chain = true;
+                            body.push(Rule::Goto(chain::local(name)));
+                        }
                         body
                     }
                 };
@@ -217,7 +224,8 @@ pub fn plan_port(
     rules
 }
 
-/// Whether traffic under `policy` has endpoints, or how it is refused.
+/// Whether traffic under `policy` has endpoints, or how it is refused: rejected without any
+/// endpoint, dropped under a Local policy without a local one.
 fn verdict(usable: &Usable, policy: TrafficPolicy) -> Result<(), Refusal> {
     if usable.cluster.is_empty() {
         Err(Refusal::Reject)

@@ -105,6 +105,9 @@ pub enum Rule {
     DropUnlessSourceIn(Vec<IpNet>),
     /// `goto C`.
     Goto(String),
+    /// `drop`: external traffic of a Local policy on a node without a local endpoint, once
+    /// pods and the node itself have been short-circuited to any endpoint.
+    Drop,
 }
 
 impl Rule {

@@ -207,6 +207,11 @@ fn local_external_policy_keeps_the_client_address_and_drops_without_a_local_endp
         fates(&p, OUTSIDE, NODE_IP, 30080, Origin::Network),
         [Fate::Dropped].into()
     );
+    assert_eq!(
+        fates(&p, POD, "198.51.100.10", 80, Origin::Network),
+        [to("10.244.1.5", false)].into(),
+        "pods are still short-circuited to the endpoints elsewhere"
+    );
     assert_eq!(p.health_checks[&32000].local_endpoints, 0);
 }
 
@@ -451,10 +456,13 @@ fn oracle(
     } else {
         port.internal_policy
     };
-    if policy == TrafficPolicy::Local && local.is_empty() {
-        return [Fate::Dropped].into();
-    }
+    // Pods and the node itself reach a Local service's external addresses as if they
+    // were inside the cluster (kube-proxy's short-circuit); only the rest is dropped
+    // without a local endpoint.
     let (chosen, masquerade) = if !external {
+        if policy == TrafficPolicy::Local && local.is_empty() {
+            return [Fate::Dropped].into();
+        }
         let chosen = if policy == TrafficPolicy::Local {
             local
         } else {
@@ -467,6 +475,8 @@ fn oracle(
         (cluster, false)
     } else if is_local(p.src) {
         (cluster, true)
+    } else if local.is_empty() {
+        return [Fate::Dropped].into();
     } else {
         (local, false)
     };

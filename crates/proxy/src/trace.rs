@@ -76,6 +76,7 @@ struct Flow {
     dnat: Option<(IpAddr, u16)>,
     marked: bool,
     remembered: Option<String>,
+    dropped: bool,
 }
 
 impl<'a> Tracer<'a> {
@@ -148,6 +149,9 @@ impl<'a> Tracer<'a> {
 
     /// The filter chains after NAT, then masquerading.
     fn after_nat(&self, p: &Packet, flow: Flow) -> Fate {
+        if flow.dropped {
+            return Fate::Dropped;
+        }
         let (daddr, dport) = flow.dnat.unwrap_or((p.dst, p.port));
         let dest = Destination {
             addr: daddr,
@@ -212,6 +216,7 @@ impl<'a> Tracer<'a> {
             dnat: None,
             marked: false,
             remembered: None,
+            dropped: false,
         };
         if let Some(chain) = self.service_ips.get(&dest) {
             return self.run_nat_chain(chain, p, start, 0);
@@ -281,6 +286,10 @@ impl<'a> Tracer<'a> {
                     return vec![flow];
                 }
                 Rule::Goto(chain) => return self.run_nat_chain(chain, p, flow, depth + 1),
+                Rule::Drop => {
+                    flow.dropped = true;
+                    return vec![flow];
+                }
                 Rule::DropUnlessSourceIn(_) => {
                     panic!("firewall rule in nat chain {name}")
                 }

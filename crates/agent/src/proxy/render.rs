@@ -469,6 +469,7 @@ fn render_rule(
             out
         }
         Rule::Goto(chain) => vec![dsl::goto(chain)],
+        Rule::Drop => vec![dsl::drop()],
     }
 }
 

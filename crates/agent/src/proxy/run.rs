@@ -249,6 +249,9 @@ impl Proxy {
         self.ports_of.clear();
         let all: Vec<ServiceKey> = self.view.service_keys().cloned().collect();
         self.replan(&all);
+        // The plan changed and nothing was applied: the next audit must read and repair,
+        // whatever the ruleset generation says.
+        self.verified = None;
     }
 
     /// Replans the given services; returns the units to apply and whether a UDP port was
