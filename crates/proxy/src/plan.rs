@@ -276,7 +276,7 @@ fn add_endpoint_chains(rules: &mut ServiceRules, port: &ServicePort, endpoints: 
 
 /// The health check a LoadBalancer service with a Local policy answers on this node: the
 /// number of this node's ready endpoints, in either family.
-fn health_check(
+pub fn health_check(
     port: &ServicePort,
     endpoints: &[Endpoint],
     node: &NodeView,

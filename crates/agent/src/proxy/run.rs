@@ -277,10 +277,9 @@ impl Proxy {
                     units.extend(d.set_port(&port.name, Some(rules)));
                 }
             }
-            let check = plan::plan(&ports, &self.node)
-                .health_checks
-                .into_iter()
-                .next();
+            let check = ports
+                .iter()
+                .find_map(|(port, endpoints)| plan::health_check(port, endpoints, &self.node));
             match check {
                 Some(check) => self.health.insert(key.clone(), check),
                 None => self.health.remove(key),
