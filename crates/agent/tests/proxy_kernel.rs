@@ -617,3 +617,60 @@ async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
     );
     proxy.abort();
 }
+
+/// A restarted proxy does not flush: its first pass reads the kernel, finds its tables
+/// right, and changes nothing, so connections never notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_changes_nothing_in_a_kernel_that_is_already_right() {
+    let net = Routed::new("restart");
+    let (a, r, b) = (
+        net.a.name().to_string(),
+        net.r.name().to_string(),
+        net.b.name().to_string(),
+    );
+    trellis_testkit::netns::ip(&["-n", &r, "route", "add", "default", "dev", "r1"]);
+    serve_in(&b, "10.91.2.2:8080", "b");
+    let store = EmbeddedStore::new();
+    put(&store, "services/shop/web", service(true)).await;
+    put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
+    let (first, _) = start_proxy(&store, &r, true, Some(Routed::R_A));
+    wait_for(
+        "the ClusterIP to lead to B",
+        Duration::from_secs(10),
+        || {
+            let a = a.clone();
+            async move { (connect(&a, "10.96.0.10:80") == Ok("b".into())).then_some(()) }
+        },
+    )
+    .await;
+    first.abort();
+    let _ = first.await;
+    let generation = Nft::connect_in(&r).unwrap().generation().unwrap();
+
+    let (second, metrics) = start_proxy(&store, &r, true, Some(Routed::R_A));
+    wait_for(
+        "the new proxy's first sync",
+        Duration::from_secs(10),
+        || {
+            let ok = metrics
+                .proxy()
+                .last_sync
+                .judge(std::time::Instant::now())
+                .is_ok();
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let rendered = metrics.render(std::time::Instant::now());
+    assert!(
+        rendered.contains("trellis_proxy_operations_total{node=\"r\"} 0"),
+        "nothing written: {rendered}"
+    );
+    assert_eq!(
+        Nft::connect_in(&r).unwrap().generation().unwrap(),
+        generation,
+        "no transaction committed"
+    );
+    assert_eq!(connect(&a, "10.96.0.10:80"), Ok("b".into()));
+    second.abort();
+}
