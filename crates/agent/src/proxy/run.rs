@@ -103,10 +103,13 @@ pub async fn run(
                     continue;
                 }
                 let first = !proxy.programmed;
+                // The first pass plans every service, which covers whatever piled up
+                // before the view was complete.
+                let piled_up = std::mem::take(&mut pending);
                 let touched: Vec<ServiceKey> = if first {
                     proxy.view.service_keys().cloned().collect()
                 } else {
-                    std::mem::take(&mut pending).into_iter().collect()
+                    piled_up.into_iter().collect()
                 };
                 let (units, udp_changed) = proxy.replan(&touched);
                 let ok = if first {
