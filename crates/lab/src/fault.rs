@@ -4,6 +4,11 @@
 //! meet the fabric's bridges (table `bridge trellis_loss_NODE` in the fabric namespace), so
 //! that a lost packet vanishes silently as on a real link. `heal` removes both and restarts
 //! a killed agent.
+//!
+//! `proxy-tamper` (seed 002) is different: it changes the agent's own service proxy rules
+//! (table `ip trellis-proxy`) from outside, over netlink, as another program or a person
+//! with `nft` would. There is nothing to heal: the agent's proxy trusts only the kernel,
+//! finds the difference in its next audit and repairs it ([`wait_proxy_repaired`]).
 
 use crate::processes;
 use crate::state::{self, LabState};
@@ -58,6 +63,9 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
             let fabric = crate::spec::fabric_netns(lab);
             rules::program_links(&fabric, node, &link_faults).await?
         }
+        FaultKind::ProxyTamper => {
+            proxy::tamper(&spec, None).await?;
+        }
         _ => rules::program(&spec.netns, &fault).await?,
     }
     state
@@ -66,6 +74,51 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
         .or_default()
         .push(fault);
     state.save()
+}
+
+/// `proxy-tamper` on `node`, saying what was changed. `dead` is the address the
+/// tampered element now leads to; `None`: an address of the node's pod network no pod has.
+pub async fn tamper_proxy(
+    lab: &str,
+    node: &str,
+    dead: Option<std::net::Ipv4Addr>,
+) -> anyhow::Result<Tampered> {
+    let mut state = LabState::load(lab)?;
+    let spec = state.spec.node(node)?.clone();
+    let tampered = proxy::tamper(&spec, dead).await?;
+    state
+        .faults
+        .entry(node.to_string())
+        .or_default()
+        .push(Fault::new(FaultKind::ProxyTamper, false, None)?);
+    state.save()?;
+    Ok(tampered)
+}
+
+/// Whether `node`'s proxy rules are whole again after a `proxy-tamper`: the foreign chain
+/// is gone and every service chain has its rules.
+pub async fn proxy_repaired(lab: &str, node: &str) -> anyhow::Result<bool> {
+    let state = LabState::load(lab)?;
+    let netns = state.spec.node(node)?.netns.clone();
+    tokio::task::spawn_blocking(move || proxy::repaired(&netns)).await?
+}
+
+/// Waits until [`proxy_repaired`]; how long that took, or `None` after `timeout`.
+pub async fn wait_proxy_repaired(
+    lab: &str,
+    node: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Option<std::time::Duration>> {
+    let started = std::time::Instant::now();
+    loop {
+        if proxy_repaired(lab, node).await? {
+            return Ok(Some(started.elapsed()));
+        }
+        if started.elapsed() > timeout {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 pub async fn heal(lab: &str, node: &str) -> anyhow::Result<Vec<Fault>> {
@@ -163,6 +216,7 @@ mod rules {
             }
             FaultKind::Loss | FaultKind::CutPath => {} // on the fabric's ports: program_links
             FaultKind::Kill | FaultKind::Freeze | FaultKind::Throttle => {}
+            FaultKind::ProxyTamper => {} // the agent's own table: proxy::tamper
         }
         b
     }
@@ -259,5 +313,210 @@ mod rules {
             anyhow::Ok(())
         })
         .await?
+    }
+}
+
+/// What `proxy-tamper` did to a node's proxy rules.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Tampered {
+    /// The service port whose rules were changed, `ADDR . PROTO . PORT`.
+    pub destination: String,
+    pub flushed_chain: String,
+    /// `SET: KEY` of every element deleted.
+    pub deleted: Vec<String>,
+    /// The chain `service-ips` now sends the destination to, and where it DNATs.
+    pub chain: String,
+    pub dead: std::net::SocketAddrV4,
+}
+
+impl std::fmt::Display for Tampered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "flushed chain {}; deleted {}; added service-ips element {} : goto {} (dnat to {}, a dead pod's address)",
+            self.flushed_chain,
+            self.deleted.join(", "),
+            self.destination,
+            self.chain,
+            self.dead
+        )
+    }
+}
+
+/// `proxy-tamper`: changes the agent's table `ip trellis-proxy` from outside, over netlink.
+mod proxy {
+    use super::Tampered;
+    use crate::spec::NodeSpec;
+    use anyhow::{Context, bail};
+    use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+    use trellis_agent::proxy::render::TABLE;
+    use trellis_dataplane::nftables::{ElemValue, Family, Nft, SetElem, Verdict, dsl};
+
+    const SERVICE_IPS: &str = "service-ips";
+    const SERVICE_NODEPORTS: &str = "service-nodeports";
+    /// The foreign chain the tampered element leads to.
+    pub const CHAIN: &str = "tamper-dead-pod";
+
+    /// `daddr . l4proto . dport` of an IPv4 `service-ips` key (each field padded to 4
+    /// bytes).
+    fn destination(key: &[u8]) -> Option<(Ipv4Addr, u8, u16)> {
+        if key.len() < 12 {
+            return None;
+        }
+        let addr = Ipv4Addr::new(key[0], key[1], key[2], key[3]);
+        Some((addr, key[4], u16::from_be_bytes([key[8], key[9]])))
+    }
+
+    fn goto_chain(value: &Option<ElemValue>) -> Option<&str> {
+        match value {
+            Some(ElemValue::Verdict(Verdict::Goto(c) | Verdict::Jump(c))) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// An address in the node's pod network that no pod has.
+    fn unused_pod_address(node: &NodeSpec) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 250)
+    }
+
+    pub async fn tamper(node: &NodeSpec, dead: Option<Ipv4Addr>) -> anyhow::Result<Tampered> {
+        let dead = dead.unwrap_or_else(|| unused_pod_address(node));
+        let (netns, name) = (node.netns.clone(), node.name.clone());
+        tokio::task::spawn_blocking(move || tamper_in(&netns, &name, dead)).await?
+    }
+
+    fn tamper_in(netns: &str, node: &str, dead: Ipv4Addr) -> anyhow::Result<Tampered> {
+        let nft = Nft::connect_in(netns)?;
+        if !nft.table_exists(Family::Ip, TABLE)? {
+            bail!("{node} has no table ip {TABLE}: is its agent running with the service proxy?");
+        }
+        let mut services: Vec<(Vec<u8>, String)> = nft
+            .elements(Family::Ip, TABLE, SERVICE_IPS)?
+            .into_iter()
+            .filter_map(|e| {
+                let chain = goto_chain(&e.value)?.to_string();
+                chain.starts_with("service-").then_some((e.key, chain))
+            })
+            .collect();
+        services.sort();
+        let Some((key, chain)) = services.into_iter().next() else {
+            bail!(
+                "{node}'s proxy has no service with endpoints to tamper with: add one first (`trellis lab service add`)"
+            );
+        };
+        let (addr, proto, port) = destination(&key).with_context(|| {
+            format!(
+                "an element of {SERVICE_IPS} with a key of {} bytes",
+                key.len()
+            )
+        })?;
+        let port_name = chain.trim_start_matches("service-").to_string();
+        let chains = nft.chains(Family::Ip, TABLE)?;
+        // The pods' port, from the name of one of the port's endpoint chains.
+        let endpoint_prefix = format!("endpoint-{port_name}__");
+        let target = chains
+            .iter()
+            .filter_map(|c| c.name.strip_prefix(&endpoint_prefix))
+            .filter_map(|rest| rest.rsplit_once('/')?.1.parse::<u16>().ok())
+            .next()
+            .unwrap_or(crate::pods::ECHO_PORT);
+        let node_ports: Vec<Vec<u8>> = nft
+            .elements(Family::Ip, TABLE, SERVICE_NODEPORTS)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| goto_chain(&e.value).is_some_and(|c| c.ends_with(&port_name)))
+            .map(|e| e.key)
+            .collect();
+        let protocol = match proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            132 => "sctp".to_string(),
+            other => other.to_string(),
+        };
+        let destination = format!("{addr} . {protocol} . {port}");
+        let mut deleted = vec![format!("{SERVICE_IPS}: {destination}")];
+        for k in &node_ports {
+            if k.len() >= 6 {
+                deleted.push(format!(
+                    "{SERVICE_NODEPORTS}: {protocol} . {}",
+                    u16::from_be_bytes([k[4], k[5]])
+                ));
+            }
+        }
+        let mut b = trellis_dataplane::nftables::Batch::new();
+        b.flush_chain(Family::Ip, TABLE, &chain);
+        b.delete_elements(Family::Ip, TABLE, SERVICE_IPS, vec![key.clone()]);
+        if !node_ports.is_empty() {
+            b.delete_elements(Family::Ip, TABLE, SERVICE_NODEPORTS, node_ports);
+        }
+        if chains.iter().any(|c| c.name == CHAIN) {
+            b.flush_chain(Family::Ip, TABLE, CHAIN);
+        } else {
+            b.add_chain(Family::Ip, TABLE, CHAIN, None);
+        }
+        b.add_rule(
+            Family::Ip,
+            TABLE,
+            CHAIN,
+            [
+                dsl::l4proto(proto),
+                dsl::counter(),
+                dsl::dnat_ip_port(IpAddr::V4(dead), target),
+            ]
+            .concat(),
+            Some("trellis lab fault proxy-tamper"),
+        );
+        b.add_elements(
+            Family::Ip,
+            TABLE,
+            SERVICE_IPS,
+            vec![SetElem::verdict(key, Verdict::Goto(CHAIN.into()))],
+        );
+        nft.apply(&b)
+            .with_context(|| format!("tampering with {node}'s proxy rules"))?;
+        Ok(Tampered {
+            destination,
+            flushed_chain: chain,
+            deleted,
+            chain: CHAIN.into(),
+            dead: SocketAddrV4::new(dead, target),
+        })
+    }
+
+    /// No foreign chain left, and no service chain without rules.
+    pub fn repaired(netns: &str) -> anyhow::Result<bool> {
+        let nft = Nft::connect_in(netns)?;
+        if !nft.table_exists(Family::Ip, TABLE)? {
+            return Ok(false);
+        }
+        let chains = nft.chains(Family::Ip, TABLE)?;
+        if chains.iter().any(|c| c.name == CHAIN) {
+            return Ok(false);
+        }
+        let rules = nft.dump_rules(Family::Ip, TABLE, None)?;
+        Ok(chains
+            .iter()
+            .filter(|c| c.name.starts_with("service-"))
+            .all(|c| rules.iter().any(|r| r.chain == c.name)))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use trellis_dataplane::nftables::{Datum, concat};
+
+        #[test]
+        fn service_keys_decode() {
+            let key = concat(&[
+                Datum::Ipv4(Ipv4Addr::new(10, 96, 0, 10)),
+                Datum::Proto(6),
+                Datum::Port(80),
+            ]);
+            assert_eq!(
+                destination(&key),
+                Some((Ipv4Addr::new(10, 96, 0, 10), 6, 80))
+            );
+            assert_eq!(destination(&key[..4]), None);
+        }
     }
 }

@@ -24,6 +24,11 @@ pub enum FaultKind {
     /// The public path between the node and another node (give PEER) drops everything:
     /// their direct tunnel breaks while both still reach everyone else.
     CutPath,
+    /// The node's service proxy rules are changed from outside (seed 002): a service chain
+    /// flushed, map elements deleted, and the service's `service-ips` element sent to a
+    /// chain that DNATs to a dead pod's address. Nothing to heal: the proxy's audit
+    /// repairs it.
+    ProxyTamper,
     /// The store only (`lab fault store freeze`): etcd stopped with SIGSTOP.
     Freeze,
     /// The store only (`lab fault store throttle`): most store traffic dropped.
@@ -131,6 +136,7 @@ impl fmt::Display for Fault {
             FaultKind::Partition => f.write_str("partition"),
             FaultKind::Loss => write!(f, "loss {}%", self.percent.unwrap_or(0)),
             FaultKind::CutPath => write!(f, "cut-path {}", self.peer.as_deref().unwrap_or("?")),
+            FaultKind::ProxyTamper => f.write_str("proxy-tamper"),
             FaultKind::Freeze => f.write_str("freeze"),
             FaultKind::Throttle => f.write_str("throttle"),
         }

@@ -6,6 +6,8 @@
 //! - [`build`], [`processes`], [`store`]: namespaces and links, agent processes, the store;
 //! - [`up`]: bring a lab up and wait for convergence; [`build::teardown`] removes it;
 //! - [`fault`]: the incidents as injectable faults, and their healing;
+//! - [`pods`], [`service`]: what pods serve (TCP and UDP echo naming the pod), clients
+//!   that tell which pod answered, and Services whose backends are lab pods;
 //! - [`check`], [`status`], [`agent_admin`]: what a lab does and says;
 //! - [`demo`], [`bench`]: the incidents replayed and measured;
 //! - [`guard`] (with [`signals`] and [`built`]): whatever a command built is removed when it
@@ -27,7 +29,9 @@ pub mod exec;
 pub mod fault;
 pub mod guard;
 pub mod incident;
+pub mod pods;
 pub mod processes;
+pub mod service;
 pub mod signals;
 pub mod spec;
 pub mod state;

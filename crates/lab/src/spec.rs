@@ -1,7 +1,10 @@
 //! The lab's addressing plan: a pure function from the `lab up` parameters to every
 //! namespace, link and address. Ranges (see ENVIRONMENT.md): underlay "public" network
 //! 198.18.0.0/16, location-internal networks 172.20.0.0/16, pod CIDRs 10.244.0.0/16,
-//! overlay addresses 100.64.0.0/16, probe addresses 100.65.0.0/16. Nothing here is routed outside the lab's namespaces.
+//! overlay addresses 100.64.0.0/16, probe addresses 100.65.0.0/16, Service ClusterIPs from
+//! the cluster's default service range 10.96.0.0/12 (every node routes it, see
+//! [`SERVICE_CIDR`]), load-balancer addresses 198.19.0.0/24 ([`LOAD_BALANCER_RANGE`]).
+//! Nothing here is routed outside the lab's namespaces.
 
 use anyhow::bail;
 use clap::ValueEnum;
@@ -14,6 +17,15 @@ pub const LISTEN_PORT: u16 = 51820;
 /// Where a lab's etcd listens for clients, on each location network.
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const MAX_NAME: usize = 6;
+/// The ClusterIP range (the store's default service settings, as kubeadm's). Every node
+/// routes it out of its internal network, as a node's default route would: the proxy's
+/// REJECT of a port no Service serves, or of a Service without endpoints, sits in the
+/// forward and output hooks, which a packet only reaches once routing has found a route.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Where `lab service add --type LoadBalancer` takes ingress addresses from (198.19.0.1 up,
+/// the other half of the benchmarking range the public network is in). Lab hosts route it
+/// to the first public node, which stands in for a cloud load balancer.
+pub const LOAD_BALANCER_RANGE: &str = "198.19.0.0/24";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabParams {
@@ -343,6 +355,19 @@ mod tests {
                 assert!(seen.insert(p.addr()), "{p}");
             }
             assert!(n.interface.len() <= 15, "{}", n.interface);
+        }
+    }
+
+    #[test]
+    fn the_routed_service_range_is_the_one_clusterips_come_from() {
+        let settings = trellis_model::ServiceSettings::default();
+        assert_eq!(settings.cidrs()[0].to_string(), SERVICE_CIDR);
+        let lb: Ipv4Net = LOAD_BALANCER_RANGE.parse().unwrap();
+        let spec = params(6, 2).spec().unwrap();
+        for n in &spec.nodes {
+            for addr in [n.internal_ip.addr(), n.pod_cidr.addr(), n.overlay_ip] {
+                assert!(!lb.contains(&addr));
+            }
         }
     }
 

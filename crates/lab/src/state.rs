@@ -37,6 +37,9 @@ pub struct LabState {
     pub store_pid: Option<i32>,
     #[serde(default)]
     pub agent_pids: BTreeMap<String, i32>,
+    /// The process that answers TCP and UDP echo in every pod (`lab serve-pods`).
+    #[serde(default)]
+    pub pods_pid: Option<i32>,
     /// Faults injected per node and not yet healed.
     #[serde(default)]
     pub faults: BTreeMap<String, Vec<crate::incident::Fault>>,

@@ -84,6 +84,7 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         spec: spec.clone(),
         store_pid: None,
         agent_pids: Default::default(),
+        pods_pid: None,
         faults: Default::default(),
         store_faults: Vec::new(),
     };
@@ -99,6 +100,8 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
     }
     let store_pid = store::start(spec).await.context("starting the store")?;
     lab.store_pid = Some(store_pid);
+    lab.save()?;
+    lab.pods_pid = Some(crate::pods::start(spec).context("starting the pods' echo servers")?);
     lab.save()?;
     let store = store::open(&spec.name)?;
     wait_for_store(store.as_ref(), Duration::from_secs(20)).await?;
@@ -127,7 +130,14 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         lab.agent_pids.insert(node.name.clone(), pid);
     }
     lab.save()?;
-    wait_converged(store.as_ref(), spec, timeout).await
+    wait_converged(store.as_ref(), spec, timeout).await?;
+    if lab.pods_pid.is_some_and(|p| !processes::is_alive(p)) {
+        bail!(
+            "the pods' echo server exited: see {}",
+            state::log_path(&spec.name, "pods").display()
+        );
+    }
+    Ok(())
 }
 
 fn which(program: &str) -> Option<std::path::PathBuf> {

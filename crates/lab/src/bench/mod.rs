@@ -10,6 +10,7 @@
 
 pub(crate) mod leadership;
 mod peer;
+pub mod proxy;
 mod tcp;
 
 pub use leadership::{LeadershipArgs, leadership, table as leadership_table};

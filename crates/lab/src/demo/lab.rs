@@ -1,4 +1,4 @@
-//! What both demos share: their lab (brought up and checked pair by pair, each step
+//! What the demos share: their lab (brought up and checked pair by pair, each step
 //! printed) and their closing table.
 
 use crate::check;
@@ -24,8 +24,27 @@ pub(super) async fn up_and_check(
     granularity: Granularity,
     store: crate::store::StoreKind,
 ) -> anyhow::Result<(LabState, bool)> {
+    up_and_check_with(name, granularity, store, DEFAULT_RESYNC).await
+}
+
+/// The agents' default resync (and proxy audit) interval in the demos' labs, in seconds.
+const DEFAULT_RESYNC: u64 = 10;
+
+/// [`up_and_check`] with agents that resync (and audit their proxy rules) every
+/// `agent_resync` seconds.
+pub(super) async fn up_and_check_with(
+    name: &str,
+    granularity: Granularity,
+    store: crate::store::StoreKind,
+    agent_resync: u64,
+) -> anyhow::Result<(LabState, bool)> {
+    let resync = if agent_resync == DEFAULT_RESYNC {
+        String::new()
+    } else {
+        format!(" --agent-resync {agent_resync}")
+    };
     say!(
-        "== trellis lab up --name {name} --nodes 6 --locations 2 --gateways 2 --granularity {granularity} --store {}",
+        "== trellis lab up --name {name} --nodes 6 --locations 2 --gateways 2 --granularity {granularity} --store {}{resync}",
         store.name()
     );
     let params = LabParams {
@@ -36,7 +55,7 @@ pub(super) async fn up_and_check(
         gateways: 2,
         public_per_location: 2,
         pods_per_node: 1,
-        agent_resync: 10,
+        agent_resync,
         gateway_health: GatewayHealth::Forwarding,
         store,
     };
@@ -48,4 +67,18 @@ pub(super) async fn up_and_check(
     let report = check::all_pairs(&lab.spec, 3, Duration::from_secs(1)).await?;
     say!("{}", check::matrix(&report).trim_end());
     Ok((lab, report.ok))
+}
+
+/// UTC time of day with milliseconds, for lining the demo up with the agents' logs.
+pub(super) fn wall_clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, ms) = (now.as_secs() % 86_400, now.subsec_millis());
+    format!(
+        "{:02}:{:02}:{:02}.{ms:03} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }

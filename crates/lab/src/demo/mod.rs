@@ -4,11 +4,14 @@
 //! - [`seed000`]: a gateway stops forwarding new flows while it still answers pings and
 //!   handshakes; it is detected, replaced, healed and given its share back;
 //! - [`seed001`]: the store (etcd) stops answering; the leader stops its leader-only work and
-//!   nothing else stops.
+//!   nothing else stops;
+//! - [`seed002`]: a Service's backend pod is deleted and another node's proxy rules are
+//!   tampered with; no new connection goes to the dead pod, the drift is repaired.
 
 mod lab;
 mod seed000;
 mod seed001;
+mod seed002;
 
 use crate::{build, state};
 use std::io::Write;
@@ -21,6 +24,9 @@ pub enum Seed {
     Gateway000,
     /// The store stops answering; the leader must stop without taking anything down.
     Lease001,
+    /// A Service's backend pod dies and a node's proxy rules are tampered with: proxy
+    /// rules must never lead to a dead pod for long.
+    Proxy002,
 }
 
 /// Replays one incident on a lab of its own, narrates each step and a summary table, and
@@ -49,6 +55,14 @@ pub async fn run(
                 s.table(),
                 s.passed(),
                 SEED_001_PASSED,
+                serde_json::to_value(&s)?,
+            )
+        } else if seed == Seed::Proxy002 {
+            let s = seed002::scenario(&name).await?;
+            (
+                s.table(),
+                s.passed(),
+                SEED_002_PASSED,
                 serde_json::to_value(&s)?,
             )
         } else {
@@ -107,9 +121,11 @@ impl Seed {
         match self {
             Seed::Gateway000 => "000",
             Seed::Lease001 => "001",
+            Seed::Proxy002 => "002",
         }
     }
 }
 
 const SEED_000_PASSED: &str = "demo passed: the gateway that stopped forwarding was routed around and took its share back after the hold-down";
 const SEED_001_PASSED: &str = "demo passed: the leader stopped at its renew deadline, nothing else stopped, and a leader came back with the store";
+const SEED_002_PASSED: &str = "demo passed: no new connection went to the deleted pod once its endpoint was terminating, none failed, and the tampered rules were repaired by the proxy's own audit";

@@ -3,7 +3,7 @@
 //! after the fault is healed and the hold-down has passed the gateway takes its share back.
 //! Every step is printed with its time since the fault (or the heal).
 
-use super::lab::{summary_table, up_and_check};
+use super::lab::{summary_table, up_and_check, wall_clock};
 use crate::bench::{SERVER_PORT, Servers, Stream, connect_from};
 use crate::fault::{self, Fault, FaultKind};
 use std::collections::BTreeMap;
@@ -420,18 +420,4 @@ impl View {
             .map(|(o, _)| o.clone())
             .collect()
     }
-}
-
-/// UTC time of day with milliseconds, for lining the demo up with the agents' logs.
-fn wall_clock() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let (secs, ms) = (now.as_secs() % 86_400, now.subsec_millis());
-    format!(
-        "{:02}:{:02}:{:02}.{ms:03} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use trellis_lab::fault::{self, FaultKind};
 use trellis_lab::guard::{self, Ended};
+use trellis_lab::pods::{self, L4};
+use trellis_lab::service::{self, Policy, Type};
 use trellis_lab::spec::LabParams;
 use trellis_lab::state::LabState;
 use trellis_lab::store::{self, StoreKind};
@@ -27,12 +29,24 @@ pub enum LabCommand {
     /// Run a command inside a node's (or a pod's) network namespace.
     Exec(ExecArgs),
     /// Inject a fault into a node: blackhole-forward [--new-flows-only], kill, partition,
-    /// loss PERCENT, or cut-path PEER; or into the store (a lab on etcd): `store freeze`,
-    /// `store kill`, `store partition NODE`, `store throttle`.
+    /// loss PERCENT, cut-path PEER, or proxy-tamper (its service proxy rules changed from
+    /// outside); or into the store (a lab on etcd): `store freeze`, `store kill`,
+    /// `store partition NODE`, `store throttle`.
     Fault(FaultArgs),
     /// Remove every fault of a node (and restart its agent if it was killed), or of the
-    /// store (`heal store`: thaw or restart etcd, end partitions and throttling).
+    /// store (`heal store`: thaw or restart etcd, end partitions and throttling). After
+    /// proxy-tamper there is nothing to undo: it waits for the node's proxy to repair its
+    /// rules and says so.
     Heal(HealArgs),
+    /// Services whose backends are lab pods (in namespace `default`), written to the lab's
+    /// store with their EndpointSlices; every agent's proxy programs them.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Exchanges with a TCP or UDP echo server from a pod, node or host, each on a new
+    /// socket; prints which pod answered how often, and the failures by kind (refused,
+    /// timeout, ...); exits non-zero if any failed. Every pod answers echo on port 9376
+    /// with its name.
+    Connect(ConnectArgs),
     /// A node agent's metrics (Prometheus text), read from inside the node's namespace.
     Metrics(HealArgs),
     /// Benchmarks on labs of their own, removed when the bench ends, also when interrupted
@@ -44,11 +58,98 @@ pub enum LabCommand {
     Host(HostCommand),
     /// Seed 000 on a lab: a gateway stops forwarding new flows; watch it be detected,
     /// replaced, healed and given its share back, then tear the lab down (also when
-    /// interrupted by Ctrl-C, SIGTERM or SIGHUP: exit code 130, 143 or 129).
+    /// interrupted by Ctrl-C, SIGTERM or SIGHUP: exit code 130, 143 or 129). `--seed 001`:
+    /// the store stops answering; `--seed 002`: a Service's backend pod dies and a node's
+    /// proxy rules are tampered with.
     Demo(DemoArgs),
     /// Serve the lab's embedded store (started by `lab up`; not for direct use).
     #[command(hide = true)]
     ServeStore(NameArg),
+    /// Answer TCP and UDP echo in every pod (started by `lab up`; not for direct use).
+    #[command(hide = true)]
+    ServePods(NameArg),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Create (or update) a Service and its EndpointSlice: endpoints are the named pods,
+    /// ready, on their nodes. The ClusterIP (10.96.0.0/12) and node port are allocated as
+    /// the API server would; a LoadBalancer gets an ingress address from 198.19.0.0/24,
+    /// which lab hosts route to the first public node.
+    Add(ServiceAddArgs),
+    /// Delete a Service and its EndpointSlice.
+    Rm {
+        /// The Service.
+        service: String,
+        #[command(flatten)]
+        name: NameArg,
+    },
+    /// The lab's Services with their addresses and backends (also `trellis get services
+    /// --lab NAME`).
+    List {
+        #[command(flatten)]
+        name: NameArg,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceAddArgs {
+    /// The Service's name (a DNS label).
+    pub service: String,
+    /// The Service's port.
+    #[arg(long)]
+    pub port: u32,
+    /// Backend pods, e.g. a1-p0,b1-p0; none: a Service without endpoints (refused).
+    #[arg(long, value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// The pods' port (default 9376, where every lab pod answers TCP and UDP echo).
+    #[arg(long)]
+    pub target_port: Option<u32>,
+    #[arg(long, value_enum, default_value = "tcp", ignore_case = true)]
+    pub protocol: L4,
+    #[arg(
+        long = "type",
+        value_enum,
+        default_value = "ClusterIP",
+        ignore_case = true
+    )]
+    pub type_: Type,
+    /// ClientIP session affinity: a client stays on one backend.
+    #[arg(long)]
+    pub affinity: bool,
+    /// Local: traffic from outside the cluster only to the node's own endpoints (NodePort
+    /// and LoadBalancer).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub external_traffic_policy: Option<Policy>,
+    /// Local: traffic from inside the cluster only to the node's own endpoints.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub internal_traffic_policy: Option<Policy>,
+    #[command(flatten)]
+    pub name: NameArg,
+}
+
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// Where the client runs: a pod (a1-p0), a node (a1) or a host (laptop).
+    pub from: String,
+    /// ADDRESS:PORT, e.g. a ClusterIP and port, or a node's address and a NodePort.
+    pub target: std::net::SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp", ignore_case = true)]
+    pub protocol: L4,
+    /// Exchanges, one after the other, each on a new socket.
+    #[arg(long, default_value_t = 10)]
+    pub count: usize,
+    /// How long one exchange may take before it counts as timed out, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub timeout_ms: u64,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub name: NameArg,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -120,8 +221,9 @@ pub struct DemoArgs {
     #[arg(long, default_value = "location")]
     pub granularity: Granularity,
     /// Which incident to replay: 000, a gateway that stops forwarding new flows; 001, the
-    /// store (etcd) stops answering and the leader must stop without taking anything down.
-    #[arg(long, default_value = "000", value_parser = ["000", "001"])]
+    /// store (etcd) stops answering and the leader must stop without taking anything down;
+    /// 002, a Service's backend pod dies and a node's proxy rules are tampered with.
+    #[arg(long, default_value = "000", value_parser = ["000", "001", "002"])]
     pub seed: String,
     /// Print the summary as one JSON object on stdout, at the end; the step-by-step
     /// narrative and the summary table go to stderr instead.
@@ -233,6 +335,52 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bld", value_parser = lab_name)]
         name: String,
     },
+    /// The service proxy against kube-proxy's text path (`nft -f` of the same services in
+    /// its nftables shape), measured in the same run: full sync, audit, one endpoint
+    /// added or removed, cold start, connection setup through the proxy; each side in
+    /// namespaces and processes of its own (wall time, peak memory, CPU).
+    Proxy {
+        /// Services (one TCP port each) for the full sync, audit, change and connection
+        /// cases.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Ready endpoints per service.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Services for the cold start case.
+        #[arg(long, default_value_t = 50_000)]
+        cold_start_services: usize,
+        /// Only these cases (default all): full-sync, endpoint-change, audit, cold-start,
+        /// connect.
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<trellis_lab::bench::proxy::Case>,
+        /// Trellis's endpoint choice: vmap (what the proxy renders), one-in (a rule per
+        /// endpoint, no anonymous maps), or both.
+        #[arg(long, value_delimiter = ',', default_value = "vmap,one-in")]
+        shapes: Vec<trellis_lab::bench::proxy::Shape>,
+        /// EndpointSlice changes to time (an endpoint added, then removed, in turn).
+        #[arg(long, default_value_t = 20)]
+        changes: usize,
+        /// Connections to time per size in the connection case.
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// How long one `nft` run of the peer may take (seconds); a timeout is reported.
+        #[arg(long, default_value_t = 900)]
+        peer_timeout: u64,
+        /// Skip the `nft -f` peer.
+        #[arg(long)]
+        no_peer: bool,
+        /// Print the rows as JSON on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// The bench's namespaces are `tl-NAME-…` (1-6 lowercase letters or digits; what a
+        /// previous run left is removed first).
+        #[arg(long, default_value = "bpx", value_parser = lab_name)]
+        name: String,
+    },
+    /// One side of `bench proxy`, run by it inside a namespace (not for direct use).
+    #[command(hide = true)]
+    ProxyWorker(trellis_lab::bench::proxy::WorkerArgs),
     /// Random loss on every link for a while; counts gateway changes (the target is none).
     FalseFailover {
         #[arg(long, default_value_t = 10.0)]
@@ -293,6 +441,11 @@ pub fn main(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             args.pod.as_deref(),
             &args.command,
         )),
+        // A process of its own, measured by `bench proxy`: its own runtime, if any.
+        LabCommand::Bench(BenchCommand::ProxyWorker(args)) => {
+            trellis_lab::bench::proxy::worker_main(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         other => super::runtime()?.block_on(run(other)),
     }
 }
@@ -377,14 +530,92 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Fault(args) => {
             let f = fault::Fault::parse(args.kind, args.new_flows_only, args.value.as_deref())?;
-            fault::inject(&args.name.name, &args.node, f.clone()).await?;
-            println!("{}: {f}", args.node);
+            if f.kind == FaultKind::ProxyTamper {
+                let t = fault::tamper_proxy(&args.name.name, &args.node, None).await?;
+                println!("{}: {f}: {t}", args.node);
+            } else {
+                fault::inject(&args.name.name, &args.node, f.clone()).await?;
+                println!("{}: {f}", args.node);
+            }
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Heal(args) => {
-            let healed = fault::heal(&args.name.name, &args.node).await?;
+            let lab = &args.name.name;
+            let healed = fault::heal(lab, &args.node).await?;
             println!("{}: healed {}", args.node, listed(&healed));
+            if healed.iter().any(|f| f.kind == FaultKind::ProxyTamper) {
+                // The audit runs every resync interval: three of them is a generous wait.
+                let resync = LabState::load(lab)?.spec.agent_resync;
+                let limit = Duration::from_secs(3 * resync + 5);
+                match fault::wait_proxy_repaired(lab, &args.node, limit).await? {
+                    Some(_) => println!(
+                        "{}: proxy-tamper: nothing to undo; its proxy repaired its rules (its audit runs every {resync} s; see trellis_proxy_drift_repaired_total in `lab metrics {}`)",
+                        args.node, args.node
+                    ),
+                    None => bail!(
+                        "{}: its proxy rules are still not repaired after {} s",
+                        args.node,
+                        limit.as_secs()
+                    ),
+                }
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Service(ServiceCommand::Add(args)) => {
+            let request = service::Request {
+                name: args.service,
+                port: args.port,
+                target_port: args.target_port,
+                protocol: args.protocol,
+                type_: args.type_,
+                backends: args
+                    .backends
+                    .into_iter()
+                    .filter(|b| !b.is_empty())
+                    .collect(),
+                affinity: args.affinity,
+                external_traffic_policy: args.external_traffic_policy,
+                internal_traffic_policy: args.internal_traffic_policy,
+            };
+            let added = service::add(&args.name.name, &request).await?;
+            print!("{}", service::table(std::slice::from_ref(&added)));
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Service(ServiceCommand::Rm { service, name }) => {
+            if service::remove(&name.name, &service).await? {
+                println!("service {service} deleted, with its EndpointSlice");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                bail!("lab {} has no service {service:?}", name.name)
+            }
+        }
+        LabCommand::Service(ServiceCommand::List { name, json }) => {
+            let services = service::list(&name.name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&services)?);
+            } else if services.is_empty() {
+                println!("no services: add one with `trellis lab service add`");
+            } else {
+                print!("{}", service::table(&services));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Connect(args) => {
+            let tally = pods::connect(
+                &args.name.name,
+                &args.from,
+                args.target,
+                args.protocol,
+                args.count.max(1),
+                Duration::from_millis(args.timeout_ms.max(1)),
+            )
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&tally)?);
+            } else {
+                println!("{tally}");
+            }
+            Ok(ok(tally.failures.is_empty()))
         }
         LabCommand::Bench(BenchCommand::Failover {
             trials,
@@ -439,6 +670,54 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(ok(report.gateway_changes == 0))
         }
+        LabCommand::Bench(BenchCommand::Proxy {
+            services,
+            endpoints,
+            cold_start_services,
+            cases,
+            shapes,
+            changes,
+            connections,
+            peer_timeout,
+            no_peer,
+            json,
+            name,
+        }) => {
+            let args = bench::proxy::ProxyArgs {
+                name,
+                services,
+                endpoints,
+                cold_start_services,
+                cases: if cases.is_empty() {
+                    bench::proxy::Case::ALL.to_vec()
+                } else {
+                    cases
+                },
+                shapes,
+                changes: changes.max(1),
+                connections,
+                peer: !no_peer,
+                peer_timeout: Duration::from_secs(peer_timeout.max(1)),
+            };
+            let outcome = bench::proxy::proxy(&args).await;
+            // What was measured is printed even when the run could not finish; with --json
+            // the table goes to stderr.
+            if json {
+                eprint!("{}", bench::proxy::table(&outcome.rows));
+                println!("{}", serde_json::to_string_pretty(&outcome.rows)?);
+            } else {
+                print!("{}", bench::proxy::table(&outcome.rows));
+            }
+            match outcome.stopped {
+                Some(e) => {
+                    Err(e.context("the bench stopped early; the rows above are what it measured"))
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
+        }
+        LabCommand::Bench(BenchCommand::ProxyWorker(_)) => {
+            unreachable!("handled before the runtime starts")
+        }
         LabCommand::Metrics(args) => {
             let lab = LabState::load(&args.name.name)?;
             print!(
@@ -451,9 +730,14 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             store::serve(&args.name).await?;
             Ok(ExitCode::SUCCESS)
         }
+        LabCommand::ServePods(args) => {
+            pods::serve(&args.name).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         LabCommand::Demo(args) => {
             let seed = match args.seed.as_str() {
                 "001" => demo::Seed::Lease001,
+                "002" => demo::Seed::Proxy002,
                 _ => demo::Seed::Gateway000,
             };
             Ok(ok(
