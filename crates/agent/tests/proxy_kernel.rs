@@ -589,7 +589,13 @@ async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
     put(&store, "endpointslices/shop/web-1", slice(&[Routed::B])).await;
     put(&store, "endpointslices/shop/web-2", second_slice()).await;
     let (proxy, _metrics) = start_proxy(&store, &r, false, None);
-    // Both endpoints programmed (the affinity rules name both sets).
+    // The table exists once the service answers; then both endpoints are programmed
+    // (the affinity rules name both sets).
+    wait_for("the service to answer", Duration::from_secs(10), || {
+        let a = a.clone();
+        async move { connect(&a, "10.96.0.10:80").ok() }
+    })
+    .await;
     wait_for(
         "both endpoints in the rules",
         Duration::from_secs(10),

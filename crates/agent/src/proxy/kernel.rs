@@ -26,7 +26,10 @@ pub fn read(nft: &Nft, family: IpFamily) -> Result<KernelTable, Error> {
         exists: true,
         ..KernelTable::default()
     };
-    for chain in nft.chains(fam, TABLE)? {
+    // Chains and rules in one consistent pass, the chains listed once (the kernel's chain
+    // listing is quadratic in their number).
+    let (chains, rules) = nft.chains_and_rules(fam, TABLE)?;
+    for chain in chains {
         table.chains.insert(
             chain.name,
             KernelChain {
@@ -35,7 +38,7 @@ pub fn read(nft: &Nft, family: IpFamily) -> Result<KernelTable, Error> {
             },
         );
     }
-    for rule in nft.dump_rules(fam, TABLE, None)? {
+    for rule in rules {
         table
             .chains
             .entry(rule.chain)

@@ -26,6 +26,10 @@ use trellis_proxy::conntrack::{Flow, FlowJudge};
 use trellis_proxy::{HealthCheck, IpFamily, NodeView, Protocol, ServicePortName, plan};
 use trellis_store::Store;
 
+/// How long one nftables call of the proxy may take: reading back a table of 50,000
+/// services (550,000 chains) takes seconds, longer than the module's default allows.
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The kernel interfaces the proxy programs.
 pub struct ProxyKernel {
     pub nft: Nft,
@@ -44,7 +48,7 @@ impl ProxyKernel {
             }
         };
         Ok(ProxyKernel {
-            nft: Nft::connect()?,
+            nft: Nft::connect()?.with_timeout(NFT_TIMEOUT),
             conntrack,
         })
     }

@@ -754,13 +754,42 @@ impl Nft {
             return self.chain_rules(&mut conn, deadline, family, table, chain, &action);
         }
         self.require_table(&mut conn, deadline, family, table, &action)?;
+        Ok(self
+            .chains_and_rules_locked(&mut conn, deadline, family, table, &action)?
+            .1)
+    }
+
+    /// A table's chains and all their rules, read in one consistent pass (the ruleset
+    /// generation is the same before and after): what an audit of a whole table needs,
+    /// with the chains listed once. Fails ([`Error::NotFound`]) if the table does not
+    /// exist.
+    pub fn chains_and_rules(
+        &self,
+        family: Family,
+        table: &str,
+    ) -> Result<(Vec<ChainInfo>, Vec<RuleDump>)> {
+        let action = || format!("listing chains and rules of {family} {table}");
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = self.lock();
+        self.require_table(&mut conn, deadline, family, table, &action)?;
+        self.chains_and_rules_locked(&mut conn, deadline, family, table, &action)
+    }
+
+    fn chains_and_rules_locked(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        family: Family,
+        table: &str,
+        action: &dyn Fn() -> String,
+    ) -> Result<(Vec<ChainInfo>, Vec<RuleDump>)> {
         for _attempt in 0..DUMP_ATTEMPTS {
-            let before = self.generation_locked(&mut conn, deadline, &action)?;
-            let chains = self.chains_locked(&mut conn, deadline, family, table, &action)?;
+            let before = self.generation_locked(conn, deadline, action)?;
+            let chains = self.chains_locked(conn, deadline, family, table, action)?;
             let mut rules = Vec::new();
             let mut vanished = false;
             for chain in &chains {
-                match self.chain_rules(&mut conn, deadline, family, table, &chain.name, &action) {
+                match self.chain_rules(conn, deadline, family, table, &chain.name, action) {
                     Ok(more) => rules.extend(more),
                     // Deleted since the chains were listed: read again.
                     Err(err) if err.has_errno(libc::ENOENT) => {
@@ -770,8 +799,8 @@ impl Nft {
                     Err(err) => return Err(err),
                 }
             }
-            if !vanished && self.generation_locked(&mut conn, deadline, &action)? == before {
-                return Ok(rules);
+            if !vanished && self.generation_locked(conn, deadline, action)? == before {
+                return Ok((chains, rules));
             }
         }
         Err(self.malformed(
