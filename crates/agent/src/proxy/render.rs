@@ -605,10 +605,37 @@ pub fn node_port_bytes(port: &NodePort) -> Vec<u8> {
 }
 
 /// FNV-1a over the expressions' debug form: stable for a given build, which is all the
-/// comment needs (a new build that renders a rule differently rewrites it once).
+/// comment needs (a new build that renders a rule differently rewrites it once). The debug
+/// form is hashed as it is written, never held as a string: a table of 10,000 services
+/// has 300,000 rules.
 fn fingerprint(exprs: &[Expr]) -> u64 {
-    let text = format!("{exprs:?}");
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+    use std::fmt::Write;
+    struct Fnv(u64);
+    impl Write for Fnv {
+        fn write_str(&mut self, text: &str) -> std::fmt::Result {
+            for byte in text.bytes() {
+                self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+            Ok(())
+        }
+    }
+    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    let _ = write!(hash, "{exprs:?}");
+    hash.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_fnv1a_of_the_rules_debug_form() {
+        let exprs = dsl::goto("service-ns/web/tcp/p");
+        let text = format!("{exprs:?}");
+        let expected = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!(fingerprint(&exprs), expected);
+        assert_ne!(fingerprint(&exprs), fingerprint(&dsl::goto("other")));
+    }
 }
