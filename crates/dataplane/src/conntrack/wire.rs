@@ -1,7 +1,8 @@
 //! The ctnetlink wire format (NETLINK_NETFILTER, subsystem NFNL_SUBSYS_CTNETLINK): the
 //! constants of `linux/netlink.h`, `linux/netfilter/nfnetlink.h` and
 //! `linux/netfilter/nfnetlink_conntrack.h` that this module needs, the two requests it sends
-//! (a dump, a delete) and the reader of the kernel's answers.
+//! (a dump, a delete) and the reader of entries; messages, acknowledgements and attributes
+//! are read with nf_tables' reader ([`crate::nftables::wire`]).
 //!
 //! Layout reminders: a message is a `nlmsghdr` (host byte order), a 4-byte `nfgenmsg`
 //! (family, version, big-endian resource id), then attributes: `u16 len, u16 type` (host
@@ -15,25 +16,14 @@ use super::{Entry, Family, Protocol, Status, TcpState, Tuple};
 
 // ----- netlink -----
 
-pub(super) const NLMSG_HDRLEN: usize = 16;
-pub(super) const NLMSG_ERROR: u16 = 2;
-pub(super) const NLMSG_DONE: u16 = 3;
-pub(super) const NLMSG_OVERRUN: u16 = 4;
-
-pub(super) const NLM_F_REQUEST: u16 = 0x1;
-pub(super) const NLM_F_ACK: u16 = 0x4;
-pub(super) const NLM_F_DUMP_INTR: u16 = 0x10;
-pub(super) const NLM_F_DUMP: u16 = 0x300;
-/// In an NLMSG_ERROR: only the header of the request is echoed.
-const NLM_F_CAPPED: u16 = 0x100;
-/// In an NLMSG_ERROR: extended-ack attributes follow.
-const NLM_F_ACK_TLVS: u16 = 0x200;
-/// Extended-ack attribute: a human-readable message.
-const NLMSGERR_ATTR_MSG: u16 = 1;
+// The framing and the reader of answers are nfnetlink's, shared with nf_tables.
+pub(super) use crate::nftables::wire::{
+    Ack, Message, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NLMSG_OVERRUN, be32, find_attr, messages, parse_ack,
+};
 
 const NLA_HDRLEN: usize = 4;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 // ----- nfnetlink / ctnetlink -----
 
@@ -237,71 +227,6 @@ fn v6(addr: IpAddr) -> Ipv6Addr {
 
 // ----- reading -----
 
-/// One netlink message of an answer.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Message<'a> {
-    pub ty: u16,
-    pub flags: u16,
-    pub seq: u32,
-    /// Everything after the `nlmsghdr`.
-    pub payload: &'a [u8],
-}
-
-/// Splits a datagram into its messages; `None` if it is malformed.
-pub(super) fn messages(mut datagram: &[u8]) -> Option<Vec<Message<'_>>> {
-    let mut out = Vec::new();
-    while datagram.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(datagram[0..4].try_into().ok()?) as usize;
-        if len < NLMSG_HDRLEN || len > datagram.len() {
-            return None;
-        }
-        out.push(Message {
-            ty: u16::from_ne_bytes(datagram[4..6].try_into().ok()?),
-            flags: u16::from_ne_bytes(datagram[6..8].try_into().ok()?),
-            seq: u32::from_ne_bytes(datagram[8..12].try_into().ok()?),
-            payload: &datagram[NLMSG_HDRLEN..len],
-        });
-        datagram = datagram.get(align4(len)..).unwrap_or_default();
-    }
-    Some(out)
-}
-
-/// An NLMSG_ERROR answer; errno 0 is an acknowledgement.
-#[derive(Clone, Debug)]
-pub(super) struct Ack {
-    /// The sequence number of the request it answers.
-    pub seq: u32,
-    /// Positive errno, 0 for success.
-    pub errno: i32,
-    /// The kernel's extended-ack message, if it gave one.
-    pub message: Option<String>,
-}
-
-pub(super) fn parse_ack(message: &Message<'_>) -> Option<Ack> {
-    let payload = message.payload;
-    let error = i32::from_ne_bytes(payload.get(0..4)?.try_into().ok()?);
-    let request = payload.get(4..4 + NLMSG_HDRLEN)?;
-    let seq = u32::from_ne_bytes(request[8..12].try_into().ok()?);
-    let mut text = None;
-    if message.flags & NLM_F_ACK_TLVS != 0 {
-        let echoed = if message.flags & NLM_F_CAPPED != 0 {
-            NLMSG_HDRLEN
-        } else {
-            u32::from_ne_bytes(request[0..4].try_into().ok()?) as usize
-        };
-        let tlvs = payload.get(4 + align4(echoed)..).unwrap_or_default();
-        text = find_attr(tlvs, NLMSGERR_ATTR_MSG).map(|value| {
-            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
-            String::from_utf8_lossy(&value[..end]).into_owned()
-        });
-    }
-    Some(Ack {
-        seq,
-        errno: error.saturating_neg(),
-        message: text.filter(|text| !text.is_empty()),
-    })
-}
-
 /// The final status of a dump (the payload of its NLMSG_DONE): 0 or a negative errno.
 pub(super) fn done_status(message: &Message<'_>) -> i32 {
     message
@@ -311,34 +236,8 @@ pub(super) fn done_status(message: &Message<'_>) -> i32 {
         .map_or(0, i32::from_ne_bytes)
 }
 
-/// Iterates over the attributes in `buf` as (type without flags, value). Stops at the
-/// first malformed one.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < NLA_HDRLEN {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < NLA_HDRLEN || len > buf.len() {
-            return None;
-        }
-        let value = &buf[NLA_HDRLEN..len];
-        buf = buf.get(align4(len)..).unwrap_or_default();
-        Some((ty, value))
-    })
-}
-
-fn find_attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
-    attrs(buf).find(|(t, _)| *t == ty).map(|(_, value)| value)
-}
-
 fn be16(value: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(value.get(0..2)?.try_into().ok()?))
-}
-
-fn be32(value: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(value.get(0..4)?.try_into().ok()?))
 }
 
 /// An entry from the payload of an `IPCTNL_MSG_CT_NEW` message (what a dump answers with).
@@ -411,13 +310,10 @@ fn parse_tuple(tuple: &[u8]) -> Option<(Protocol, Tuple)> {
     ))
 }
 
-fn align4(len: usize) -> usize {
-    (len + 3) & !3
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nftables::wire::{NLM_F_ACK_TLVS, NLM_F_CAPPED, NLMSG_HDRLEN, NLMSGERR_ATTR_MSG};
 
     /// One attribute as the kernel lays it out: length, type, value, padding.
     fn nla(ty: u16, value: &[u8]) -> Vec<u8> {

@@ -44,7 +44,7 @@ pub mod dsl;
 mod expr;
 mod set;
 mod verdict;
-mod wire;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::io;
