@@ -147,8 +147,27 @@ impl Etcd {
     }
 
     /// SIGSTOP: connections stay open and nothing answers.
+    /// Stops etcd with SIGSTOP and returns once the kernel shows it stopped: the signal is
+    /// delivered asynchronously, and on a busy machine etcd could otherwise still answer
+    /// the call a test makes right after.
     pub fn freeze(&self) {
-        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGSTOP);
+        let pid = self.pid();
+        let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+        let stopped = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The state follows the command name, which is in parentheses.
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    after.split_whitespace().next().map(|state| state == "T")
+                })
+                .unwrap_or(false)
+        };
+        crate::wait_until(
+            "etcd to stop after SIGSTOP",
+            std::time::Duration::from_secs(5),
+            stopped,
+        );
     }
 
     pub fn thaw(&self) {
