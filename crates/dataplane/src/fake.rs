@@ -5,8 +5,8 @@
 use crate::error::{Error, Result};
 use crate::interface::InterfaceControl;
 use crate::nftables::{
-    BaseChain, Batch, ChainInfo, ElemValue, ElementInfo, Expr, Family, Op, RuleDump, RuleInfo,
-    Ruleset, SetInfo, SetRef, SetSpec, Verdict, check_batch, encode_exprs,
+    BaseChain, Batch, ChainInfo, ElemKey, ElemValue, ElementInfo, Expr, Family, Op, RuleDump,
+    RuleInfo, Ruleset, SetFlags, SetInfo, SetRef, SetSpec, Verdict, check_batch, encode_exprs,
 };
 use crate::routes::{RouteSpec, RouteTable};
 use crate::wireguard::{PeerConfig, PeerStatus, WireGuardDevice};
@@ -258,9 +258,12 @@ impl InterfaceControl for FakeInterfaces {
 /// [`crate::nftables::Nft`] checks them before sending, and the kernel's refusals that a
 /// reconciler must handle are mirrored: missing tables, chains, sets, elements and jump
 /// targets ([`Error::NotFound`]), a set or element of another type or value in the way
-/// ([`Error::AlreadyExists`]), deleting a chain something still jumps to or a set a rule
-/// uses (`EBUSY`). Not modelled: anonymous sets as listed objects, element expiry,
-/// deleting a rule handle that is not there (accepted, as it always was here).
+/// ([`Error::AlreadyExists`]; in an interval set also a range whose first or last key lies in
+/// another range, the kernel's test for overlaps), deleting a chain something still jumps to
+/// or a set a rule uses (`EBUSY`). As in the kernel, deleting from an interval set deletes
+/// the range that holds the key given, whatever its end. Not modelled: anonymous sets as
+/// listed objects, element expiry, deleting a rule handle that is not there (accepted, as it
+/// always was here).
 #[derive(Default)]
 pub struct FakeRuleset {
     state: Mutex<NftState>,
@@ -297,7 +300,29 @@ struct FakeRule {
 struct FakeSet {
     handle: u64,
     spec: SetSpec,
-    elements: BTreeMap<Vec<u8>, (Option<ElemValue>, Option<Duration>)>,
+    /// By key and, for ranges, last key, as they are listed.
+    elements: BTreeMap<ElemKey, (Option<ElemValue>, Option<Duration>)>,
+}
+
+impl FakeSet {
+    /// Another element whose range holds `point` (ranges are compared
+    /// field by field, each as a big-endian number, as the kernel does).
+    fn range_holding(&self, point: &[u8], except: Option<&ElemKey>) -> Option<&ElemKey> {
+        let widths: Vec<usize> = self.spec.key.iter().map(|f| f.width()).collect();
+        self.elements
+            .keys()
+            .filter(|k| Some(*k) != except)
+            .find(|k| {
+                let end = k.end.as_deref().unwrap_or(&k.key);
+                let mut offset = 0;
+                widths.iter().all(|width| {
+                    let field = offset..offset + width;
+                    offset += width.next_multiple_of(4);
+                    k.key.get(field.clone()) <= point.get(field.clone())
+                        && point.get(field.clone()) <= end.get(field)
+                })
+            })
+    }
 }
 
 impl FakeRuleset {
@@ -504,8 +529,13 @@ impl NftState {
             } => {
                 let handle = self.handle();
                 let t = self.table_mut(*family, table, &action)?;
+                let interval = |spec: &SetSpec| spec.flags.contains(SetFlags::INTERVAL);
                 match t.sets.get(name) {
-                    Some(have) if have.spec.key != spec.key || have.spec.data != spec.data => {
+                    Some(have)
+                        if have.spec.key != spec.key
+                            || have.spec.data != spec.data
+                            || interval(&have.spec) != interval(spec) =>
+                    {
                         return Err(Error::AlreadyExists {
                             action: action(),
                             scope: SCOPE.into(),
@@ -593,7 +623,19 @@ impl NftState {
                             format!("chain {family} {table}/{target}"),
                         ));
                     }
-                    match fake.elements.get(&elem.key) {
+                    let key = ElemKey::from(elem);
+                    if fake.spec.flags.contains(SetFlags::INTERVAL)
+                        && let Some(other) = [&key.key, key.end.as_ref().unwrap_or(&key.key)]
+                            .into_iter()
+                            .find_map(|point| fake.range_holding(point, Some(&key)))
+                    {
+                        return Err(Error::AlreadyExists {
+                            action: action(),
+                            scope: SCOPE.into(),
+                            what: format!("a range overlapping it ({other})"),
+                        });
+                    }
+                    match fake.elements.get(&key) {
                         Some((value, _)) if *value != elem.value => {
                             return Err(Error::AlreadyExists {
                                 action: action(),
@@ -603,8 +645,7 @@ impl NftState {
                         }
                         _ => {
                             let timeout = elem.timeout.or(fake.spec.timeout);
-                            fake.elements
-                                .insert(elem.key.clone(), (elem.value.clone(), timeout));
+                            fake.elements.insert(key, (elem.value.clone(), timeout));
                         }
                     }
                 }
@@ -634,7 +675,14 @@ impl NftState {
                     None => return Ok(()),
                 };
                 for (i, key) in keys.iter().enumerate() {
-                    if fake.elements.remove(key).is_none() && strict {
+                    // The kernel deletes the range that holds the key, whatever end
+                    // is given.
+                    let key = match fake.spec.flags.contains(SetFlags::INTERVAL) {
+                        true => fake.range_holding(&key.key, None).cloned(),
+                        false => Some(key.clone()),
+                    };
+                    let gone = key.and_then(|key| fake.elements.remove(&key));
+                    if gone.is_none() && strict {
                         return Err(not_found(op.describe(Some(i)), "element".into()));
                     }
                 }
@@ -778,7 +826,8 @@ impl Ruleset for FakeRuleset {
             .elements
             .iter()
             .map(|(key, (value, timeout))| ElementInfo {
-                key: key.clone(),
+                key: key.key.clone(),
+                key_end: key.end.clone(),
                 value: value.clone(),
                 timeout: *timeout,
                 // No time passes in the fake.
@@ -858,6 +907,75 @@ mod tests {
             err.to_string().contains("listing rules of inet t/c"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_fake_ruleset_models_ranges_as_the_kernel_does() {
+        use crate::nftables::{DataType, Datum, SetElem, concat_interval};
+        let ruleset = FakeRuleset::default();
+        let ip = Family::Ip;
+        let mark = DataType::Mark;
+        let spec = SetSpec::map(&[mark, mark], &[mark]).with_flags(SetFlags::INTERVAL);
+        let key = |a: u32, b: u32| concat_interval(&[Datum::Mark(a), Datum::Mark(b)]);
+        let slot =
+            |a, lo, hi, v: u8| SetElem::range(key(a, lo), key(a, hi)).with_value(vec![v, 0, 0, 0]);
+        let mut batch = Batch::new();
+        batch
+            .add_table(ip, "t")
+            .add_set(ip, "t", "slots", spec.clone())
+            .add_elements(
+                ip,
+                "t",
+                "slots",
+                vec![slot(2, 0, 99, 0), slot(2, 100, 199, 1)],
+            );
+        ruleset.apply(&batch).unwrap();
+        let listed = ruleset.elements(ip, "t", "slots").unwrap();
+        assert_eq!(listed[1].key_end, Some(key(2, 199)));
+        assert_eq!(ruleset.sets(ip, "t").unwrap()[0].spec, spec);
+        // The same range again is fine, another value or an overlap is not.
+        for (elem, fine) in [
+            (slot(2, 0, 99, 0), true),
+            (slot(2, 0, 99, 1), false),
+            (slot(2, 50, 150, 0), false),
+            (slot(2, 150, 300, 0), false),
+            (slot(3, 0, 99, 0), true),
+        ] {
+            let mut batch = Batch::new();
+            batch.add_elements(ip, "t", "slots", vec![elem.clone()]);
+            let result = ruleset.apply(&batch);
+            assert_eq!(result.is_ok(), fine, "{elem:?}: {result:?}");
+            if !fine {
+                assert!(matches!(result, Err(Error::AlreadyExists { .. })));
+            }
+        }
+        // Deleting goes by the range that holds the key; a key in no range is missing.
+        let mut batch = Batch::new();
+        batch.delete_elements(ip, "t", "slots", [key(2, 150)]);
+        ruleset.apply(&batch).unwrap();
+        let mut batch = Batch::new();
+        batch.delete_elements(ip, "t", "slots", [ElemKey::range(key(2, 150), key(2, 199))]);
+        assert!(ruleset.apply(&batch).unwrap_err().is_not_found());
+        let keys: Vec<ElemKey> = ruleset
+            .elements(ip, "t", "slots")
+            .unwrap()
+            .iter()
+            .map(ElemKey::from)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ElemKey::range(key(2, 0), key(2, 99)),
+                ElemKey::range(key(3, 0), key(3, 99))
+            ]
+        );
+        // A set of the same fields without intervals is another type.
+        let mut batch = Batch::new();
+        batch.add_set(ip, "t", "slots", SetSpec::map(&[mark, mark], &[mark]));
+        assert!(matches!(
+            ruleset.apply(&batch),
+            Err(Error::AlreadyExists { .. })
+        ));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::render::{
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use trellis_dataplane::nftables::{BaseChain, ElemValue, Family, Op, SetElem, SetSpec};
+use trellis_dataplane::nftables::{BaseChain, ElemKey, ElemValue, Family, Op, SetElem, SetSpec};
 use trellis_proxy::{IpFamily, ServicePortName, ServiceRules, Table};
 
 /// Operations that go into one transaction, with what they do for reports.
@@ -223,10 +223,10 @@ struct ElementChange {
 fn element_units(nft: Family, set: &str, changes: Vec<ElementChange>) -> Vec<Unit> {
     let mut units = Vec::new();
     for chunk in changes.chunks(ELEMENTS_PER_UNIT) {
-        let deletes: Vec<Vec<u8>> = chunk
+        let deletes: Vec<ElemKey> = chunk
             .iter()
             .filter(|c| c.was.is_some())
-            .map(|c| c.key.clone())
+            .map(|c| ElemKey::from(c.key.clone()))
             .collect();
         let adds: Vec<SetElem> = chunk
             .iter()
@@ -234,6 +234,7 @@ fn element_units(nft: Family, set: &str, changes: Vec<ElementChange>) -> Vec<Uni
                 let value = c.now.clone()?;
                 Some(SetElem {
                     key: c.key.clone(),
+                    key_end: None,
                     value,
                     timeout: None,
                 })
@@ -716,7 +717,8 @@ mod tests {
             })
             .expect("the key is re-added");
         assert!(
-            matches!(&handover.ops[0], Op::DestroyElements { keys, .. } if keys.contains(&key)),
+            matches!(&handover.ops[0], Op::DestroyElements { keys, .. }
+                if keys.contains(&ElemKey::from(key.clone()))),
             "delete and re-add in one unit: the key is never missing"
         );
         assert_eq!(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::expr::{self, AnonRef, Expr};
-use super::set::{self, SetElem, SetSpec};
+use super::set::{self, ElemKey, SetElem, SetSpec};
 use super::wire::{self, Attrs, MsgHeader};
 use super::{BaseChain, Family, Policy};
 use crate::error::{Error, Result};
@@ -107,13 +107,13 @@ pub enum Op {
         family: Family,
         table: String,
         set: String,
-        keys: Vec<Vec<u8>>,
+        keys: Vec<ElemKey>,
     },
     DestroyElements {
         family: Family,
         table: String,
         set: String,
-        keys: Vec<Vec<u8>>,
+        keys: Vec<ElemKey>,
     },
 }
 
@@ -298,21 +298,23 @@ impl Op {
         }
     }
 
-    /// The key of element `index` of an element op, for error messages.
-    fn element_key(&self, index: usize) -> Option<&[u8]> {
+    /// The key (and range end) of element `index` of an element op, for
+    /// error messages.
+    fn element_key(&self, index: usize) -> Option<ElemKey> {
         match self {
-            Op::AddElements { elements, .. } => elements.get(index).map(|e| e.key.as_slice()),
+            Op::AddElements { elements, .. } => elements.get(index).map(ElemKey::from),
             Op::DeleteElements { keys, .. } | Op::DestroyElements { keys, .. } => {
-                keys.get(index).map(Vec::as_slice)
+                keys.get(index).cloned()
             }
             _ => None,
         }
     }
 
-    /// What the op does, naming element `element` if the kernel blamed one.
+    /// What the op does, naming element `element` if the kernel blamed one
+    /// (a range as `START - END`).
     pub(crate) fn describe(&self, element: Option<usize>) -> String {
         match element.and_then(|i| self.element_key(i).map(|key| (i, key))) {
-            Some((i, key)) => format!("{self} (element {i}, key {})", set::hex(key)),
+            Some((i, key)) => format!("{self} (element {i}, key {key})"),
             None => self.to_string(),
         }
     }
@@ -633,36 +635,40 @@ impl Batch {
     }
 
     /// `delete element FAMILY TABLE SET { KEYS }`. Fails if a key is
-    /// missing.
+    /// missing. Keys are plain keys (`Vec<u8>`) or [`ElemKey`]s; a range of
+    /// an interval set is named by both its ends ([`ElemKey::range`]), as
+    /// nft names it, though the kernel deletes whichever range holds the
+    /// first key (see [`ElemKey`]).
     pub fn delete_elements(
         &mut self,
         family: Family,
         table: &str,
         set: &str,
-        keys: Vec<Vec<u8>>,
+        keys: impl IntoIterator<Item = impl Into<ElemKey>>,
     ) -> &mut Batch {
         self.push(Op::DeleteElements {
             family,
             table: table.to_owned(),
             set: set.to_owned(),
-            keys,
+            keys: keys.into_iter().map(Into::into).collect(),
         })
     }
 
     /// `destroy element FAMILY TABLE SET { KEYS }`: missing keys are fine
     /// (a missing set is not: the kernel needs its type to read the keys).
+    /// Keys as for [`Batch::delete_elements`].
     pub fn destroy_elements(
         &mut self,
         family: Family,
         table: &str,
         set: &str,
-        keys: Vec<Vec<u8>>,
+        keys: impl IntoIterator<Item = impl Into<ElemKey>>,
     ) -> &mut Batch {
         self.push(Op::DestroyElements {
             family,
             table: table.to_owned(),
             set: set.to_owned(),
-            keys,
+            keys: keys.into_iter().map(Into::into).collect(),
         })
     }
 }
@@ -1068,20 +1074,9 @@ impl<'a> Encoder<'a> {
                     .get(&(*family, table.as_str(), set.as_str()))
                     .copied();
                 for (i, key) in keys.iter().enumerate() {
-                    let elem = SetElem::key(key.clone());
-                    elem.check(i)?;
-                    if let Some(spec) = spec
-                        && key.len() != spec.key_len()
-                    {
-                        return Err(Error::invalid(
-                            "element key",
-                            set::hex(key),
-                            format!(
-                                "element {i}: {} bytes, the set's key has {}",
-                                key.len(),
-                                spec.key_len()
-                            ),
-                        ));
+                    key.check(i)?;
+                    if let Some(spec) = spec {
+                        key.check_against(i, spec)?;
                     }
                 }
                 let msg = if matches!(op, Op::DeleteElements { .. }) {
@@ -1095,12 +1090,8 @@ impl<'a> Encoder<'a> {
                     0,
                     (*family, table, SetName::Name(set)),
                     keys,
-                    |key| 4 + 8 + key.len().next_multiple_of(4),
-                    |key, list| {
-                        list.nested(NFTA_LIST_ELEM, |e| {
-                            e.nested(NFTA_SET_ELEM_KEY, |k| k.bytes(NFTA_DATA_VALUE, key));
-                        });
-                    },
+                    ElemKey::encoded_size_bound,
+                    |key, list| key.encode(list),
                     true,
                 );
             }

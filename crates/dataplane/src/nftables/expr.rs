@@ -923,12 +923,15 @@ pub(crate) fn check_rule(exprs: &[Expr]) -> Result<(), String> {
                     check_set_name(name).map_err(|e| format!("{}: {e}", position(i, expr)))?;
                 }
                 match result {
-                    // A value of unknown length (a named map): the register
-                    // counts as not loaded by this rule.
+                    // A value of unknown length (a named map) may span every
+                    // register from `dreg` on: they count as not loaded by this
+                    // rule.
                     LookupResult::Value(dreg) => match value_len {
                         Some(len) => Some((*dreg, len)),
                         None => {
-                            loaded[usize::from(dreg.0)] = None;
+                            for slot in loaded.iter_mut().skip(usize::from(dreg.0)) {
+                                *slot = None;
+                            }
                             None
                         }
                     },

@@ -13,7 +13,9 @@
 //!   on a missing object, `destroy_*` ops (Linux 6.3+) treat it as done.
 //! - [`SetSpec`], [`SetElem`], [`Datum`]/[`concat`]: typed set and map
 //!   types (concatenations included, as `nft list` shows them), elements
-//!   with values, verdicts and timeouts, and the key bytes they compare.
+//!   with values, verdicts and timeouts, and the key bytes they compare;
+//!   interval sets and maps of concatenations, whose elements are ranges
+//!   ([`SetFlags::INTERVAL`], [`SetElem::range`], [`concat_interval`]).
 //! - [`Expr`] and [`dsl`]: rule expressions, typed, and fragments that read
 //!   like nft syntax, byte for byte what `nft --debug=netlink` shows for the
 //!   same rule (lookups in sets, maps and verdict maps, anonymous sets,
@@ -33,7 +35,8 @@
 //! lacks). The wire format is small and stable; every encoding here is
 //! checked against nft's own by the `nftables_*` tests.
 //!
-//! Not here yet: interval sets (ranges and prefixes as set keys), stateful
+//! Not here yet: interval sets of a single field (ranges and prefixes of
+//! one field: the kernel's rbtree, with another element encoding), stateful
 //! objects (named counters, quotas, limits), flowtables, netdev base chains
 //! (they need a device), rule insertion at a position or replacement by
 //! handle, per-element expressions (counters in elements), and decoding
@@ -58,8 +61,8 @@ pub use expr::{
     RouteType, SetRef, Verdict,
 };
 pub use set::{
-    AnonSet, DataType, Datum, ElemValue, ElementInfo, MAX_CONCAT_FIELDS, MapData, SetElem,
-    SetFlags, SetInfo, SetSpec, concat, concat_len,
+    AnonSet, DataType, Datum, ElemKey, ElemValue, ElementInfo, MAX_CONCAT_FIELDS, MapData, SetElem,
+    SetFlags, SetInfo, SetSpec, concat, concat_interval, concat_len,
 };
 
 use crate::error::{Error, Result};
@@ -1347,6 +1350,102 @@ mod tests {
             messages[2].flags,
             wire::NLM_F_REQUEST | wire::NLM_F_ACK | wire::NLM_F_CREATE
         );
+    }
+
+    #[test]
+    fn range_ops_are_checked_encoded_and_split_by_element() {
+        let mark = DataType::Mark;
+        let spec = SetSpec::map(&[mark, mark], &[mark]).with_flags(SetFlags::INTERVAL);
+        let key = |a: u32, b: u32| concat_interval(&[Datum::Mark(a), Datum::Mark(b)]);
+        let ranges: Vec<ElemKey> = (0..5)
+            .map(|i| ElemKey::range(key(i, 0), key(i, 65535)))
+            .collect();
+        let mut batch = Batch::new();
+        batch
+            .add_table(Family::Ip, "t")
+            .add_set(Family::Ip, "t", "slots", spec.clone())
+            .destroy_elements(Family::Ip, "t", "slots", ranges.clone())
+            // Plain keys still do, as `Vec<Vec<u8>>` always did.
+            .destroy_elements(Family::Ip, "t", "slots", vec![key(9, 9)]);
+        let mut encoded = batch::encode(batch.ops()).unwrap();
+        encoded.rebase(1);
+        let messages = wire::messages(&encoded.buf).unwrap();
+        let destroy = &messages[3];
+        assert_eq!(destroy.ty, wire::nft_type(wire::NFT_MSG_DESTROYSETELEM));
+        let (_, attrs) = wire::nf_split(destroy.payload).unwrap();
+        let list = wire::find_attr(attrs, wire::NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
+        let ends: Vec<&[u8]> = wire::attrs(list)
+            .filter_map(|(_, elem)| wire::find_attr(elem, wire::NFTA_SET_ELEM_KEY_END))
+            .filter_map(|end| wire::find_attr(end, wire::NFTA_DATA_VALUE))
+            .collect();
+        assert_eq!(
+            ends,
+            ranges
+                .iter()
+                .map(|r| r.end.as_deref().unwrap())
+                .collect::<Vec<_>>()
+        );
+        // The kernel's pointer into a range's end still names the range.
+        let origin = &encoded.origins[2];
+        let (_, starts) = origin.elements.as_ref().unwrap();
+        assert_eq!(origin.element_at(starts[3] + 20), Some(3));
+        assert_eq!(
+            batch.ops()[2].describe(Some(3)),
+            "destroying 5 elements of set ip t/slots (those present) (element 3, key \
+             00000003 00000000 - 00000003 0000ffff)"
+        );
+
+        // A range weighs one element, and is never cut in two.
+        assert_eq!(batch.weight(), 2 + 5 + 1);
+        let chunks = batch.chunks(3);
+        assert_eq!(chunks.len(), 3);
+        let split: Vec<ElemKey> = chunks
+            .iter()
+            .flat_map(|c| c.ops())
+            .filter_map(|op| match op {
+                Op::DestroyElements { keys, .. } => Some(keys.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(split[..5], ranges[..]);
+        assert_eq!(split[5], ElemKey::from(key(9, 9)));
+
+        // Refused before sending: a range ending below its start in a set
+        // added in the batch, a range in a set without intervals.
+        let mut bad = Batch::new();
+        bad.add_set(Family::Ip, "t", "slots", spec.clone())
+            .add_elements(
+                Family::Ip,
+                "t",
+                "slots",
+                vec![SetElem::range(key(1, 9), key(1, 0)).with_value(vec![0; 4])],
+            );
+        let Err((1, err)) = batch::encode(bad.ops()) else {
+            panic!("must be refused")
+        };
+        assert!(
+            matches!(
+                err,
+                Error::Invalid {
+                    field: "element key end",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut bad = Batch::new();
+        bad.add_set(Family::Ip, "t", "plain", SetSpec::set(&[mark, mark]))
+            .delete_elements(
+                Family::Ip,
+                "t",
+                "plain",
+                [ElemKey::range(key(1, 0), key(1, 9))],
+            );
+        let Err((1, err)) = batch::encode(bad.ops()) else {
+            panic!("must be refused")
+        };
+        assert!(err.to_string().contains("no SetFlags::INTERVAL"), "{err}");
     }
 
     #[test]

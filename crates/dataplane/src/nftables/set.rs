@@ -6,6 +6,18 @@
 //! (an `inet_service` is 2 bytes), a concatenation with every field padded
 //! to 4 bytes, because each field was loaded into its own 32-bit register
 //! (see [`concat`] and [`crate::nftables::dsl::load`]).
+//!
+//! Interval sets ([`SetFlags::INTERVAL`]) hold ranges: an element covers
+//! every key from its `key` to its `key_end`, field by field (`10 .
+//! 0-6553`). Only concatenations of two fields or more are supported: the
+//! kernel keeps those in its pipapo set type, which takes a range as one
+//! element with both ends. Single-field interval sets live in another type
+//! (rbtree) that wants each range as two elements (a start and an
+//! exclusive end flagged as such), read back as two as well; they are
+//! refused here rather than half supported. The kernel compares the keys of
+//! an interval set as big-endian numbers, so nft stores host-order fields
+//! (marks, integers) in network order and converts the registers before
+//! the lookup: see [`concat_interval`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -32,7 +44,12 @@ pub enum DataType {
     Mark,
     /// `ifname`: an interface name, 16 bytes, NUL-padded.
     IfName,
-    /// `integer` of 4 bytes in host order: what `numgen` produces.
+    /// `integer` of 4 bytes in host order: what `numgen` produces. nft
+    /// knows no width for it, so it cannot print one inside a
+    /// concatenation, key or value (`nft list` aborts, `nft -j` prints 0s;
+    /// nft's own such sets carry `typeof` userdata, which this module does
+    /// not write): there use [`DataType::Mark`], the same 4 host-order
+    /// bytes to the kernel.
     Integer,
     /// Any other nft datatype, by nft's id and its length in bytes; also
     /// what a listing returns for a type this module does not name.
@@ -177,6 +194,11 @@ impl SetFlags {
     pub const TIMEOUT: SetFlags = SetFlags(wire::NFT_SET_TIMEOUT);
     /// `dynamic`: rules may add and update elements ([`super::Expr::Dynset`]).
     pub const DYNAMIC: SetFlags = SetFlags(wire::NFT_SET_EVAL);
+    /// `interval`: elements are ranges ([`SetElem::range`]). Only for keys
+    /// of two fields or more (see the module docs); the set is then sent
+    /// with the kernel's concat flag and its fields' widths, as nft sends
+    /// it, and read back without them.
+    pub const INTERVAL: SetFlags = SetFlags(wire::NFT_SET_INTERVAL);
 
     /// The kernel's bits (`NFT_SET_*`).
     pub fn bits(self) -> u32 {
@@ -187,10 +209,16 @@ impl SetFlags {
         self.0 & other.0 == other.0
     }
 
-    /// Only the bits this type names; the kernel's others (map, anonymous,
-    /// concat, interval) are described elsewhere.
+    /// Only the bits this type names; the kernel's others (map, anonymous)
+    /// are described elsewhere, and concat is implied by an interval key of
+    /// several fields: left out, a spec reads back as it was added.
     fn from_kernel(bits: u32) -> SetFlags {
-        SetFlags(bits & (wire::NFT_SET_CONSTANT | wire::NFT_SET_TIMEOUT | wire::NFT_SET_EVAL))
+        SetFlags(
+            bits & (wire::NFT_SET_CONSTANT
+                | wire::NFT_SET_INTERVAL
+                | wire::NFT_SET_TIMEOUT
+                | wire::NFT_SET_EVAL),
+        )
     }
 }
 
@@ -205,6 +233,7 @@ impl fmt::Display for SetFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = [
             (SetFlags::CONSTANT, "constant"),
+            (SetFlags::INTERVAL, "interval"),
             (SetFlags::DYNAMIC, "dynamic"),
             (SetFlags::TIMEOUT, "timeout"),
         ]
@@ -313,7 +342,36 @@ impl SetSpec {
         if self.size == Some(0) {
             return Err(Error::invalid("set size", "0", "at least 1"));
         }
+        if self.flags.contains(SetFlags::INTERVAL) {
+            if self.key.len() < 2 {
+                return Err(Error::invalid(
+                    "set flags",
+                    self.flags.to_string(),
+                    format!(
+                        "an interval set needs a key of two fields or more (`{}` has one): \
+                         single-field ranges (the kernel's rbtree) are not supported; \
+                         concatenate a constant field to use one",
+                        self.key[0].name()
+                    ),
+                ));
+            }
+            if self.flags.contains(SetFlags::DYNAMIC) {
+                // No set type of the kernel has both (EOPNOTSUPP).
+                return Err(Error::invalid(
+                    "set flags",
+                    self.flags.to_string(),
+                    "an interval set cannot be dynamic",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the set is sent as a concatenation with its fields' widths
+    /// (`NFT_SET_CONCAT`): what the kernel needs to hold ranges of several
+    /// fields, and what nft sends for them.
+    fn is_concat_interval(&self) -> bool {
+        self.flags.contains(SetFlags::INTERVAL) && self.key.len() > 1
     }
 
     /// Checks an element against this spec: key and value lengths, value
@@ -378,12 +436,58 @@ impl SetSpec {
             }
             (Some(MapData::Verdict), Some(ElemValue::Verdict(_))) => {}
         }
+        if let Some(end) = &elem.key_end {
+            self.check_key_end(index, &elem.key, end)?;
+        }
         if elem.timeout.is_some() && !self.flags.contains(SetFlags::TIMEOUT) {
             return Err(Error::invalid(
                 "element timeout",
                 format!("{:?}", elem.timeout.unwrap_or_default()),
                 format!("{}: the set has no SetFlags::TIMEOUT", at("timeout")),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks the end of a range against this spec: the set holds ranges,
+    /// the end is as long as a key, and no field's end is below its start
+    /// (compared as the kernel does, bytes as a big-endian number).
+    pub(crate) fn check_key_end(&self, index: usize, key: &[u8], end: &[u8]) -> Result<()> {
+        let at = format!("element {index} key end");
+        if !self.flags.contains(SetFlags::INTERVAL) {
+            return Err(Error::invalid(
+                "element key end",
+                hex(end),
+                format!("{at}: the set has no SetFlags::INTERVAL"),
+            ));
+        }
+        if end.len() != self.key_len() {
+            return Err(Error::invalid(
+                "element key end",
+                hex(end),
+                format!(
+                    "{at}: {} bytes, the set's key has {}",
+                    end.len(),
+                    self.key_len()
+                ),
+            ));
+        }
+        let mut offset = 0;
+        for (n, field) in self.key.iter().enumerate() {
+            let width = field.width();
+            let range = offset..offset + width;
+            if key.get(range.clone()) > end.get(range) {
+                return Err(Error::invalid(
+                    "element key end",
+                    format!("{} - {}", hex(key), hex(end)),
+                    format!(
+                        "{at}: field {} ({}) ends below where it starts",
+                        n + 1,
+                        field.name()
+                    ),
+                ));
+            }
+            offset += width.next_multiple_of(4);
         }
         Ok(())
     }
@@ -456,11 +560,18 @@ pub enum ElemValue {
     Verdict(Verdict),
 }
 
-/// One element: a key, for maps its value, and optionally its own timeout.
+/// One element: a key (or a range of keys), for maps its value, and
+/// optionally its own timeout.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SetElem {
-    /// Bytes as [`concat`] builds them from the key's fields.
+    /// Bytes as [`concat()`] builds them from the key's fields; for a range,
+    /// its first key.
     pub key: Vec<u8>,
+    /// For an interval set ([`SetFlags::INTERVAL`]): the range's last key,
+    /// inclusive, laid out as `key` (in an interval set, by
+    /// [`concat_interval`]); every field's end at least its start. `None`
+    /// in an interval set: the range of `key` alone.
+    pub key_end: Option<Vec<u8>>,
     pub value: Option<ElemValue>,
     /// Expires after this long (the set needs [`SetFlags::TIMEOUT`]);
     /// `None`: the set's default timeout, if any.
@@ -472,9 +583,33 @@ impl SetElem {
     pub fn key(key: Vec<u8>) -> SetElem {
         SetElem {
             key,
+            key_end: None,
             value: None,
             timeout: None,
         }
+    }
+
+    /// An element of an interval set covering `key` to `key_end`, both
+    /// included, field by field: `10 . 0-6553` of `mark . mark` is
+    /// `concat_interval(&[Mark(10), Mark(0)])` to
+    /// `concat_interval(&[Mark(10), Mark(6553)])`. For a map, give it
+    /// its value with [`SetElem::with_value`] (or start from
+    /// [`SetElem::mapping`] and add the end with [`SetElem::with_end`]).
+    pub fn range(key: Vec<u8>, key_end: Vec<u8>) -> SetElem {
+        SetElem::key(key).with_end(key_end)
+    }
+
+    /// Makes the element a range ending at `key_end` (inclusive).
+    pub fn with_end(mut self, key_end: Vec<u8>) -> SetElem {
+        self.key_end = Some(key_end);
+        self
+    }
+
+    /// Gives the element a value (bytes as [`concat()`] builds them), for a
+    /// map.
+    pub fn with_value(mut self, value: Vec<u8>) -> SetElem {
+        self.value = Some(ElemValue::Data(value));
+        self
     }
 
     /// A map element `KEY : VALUE`.
@@ -510,6 +645,19 @@ impl SetElem {
                 ),
             ));
         }
+        if let Some(end) = &self.key_end
+            && end.len() != self.key.len()
+        {
+            return Err(Error::invalid(
+                "element key end",
+                hex(end),
+                format!(
+                    "element {index}: {} bytes, its key has {}",
+                    end.len(),
+                    self.key.len()
+                ),
+            ));
+        }
         match &self.value {
             Some(ElemValue::Data(data)) if data.is_empty() || data.len() > DATA_MAXLEN => {
                 return Err(Error::invalid(
@@ -538,7 +686,11 @@ impl SetElem {
             Some(ElemValue::Data(data)) => 8 + data.len().next_multiple_of(4) + 4,
             Some(ElemValue::Verdict(_)) => 12 + 8 + 4 + wire::NFT_NAME_MAXLEN,
         };
-        4 + 8 + self.key.len().next_multiple_of(4) + 4 + value + 12 + 8
+        let key_end = self
+            .key_end
+            .as_ref()
+            .map_or(0, |end| 8 + end.len().next_multiple_of(4));
+        4 + 8 + self.key.len().next_multiple_of(4) + key_end + 4 + value + 12 + 8
     }
 
     /// Writes the element as one `NFTA_LIST_ELEM` of an element list.
@@ -551,6 +703,9 @@ impl SetElem {
                 e.u64_be(NFTA_SET_ELEM_TIMEOUT, ms);
             }
             e.nested(NFTA_SET_ELEM_KEY, |k| k.bytes(NFTA_DATA_VALUE, &self.key));
+            if let Some(end) = &self.key_end {
+                e.nested(NFTA_SET_ELEM_KEY_END, |k| k.bytes(NFTA_DATA_VALUE, end));
+            }
             match &self.value {
                 None => {}
                 Some(ElemValue::Data(data)) => {
@@ -561,6 +716,118 @@ impl SetElem {
                 }
             }
         });
+    }
+}
+
+/// Which element to delete ([`super::Batch::delete_elements`]): its key,
+/// and for a range of an interval set its last key too, as nft sends it. A
+/// plain key converts into one (`vec![10, 0, 0, 1].into()`), as do the
+/// elements added ([`SetElem`]) and listed ([`ElementInfo`]).
+///
+/// The kernel (its pipapo set type, Linux 6.18) deletes the range that
+/// holds `key`, without comparing the end: any key inside a range deletes
+/// it. So in a batch that replaces ranges, delete the old ones before
+/// adding the new (which may hold the old starts), as
+/// [`super::Batch::add_elements`] already asks for changed values.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ElemKey {
+    pub key: Vec<u8>,
+    /// The range's last key, as it was added ([`SetElem::key_end`]);
+    /// checked against the set's type, not used by the kernel to find the
+    /// range.
+    pub end: Option<Vec<u8>>,
+}
+
+impl ElemKey {
+    /// The range from `key` to `end`, both included.
+    pub fn range(key: Vec<u8>, end: Vec<u8>) -> ElemKey {
+        ElemKey {
+            key,
+            end: Some(end),
+        }
+    }
+
+    /// Checks what can be checked without the set's type.
+    pub(crate) fn check(&self, index: usize) -> Result<()> {
+        // The same rules as for an element of that key.
+        SetElem {
+            key_end: self.end.clone(),
+            ..SetElem::key(self.key.clone())
+        }
+        .check(index)
+    }
+
+    /// Checks the key against the set's spec.
+    pub(crate) fn check_against(&self, index: usize, spec: &SetSpec) -> Result<()> {
+        if self.key.len() != spec.key_len() {
+            return Err(Error::invalid(
+                "element key",
+                hex(&self.key),
+                format!(
+                    "element {index}: {} bytes, the set's key has {}",
+                    self.key.len(),
+                    spec.key_len()
+                ),
+            ));
+        }
+        match &self.end {
+            Some(end) => spec.check_key_end(index, &self.key, end),
+            None => Ok(()),
+        }
+    }
+
+    /// Upper bound of the encoded size (see [`SetElem::encoded_size_bound`]).
+    pub(crate) fn encoded_size_bound(&self) -> usize {
+        let end = self
+            .end
+            .as_ref()
+            .map_or(0, |end| 8 + end.len().next_multiple_of(4));
+        4 + 8 + self.key.len().next_multiple_of(4) + end
+    }
+
+    /// Writes the key as one `NFTA_LIST_ELEM` of an element list.
+    pub(crate) fn encode(&self, list: &mut Attrs<'_>) {
+        use wire::*;
+        list.nested(NFTA_LIST_ELEM, |e| {
+            e.nested(NFTA_SET_ELEM_KEY, |k| k.bytes(NFTA_DATA_VALUE, &self.key));
+            if let Some(end) = &self.end {
+                e.nested(NFTA_SET_ELEM_KEY_END, |k| k.bytes(NFTA_DATA_VALUE, end));
+            }
+        });
+    }
+}
+
+impl fmt::Display for ElemKey {
+    /// As `nft --debug=netlink` shows keys, a range as `START - END`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.end {
+            Some(end) => write!(f, "{} - {}", hex(&self.key), hex(end)),
+            None => f.write_str(&hex(&self.key)),
+        }
+    }
+}
+
+impl From<Vec<u8>> for ElemKey {
+    fn from(key: Vec<u8>) -> ElemKey {
+        ElemKey { key, end: None }
+    }
+}
+
+impl From<&SetElem> for ElemKey {
+    fn from(elem: &SetElem) -> ElemKey {
+        ElemKey {
+            key: elem.key.clone(),
+            end: elem.key_end.clone(),
+        }
+    }
+}
+
+impl From<&ElementInfo> for ElemKey {
+    fn from(elem: &ElementInfo) -> ElemKey {
+        ElemKey {
+            key: elem.key.clone(),
+            end: elem.key_end.clone(),
+        }
     }
 }
 
@@ -617,7 +884,15 @@ pub(crate) fn encode_set(
     a.str(NFTA_SET_TABLE, table);
     a.str(NFTA_SET_NAME, name);
     let map = if spec.data.is_some() { NFT_SET_MAP } else { 0 };
-    a.u32_be(NFTA_SET_FLAGS, spec.flags.bits() | map | extra_flags);
+    let concat = if spec.is_concat_interval() {
+        NFT_SET_CONCAT
+    } else {
+        0
+    };
+    a.u32_be(
+        NFTA_SET_FLAGS,
+        spec.flags.bits() | map | concat | extra_flags,
+    );
     a.u32_be(NFTA_SET_KEY_TYPE, concat_id(&spec.key));
     a.u32_be(NFTA_SET_KEY_LEN, spec.key_len() as u32);
     match &spec.data {
@@ -639,8 +914,23 @@ pub(crate) fn encode_set(
             u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         );
     }
-    if let Some(size) = spec.size {
-        a.nested(NFTA_SET_DESC, |d| d.u32_be(NFTA_SET_DESC_SIZE, size));
+    if spec.size.is_some() || concat != 0 {
+        a.nested(NFTA_SET_DESC, |d| {
+            if let Some(size) = spec.size {
+                d.u32_be(NFTA_SET_DESC_SIZE, size);
+            }
+            if concat != 0 {
+                // Each field's own width: the kernel rounds them up to
+                // registers itself and checks they add up to the key.
+                d.nested(NFTA_SET_DESC_CONCAT, |fields| {
+                    for field in &spec.key {
+                        fields.nested(NFTA_LIST_ELEM, |f| {
+                            f.u32_be(NFTA_SET_FIELD_LEN, field.width() as u32);
+                        });
+                    }
+                });
+            }
+        });
     }
     a.bytes(NFTA_SET_USERDATA, &set_userdata(spec));
 }
@@ -726,6 +1016,8 @@ impl SetInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ElementInfo {
     pub key: Vec<u8>,
+    /// The last key of a range (interval sets).
+    pub key_end: Option<Vec<u8>>,
     pub value: Option<ElemValue>,
     /// Its timeout (its own or the set's default at the time it was added).
     pub timeout: Option<Duration>,
@@ -758,8 +1050,12 @@ impl ElementInfo {
                 }
             });
             let ms = |ty| field(ty).and_then(be64).map(Duration::from_millis);
+            let key_end = field(NFTA_SET_ELEM_KEY_END)
+                .and_then(|k| find_attr(k, NFTA_DATA_VALUE))
+                .map(<[u8]>::to_vec);
             out.push(ElementInfo {
                 key: key.to_vec(),
+                key_end,
                 value,
                 timeout: ms(NFTA_SET_ELEM_TIMEOUT),
                 expires: ms(NFTA_SET_ELEM_EXPIRATION),
@@ -841,6 +1137,28 @@ pub fn concat(parts: &[Datum]) -> Vec<u8> {
             out
         }
     }
+}
+
+/// The bytes of a key (or key end) of an interval set: as [`concat()`], but
+/// host-order fields ([`Datum::Mark`], [`Datum::Integer`]) in network
+/// order. The kernel compares an interval set's keys as big-endian
+/// numbers, so nft stores them so, and a rule that looks such a key up
+/// converts those registers first (an [`super::Expr::Byteorder`] hton of 4
+/// bytes, as nft adds for `meta mark . meta mark @m`).
+pub fn concat_interval(parts: &[Datum]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.len() * 4);
+    for part in parts {
+        match part {
+            Datum::Mark(value) | Datum::Integer(value) => {
+                out.extend_from_slice(&value.to_be_bytes());
+            }
+            other => out.extend_from_slice(&other.bytes()),
+        }
+        if parts.len() > 1 {
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+    }
+    out
 }
 
 /// Bytes as `nft --debug=netlink` prints them, in 32-bit words
@@ -937,5 +1255,194 @@ mod tests {
         assert!(err.contains(r#"invalid set timeout "3s""#), "{err}");
         let too_many = SetSpec::set(&[DataType::InetProto; 6]);
         assert!(too_many.check().is_err());
+    }
+
+    /// `typeof meta mark . meta mark : meta mark; flags interval`, as nft
+    /// stores it.
+    fn slots() -> SetSpec {
+        let mark = DataType::Mark;
+        SetSpec::map(&[mark, mark], &[mark]).with_flags(SetFlags::INTERVAL)
+    }
+
+    /// An attribute as netlink lays it out: length, type, value, padding.
+    fn attr(ty: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&u16::try_from(4 + value.len()).unwrap().to_ne_bytes());
+        out.extend_from_slice(&ty.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    fn nest(ty: u16, parts: &[Vec<u8>]) -> Vec<u8> {
+        attr(ty | 0x8000, &parts.concat())
+    }
+
+    #[test]
+    fn interval_maps_of_concatenations_are_sent_as_nft_sends_them() {
+        use wire::*;
+        let mut buf = Vec::new();
+        wire::put_attrs(&mut buf, |a| encode_set(a, "t", "slots", &slots(), 0, 1));
+        // nft --debug=mnl: flags 0x8c (concat, map, interval), and a
+        // description of two 4-byte fields, without a size.
+        let flags = find_attr(&buf, NFTA_SET_FLAGS).and_then(be32);
+        assert_eq!(flags, Some(0x8c));
+        let field = nest(NFTA_LIST_ELEM, &[attr(NFTA_SET_FIELD_LEN, &[0, 0, 0, 4])]);
+        let concat = nest(NFTA_SET_DESC_CONCAT, &[field.clone(), field.clone()]);
+        assert_eq!(find_attr(&buf, NFTA_SET_DESC), Some(&concat[..]));
+        // Read back (the kernel's answer carries the same attributes): the
+        // spec as it was, the concat flag left out.
+        let info = SetInfo::parse(&buf).expect("parsed");
+        assert_eq!(info.spec, slots());
+        assert_eq!(info.spec.flags.to_string(), "interval");
+
+        // A size goes into the same description, before the fields.
+        let mut buf = Vec::new();
+        let sized = slots().with_size(100);
+        wire::put_attrs(&mut buf, |a| encode_set(a, "t", "slots", &sized, 0, 1));
+        let size = attr(NFTA_SET_DESC_SIZE, &100u32.to_be_bytes());
+        assert_eq!(
+            find_attr(&buf, NFTA_SET_DESC),
+            Some(&[size, concat].concat()[..])
+        );
+        assert_eq!(SetInfo::parse(&buf).expect("parsed").spec, sized);
+
+        // Concatenations without intervals are sent as before.
+        let mut buf = Vec::new();
+        let plain = SetSpec::map(&[DataType::Mark, DataType::Mark], &[DataType::Mark]);
+        wire::put_attrs(&mut buf, |a| encode_set(a, "t", "m", &plain, 0, 1));
+        assert_eq!(find_attr(&buf, NFTA_SET_FLAGS).and_then(be32), Some(0x8));
+        assert_eq!(find_attr(&buf, NFTA_SET_DESC), None);
+    }
+
+    #[test]
+    fn range_elements_are_encoded_as_nft_encodes_them() {
+        use wire::*;
+        let key = concat_interval(&[Datum::Mark(10), Datum::Mark(0)]);
+        let end = concat_interval(&[Datum::Mark(10), Datum::Mark(6553)]);
+        // nft: `element 0a000000 00000000  - 0a000000 99190000  : 00000000`.
+        assert_eq!(key, [0, 0, 0, 10, 0, 0, 0, 0]);
+        assert_eq!(end, [0, 0, 0, 10, 0, 0, 0x19, 0x99]);
+        let elem = SetElem::range(key.clone(), end.clone()).with_value(vec![0; 4]);
+        assert_eq!(
+            elem,
+            SetElem::mapping(key.clone(), vec![0; 4]).with_end(end.clone())
+        );
+        let mut buf = Vec::new();
+        wire::put_attrs(&mut buf, |list| elem.encode(list));
+        // What nft --debug=mnl shows: key, key end, data.
+        let want = nest(
+            NFTA_LIST_ELEM,
+            &[
+                nest(NFTA_SET_ELEM_KEY, &[attr(NFTA_DATA_VALUE, &key)]),
+                nest(NFTA_SET_ELEM_KEY_END, &[attr(NFTA_DATA_VALUE, &end)]),
+                nest(NFTA_SET_ELEM_DATA, &[attr(NFTA_DATA_VALUE, &[0; 4])]),
+            ],
+        );
+        assert_eq!(buf, want);
+        assert!(elem.encoded_size_bound() >= buf.len());
+
+        // A dump lists it back with its end.
+        let body = nest(NFTA_SET_ELEM_LIST_ELEMENTS, &[buf]);
+        let mut listed = Vec::new();
+        ElementInfo::parse_list(&body, &mut listed);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].key, key);
+        assert_eq!(listed[0].key_end.as_deref(), Some(&end[..]));
+        assert_eq!(listed[0].value, Some(ElemValue::Data(vec![0; 4])));
+
+        // A key to delete carries the end too.
+        let elem_key = ElemKey::from(&listed[0]);
+        assert_eq!(elem_key, ElemKey::range(key.clone(), end.clone()));
+        assert_eq!(
+            elem_key.to_string(),
+            "0000000a 00000000 - 0000000a 00001999"
+        );
+        let mut buf = Vec::new();
+        wire::put_attrs(&mut buf, |list| elem_key.encode(list));
+        let want = nest(
+            NFTA_LIST_ELEM,
+            &[
+                nest(NFTA_SET_ELEM_KEY, &[attr(NFTA_DATA_VALUE, &key)]),
+                nest(NFTA_SET_ELEM_KEY_END, &[attr(NFTA_DATA_VALUE, &end)]),
+            ],
+        );
+        assert_eq!(buf, want);
+        assert!(elem_key.encoded_size_bound() >= buf.len());
+        assert_eq!(ElemKey::from(key.clone()).to_string(), "0000000a 00000000");
+    }
+
+    #[test]
+    fn interval_specs_and_ranges_are_checked() {
+        let key = |a: u32, b: u32| concat_interval(&[Datum::Mark(a), Datum::Mark(b)]);
+        assert!(slots().check().is_ok());
+        // One field: the kernel's rbtree, not supported.
+        let err = SetSpec::set(&[DataType::InetService])
+            .with_flags(SetFlags::INTERVAL)
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("two fields or more"), "{err}");
+        // Dynamic: no kernel set type has both.
+        let err = slots().with_flags(SetFlags::DYNAMIC).check().unwrap_err();
+        assert!(err.to_string().contains("cannot be dynamic"), "{err}");
+        assert!(slots().with_timeout(Duration::from_secs(5)).check().is_ok());
+
+        let spec = slots();
+        let range = |lo: Vec<u8>, hi: Vec<u8>| SetElem::range(lo, hi).with_value(vec![0; 4]);
+        assert!(spec.check_element(0, &range(key(1, 5), key(1, 5))).is_ok());
+        assert!(spec.check_element(0, &range(key(1, 0), key(2, 9))).is_ok());
+        // Compared as big-endian numbers, field by field.
+        let err = spec
+            .check_element(4, &range(key(1, 0x100), key(1, 0xff)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("element 4 key end: field 2 (mark) ends below where it starts"),
+            "{err}"
+        );
+        assert!(spec.check_element(0, &range(key(2, 0), key(1, 9))).is_err());
+        let short = range(key(1, 0), vec![0; 4]);
+        assert!(short.check(0).is_err());
+        let err = spec.check_element(0, &short).unwrap_err().to_string();
+        assert!(err.contains("4 bytes, the set's key has 8"), "{err}");
+        // No ranges in a set without the flag.
+        let plain = SetSpec::map(&[DataType::Mark, DataType::Mark], &[DataType::Mark]);
+        let err = plain
+            .check_element(0, &range(key(1, 0), key(1, 9)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no SetFlags::INTERVAL"), "{err}");
+        // Keys to delete, likewise.
+        assert!(
+            ElemKey::range(key(1, 0), key(1, 9))
+                .check_against(0, &spec)
+                .is_ok()
+        );
+        assert!(
+            ElemKey::range(key(1, 9), key(1, 0))
+                .check_against(0, &spec)
+                .is_err()
+        );
+        assert!(
+            ElemKey::range(key(1, 0), key(1, 9))
+                .check_against(0, &plain)
+                .is_err()
+        );
+        assert!(ElemKey::range(key(1, 0), vec![1]).check(0).is_err());
+        assert!(ElemKey::from(vec![0; 4]).check_against(0, &spec).is_err());
+    }
+
+    #[test]
+    fn interval_keys_put_host_order_fields_in_network_order() {
+        let key = concat_interval(&[Datum::Mark(0x0102_0304), Datum::Port(80), Datum::Integer(7)]);
+        assert_eq!(key, [1, 2, 3, 4, 0, 80, 0, 0, 0, 0, 0, 7]);
+        // Network-order fields are laid out as `concat` lays them out.
+        let parts = [Datum::Ipv4("10.0.0.1".parse().unwrap()), Datum::Proto(6)];
+        assert_eq!(concat_interval(&parts), concat(&parts));
+        assert_eq!(
+            SetFlags::from_kernel(wire::NFT_SET_CONCAT | wire::NFT_SET_INTERVAL | 0x8),
+            SetFlags::INTERVAL
+        );
     }
 }

@@ -111,13 +111,26 @@ pub(crate) const NFTA_SET_TIMEOUT: u16 = 11;
 pub(crate) const NFTA_SET_USERDATA: u16 = 13;
 pub(crate) const NFTA_SET_HANDLE: u16 = 16;
 pub(crate) const NFTA_SET_DESC_SIZE: u16 = 1;
+/// The widths of a concatenation's fields (a list of `NFTA_LIST_ELEM {
+/// NFTA_SET_FIELD_LEN }`): how the kernel's pipapo set type learns where
+/// one field's range ends and the next begins.
+pub(crate) const NFTA_SET_DESC_CONCAT: u16 = 2;
+/// One field's width in bytes, unpadded (the uapi comment says bits; the
+/// kernel and nft use bytes).
+pub(crate) const NFTA_SET_FIELD_LEN: u16 = 1;
 
 pub(crate) const NFT_SET_ANONYMOUS: u32 = 0x1;
 pub(crate) const NFT_SET_CONSTANT: u32 = 0x2;
+/// Elements are ranges (`flags interval`).
+pub(crate) const NFT_SET_INTERVAL: u32 = 0x4;
 pub(crate) const NFT_SET_MAP: u32 = 0x8;
 pub(crate) const NFT_SET_TIMEOUT: u32 = 0x10;
 /// "dynamic" in nft: updated from the packet path (dynset).
 pub(crate) const NFT_SET_EVAL: u32 = 0x20;
+/// The key is a concatenation whose fields' widths come with the set
+/// (`NFTA_SET_DESC_CONCAT`); nft sends it for interval sets of
+/// concatenations.
+pub(crate) const NFT_SET_CONCAT: u32 = 0x80;
 /// NFTA_SET_DATA_TYPE of a verdict map (`NFT_DATA_VERDICT`).
 pub(crate) const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
@@ -129,6 +142,9 @@ pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
 pub(crate) const NFTA_SET_ELEM_DATA: u16 = 2;
 pub(crate) const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 pub(crate) const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+/// The last key of a range (inclusive), for interval sets of
+/// concatenations.
+pub(crate) const NFTA_SET_ELEM_KEY_END: u16 = 10;
 
 /// libnftnl's set userdata TLVs (`NFTNL_UDATA_SET_*`): how nft stores the
 /// byte order of keys and values, which it needs to print elements.
