@@ -196,16 +196,26 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
     .await;
     store.delete("endpointslices/shop/web-2").await.unwrap();
 
-    // `nft`, reading independently, sees the service in the map and its chains.
+    // `nft`, reading independently, sees the service in the map, its endpoint, and the
+    // shape chain that picks it.
     let listed = nft(&r, &["list", "table", "ip", "trellis-proxy"]);
     assert!(
-        listed.contains("10.96.0.10 . tcp . 80 : goto service-shop/web/tcp/http"),
+        listed.contains("10.96.0.10 . tcp . 80 : goto shape-clusterip-cluster-1"),
         "{listed}"
     );
-    assert!(listed.contains("dnat to 10.91.2.2:8080"), "{listed}");
+    assert!(
+        listed.contains("10.96.0.10 . tcp . 80 . 0x00000000 : 10.91.2.2 . 8080"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(
+            "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 1 map @cluster-endpoints"
+        ),
+        "{listed}"
+    );
 
     // Tampering from outside, once an audit has found the tables verified (and so would
-    // read nothing unless it notices someone else's commit): the endpoint chain flushed
+    // read nothing unless it notices someone else's commit): the shape chain flushed
     // and the map entry deleted.
     wait_for(
         "an audit with nothing to read",
@@ -226,7 +236,7 @@ async fn services_are_programmed_repaired_after_tampering_and_refused_without_en
             "chain",
             "ip",
             "trellis-proxy",
-            "endpoint-shop/web/tcp/http__10.91.2.2/8080",
+            "shape-clusterip-cluster-1",
         ],
     );
     nft(
@@ -437,7 +447,7 @@ async fn a_dual_stack_service_is_reached_over_both_families() {
     }
     let listed = nft(&r, &["list", "table", "ip6", "trellis-proxy"]);
     assert!(
-        listed.contains("fd00:96::10 . tcp . 80 : goto service-shop/web/tcp/http"),
+        listed.contains("fd00:96::10 . tcp . 80 : goto shape-clusterip-cluster-1"),
         "{listed}"
     );
     proxy.abort();

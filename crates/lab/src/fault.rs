@@ -96,7 +96,7 @@ pub async fn tamper_proxy(
 }
 
 /// Whether `node`'s proxy rules are whole again after a `proxy-tamper`: the foreign chain
-/// is gone and every service chain has its rules.
+/// is gone and every service and shape chain has its rules.
 pub async fn proxy_repaired(lab: &str, node: &str) -> anyhow::Result<bool> {
     let state = LabState::load(lab)?;
     let netns = state.spec.node(node)?.netns.clone();
@@ -353,7 +353,7 @@ mod proxy {
     use trellis_dataplane::nftables::{ElemValue, Family, Nft, SetElem, Verdict, dsl};
 
     const SERVICE_IPS: &str = "service-ips";
-    const SERVICE_NODEPORTS: &str = "service-nodeports";
+    const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
     /// The foreign chain the tampered element leads to.
     pub const CHAIN: &str = "tamper-dead-pod";
 
@@ -395,7 +395,8 @@ mod proxy {
             .into_iter()
             .filter_map(|e| {
                 let chain = goto_chain(&e.value)?.to_string();
-                chain.starts_with("service-").then_some((e.key, chain))
+                (chain.starts_with("shape-") || chain.starts_with("service-"))
+                    .then_some((e.key, chain))
             })
             .collect();
         services.sort();
@@ -410,23 +411,23 @@ mod proxy {
                 key.len()
             )
         })?;
-        let port_name = chain.trim_start_matches("service-").to_string();
         let chains = nft.chains(Family::Ip, TABLE)?;
-        // The pods' port, from the name of one of the port's endpoint chains.
-        let endpoint_prefix = format!("endpoint-{port_name}__");
-        let target = chains
-            .iter()
-            .filter_map(|c| c.name.strip_prefix(&endpoint_prefix))
-            .filter_map(|rest| rest.rsplit_once('/')?.1.parse::<u16>().ok())
-            .next()
-            .unwrap_or(crate::pods::ECHO_PORT);
-        let node_ports: Vec<Vec<u8>> = nft
-            .elements(Family::Ip, TABLE, SERVICE_NODEPORTS)
+        // The service's endpoints (`daddr . l4proto . dport . index` → `addr . port`):
+        // deleted, and their port is the pods' port.
+        let endpoints: Vec<(Vec<u8>, Option<ElemValue>)> = nft
+            .elements(Family::Ip, TABLE, CLUSTER_ENDPOINTS)
             .unwrap_or_default()
             .into_iter()
-            .filter(|e| goto_chain(&e.value).is_some_and(|c| c.ends_with(&port_name)))
-            .map(|e| e.key)
+            .filter(|e| e.key.starts_with(&key))
+            .map(|e| (e.key, e.value))
             .collect();
+        let target = endpoints
+            .iter()
+            .find_map(|(_, v)| match v {
+                Some(ElemValue::Data(d)) if d.len() >= 6 => Some(u16::from_be_bytes([d[4], d[5]])),
+                _ => None,
+            })
+            .unwrap_or(crate::pods::ECHO_PORT);
         let protocol = match proto {
             6 => "tcp".to_string(),
             17 => "udp".to_string(),
@@ -435,19 +436,22 @@ mod proxy {
         };
         let destination = format!("{addr} . {protocol} . {port}");
         let mut deleted = vec![format!("{SERVICE_IPS}: {destination}")];
-        for k in &node_ports {
-            if k.len() >= 6 {
-                deleted.push(format!(
-                    "{SERVICE_NODEPORTS}: {protocol} . {}",
-                    u16::from_be_bytes([k[4], k[5]])
-                ));
-            }
+        if !endpoints.is_empty() {
+            deleted.push(format!(
+                "{CLUSTER_ENDPOINTS}: {} endpoint(s) of {destination}",
+                endpoints.len()
+            ));
         }
         let mut b = trellis_dataplane::nftables::Batch::new();
         b.flush_chain(Family::Ip, TABLE, &chain);
         b.delete_elements(Family::Ip, TABLE, SERVICE_IPS, vec![key.clone()]);
-        if !node_ports.is_empty() {
-            b.delete_elements(Family::Ip, TABLE, SERVICE_NODEPORTS, node_ports);
+        if !endpoints.is_empty() {
+            b.delete_elements(
+                Family::Ip,
+                TABLE,
+                CLUSTER_ENDPOINTS,
+                endpoints.into_iter().map(|(k, _)| k),
+            );
         }
         if chains.iter().any(|c| c.name == CHAIN) {
             b.flush_chain(Family::Ip, TABLE, CHAIN);
@@ -483,7 +487,7 @@ mod proxy {
         })
     }
 
-    /// No foreign chain left, and no service chain without rules.
+    /// No foreign chain left, and no service or shape chain without rules.
     pub fn repaired(netns: &str) -> anyhow::Result<bool> {
         let nft = Nft::connect_in(netns)?;
         if !nft.table_exists(Family::Ip, TABLE)? {
@@ -496,7 +500,7 @@ mod proxy {
         let rules = nft.dump_rules(Family::Ip, TABLE, None)?;
         Ok(chains
             .iter()
-            .filter(|c| c.name.starts_with("service-"))
+            .filter(|c| c.name.starts_with("service-") || c.name.starts_with("shape-"))
             .all(|c| rules.iter().any(|r| r.chain == c.name)))
     }
 

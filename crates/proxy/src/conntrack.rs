@@ -103,9 +103,18 @@ fn endpoints_from(rules: &ServiceRules, chain: &str) -> BTreeSet<(IpAddr, u16)> 
         if !seen.insert(name) {
             continue;
         }
-        for rule in rules.chains.get(name).into_iter().flatten() {
-            if let Rule::Dnat { addr, port } = rule {
-                found.insert((*addr, *port));
+        let body = rules.chains.get(name).or_else(|| rules.shapes.get(name));
+        for rule in body.into_iter().flatten() {
+            match rule {
+                Rule::Dnat { addr, port } => {
+                    found.insert((*addr, *port));
+                }
+                Rule::Pick { role, .. } => {
+                    for b in rules.pools.get(role).into_iter().flatten() {
+                        found.insert((b.addr, b.port));
+                    }
+                }
+                _ => {}
             }
             todo.extend(rule.targets());
         }

@@ -13,6 +13,7 @@ pub mod input;
 pub mod plan;
 pub mod resolve;
 pub mod ruleset;
+pub mod shape;
 pub mod trace;
 
 pub use input::{

@@ -5,8 +5,10 @@
 use crate::endpoints::{Usable, usable};
 use crate::input::{Endpoint, IpFamily, NodeView, ServicePort, TrafficPolicy};
 use crate::ruleset::{
-    Destination, HealthCheck, NodePort, Plan, Refusal, Rule, ServiceRules, Table, chain,
+    Backend, Destination, Frontend, HealthCheck, NodePort, Plan, Refusal, Role, Rule, ServiceRules,
+    Table, chain,
 };
+use crate::shape::{Shape, role_of};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -95,7 +97,27 @@ pub fn plan_port(
 
     // Internal traffic: the ClusterIP.
     rules.cluster_ips.insert(cluster_ip);
+    // Ports without affinity share shape chains; with it, each has kube-proxy's chains
+    // (a client's endpoint is remembered in a set per endpoint).
+    let shared = port.affinity_seconds.is_none();
+    let cluster_pool = backends(&usable.cluster);
+    let local_pool = backends(&usable.local);
+    let from_cluster = !node.cluster_cidrs.is_empty();
     match internal {
+        Ok(()) if shared => {
+            let role = role_of(port.internal_policy);
+            let shape = Shape::ClusterIp {
+                policy: port.internal_policy,
+                count: pool_len(role, &cluster_pool, &local_pool),
+            };
+            rules.service_ips.insert(dest(cluster_ip), shape.name());
+            rules
+                .frontends
+                .entry(Frontend::Address(dest(cluster_ip)))
+                .or_default()
+                .extend(shape.roles());
+            rules.shapes.insert(shape.name(), shape.rules(from_cluster));
+        }
         Ok(()) => {
             rules
                 .service_ips
@@ -125,6 +147,37 @@ pub fn plan_port(
     let has_external = !external_ips.is_empty() || node_port.is_some();
     if has_external {
         match external {
+            Ok(()) if shared => {
+                let mut frontends: Vec<Frontend> = external_ips
+                    .iter()
+                    .map(|a| Frontend::Address(dest(*a)))
+                    .collect();
+                frontends.extend(node_port.map(Frontend::NodePort));
+                for frontend in frontends {
+                    let kind = frontend.kind();
+                    let shape = match port.external_policy {
+                        TrafficPolicy::Cluster => Shape::ExternalCluster {
+                            kind,
+                            count: cluster_pool.len(),
+                        },
+                        TrafficPolicy::Local => Shape::ExternalLocal {
+                            kind,
+                            cluster: cluster_pool.len(),
+                            local: local_pool.len(),
+                        },
+                    };
+                    match frontend {
+                        Frontend::Address(d) => rules.service_ips.insert(d, shape.name()),
+                        Frontend::NodePort(np) => rules.node_ports.insert(np, shape.name()),
+                    };
+                    rules
+                        .frontends
+                        .entry(frontend)
+                        .or_default()
+                        .extend(shape.roles());
+                    rules.shapes.insert(shape.name(), shape.rules(from_cluster));
+                }
+            }
             Ok(()) => {
                 let external_chain = chain::external(name);
                 for addr in &external_ips {
@@ -199,6 +252,20 @@ pub fn plan_port(
         }
     }
 
+    // A connection from an endpoint to itself through its service must be masqueraded,
+    // or the endpoint would answer itself directly. Only this node's pods (and the node)
+    // open one here: another node's pods go through their own node's proxy.
+    for e in usable.cluster.iter().chain(&usable.local) {
+        if e.node.as_deref().is_none_or(|n| n == node.name) {
+            rules.hairpin.insert(e.addr);
+        }
+    }
+    for (role, pool) in [(Role::Cluster, cluster_pool), (Role::Local, local_pool)] {
+        if rules.frontends.values().any(|roles| roles.contains(&role)) {
+            rules.pools.insert(role, pool);
+        }
+    }
+
     let masquerade_cluster_ip = Rule::MasqueradeFromOutsideCluster {
         addr: cluster_ip,
         port: port.port,
@@ -222,6 +289,28 @@ pub fn plan_port(
         add_endpoint_chains(&mut rules, port, &usable.local);
     }
     rules
+}
+
+/// A pool: the endpoints' addresses and ports in order, each once (two slices may list
+/// one endpoint).
+fn backends(endpoints: &[&Endpoint]) -> Vec<Backend> {
+    let mut out: Vec<Backend> = endpoints
+        .iter()
+        .map(|e| Backend {
+            addr: e.addr,
+            port: e.port,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn pool_len(role: Role, cluster: &[Backend], local: &[Backend]) -> usize {
+    match role {
+        Role::Cluster => cluster.len(),
+        Role::Local => local.len(),
+    }
 }
 
 /// Whether traffic under `policy` has endpoints, or how it is refused: rejected without any
@@ -258,7 +347,7 @@ fn balance(port: &ServicePort, endpoints: &[&Endpoint]) -> Vec<Rule> {
 
 fn add_endpoint_chains(rules: &mut ServiceRules, port: &ServicePort, endpoints: &[&Endpoint]) {
     for e in endpoints {
-        let mut body = vec![Rule::MasqueradeIfSource(e.addr)];
+        let mut body = Vec::new();
         if let Some(timeout) = port.affinity_seconds {
             let set = chain::affinity(&port.name, e.addr, e.port);
             rules.affinity_sets.insert(set.clone(), timeout);

@@ -10,11 +10,24 @@
 //!   keyed by `l4proto . dport` and matched only on the node's own addresses:
 //!   `service-nodeports`, `no-endpoint-nodeports`; the set `cluster-ips` rejects unknown
 //!   ports of a ClusterIP. One lookup per packet whatever the number of services.
-//! - per service port: a cluster chain (`service-…`), a local chain for Local policies
-//!   (`local-…`), an external chain (`external-…`), a firewall chain (`firewall-…`), and
-//!   one chain per endpoint (`endpoint-…`) that DNATs; random choice with `numgen`.
+//! - *shape* chains shared by every port of the same policy shape and endpoint count
+//!   (`shape-clusterip-cluster-3`: masquerade what comes from outside the pod network,
+//!   then `dnat to daddr . l4proto . dport . numgen random mod 3 map
+//!   @cluster-endpoints`): the endpoints are elements of four maps keyed by the frontend
+//!   (`daddr . l4proto . dport` or, for NodePorts, `l4proto . dport`) and an index;
+//! - for ports with ClientIP affinity, kube-proxy's shape: a cluster chain (`service-…`),
+//!   a local chain (`local-…`), an external chain (`external-…`) and one chain per
+//!   endpoint (`endpoint-…`) with its affinity set; a firewall chain (`firewall-…`) for
+//!   load-balancer source ranges;
 //! - fixed chains hooked into netfilter that do the lookups, and `masquerading`, which
-//!   masquerades what a service chain marked.
+//!   masquerades what a chain marked and connections from an endpoint to itself.
+//!
+//! Why shared chains: at each commit that adds a rule or a jump, the kernel re-validates
+//! every chain reachable from the hooks, and binding a map from a new chain walks the
+//! map whole. With a chain per service (let alone per endpoint) both grow with the
+//! cluster; with shape chains an endpoint event changes map elements (and, when a
+//! port's endpoint count changes, which shape its frontends lead to), and the validation
+//! walks a handful of chains. Measured in `docs/benchmarks.md`.
 //!
 //! Everything a service port contributes is kept apart ([`ServiceRules`]) so an event
 //! replans and reprograms only the ports it touches.
@@ -35,6 +48,29 @@ pub mod names {
     pub const FIREWALL_IPS: &str = "firewall-ips";
     pub const CLUSTER_IPS: &str = "cluster-ips";
     pub const NODEPORT_IPS: &str = "nodeport-ips";
+    /// `daddr . l4proto . dport . index` → endpoint, for the cluster pool.
+    pub const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
+    /// The same for the local pool (Local policies).
+    pub const LOCAL_ENDPOINTS: &str = "local-endpoints";
+    /// `l4proto . dport . index` → endpoint, NodePorts' cluster pool.
+    pub const NODEPORT_CLUSTER_ENDPOINTS: &str = "nodeport-cluster-endpoints";
+    /// NodePorts' local pool.
+    pub const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
+    /// `saddr . daddr` of this node's endpoints: a connection from an endpoint to itself
+    /// through its service is masqueraded.
+    pub const HAIRPIN: &str = "hairpin";
+
+    use super::{FrontendKind, Role};
+
+    /// The endpoint map of a pool role, for a kind of frontend.
+    pub fn endpoints(role: Role, frontend: FrontendKind) -> &'static str {
+        match (role, frontend) {
+            (Role::Cluster, FrontendKind::Address) => CLUSTER_ENDPOINTS,
+            (Role::Local, FrontendKind::Address) => LOCAL_ENDPOINTS,
+            (Role::Cluster, FrontendKind::NodePort) => NODEPORT_CLUSTER_ENDPOINTS,
+            (Role::Local, FrontendKind::NodePort) => NODEPORT_LOCAL_ENDPOINTS,
+        }
+    }
 }
 
 /// A service address as packets name it: `daddr . l4proto . dport`.
@@ -82,9 +118,18 @@ pub enum Rule {
     MasqueradeFromOutsideCluster { addr: IpAddr, port: u16 },
     /// `jump mark-for-masquerade`.
     Masquerade,
-    /// `ip saddr A jump mark-for-masquerade`: an endpoint reaching its own service
-    /// (hairpin) must see the reply come from the service, not from itself.
-    MasqueradeIfSource(IpAddr),
+    /// `jump masquerade-unless-cluster`: in a shape chain of ClusterIPs, traffic from
+    /// outside the pod network is masqueraded.
+    MasqueradeUnlessFromCluster,
+    /// `[CONDITION] [mark for masquerade] dnat to KEY . numgen random mod COUNT map @MAP`:
+    /// one of `count` endpoints of the pool of `role`, found by the packet's frontend.
+    Pick {
+        when: Condition,
+        masquerade: bool,
+        role: Role,
+        frontend: FrontendKind,
+        count: u32,
+    },
     /// `fib saddr type local jump mark-for-masquerade`.
     MasqueradeIfLocalSource,
     /// `ip saddr <cluster cidrs> goto C`: pods reaching an external address of a Local
@@ -108,6 +153,56 @@ pub enum Rule {
     /// `drop`: external traffic of a Local policy on a node without a local endpoint, once
     /// pods and the node itself have been short-circuited to any endpoint.
     Drop,
+}
+
+/// When a [`Rule::Pick`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Condition {
+    Always,
+    /// The source is in the pod network (`ip saddr <cluster cidrs>`).
+    FromCluster,
+    /// The source is one of the node's addresses (`fib saddr type local`).
+    LocalSource,
+}
+
+/// Which of a port's endpoints a pool holds: all usable ones (Cluster policy), or this
+/// node's (Local policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Role {
+    Cluster,
+    Local,
+}
+
+/// How a packet names its service: by address (ClusterIPs, external and load-balancer
+/// IPs: `daddr . l4proto . dport`) or as a NodePort on a node address
+/// (`l4proto . dport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    Address,
+    NodePort,
+}
+
+/// One frontend of a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Frontend {
+    Address(Destination),
+    NodePort(NodePort),
+}
+
+impl Frontend {
+    pub fn kind(self) -> FrontendKind {
+        match self {
+            Frontend::Address(_) => FrontendKind::Address,
+            Frontend::NodePort(_) => FrontendKind::NodePort,
+        }
+    }
+}
+
+/// An endpoint as packets are sent to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
 }
 
 impl Rule {
@@ -137,8 +232,17 @@ pub struct ServiceRules {
     pub firewall_ips: BTreeMap<Destination, String>,
     /// `cluster-ips` elements.
     pub cluster_ips: BTreeSet<IpAddr>,
-    /// The port's own chains and their rules, in order.
+    /// The port's own chains and their rules, in order (ports with affinity, firewalls).
     pub chains: BTreeMap<String, Vec<Rule>>,
+    /// The shape chains its frontends lead to: shared, each name always has the same
+    /// rules.
+    pub shapes: BTreeMap<String, Vec<Rule>>,
+    /// Endpoints of its pools, in address order: an endpoint's index is its position.
+    pub pools: BTreeMap<Role, Vec<Backend>>,
+    /// The pools each frontend's shape picks from (the endpoint maps' keys).
+    pub frontends: BTreeMap<Frontend, BTreeSet<Role>>,
+    /// `hairpin` elements: this node's endpoints (and those of no known node).
+    pub hairpin: BTreeSet<IpAddr>,
     /// Affinity sets (one per endpoint) and their timeout in seconds.
     pub affinity_sets: BTreeMap<String, u32>,
 }
@@ -156,6 +260,13 @@ impl ServiceRules {
             + self.no_endpoint_node_ports.len()
             + self.firewall_ips.len()
             + self.cluster_ips.len()
+            + self
+                .frontends
+                .values()
+                .flatten()
+                .map(|role| self.pools.get(role).map_or(0, Vec::len))
+                .sum::<usize>()
+            + self.hairpin.len()
     }
 }
 
@@ -181,9 +292,12 @@ impl Table {
         }
     }
 
-    /// Every chain of every service port.
+    /// Every chain of every service port, shape chains included (once per port that
+    /// uses one).
     pub fn chains(&self) -> impl Iterator<Item = (&String, &Vec<Rule>)> {
-        self.services.values().flat_map(|s| s.chains.iter())
+        self.services
+            .values()
+            .flat_map(|s| s.chains.iter().chain(s.shapes.iter()))
     }
 
     /// The whole table's view of one map, as the kernel holds it once every port is

@@ -480,12 +480,16 @@ fn oracle(
     } else {
         (local, false)
     };
+    // Hairpin: an endpoint reaching itself, when it is on this node (or on no known one;
+    // another node's endpoints reach their service through their own node).
+    let hairpin =
+        |e: &Endpoint| p.src == e.addr && e.node.as_deref().is_none_or(|n| n == node.name);
     chosen
         .iter()
         .map(|e| Fate::Endpoint {
             addr: e.addr,
             port: e.port,
-            masqueraded: masquerade || p.src == e.addr,
+            masqueraded: masquerade || hairpin(e),
             remembered: port
                 .affinity_seconds
                 .map(|_| chain::affinity(&port.name, e.addr, e.port)),
@@ -673,4 +677,35 @@ proptest! {
             prop_assert_eq!(traced, expected, "{:?}", packet);
         }
     }
+}
+
+#[test]
+fn ports_of_one_policy_and_endpoint_count_share_a_shape_and_an_endpoint_is_data() {
+    let other = ServicePort::cluster_ip(port_name("other", Protocol::Tcp), ip("10.96.0.11"), 80);
+    let p = plan(
+        &[
+            (web(), vec![ep("10.244.1.5", "b"), ep("10.244.1.6", "b")]),
+            (
+                other.clone(),
+                vec![ep("10.244.1.7", "b"), ep("10.244.1.8", "b")],
+            ),
+        ],
+        &node(),
+    );
+    let (a, b) = (&p.v4.services[&web().name], &p.v4.services[&other.name]);
+    assert_eq!(a.shapes, b.shapes, "the same chain, with the same rules");
+    assert_eq!(
+        a.shapes.keys().collect::<Vec<_>>(),
+        ["shape-clusterip-cluster-2"]
+    );
+    assert!(a.chains.is_empty(), "no chain of its own");
+
+    // An endpoint replaced by another: the same shape, only the pool differs.
+    let moved = plan(
+        &[(web(), vec![ep("10.244.1.5", "b"), ep("10.244.1.9", "b")])],
+        &node(),
+    );
+    let c = &moved.v4.services[&web().name];
+    assert_eq!((&c.shapes, &c.service_ips), (&a.shapes, &a.service_ips));
+    assert_ne!(c.pools, a.pools);
 }

@@ -14,7 +14,9 @@
 //! end-to-end tests then hold the kernel to the same answers.
 
 use crate::input::{IpFamily, Protocol};
-use crate::ruleset::{Destination, NodePort, Refusal, Rule, Table};
+use crate::ruleset::{
+    Backend, Condition, Destination, Frontend, FrontendKind, NodePort, Refusal, Role, Rule, Table,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -61,6 +63,9 @@ pub struct Tracer<'a> {
     local: BTreeSet<IpAddr>,
     /// Clients each affinity set has remembered.
     affinity: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// The endpoint maps: a frontend's pool of each role.
+    endpoints: BTreeMap<(Role, Frontend), &'a [Backend]>,
+    hairpin: BTreeSet<IpAddr>,
     service_ips: BTreeMap<Destination, String>,
     node_ports: BTreeMap<NodePort, String>,
     no_endpoint_services: BTreeMap<Destination, Refusal>,
@@ -85,10 +90,29 @@ impl<'a> Tracer<'a> {
         let mut local: BTreeSet<IpAddr> = local_addresses.iter().copied().collect();
         local.insert("127.0.0.1".parse().expect("literal"));
         local.insert("::1".parse().expect("literal"));
+        // First port by name wins a frontend, as in the merged maps.
+        let mut endpoints = BTreeMap::new();
+        for rules in table.services.values() {
+            for (frontend, roles) in &rules.frontends {
+                for role in roles {
+                    if let Some(pool) = rules.pools.get(role) {
+                        endpoints
+                            .entry((*role, *frontend))
+                            .or_insert(pool.as_slice());
+                    }
+                }
+            }
+        }
         Tracer {
             table,
             local,
             affinity: BTreeMap::new(),
+            endpoints,
+            hairpin: table
+                .services
+                .values()
+                .flat_map(|s| s.hairpin.iter().copied())
+                .collect(),
             service_ips: table.merged(|s| &s.service_ips),
             node_ports: table.merged(|s| &s.node_ports),
             no_endpoint_services: table.merged(|s| &s.no_endpoint_services),
@@ -203,7 +227,8 @@ impl<'a> Tracer<'a> {
             Some((addr, port)) => Fate::Endpoint {
                 addr,
                 port,
-                masqueraded: flow.marked,
+                // `masquerading`: marked, or an endpoint reaching itself.
+                masqueraded: flow.marked || (p.src == addr && self.hairpin.contains(&addr)),
                 remembered: flow.remembered,
             },
             None => Fate::Untouched,
@@ -249,9 +274,25 @@ impl<'a> Tracer<'a> {
                     }
                 }
                 Rule::Masquerade => flow.marked = true,
-                Rule::MasqueradeIfSource(addr) => {
-                    if p.src == *addr {
+                Rule::MasqueradeUnlessFromCluster => {
+                    if !self.is_in_cluster(p.src) {
                         flow.marked = true;
+                    }
+                }
+                Rule::Pick {
+                    when,
+                    masquerade,
+                    role,
+                    frontend,
+                    count,
+                } => {
+                    let applies = match when {
+                        Condition::Always => true,
+                        Condition::FromCluster => self.is_in_cluster(p.src),
+                        Condition::LocalSource => self.local.contains(&p.src),
+                    };
+                    if applies {
+                        return self.pick(p, flow, *masquerade, *role, *frontend, *count);
                     }
                 }
                 Rule::MasqueradeIfLocalSource => {
@@ -296,6 +337,47 @@ impl<'a> Tracer<'a> {
             }
         }
         vec![flow]
+    }
+
+    /// A pick rule: `numgen random mod COUNT` over the frontend's pool of `role`.
+    fn pick(
+        &self,
+        p: &Packet,
+        flow: Flow,
+        masquerade: bool,
+        role: Role,
+        kind: FrontendKind,
+        count: u32,
+    ) -> Vec<Flow> {
+        let frontend = match kind {
+            FrontendKind::Address => Frontend::Address(Destination {
+                addr: p.dst,
+                protocol: p.protocol,
+                port: p.port,
+            }),
+            FrontendKind::NodePort => Frontend::NodePort(NodePort {
+                protocol: p.protocol,
+                port: p.port,
+            }),
+        };
+        let pool = self
+            .endpoints
+            .get(&(role, frontend))
+            .copied()
+            .unwrap_or(&[]);
+        assert_eq!(
+            pool.len(),
+            count as usize,
+            "the shape picks among {count} endpoints, the pool of {frontend:?} has {}",
+            pool.len()
+        );
+        pool.iter()
+            .map(|b| Flow {
+                dnat: Some((b.addr, b.port)),
+                marked: flow.marked || masquerade,
+                ..flow.clone()
+            })
+            .collect()
     }
 
     /// Runs a firewall chain; `Some` when it ends the packet.

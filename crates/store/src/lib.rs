@@ -132,6 +132,12 @@ impl Watch {
     pub async fn next(&mut self) -> Option<Result<Event>> {
         self.rx.recv().await
     }
+
+    /// The next event if one is already waiting, without waiting: for batching a burst.
+    /// (A zero timeout around `next` waits for the runtime's timer, up to a millisecond.)
+    pub fn try_next(&mut self) -> Option<Result<Event>> {
+        self.rx.try_recv().ok()
+    }
 }
 
 #[async_trait]

@@ -10,11 +10,14 @@
 
 use super::render::{
     RenderedChain, RenderedRule, RenderedSet, RenderedTable, TABLE, merge, nft_family,
-    render_fixed, render_port,
+    render_chain, render_fixed, render_port,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use trellis_dataplane::nftables::{BaseChain, ElemKey, ElemValue, Family, Op, SetElem, SetSpec};
+use trellis_proxy::Protocol;
+use trellis_proxy::shape::Shape;
 use trellis_proxy::{IpFamily, ServicePortName, ServiceRules, Table};
 
 /// Operations that go into one transaction, with what they do for reports.
@@ -49,7 +52,10 @@ const PHASE_DESTROY_SETS: u8 = 11;
 fn rank(chain: &str) -> u8 {
     if chain.starts_with("endpoint-") {
         0
-    } else if chain.starts_with("service-") || chain.starts_with("local-") {
+    } else if chain.starts_with("service-")
+        || chain.starts_with("local-")
+        || chain.starts_with("shape-")
+    {
         1
     } else if chain.starts_with("external-") || chain.starts_with("firewall-") {
         2
@@ -65,7 +71,9 @@ const ELEMENTS_PER_UNIT: usize = 2000;
 /// An element of a fixed set: the set's name and the key's bytes.
 type ElementKey = (&'static str, Vec<u8>);
 /// The ports that want an element, with the value each wants.
-type Claimants = BTreeMap<ServicePortName, Option<ElemValue>>;
+/// Kept sorted by name; nearly always one entry, so a vector (a map would allocate a
+/// whole tree node per element: most of the memory at 100,000 endpoints).
+type Claimants = Vec<(Arc<ServicePortName>, Option<ElemValue>)>;
 
 /// The proxy's desired table in one family, kept per service port.
 pub struct Desired {
@@ -76,6 +84,10 @@ pub struct Desired {
     ports: BTreeMap<ServicePortName, ServiceRules>,
     /// Who claims each element of a fixed set: the first claimant by port name wins.
     claims: HashMap<ElementKey, Claimants>,
+    /// Shape chains programmed, with how many ports lead to each. One nobody uses stays
+    /// until the next full audit ([`Desired::prune_shapes`]): endpoint counts that come
+    /// and go then reuse it rather than creating it again.
+    shapes: BTreeMap<String, (RenderedChain, usize)>,
 }
 
 impl Desired {
@@ -91,6 +103,7 @@ impl Desired {
             fixed: render_fixed(&empty),
             ports: BTreeMap::new(),
             claims: HashMap::new(),
+            shapes: BTreeMap::new(),
         }
     }
 
@@ -131,6 +144,21 @@ impl Desired {
                 units.push(destroy_set_unit(nft, set));
             }
         }
+        // Shape chains: shared, created when first wanted.
+        for name in before.shapes.keys() {
+            if let Some((_, users)) = self.shapes.get_mut(name) {
+                *users = users.saturating_sub(1);
+            }
+        }
+        for (name, body) in &after.shapes {
+            match self.shapes.get_mut(name) {
+                Some((_, users)) => *users += 1,
+                None => {
+                    self.shapes.insert(name.clone(), (body.clone(), 1));
+                    units.extend(add_shape_units(nft, name, body));
+                }
+            }
+        }
         // Chains.
         for (chain, body) in &after.chains {
             match before.chains.get(chain) {
@@ -154,13 +182,15 @@ impl Desired {
             }
         }
         let mut changes: BTreeMap<&'static str, Vec<ElementChange>> = BTreeMap::new();
+        let shared_name = Arc::new(name.clone());
         for (set, key) in touched {
             let claim_key = (set, key.clone());
             let was = self.effective(&claim_key);
             let claimants = self.claims.entry(claim_key.clone()).or_default();
-            claimants.remove(name);
+            claimants.retain(|(n, _)| **n != *name);
             if let Some(value) = after.elements.get(set).and_then(|e| e.get(&key)) {
-                claimants.insert(name.clone(), value.clone());
+                let at = claimants.partition_point(|(n, _)| **n < *name);
+                claimants.insert(at, (shared_name.clone(), value.clone()));
             }
             if claimants.is_empty() {
                 self.claims.remove(&claim_key);
@@ -185,12 +215,40 @@ impl Desired {
     }
 
     fn effective(&self, key: &ElementKey) -> Option<Option<ElemValue>> {
-        self.claims.get(key)?.values().next().cloned()
+        self.claims.get(key)?.first().map(|(_, v)| v.clone())
+    }
+
+    /// Forgets the shape chains no port leads to, so that the audit that follows removes
+    /// them, and adds those one endpoint away from the ones in use, so that it creates
+    /// them: the next endpoint event then finds its shape ready and changes map elements
+    /// only (creating a chain costs the kernel a walk of the endpoint map it binds, and a
+    /// validation of the table).
+    pub fn prune_shapes(&mut self) {
+        self.shapes.retain(|_, (_, users)| *users > 0);
+        let spares: Vec<Shape> = self
+            .shapes
+            .keys()
+            .filter_map(|name| Shape::parse(name))
+            .flat_map(|shape| shape.neighbours())
+            .collect();
+        let from_cluster = !self.cluster_cidrs.is_empty();
+        for shape in spares {
+            self.shapes.entry(shape.name()).or_insert_with(|| {
+                let body = shape.rules(from_cluster);
+                (
+                    render_chain(self.family, Protocol::Tcp, &self.cluster_cidrs, &body),
+                    0,
+                )
+            });
+        }
     }
 
     /// The whole table as it should be, for the audit.
     pub fn rendered(&self) -> RenderedTable {
         let mut out = self.fixed.clone();
+        for (name, (chain, _)) in &self.shapes {
+            out.chains.insert(name.clone(), chain.clone());
+        }
         for rules in self.ports.values() {
             merge(
                 &mut out,
@@ -338,6 +396,13 @@ fn add_chain_units(nft: Family, name: &str, chain: &RenderedChain) -> [Unit; 2] 
         phase: PHASE_RULES + rank(name),
     };
     [create, rules]
+}
+
+/// A shape chain: created if missing, then its rules written whole (it may be there
+/// already, left over from an earlier run and not yet pruned).
+fn add_shape_units(nft: Family, name: &str, chain: &RenderedChain) -> [Unit; 2] {
+    let [create, _] = add_chain_units(nft, name, chain);
+    [create, rewrite_chain_unit(nft, name, &chain.rules)]
 }
 
 fn rewrite_chain_unit(nft: Family, name: &str, rules: &[RenderedRule]) -> Unit {
@@ -622,17 +687,16 @@ mod tests {
     }
 
     #[test]
-    fn a_new_port_creates_its_chains_before_the_elements_that_lead_to_them() {
+    fn a_new_port_creates_its_shape_before_the_elements_that_lead_to_it() {
         let mut d = desired();
         let web = port("web", "10.96.0.10");
         let units = d.set_port(&web.name, Some(rules(&web, &["10.244.1.5"])));
         assert_eq!(
             describe(&units),
             [
-                "add chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
-                "add chain service-ns/web/tcp/p",
-                "fill chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
-                "fill chain service-ns/web/tcp/p",
+                "add chain shape-clusterip-cluster-1",
+                "rewrite chain shape-clusterip-cluster-1",
+                "1 element(s) of cluster-endpoints",
                 "1 element(s) of cluster-ips",
                 "1 element(s) of service-ips",
             ]
@@ -642,10 +706,20 @@ mod tests {
                 .is_empty(),
             "the same rules again change nothing"
         );
+        let api = port("api", "10.96.0.11");
+        assert_eq!(
+            describe(&d.set_port(&api.name, Some(rules(&api, &["10.244.1.6"])))),
+            [
+                "1 element(s) of cluster-endpoints",
+                "1 element(s) of cluster-ips",
+                "1 element(s) of service-ips",
+            ],
+            "a second port of the same shape shares its chain"
+        );
     }
 
     #[test]
-    fn an_endpoint_change_rewrites_only_the_chains_it_touches() {
+    fn an_endpoint_change_changes_elements_and_no_rule() {
         let mut d = desired();
         let web = port("web", "10.96.0.10");
         d.set_port(&web.name, Some(rules(&web, &["10.244.1.5"])));
@@ -653,19 +727,50 @@ mod tests {
         assert_eq!(
             describe(&units),
             [
-                "add chain endpoint-ns/web/tcp/p__10.244.1.6/8080",
-                "fill chain endpoint-ns/web/tcp/p__10.244.1.6/8080",
-                "rewrite chain service-ns/web/tcp/p",
-            ]
+                "add chain shape-clusterip-cluster-2",
+                "rewrite chain shape-clusterip-cluster-2",
+                "1 element(s) of cluster-endpoints",
+                "1 element(s) of service-ips",
+            ],
+            "a new endpoint count is a shape met for the first time"
+        );
+        let units = d.set_port(&web.name, Some(rules(&web, &["10.244.1.6", "10.244.1.7"])));
+        assert_eq!(
+            describe(&units),
+            ["2 element(s) of cluster-endpoints"],
+            "an endpoint replaced: the endpoint map only"
         );
         let units = d.set_port(&web.name, Some(rules(&web, &["10.244.1.6"])));
         assert_eq!(
             describe(&units),
             [
-                "rewrite chain service-ns/web/tcp/p",
-                "remove chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
+                "1 element(s) of cluster-endpoints",
+                "1 element(s) of service-ips"
             ],
-            "the chain goes only after the rule that jumped to it"
+            "the shape of one endpoint is still there: no chain is touched"
+        );
+        d.set_port(
+            &web.name,
+            Some(rules(&web, &["10.244.1.6", "10.244.1.7", "10.244.1.8"])),
+        );
+        d.set_port(&web.name, Some(rules(&web, &["10.244.1.6"])));
+        d.prune_shapes();
+        let chains = d.rendered().chains;
+        assert!(
+            !chains.contains_key("shape-clusterip-cluster-3"),
+            "a shape no port uses goes at the next full audit"
+        );
+        assert!(
+            chains.contains_key("shape-clusterip-cluster-2"),
+            "but one endpoint away from a shape in use, it stays ready"
+        );
+        let units = d.set_port(&web.name, Some(rules(&web, &["10.244.1.6", "10.244.1.7"])));
+        assert_eq!(
+            describe(&units),
+            [
+                "1 element(s) of cluster-endpoints",
+                "1 element(s) of service-ips"
+            ],
         );
     }
 
@@ -678,10 +783,29 @@ mod tests {
         assert_eq!(
             describe(&units),
             [
+                "1 element(s) of cluster-endpoints",
                 "1 element(s) of no-endpoint-services",
                 "1 element(s) of service-ips",
-                "remove chain service-ns/web/tcp/p",
-                "remove chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_port_with_affinity_keeps_chains_of_its_own() {
+        let mut d = desired();
+        let mut web = port("web", "10.96.0.10");
+        web.affinity_seconds = Some(60);
+        let units = d.set_port(&web.name, Some(rules(&web, &["10.244.1.5"])));
+        assert_eq!(
+            describe(&units),
+            [
+                "add set affinity-ns/web/tcp/p__10.244.1.5/8080",
+                "add chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
+                "add chain service-ns/web/tcp/p",
+                "fill chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
+                "fill chain service-ns/web/tcp/p",
+                "1 element(s) of cluster-ips",
+                "1 element(s) of service-ips",
             ]
         );
     }
@@ -694,7 +818,7 @@ mod tests {
         a.external_ips = vec!["203.0.113.1".parse().unwrap()];
         b.external_ips = vec!["203.0.113.1".parse().unwrap()];
         d.set_port(&a.name, Some(rules(&a, &["10.244.1.5"])));
-        d.set_port(&b.name, Some(rules(&b, &["10.244.1.6"])));
+        d.set_port(&b.name, Some(rules(&b, &["10.244.1.6", "10.244.1.7"])));
         let key = super::super::render::dest_bytes(&trellis_proxy::Destination {
             addr: "203.0.113.1".parse().unwrap(),
             protocol: Protocol::Tcp,
@@ -704,7 +828,7 @@ mod tests {
         assert_eq!(
             owner(&d),
             Some(ElemValue::Verdict(Verdict::Goto(
-                "external-ns/a/tcp/p".into()
+                "shape-external-cluster-1".into()
             )))
         );
         let units = d.set_port(&a.name, None);
@@ -724,7 +848,7 @@ mod tests {
         assert_eq!(
             owner(&d),
             Some(ElemValue::Verdict(Verdict::Goto(
-                "external-ns/b/tcp/p".into()
+                "shape-external-cluster-2".into()
             )))
         );
     }
@@ -783,7 +907,7 @@ mod tests {
         // a chain nobody wants.
         kernel
             .chains
-            .get_mut("endpoint-ns/web/tcp/p__10.244.1.5/8080")
+            .get_mut("shape-clusterip-cluster-1")
             .unwrap()
             .comments
             .clear();
@@ -799,7 +923,7 @@ mod tests {
         assert_eq!(
             describe(&units),
             [
-                "rewrite chain endpoint-ns/web/tcp/p__10.244.1.5/8080",
+                "rewrite chain shape-clusterip-cluster-1",
                 "1 element(s) of no-endpoint-services",
                 "1 element(s) of service-ips",
                 "remove chain stray",

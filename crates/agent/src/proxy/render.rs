@@ -15,7 +15,8 @@ use trellis_dataplane::nftables::{
     BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, Family, FibFlags, FibResult,
     Hook, MetaKey, Policy, Reg, RouteType, SetFlags, SetSpec, Verdict, concat,
 };
-use trellis_proxy::ruleset::names;
+use trellis_dataplane::nftables::{DataType, LookupResult, NatFamily, NatKind, NumgenKind, SetRef};
+use trellis_proxy::ruleset::{Condition, Frontend, FrontendKind, Role, names};
 use trellis_proxy::{
     Destination, IpFamily, NodePort, Protocol, Refusal, Rule, ServiceRules, Table,
 };
@@ -101,7 +102,10 @@ pub struct RenderedTable {
 pub struct RenderedPort {
     /// Elements of the fixed maps and sets, by set name.
     pub elements: BTreeMap<&'static str, BTreeMap<Vec<u8>, Option<ElemValue>>>,
+    /// Its own chains.
     pub chains: BTreeMap<String, RenderedChain>,
+    /// The shape chains it leads to (shared with other ports).
+    pub shapes: BTreeMap<String, RenderedChain>,
     /// Its affinity sets.
     pub sets: BTreeMap<String, RenderedSet>,
 }
@@ -115,7 +119,7 @@ pub fn nft_family(family: IpFamily) -> Family {
 
 /// Field names by family.
 #[derive(Clone, Copy)]
-struct Fields {
+pub(super) struct Fields {
     saddr: Field,
     daddr: Field,
 }
@@ -156,6 +160,7 @@ pub fn merge(out: &mut RenderedTable, port: RenderedPort) {
         }
     }
     out.chains.extend(port.chains);
+    out.chains.extend(port.shapes);
     out.sets.extend(port.sets);
 }
 
@@ -189,8 +194,29 @@ pub fn render_fixed(table: &Table) -> RenderedTable {
             names::NODEPORT_IPS,
             SetSpec::set(&dsl::key_type(&[f.daddr])),
         ),
+        (
+            names::HAIRPIN,
+            SetSpec::set(&dsl::key_type(&[f.saddr, f.daddr])),
+        ),
     ] {
         sets.insert(name.to_string(), RenderedSet::empty(spec));
+    }
+    // Endpoint maps: FRONTEND . index → address . port. The index is a `mark` (4 bytes in
+    // host order, as `numgen` writes it) because nft cannot list a concatenation with a
+    // plain `integer` in it.
+    let endpoint = [f.daddr.data_type(), DataType::InetService];
+    for role in [Role::Cluster, Role::Local] {
+        for (kind, key) in [
+            (FrontendKind::Address, &dest_key[..]),
+            (FrontendKind::NodePort, &port_key[..]),
+        ] {
+            let mut key = dsl::key_type(key);
+            key.push(DataType::Mark);
+            sets.insert(
+                names::endpoints(role, kind).to_string(),
+                RenderedSet::empty(SetSpec::map(&key, &endpoint)),
+            );
+        }
     }
     let node_ips = sets.get_mut(names::NODEPORT_IPS).expect("just added");
     for addr in &table.node_port_addresses {
@@ -315,6 +341,12 @@ pub fn render_fixed(table: &Table) -> RenderedTable {
         MASQUERADING,
         None,
         vec![
+            // After DNAT, a connection from an endpoint to itself.
+            [
+                dsl::in_set(&[f.saddr, f.daddr], names::HAIRPIN),
+                dsl::masquerade_fully_random(),
+            ]
+            .concat(),
             [mark_and(MASQUERADE_MARK, 0), dsl::return_()].concat(),
             mark_xor(MASQUERADE_MARK),
             dsl::masquerade_fully_random(),
@@ -368,6 +400,34 @@ pub fn render_port(
     for addr in &rules.cluster_ips {
         add(names::CLUSTER_IPS, addr_bytes(*addr), None);
     }
+    for (frontend, roles) in &rules.frontends {
+        let key = match frontend {
+            Frontend::Address(dest) => dest_bytes(dest),
+            Frontend::NodePort(port) => node_port_bytes(port),
+        };
+        for role in roles {
+            let map = names::endpoints(*role, frontend.kind());
+            for (index, b) in rules.pools.get(role).into_iter().flatten().enumerate() {
+                let mut k = key.clone();
+                k.extend(Datum::Mark(index as u32).bytes());
+                add(
+                    map,
+                    k,
+                    Some(ElemValue::Data(concat(&[
+                        addr_datum(b.addr),
+                        Datum::Port(b.port),
+                    ]))),
+                );
+            }
+        }
+    }
+    for addr in &rules.hairpin {
+        add(
+            names::HAIRPIN,
+            concat(&[addr_datum(*addr), addr_datum(*addr)]),
+            None,
+        );
+    }
     let protocol = rules
         .service_ips
         .keys()
@@ -375,19 +435,12 @@ pub fn render_port(
         .map(|d| d.protocol)
         .next()
         .unwrap_or(Protocol::Tcp);
+    let chain = |body: &Vec<Rule>| render_chain(family, protocol, cluster_cidrs, body);
     for (name, body) in &rules.chains {
-        let rendered = body
-            .iter()
-            .flat_map(|rule| render_rule(f, protocol, cluster_cidrs, rule))
-            .map(RenderedRule::new)
-            .collect();
-        out.chains.insert(
-            name.clone(),
-            RenderedChain {
-                base: None,
-                rules: rendered,
-            },
-        );
+        out.chains.insert(name.clone(), chain(body));
+    }
+    for (name, body) in &rules.shapes {
+        out.shapes.insert(name.clone(), chain(body));
     }
     for (set, timeout) in &rules.affinity_sets {
         out.sets.insert(
@@ -402,8 +455,27 @@ pub fn render_port(
     out
 }
 
+/// A regular chain's rules. (`protocol` only matters to rules of per-service chains.)
+pub fn render_chain(
+    family: IpFamily,
+    protocol: Protocol,
+    cluster_cidrs: &[IpNet],
+    body: &[Rule],
+) -> RenderedChain {
+    let f = fields(family);
+    RenderedChain {
+        base: None,
+        rules: body
+            .iter()
+            .flat_map(|rule| render_rule(family, f, protocol, cluster_cidrs, rule))
+            .map(RenderedRule::new)
+            .collect(),
+    }
+}
+
 /// One planned rule as nftables rules (a few plan rules take more than one).
 fn render_rule(
+    family: IpFamily,
     f: Fields,
     protocol: Protocol,
     cluster_cidrs: &[IpNet],
@@ -419,8 +491,27 @@ fn render_rule(
             .concat(),
         ],
         Rule::Masquerade => vec![dsl::jump(MARK_FOR_MASQUERADE)],
-        Rule::MasqueradeIfSource(addr) => {
-            vec![[dsl::ip_saddr(*addr), dsl::jump(MARK_FOR_MASQUERADE)].concat()]
+        Rule::MasqueradeUnlessFromCluster => vec![dsl::jump(MASQUERADE_UNLESS_CLUSTER)],
+        Rule::Pick {
+            when,
+            masquerade,
+            role,
+            frontend,
+            count,
+        } => {
+            let mut tail = Vec::new();
+            if *masquerade {
+                tail.extend(mark_or(MASQUERADE_MARK));
+            }
+            tail.extend(pick(family, f, *role, *frontend, *count));
+            match when {
+                Condition::Always => vec![tail],
+                Condition::FromCluster => cluster_cidrs
+                    .iter()
+                    .map(|cidr| [dsl::ip_saddr_in(*cidr), tail.clone()].concat())
+                    .collect(),
+                Condition::LocalSource => vec![[fib_saddr_local(), tail].concat()],
+            }
         }
         Rule::MasqueradeIfLocalSource => {
             vec![[fib_saddr_local(), dsl::jump(MARK_FOR_MASQUERADE)].concat()]
@@ -471,6 +562,46 @@ fn render_rule(
         Rule::Goto(chain) => vec![dsl::goto(chain)],
         Rule::Drop => vec![dsl::drop()],
     }
+}
+
+/// `dnat to FRONTEND . numgen random mod COUNT map @ENDPOINTS`: one of the pool's
+/// endpoints, uniformly. One lookup whatever the number of services, and an endpoint
+/// change is a change of map elements.
+fn pick(family: IpFamily, f: Fields, role: Role, frontend: FrontendKind, count: u32) -> Vec<Expr> {
+    let key: &[Field] = match frontend {
+        FrontendKind::Address => &[f.daddr, Field::L4Proto, Field::ThDport],
+        FrontendKind::NodePort => &[Field::L4Proto, Field::ThDport],
+    };
+    let mut exprs = dsl::load(key);
+    let mut next = Some(Reg::R1);
+    for field in key {
+        next = next.and_then(|r| r.after(field.data_type().width()));
+    }
+    let index = next.expect("a frontend key leaves registers free");
+    let (nat_family, addr_len) = match family {
+        IpFamily::V4 => (NatFamily::Ipv4, 4),
+        IpFamily::V6 => (NatFamily::Ipv6, 16),
+    };
+    exprs.extend([
+        Expr::Numgen {
+            kind: NumgenKind::Random,
+            modulus: count.max(1),
+            offset: 0,
+            dreg: index,
+        },
+        Expr::Lookup {
+            sreg: Reg::R1,
+            set: SetRef::Named(names::endpoints(role, frontend).into()),
+            result: LookupResult::Value(Reg::R1),
+        },
+        Expr::Nat {
+            kind: NatKind::Dnat,
+            family: nat_family,
+            addr: Some(Reg::R1),
+            port: Reg::R1.after(addr_len),
+        },
+    ]);
+    exprs
 }
 
 /// Port unreachable, which a TCP client sees as "connection refused". Typed by family:

@@ -389,8 +389,11 @@ impl Proxy {
             || self.audits_since_read >= FULL_READ_EVERY;
         let wanted: Vec<_> = if full {
             self.desired
-                .iter()
-                .map(|d| (d.family(), d.rendered()))
+                .iter_mut()
+                .map(|d| {
+                    d.prune_shapes();
+                    (d.family(), d.rendered())
+                })
                 .collect()
         } else {
             Vec::new()

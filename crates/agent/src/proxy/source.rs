@@ -53,8 +53,7 @@ pub async fn follow(store: Arc<dyn Store>, prefix: &'static str, tx: mpsc::Sende
                 let mut events = vec![first];
                 // A burst (a rollout rewriting many slices) goes out as one batch.
                 while events.len() < 4096
-                    && let Ok(Some(Ok(more))) =
-                        tokio::time::timeout(Duration::ZERO, watch.next()).await
+                    && let Some(Ok(more)) = watch.try_next()
                 {
                     events.push(more);
                 }

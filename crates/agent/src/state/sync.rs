@@ -159,7 +159,7 @@ async fn follow(
         synced.apply(&event);
         // Coalesce a burst of events into one publication.
         let mut broken = None;
-        while let Ok(Some(more)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
+        while let Some(more) = watch.try_next() {
             match more {
                 Ok(more) if is_service_state(more.key()) => {}
                 Ok(more) => synced.apply(&more),

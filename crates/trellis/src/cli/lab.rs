@@ -335,8 +335,9 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bld", value_parser = lab_name)]
         name: String,
     },
-    /// The service proxy against kube-proxy's text path (`nft -f` of the same services in
-    /// its nftables shape), measured in the same run: full sync, audit, one endpoint
+    /// The service proxy (its table as the proxy renders it) against kube-proxy's text
+    /// path (`nft -f` of the same services in kube-proxy's nftables shape, a chain per
+    /// service and per endpoint), measured in the same run: full sync, audit, one endpoint
     /// added or removed, cold start, connection setup through the proxy; each side in
     /// namespaces and processes of its own (wall time, peak memory, CPU).
     Proxy {
@@ -354,10 +355,6 @@ pub enum BenchCommand {
         /// connect.
         #[arg(long, value_delimiter = ',')]
         cases: Vec<trellis_lab::bench::proxy::Case>,
-        /// Trellis's endpoint choice: vmap (what the proxy renders), one-in (a rule per
-        /// endpoint, no anonymous maps), or both.
-        #[arg(long, value_delimiter = ',', default_value = "vmap,one-in")]
-        shapes: Vec<trellis_lab::bench::proxy::Shape>,
         /// EndpointSlice changes to time (an endpoint added, then removed, in turn).
         #[arg(long, default_value_t = 20)]
         changes: usize,
@@ -675,7 +672,6 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             endpoints,
             cold_start_services,
             cases,
-            shapes,
             changes,
             connections,
             peer_timeout,
@@ -693,7 +689,6 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 } else {
                     cases
                 },
-                shapes,
                 changes: changes.max(1),
                 connections,
                 peer: !no_peer,

@@ -15,10 +15,10 @@
 //! - **connection setup** through the proxy's node to a ClusterIP, with 10 and with N
 //!   services programmed.
 //!
-//! Trellis runs in each endpoint-choice [`Shape`] asked for: the one the proxy renders
-//! ([`worker::rendered_shape`]) and the other, converted from it, to show what the choice
-//! costs (kube-proxy's `numgen … vmap`, an anonymous map per service, or a rule per
-//! endpoint).
+//! Trellis programs exactly the table the proxy renders (`Desired::rendered`): endpoints
+//! are elements of maps, picked by chains shared by every port of the same policy and
+//! endpoint count (`shape-…`, see `trellis_proxy::ruleset`). The peer keeps kube-proxy's
+//! own shape, a chain per service and per endpoint: that is the point of comparison.
 
 pub mod connect;
 mod measure;
@@ -26,7 +26,7 @@ mod monitor;
 pub mod synth;
 pub mod worker;
 
-pub use worker::{Shape, WorkerArgs, main as worker_main};
+pub use worker::{WorkerArgs, main as worker_main};
 
 use crate::{build, built};
 use anyhow::{Context, bail};
@@ -86,7 +86,6 @@ pub struct ProxyArgs {
     pub endpoints: usize,
     pub cold_start_services: usize,
     pub cases: Vec<Case>,
-    pub shapes: Vec<Shape>,
     pub changes: usize,
     pub connections: usize,
     pub peer: bool,
@@ -96,10 +95,6 @@ pub struct ProxyArgs {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Row {
     pub case: Option<Case>,
-    /// The endpoint-choice shape Trellis programmed (the peer is always kube-proxy's).
-    pub shape: Option<Shape>,
-    /// Whether that shape is the one the proxy renders (the others are converted to it).
-    pub shape_is_the_proxys: Option<bool>,
     pub services: usize,
     pub endpoints: usize,
     /// The headline: the whole operation, or the median of the samples.
@@ -152,14 +147,12 @@ pub async fn proxy(args: &ProxyArgs) -> ProxyOutcome {
 struct Bench<'a> {
     args: &'a ProxyArgs,
     dir: PathBuf,
-    /// Namespaces holding Trellis's full table at N services, by shape.
-    synced: BTreeMap<&'static str, String>,
+    /// The namespace holding Trellis's full table at N services, once it loaded.
+    synced: Option<String>,
     /// The peer's namespace, once its table loaded.
     peer_loaded: Option<String>,
     /// Why the peer has no table, if it has none.
     peer_missing: String,
-    /// The shape the proxy renders.
-    product: Shape,
 }
 
 impl<'a> Bench<'a> {
@@ -167,10 +160,9 @@ impl<'a> Bench<'a> {
         Bench {
             args,
             dir: crate::state::dir(&args.name),
-            synced: BTreeMap::new(),
+            synced: None,
             peer_loaded: None,
             peer_missing: "not run".into(),
-            product: worker::rendered_shape(),
         }
     }
 
@@ -197,12 +189,12 @@ impl<'a> Bench<'a> {
             step("full sync");
             let full = self.full_sync().await?;
             if self.wants(Case::FullSync) {
-                rows.extend(full);
+                rows.push(full);
             }
         }
         if self.wants(Case::Audit) {
             step("audit");
-            rows.extend(self.audit().await?);
+            rows.push(self.audit().await?);
         }
         if self.wants(Case::EndpointChange) {
             step("endpoint changes");
@@ -210,7 +202,7 @@ impl<'a> Bench<'a> {
         }
         if self.wants(Case::ColdStart) {
             step("cold start");
-            rows.extend(self.cold_start().await?);
+            rows.push(self.cold_start().await?);
         }
         Ok(())
     }
@@ -219,11 +211,9 @@ impl<'a> Bench<'a> {
         Synth::new(services, self.args.endpoints, None)
     }
 
-    fn row(&self, case: Case, services: usize, shape: Shape) -> Row {
+    fn row(&self, case: Case, services: usize) -> Row {
         Row {
             case: Some(case),
-            shape: Some(shape),
-            shape_is_the_proxys: Some(shape == self.product),
             services,
             endpoints: self.args.endpoints,
             peer_status: if self.args.peer {
@@ -237,31 +227,25 @@ impl<'a> Bench<'a> {
 
     // ---- full sync ----
 
-    async fn full_sync(&mut self) -> anyhow::Result<Vec<Row>> {
+    async fn full_sync(&mut self) -> anyhow::Result<Row> {
         let n = self.args.services;
-        let mut rows = Vec::new();
-        for shape in self.args.shapes.clone() {
-            let ns = self.netns(&format!("t-{}", shape.name()));
-            netns::create(&ns)?;
-            let mut row = self.row(Case::FullSync, n, shape);
-            row.target = Some("≤ 2000 ms and ≤ 100 MB".into());
-            let (report, m) =
-                run_worker(&ns, &worker_args("sync", n, self.args.endpoints, shape)).await?;
-            fill_trellis(&mut row, &m, report.as_ref());
-            if let Some(r) = &report {
-                eprintln!(
-                    "  Trellis ({}): {:.0} ms, {:.1} MB peak, {} transactions",
-                    shape.name(),
-                    r.total_ms,
-                    m.rss_mb(),
-                    r.transactions
-                );
-                if r.refused == 0 {
-                    self.synced.insert(shape.name(), ns.clone());
-                }
-                row.met = Some(r.refused == 0 && r.total_ms <= 2000.0 && m.rss_mb() <= 100.0);
+        let ns = self.netns("t");
+        netns::create(&ns)?;
+        let mut row = self.row(Case::FullSync, n);
+        row.target = Some("≤ 2000 ms and ≤ 100 MB".into());
+        let (report, m) = run_worker(&ns, &worker_args("sync", n, self.args.endpoints)).await?;
+        fill_trellis(&mut row, &m, report.as_ref());
+        if let Some(r) = &report {
+            eprintln!(
+                "  Trellis: {:.0} ms, {:.1} MB peak, {} transactions",
+                r.total_ms,
+                m.rss_mb(),
+                r.transactions
+            );
+            if r.refused == 0 {
+                self.synced = Some(ns);
             }
-            rows.push(row);
+            row.met = Some(r.refused == 0 && r.total_ms <= 2000.0 && m.rss_mb() <= 100.0);
         }
         if self.args.peer {
             let ns = self.netns("peer");
@@ -283,18 +267,15 @@ impl<'a> Bench<'a> {
             } else {
                 self.peer_missing = format!("its table did not load ({})", m.failure());
             }
-            for row in &mut rows {
-                fill_peer(row, &m);
-            }
+            fill_peer(&mut row, &m);
         }
-        Ok(rows)
+        Ok(row)
     }
 
     // ---- audit ----
 
-    async fn audit(&mut self) -> anyhow::Result<Vec<Row>> {
+    async fn audit(&mut self) -> anyhow::Result<Row> {
         let n = self.args.services;
-        let mut rows = Vec::new();
         let peer = match (&self.peer_loaded, self.args.peer) {
             (Some(ns), true) => {
                 let m = nft(
@@ -314,16 +295,10 @@ impl<'a> Bench<'a> {
             }
             _ => None,
         };
-        for shape in self.args.shapes.clone() {
-            let mut row = self.row(Case::Audit, n, shape);
-            row.target = Some("≤ 1000 ms".into());
-            let Some(ns) = self.synced.get(shape.name()) else {
-                row.notes
-                    .push("not measured: Trellis's table did not load in the full sync".into());
-                rows.push(row);
-                continue;
-            };
-            let mut wargs = worker_args("audit", n, self.args.endpoints, shape);
+        let mut row = self.row(Case::Audit, n);
+        row.target = Some("≤ 1000 ms".into());
+        if let Some(ns) = &self.synced {
+            let mut wargs = worker_args("audit", n, self.args.endpoints);
             wargs.extend(["--reps".into(), "3".into()]);
             let (report, m) = run_worker(ns, &wargs).await?;
             fill_trellis(&mut row, &m, report.as_ref());
@@ -336,54 +311,53 @@ impl<'a> Bench<'a> {
                 ));
                 row.met = Some(r.total_ms <= 1000.0 && r.drift == 0 && r.units == 0);
                 eprintln!(
-                    "  Trellis ({}): median {:.0} ms of {:?}, {:.1} MB peak, drift {}",
-                    shape.name(),
+                    "  Trellis: median {:.0} ms of {:?}, {:.1} MB peak, drift {}",
                     r.total_ms,
                     r.samples_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
                     m.rss_mb(),
                     r.drift
                 );
             }
-            match &peer {
-                Some(m) => {
-                    fill_peer(&mut row, m);
-                    if m.ok() {
-                        row.notes.push(format!(
-                            "the peer printed {:.1} MB of JSON",
-                            m.stdout_bytes as f64 / 1e6
-                        ));
-                    }
-                }
-                None if self.args.peer => {
-                    row.peer_status = format!("not run: {}", self.peer_missing)
-                }
-                None => {}
-            }
-            rows.push(row);
+        } else {
+            row.notes
+                .push("not measured: Trellis's table did not load in the full sync".into());
         }
-        Ok(rows)
+        match &peer {
+            Some(m) => {
+                fill_peer(&mut row, m);
+                if m.ok() {
+                    row.notes.push(format!(
+                        "the peer printed {:.1} MB of JSON",
+                        m.stdout_bytes as f64 / 1e6
+                    ));
+                }
+            }
+            None if self.args.peer => row.peer_status = format!("not run: {}", self.peer_missing),
+            None => {}
+        }
+        Ok(row)
     }
 
     // ---- one endpoint added or removed ----
 
     async fn endpoint_change(&mut self) -> anyhow::Result<Row> {
         let n = self.args.services;
-        let mut row = self.row(Case::EndpointChange, n, self.product);
+        let mut row = self.row(Case::EndpointChange, n);
         row.target = Some("≤ 5 ms (every change)".into());
-        // The loop renders its own shape: give it the table it would have programmed.
-        let ns = match self.synced.get(self.product.name()) {
+        // The loop starts on the table the full sync programmed, as it would have left it.
+        let ns = match &self.synced {
             Some(ns) => ns.clone(),
             None => {
                 let ns = self.netns("events");
                 netns::create(&ns)?;
                 row.notes.push(
-                    "the loop's first pass programmed the table from nothing (no full sync of the proxy's shape ran)"
+                    "the loop's first pass programmed the table from nothing (the full sync's table did not load)"
                         .into(),
                 );
                 ns
             }
         };
-        let mut wargs = worker_args("events", n, self.args.endpoints, self.product);
+        let mut wargs = worker_args("events", n, self.args.endpoints);
         wargs.extend(["--changes".into(), self.args.changes.to_string()]);
         let (report, m) = run_worker(&ns, &wargs).await?;
         fill_trellis(&mut row, &m, report.as_ref());
@@ -399,8 +373,8 @@ impl<'a> Bench<'a> {
                     && sorted.last().is_some_and(|v| *v <= 5.0),
             );
             row.notes.push(format!(
-                "Trellis latencies (ms): {}",
-                sorted
+                "Trellis latencies (ms), in the order measured: {}",
+                r.samples_ms
                     .iter()
                     .map(|v| format!("{v:.2}"))
                     .collect::<Vec<_>>()
@@ -473,42 +447,36 @@ impl<'a> Bench<'a> {
 
     // ---- cold start ----
 
-    async fn cold_start(&mut self) -> anyhow::Result<Vec<Row>> {
+    async fn cold_start(&mut self) -> anyhow::Result<Row> {
         let n = self.args.cold_start_services;
-        let mut rows = Vec::new();
-        for shape in self.args.shapes.clone() {
-            let ns = self.netns(&format!("cold-{}", shape.name()));
-            netns::create(&ns)?;
-            let mut row = self.row(Case::ColdStart, n, shape);
-            row.peer_status = "not run (kube-proxy issue 139513: 44k services took 16m44s)".into();
-            row.target = Some(format!(
-                "report it; every transaction ≤ {} ops",
-                trellis_agent::proxy::kernel::MAX_TRANSACTION_WEIGHT
-            ));
-            let (report, m) =
-                run_worker(&ns, &worker_args("sync", n, self.args.endpoints, shape)).await?;
-            fill_trellis(&mut row, &m, report.as_ref());
-            if let Some(r) = &report {
-                row.met = Some(
-                    r.refused == 0
-                        && r.heaviest_transaction
-                            <= trellis_agent::proxy::kernel::MAX_TRANSACTION_WEIGHT,
-                );
-                eprintln!(
-                    "  Trellis ({}): {:.0} ms, {} transactions, longest {:.0} ms, heaviest {} ops, {:.1} MB peak",
-                    shape.name(),
-                    r.total_ms,
-                    r.transactions,
-                    r.longest_transaction_ms,
-                    r.heaviest_transaction,
-                    m.rss_mb()
-                );
-            }
-            rows.push(row);
-            // Its table is not needed again: free the kernel's memory for what follows.
-            let _ = netns::delete(&ns);
+        let ns = self.netns("cold");
+        netns::create(&ns)?;
+        let mut row = self.row(Case::ColdStart, n);
+        row.peer_status = "not run (kube-proxy issue 139513: 44k services took 16m44s)".into();
+        row.target = Some(format!(
+            "report it; every transaction ≤ {} ops",
+            trellis_agent::proxy::kernel::MAX_TRANSACTION_WEIGHT
+        ));
+        let (report, m) = run_worker(&ns, &worker_args("sync", n, self.args.endpoints)).await?;
+        fill_trellis(&mut row, &m, report.as_ref());
+        if let Some(r) = &report {
+            row.met = Some(
+                r.refused == 0
+                    && r.heaviest_transaction
+                        <= trellis_agent::proxy::kernel::MAX_TRANSACTION_WEIGHT,
+            );
+            eprintln!(
+                "  Trellis: {:.0} ms, {} transactions, longest {:.0} ms, heaviest {} ops, {:.1} MB peak",
+                r.total_ms,
+                r.transactions,
+                r.longest_transaction_ms,
+                r.heaviest_transaction,
+                m.rss_mb()
+            );
         }
-        Ok(rows)
+        // Its table is not needed again: free the kernel's memory for what follows.
+        let _ = netns::delete(&ns);
+        Ok(row)
     }
 
     // ---- connection setup ----
@@ -537,7 +505,7 @@ impl<'a> Bench<'a> {
                 sizes.iter().rev().copied().collect()
             };
             for n in order {
-                let mut wargs = worker_args("sync", n, self.args.endpoints, self.product);
+                let mut wargs = worker_args("sync", n, self.args.endpoints);
                 wargs.extend(["--backend".into(), connect::BACKEND.to_string()]);
                 let (report, m) = run_worker(&line.node, &wargs).await?;
                 if report.as_ref().is_none_or(|r| r.refused > 0) {
@@ -587,7 +555,7 @@ impl<'a> Bench<'a> {
             if lat.micros.is_empty() {
                 bail!("no connection to {to} succeeded with {n} services programmed");
             }
-            let mut row = self.row(Case::Connect, n, self.product);
+            let mut row = self.row(Case::Connect, n);
             row.peer_status = "not run (the data path is the kernel's in both)".into();
             row.trellis_ms = Some(lat.percentile(0.5) / 1000.0);
             row.trellis_p99_ms = Some(lat.percentile(0.99) / 1000.0);
@@ -645,7 +613,7 @@ fn step(what: &str) {
     eprintln!("proxy bench: {what}");
 }
 
-fn worker_args(task: &str, services: usize, endpoints: usize, shape: Shape) -> Vec<String> {
+fn worker_args(task: &str, services: usize, endpoints: usize) -> Vec<String> {
     vec![
         "--task".into(),
         task.into(),
@@ -653,8 +621,6 @@ fn worker_args(task: &str, services: usize, endpoints: usize, shape: Shape) -> V
         services.to_string(),
         "--endpoints".into(),
         endpoints.to_string(),
-        "--shape".into(),
-        shape.name().into(),
     ]
 }
 
@@ -766,7 +732,7 @@ fn fill_peer(row: &mut Row, m: &Measured) {
 /// The rows as a Markdown table, with where Trellis's time went under it.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| case | services × endpoints | Trellis shape | Trellis | Trellis peak RSS | peer (`nft`) | peer peak RSS | target | met |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| case | services × endpoints | Trellis | Trellis peak RSS | peer (`nft`) | peer peak RSS | target | met |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let case = r.case.map_or("?", Case::name);
@@ -799,14 +765,9 @@ pub fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {case} | {} × {} | {} | {trellis} | {} | {peer} | {} | {} | {} |",
+            "| {case} | {} × {} | {trellis} | {} | {peer} | {} | {} | {} |",
             r.services,
             r.endpoints,
-            match (r.shape, r.shape_is_the_proxys) {
-                (Some(s), Some(true)) => format!("{} (the proxy's)", s.name()),
-                (Some(s), _) => s.name().to_string(),
-                (None, _) => String::new(),
-            },
             mb(r.trellis_rss_mb),
             if r.peer_status == "ok" {
                 mb(r.peer_rss_mb)
@@ -828,11 +789,10 @@ pub fn table(rows: &[Row]) -> String {
     {
         let _ = write!(
             out,
-            "- {} ({} × {}{}):",
+            "- {} ({} × {}):",
             r.case.map_or("?", Case::name),
             r.services,
-            r.endpoints,
-            r.shape.map_or(String::new(), |s| format!(", {}", s.name()))
+            r.endpoints
         );
         let phases: Vec<String> = r
             .phases_ms

@@ -4,8 +4,8 @@
 //!
 //! - `sync`: what the proxy loop does on its first pass (`agent::proxy::run`): every
 //!   service port planned and set into the desired tables (the loop's `replan`), then the
-//!   audit — the whole table rendered, the kernel's read back, repaired, applied in bounded
-//!   transactions. From nothing this programs everything; on a table that already holds
+//!   audit — the whole table rendered as the proxy renders it (`Desired::rendered`), the
+//!   kernel's read back, repaired, applied in bounded transactions. From nothing this programs everything; on a table that already holds
 //!   some services it adds the rest.
 //! - `audit`: the desired tables built, then the audit alone, timed: rendering, the read
 //!   back over netlink and the comparison (which must find nothing to do).
@@ -26,13 +26,10 @@ use std::time::{Duration, Instant};
 use trellis_agent::admin::Metrics;
 use trellis_agent::proxy::kernel::{self, Applied};
 use trellis_agent::proxy::reconcile::{Desired, repair};
-use trellis_agent::proxy::render::{RenderedRule, RenderedTable};
+use trellis_agent::proxy::render::RenderedTable;
 use trellis_agent::proxy::run::{ProxyConfig, ProxyKernel, run};
 use trellis_agent::state::ClusterState;
-use trellis_dataplane::nftables::dsl;
-use trellis_dataplane::nftables::{
-    CmpOp, ElemValue, Expr, LookupResult, Nft, NumgenKind, SetRef, Verdict,
-};
+use trellis_dataplane::nftables::Nft;
 use trellis_model::PodCidrAllocation;
 use trellis_proxy::{IpFamily, NodeView, PortWithEndpoints, plan};
 use trellis_store::Store;
@@ -46,8 +43,6 @@ pub struct WorkerArgs {
     pub services: usize,
     #[arg(long)]
     pub endpoints: usize,
-    #[arg(long, value_enum, default_value = "vmap")]
-    pub shape: Shape,
     /// Service 0's endpoints are this address and the next ones.
     #[arg(long)]
     pub backend: Option<Ipv4Addr>,
@@ -64,29 +59,6 @@ pub enum Task {
     Sync,
     Audit,
     Events,
-}
-
-/// How a service chooses an endpoint chain. The proxy renders one of them
-/// ([`rendered_shape`]); the bench converts its rendering into the other to show what the
-/// choice costs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Shape {
-    /// `numgen random mod M vmap { k : goto endpoint k }`: an anonymous verdict map per
-    /// service (kube-proxy's shape).
-    Vmap,
-    /// M rules `numgen random mod (M - k) == 0 goto endpoint k` (`dsl::one_in`), the last
-    /// a plain `goto`: no anonymous sets.
-    OneIn,
-}
-
-impl Shape {
-    pub fn name(self) -> &'static str {
-        match self {
-            Shape::Vmap => "vmap",
-            Shape::OneIn => "one-in",
-        }
-    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -138,6 +110,9 @@ impl WorkerReport {
         self.heaviest_transaction = self.heaviest_transaction.max(a.heaviest_transaction);
     }
 }
+
+/// How long the change case waits after the loop's first pass.
+const SETTLE: Duration = Duration::from_secs(1);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -208,14 +183,10 @@ fn replan(ports: &[PortWithEndpoints], r: &mut WorkerReport) -> [Desired; 2] {
     desired
 }
 
-/// The whole desired table of one family, in the shape asked for.
-fn rendered(d: &Desired, shape: Shape, r: &mut WorkerReport) -> RenderedTable {
+/// The whole desired table of one family, as the proxy renders it.
+fn rendered(d: &Desired, r: &mut WorkerReport) -> RenderedTable {
     let t = Instant::now();
-    let mut table = d.rendered();
-    match shape {
-        Shape::OneIn => one_in_shape(&mut table),
-        Shape::Vmap => vmap_shape(&mut table),
-    };
+    let table = d.rendered();
     r.phase("render whole table", t.elapsed());
     table
 }
@@ -227,7 +198,7 @@ fn sync(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
     let started = Instant::now();
     let desired = replan(&ports, &mut r);
     for d in &desired {
-        let want = rendered(d, args.shape, &mut r);
+        let want = rendered(d, &mut r);
         r.chains += want.chains.len();
         r.rules += want.chains.values().map(|c| c.rules.len()).sum::<usize>();
         let t = Instant::now();
@@ -261,7 +232,7 @@ fn audit(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
         let mut rep = WorkerReport::default();
         let started = Instant::now();
         for d in &desired {
-            let want = rendered(d, args.shape, &mut rep);
+            let want = rendered(d, &mut rep);
             let t = Instant::now();
             let have = kernel::read(&nft, d.family())
                 .with_context(|| format!("reading the {} table back", d.family()))?;
@@ -378,6 +349,10 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
     );
     r.drift = metric(&metrics, "trellis_proxy_drift_repaired_total") as usize;
 
+    // The first pass leaves the kernel and the allocator work to finish (a table of
+    // 100,000 elements just built): changes are timed once it has settled, as they
+    // would come in a running cluster.
+    tokio::time::sleep(SETTLE).await;
     let mut monitor = CommitMonitor::open().context("listening for nftables commits")?;
     let mut latencies = Vec::new();
     let mut missed = 0;
@@ -422,225 +397,4 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
     r.samples_ms = latencies;
     r.peak_rss_mb.insert("end".into(), own_rss_mb().0);
     Ok(r)
-}
-
-/// Rewrites every `numgen random mod M vmap { k : goto C_k }` rule as M rules
-/// `numgen random mod (M - k) == 0 goto C_k` (the last a plain `goto`): the same uniform
-/// choice, without an anonymous set per service. Returns how many rules it rewrote.
-pub fn one_in_shape(table: &mut RenderedTable) -> usize {
-    let mut rewritten = 0;
-    for chain in table.chains.values_mut() {
-        if !chain
-            .rules
-            .iter()
-            .any(|r| balance_targets(&r.exprs).is_some())
-        {
-            continue;
-        }
-        let mut out = Vec::with_capacity(chain.rules.len() + 8);
-        for rule in std::mem::take(&mut chain.rules) {
-            let Some(targets) = balance_targets(&rule.exprs) else {
-                out.push(rule);
-                continue;
-            };
-            rewritten += 1;
-            let n = targets.len();
-            for (k, target) in targets.iter().enumerate() {
-                let exprs = if k + 1 < n {
-                    [dsl::one_in((n - k) as u32), dsl::goto(target)].concat()
-                } else {
-                    dsl::goto(target)
-                };
-                out.push(RenderedRule {
-                    exprs,
-                    comment: format!("{}/{k}", rule.comment),
-                });
-            }
-        }
-        chain.rules = out;
-    }
-    rewritten
-}
-
-/// Rewrites every run of `numgen random mod (M - k) == 0 goto C_k` rules ending in a
-/// plain `goto` as one `numgen random mod M vmap { k : goto C_k }` rule. Returns how many
-/// runs it rewrote.
-pub fn vmap_shape(table: &mut RenderedTable) -> usize {
-    let mut rewritten = 0;
-    for chain in table.chains.values_mut() {
-        if !chain.rules.iter().any(|r| one_in_goto(&r.exprs).is_some()) {
-            continue;
-        }
-        let rules = std::mem::take(&mut chain.rules);
-        let mut out = Vec::with_capacity(rules.len());
-        let mut j = 0;
-        while j < rules.len() {
-            if let Some(targets) = one_in_run(&rules[j..]) {
-                rewritten += 1;
-                let n = targets.len();
-                out.push(RenderedRule {
-                    exprs: dsl::numgen_vmap(
-                        NumgenKind::Random,
-                        targets.into_iter().map(Verdict::Goto).collect(),
-                    ),
-                    comment: format!("{}/vmap", rules[j].comment),
-                });
-                j += n;
-            } else {
-                out.push(rules[j].clone());
-                j += 1;
-            }
-        }
-        chain.rules = out;
-    }
-    rewritten
-}
-
-/// The endpoint chains of a run of one-in rules at the start of `rules`.
-fn one_in_run(rules: &[RenderedRule]) -> Option<Vec<String>> {
-    let (m, _) = one_in_goto(&rules.first()?.exprs)?;
-    let m = m as usize;
-    if m < 2 || rules.len() < m {
-        return None;
-    }
-    let mut targets = Vec::with_capacity(m);
-    for (k, rule) in rules[..m - 1].iter().enumerate() {
-        let (modulus, chain) = one_in_goto(&rule.exprs)?;
-        if modulus as usize != m - k {
-            return None;
-        }
-        targets.push(chain.to_string());
-    }
-    match rules[m - 1].exprs.as_slice() {
-        [Expr::Verdict(Verdict::Goto(last))] => targets.push(last.clone()),
-        _ => return None,
-    }
-    Some(targets)
-}
-
-/// `numgen random mod M == 0 goto C`: `(M, C)`.
-fn one_in_goto(exprs: &[Expr]) -> Option<(u32, &str)> {
-    match exprs {
-        [
-            Expr::Numgen {
-                kind: NumgenKind::Random,
-                modulus,
-                offset: 0,
-                ..
-            },
-            Expr::Cmp {
-                op: CmpOp::Eq,
-                data,
-                ..
-            },
-            Expr::Verdict(Verdict::Goto(chain)),
-        ] if data.iter().all(|b| *b == 0) => Some((*modulus, chain)),
-        _ => None,
-    }
-}
-
-/// The shape the proxy renders today, judged on a service of three endpoints.
-pub fn rendered_shape() -> Shape {
-    let node = node_view();
-    let mut d = Desired::new(&plan::node_table(IpFamily::V4, &node));
-    if let Ok(synth) = Synth::new(1, 3, None)
-        && let Ok(ports) = synth.ports()
-    {
-        for (port, endpoints) in ports {
-            let rules = plan::plan_port(&port, &endpoints, &node, IpFamily::V4);
-            d.set_port(&port.name, Some(rules));
-        }
-    }
-    let table = d.rendered();
-    let vmap = table
-        .chains
-        .values()
-        .flat_map(|c| &c.rules)
-        .any(|r| balance_targets(&r.exprs).is_some());
-    if vmap { Shape::Vmap } else { Shape::OneIn }
-}
-
-/// The endpoint chains of a `numgen … vmap` rule, in order.
-fn balance_targets(exprs: &[Expr]) -> Option<Vec<String>> {
-    let [
-        Expr::Numgen { .. },
-        Expr::Lookup {
-            set: SetRef::Anonymous(set),
-            result: LookupResult::Verdict,
-            ..
-        },
-    ] = exprs
-    else {
-        return None;
-    };
-    set.elements
-        .iter()
-        .map(|e| match &e.value {
-            Some(ElemValue::Verdict(Verdict::Goto(chain))) => Some(chain.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rendered(services: usize, endpoints: usize) -> RenderedTable {
-        let synth = Synth::new(services, endpoints, None).unwrap();
-        let node = node_view();
-        let mut d = Desired::new(&plan::node_table(IpFamily::V4, &node));
-        for (port, endpoints) in synth.ports().unwrap() {
-            d.set_port(
-                &port.name,
-                Some(plan::plan_port(&port, &endpoints, &node, IpFamily::V4)),
-            );
-        }
-        d.rendered()
-    }
-
-    fn rule_count(table: &RenderedTable) -> usize {
-        table.chains.values().map(|c| c.rules.len()).sum()
-    }
-
-    #[test]
-    fn the_two_shapes_convert_into_each_other() {
-        let mut table = rendered(2, 3);
-        let rendered_as = rendered_shape();
-        // To vmap: one rule per service for the choice.
-        let converted = vmap_shape(&mut table);
-        assert_eq!(converted, if rendered_as == Shape::OneIn { 2 } else { 0 });
-        let as_vmap = table.clone();
-        let vmap_rules = rule_count(&table);
-        assert!(
-            table
-                .chains
-                .values()
-                .flat_map(|c| &c.rules)
-                .all(|r| one_in_goto(&r.exprs).is_none())
-        );
-        // To one-in: three rules instead of one per service.
-        assert_eq!(one_in_shape(&mut table), 2);
-        assert_eq!(rule_count(&table), vmap_rules + 2 * 2);
-        let chain = &table.chains["service-ns0/svc0/tcp/http"];
-        let last = chain.rules.last().unwrap();
-        assert!(
-            matches!(last.exprs.as_slice(), [Expr::Verdict(Verdict::Goto(_))]),
-            "{last:?}"
-        );
-        assert!(
-            table
-                .chains
-                .values()
-                .flat_map(|c| &c.rules)
-                .all(|r| balance_targets(&r.exprs).is_none())
-        );
-        // And back: the same exprs as before.
-        assert_eq!(vmap_shape(&mut table), 2);
-        for (name, chain) in &as_vmap.chains {
-            let exprs: Vec<_> = chain.rules.iter().map(|r| &r.exprs).collect();
-            let back: Vec<_> = table.chains[name].rules.iter().map(|r| &r.exprs).collect();
-            assert_eq!(exprs, back, "{name}");
-        }
-    }
 }
