@@ -136,7 +136,7 @@ impl Desired {
         // Sets of the port (affinity).
         for (set, spec) in &after.sets {
             if !before.sets.contains_key(set) {
-                units.extend(add_set_units(nft, set, spec));
+                units.extend(add_set_units(nft, set, spec.clone()));
             }
         }
         for set in before.sets.keys() {
@@ -196,6 +196,25 @@ impl Desired {
                 self.claims.remove(&claim_key);
             }
             let now = self.effective(&claim_key);
+            if was != now {
+                changes
+                    .entry(set)
+                    .or_default()
+                    .push(ElementChange { key, was, now });
+            }
+        }
+        // A port's own elements: compared directly.
+        let mut own: BTreeSet<ElementKey> = BTreeSet::new();
+        for (set, elements) in before.exclusive.iter().chain(&after.exclusive) {
+            for key in elements.keys() {
+                own.insert((set, key.clone()));
+            }
+        }
+        for (set, key) in own {
+            let value = |r: &super::render::RenderedPort| {
+                r.exclusive.get(set).and_then(|e| e.get(&key)).cloned()
+            };
+            let (was, now) = (value(&before), value(&after));
             if was != now {
                 changes
                     .entry(set)
@@ -280,24 +299,25 @@ struct ElementChange {
 
 fn element_units(nft: Family, set: &str, changes: Vec<ElementChange>) -> Vec<Unit> {
     let mut units = Vec::new();
-    for chunk in changes.chunks(ELEMENTS_PER_UNIT) {
-        let deletes: Vec<ElemKey> = chunk
-            .iter()
-            .filter(|c| c.was.is_some())
-            .map(|c| ElemKey::from(c.key.clone()))
-            .collect();
-        let adds: Vec<SetElem> = chunk
-            .iter()
-            .filter_map(|c| {
-                let value = c.now.clone()?;
-                Some(SetElem {
-                    key: c.key.clone(),
-                    key_end: None,
-                    value,
-                    timeout: None,
-                })
-            })
-            .collect();
+    let mut changes = changes.into_iter().peekable();
+    // Keys and values are moved into the operations, not copied: a full sync holds the
+    // whole table once, not twice.
+    while changes.peek().is_some() {
+        let mut deletes: Vec<ElemKey> = Vec::new();
+        let mut adds: Vec<SetElem> = Vec::new();
+        let mut count = 0;
+        for change in changes.by_ref().take(ELEMENTS_PER_UNIT) {
+            count += 1;
+            match (change.was.is_some(), change.now) {
+                (true, Some(value)) => {
+                    deletes.push(ElemKey::from(change.key.clone()));
+                    adds.push(element(change.key, value));
+                }
+                (true, None) => deletes.push(ElemKey::from(change.key)),
+                (false, Some(value)) => adds.push(element(change.key, value)),
+                (false, None) => {}
+            }
+        }
         let mut ops = Vec::new();
         if !deletes.is_empty() {
             ops.push(Op::DestroyElements {
@@ -316,7 +336,7 @@ fn element_units(nft: Family, set: &str, changes: Vec<ElementChange>) -> Vec<Uni
             });
         }
         units.push(Unit {
-            what: format!("{} element(s) of {set}", chunk.len()),
+            what: format!("{count} element(s) of {set}"),
             ops,
             phase: PHASE_ELEMENTS,
         });
@@ -324,27 +344,37 @@ fn element_units(nft: Family, set: &str, changes: Vec<ElementChange>) -> Vec<Uni
     units
 }
 
+fn element(key: Vec<u8>, value: Option<ElemValue>) -> SetElem {
+    SetElem {
+        key,
+        key_end: None,
+        value,
+        timeout: None,
+    }
+}
+
 /// A new set, empty: its elements may lead to chains that do not exist yet, so they come
 /// with the other elements.
-fn add_set_units(nft: Family, name: &str, set: &RenderedSet) -> Vec<Unit> {
+fn add_set_units(nft: Family, name: &str, set: RenderedSet) -> Vec<Unit> {
+    let dynamic = set.is_dynamic();
     let mut units = vec![Unit {
         what: format!("add set {name}"),
         ops: vec![Op::AddSet {
             family: nft,
             table: TABLE.into(),
             name: name.into(),
-            spec: set.spec.clone(),
+            spec: set.spec,
         }],
         phase: PHASE_CREATE,
     }];
-    if !set.is_dynamic() {
+    if !dynamic {
         let changes = set
             .elements
-            .iter()
-            .map(|(k, v)| ElementChange {
-                key: k.clone(),
+            .into_iter()
+            .map(|(key, value)| ElementChange {
+                key,
                 was: None,
-                now: Some(v.clone()),
+                now: Some(value),
             })
             .collect();
         units.extend(element_units(nft, name, changes));
@@ -514,7 +544,7 @@ fn same_layout(a: &SetSpec, b: &SetSpec) -> bool {
 /// The units that make the kernel's table what `desired` says, and what differed.
 pub fn repair(
     family: IpFamily,
-    desired: &RenderedTable,
+    desired: RenderedTable,
     kernel: &KernelTable,
 ) -> (Vec<Unit>, Drift) {
     let nft = nft_family(family);
@@ -556,37 +586,22 @@ pub fn repair(
         kernel
     };
 
-    for (name, set) in &desired.sets {
-        match kernel.sets.get(name) {
+    for name in kernel.sets.keys() {
+        if !desired.sets.contains_key(name) {
+            drift.sets_extra += 1;
+            units.push(destroy_set_unit(nft, name));
+        }
+    }
+    for (name, set) in desired.sets {
+        match kernel.sets.get(&name) {
             None => {
                 drift.sets_missing += 1;
                 drift.elements_missing += set.elements.len();
-                units.extend(add_set_units(nft, name, set));
+                units.extend(add_set_units(nft, &name, set));
             }
             Some(_) if set.is_dynamic() => {}
             Some(have) => {
                 let mut changes = Vec::new();
-                for (key, value) in &set.elements {
-                    match have.elements.get(key) {
-                        None => {
-                            drift.elements_missing += 1;
-                            changes.push(ElementChange {
-                                key: key.clone(),
-                                was: None,
-                                now: Some(value.clone()),
-                            });
-                        }
-                        Some(v) if v != value => {
-                            drift.elements_wrong += 1;
-                            changes.push(ElementChange {
-                                key: key.clone(),
-                                was: Some(v.clone()),
-                                now: Some(value.clone()),
-                            });
-                        }
-                        Some(_) => {}
-                    }
-                }
                 for (key, value) in &have.elements {
                     if !set.elements.contains_key(key) {
                         drift.elements_extra += 1;
@@ -597,14 +612,29 @@ pub fn repair(
                         });
                     }
                 }
-                units.extend(element_units(nft, name, changes));
+                for (key, value) in set.elements {
+                    match have.elements.get(&key) {
+                        None => {
+                            drift.elements_missing += 1;
+                            changes.push(ElementChange {
+                                key,
+                                was: None,
+                                now: Some(value),
+                            });
+                        }
+                        Some(v) if *v != value => {
+                            drift.elements_wrong += 1;
+                            changes.push(ElementChange {
+                                key,
+                                was: Some(v.clone()),
+                                now: Some(value),
+                            });
+                        }
+                        Some(_) => {}
+                    }
+                }
+                units.extend(element_units(nft, &name, changes));
             }
-        }
-    }
-    for name in kernel.sets.keys() {
-        if !desired.sets.contains_key(name) {
-            drift.sets_extra += 1;
-            units.push(destroy_set_unit(nft, name));
         }
     }
     for (name, chain) in &desired.chains {
@@ -891,7 +921,7 @@ mod tests {
         let web = port("web", "10.96.0.10");
         d.set_port(&web.name, Some(rules(&web, &["10.244.1.5"])));
         let wanted = d.rendered();
-        let (units, drift) = repair(IpFamily::V4, &wanted, &kernel_holding(&wanted));
+        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &kernel_holding(&wanted));
         assert!(units.is_empty(), "{:?}", describe(&units));
         assert_eq!(drift.total(), 0);
     }
@@ -919,7 +949,7 @@ mod tests {
             .elements
             .insert(vec![1, 2, 3], Some(ElemValue::Verdict(Verdict::Drop)));
         kernel.chains.insert("stray".into(), KernelChain::default());
-        let (units, drift) = repair(IpFamily::V4, &wanted, &kernel);
+        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &kernel);
         assert_eq!(
             describe(&units),
             [
@@ -944,7 +974,7 @@ mod tests {
     fn a_missing_table_is_built_whole_and_an_incompatible_one_rebuilt() {
         let d = desired();
         let wanted = d.rendered();
-        let (units, drift) = repair(IpFamily::V4, &wanted, &KernelTable::default());
+        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &KernelTable::default());
         assert!(drift.missing_table);
         assert_eq!(units[0].what, "add table ip trellis-proxy");
         assert_eq!(drift.chains_missing, wanted.chains.len());
@@ -952,7 +982,7 @@ mod tests {
         let mut kernel = kernel_holding(&wanted);
         kernel.sets.get_mut("cluster-ips").unwrap().spec =
             SetSpec::set(&[trellis_dataplane::nftables::DataType::Ipv6Addr]);
-        let (units, drift) = repair(IpFamily::V4, &wanted, &kernel);
+        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &kernel);
         assert_eq!(drift.sets_incompatible, 1);
         assert_eq!(
             describe(&units)[..2],

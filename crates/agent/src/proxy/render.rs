@@ -102,6 +102,9 @@ pub struct RenderedTable {
 pub struct RenderedPort {
     /// Elements of the fixed maps and sets, by set name.
     pub elements: BTreeMap<&'static str, BTreeMap<Vec<u8>, Option<ElemValue>>>,
+    /// Elements no other port can have (the endpoints of its ClusterIP: a ClusterIP
+    /// belongs to one service), which need no bookkeeping of who else wants them.
+    pub exclusive: BTreeMap<&'static str, BTreeMap<Vec<u8>, Option<ElemValue>>>,
     /// Its own chains.
     pub chains: BTreeMap<String, RenderedChain>,
     /// The shape chains it leads to (shared with other ports).
@@ -150,7 +153,7 @@ pub fn render(table: &Table) -> RenderedTable {
 /// Adds a port's objects to a table. A key two ports claim keeps the first's value (the
 /// planner's merge rule: ports in name order).
 pub fn merge(out: &mut RenderedTable, port: RenderedPort) {
-    for (set, elements) in port.elements {
+    for (set, elements) in port.elements.into_iter().chain(port.exclusive) {
         let target = out
             .sets
             .get_mut(set)
@@ -401,23 +404,24 @@ pub fn render_port(
         add(names::CLUSTER_IPS, addr_bytes(*addr), None);
     }
     for (frontend, roles) in &rules.frontends {
-        let key = match frontend {
-            Frontend::Address(dest) => dest_bytes(dest),
-            Frontend::NodePort(port) => node_port_bytes(port),
+        let (key, exclusive) = match frontend {
+            Frontend::Address(dest) => (dest_bytes(dest), rules.cluster_ips.contains(&dest.addr)),
+            Frontend::NodePort(port) => (node_port_bytes(port), false),
         };
         for role in roles {
             let map = names::endpoints(*role, frontend.kind());
             for (index, b) in rules.pools.get(role).into_iter().flatten().enumerate() {
                 let mut k = key.clone();
                 k.extend(Datum::Mark(index as u32).bytes());
-                add(
-                    map,
-                    k,
-                    Some(ElemValue::Data(concat(&[
-                        addr_datum(b.addr),
-                        Datum::Port(b.port),
-                    ]))),
-                );
+                let value = Some(ElemValue::Data(concat(&[
+                    addr_datum(b.addr),
+                    Datum::Port(b.port),
+                ])));
+                if exclusive {
+                    out.exclusive.entry(map).or_default().insert(k, value);
+                } else {
+                    add(map, k, value);
+                }
             }
         }
     }

@@ -415,7 +415,7 @@ impl Proxy {
             for (family, rendered) in wanted {
                 match kernel::read(&kernel.nft, family) {
                     Ok(have) => {
-                        let (units, drift) = repair(family, &rendered, &have);
+                        let (units, drift) = repair(family, rendered, &have);
                         if drift.total() > 0 {
                             tracing::info!(%family, ?drift, "proxy audit: repairing drift");
                         }

@@ -111,9 +111,6 @@ impl WorkerReport {
     }
 }
 
-/// How long the change case waits after the loop's first pass.
-const SETTLE: Duration = Duration::from_secs(1);
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -206,7 +203,7 @@ fn sync(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
             .with_context(|| format!("reading the {} table back", d.family()))?;
         r.phase("read kernel table", t.elapsed());
         let t = Instant::now();
-        let (units, drift) = repair(d.family(), &want, &have);
+        let (units, drift) = repair(d.family(), want, &have);
         r.phase("repair (diff)", t.elapsed());
         r.drift += drift.total();
         r.units += units.len();
@@ -238,7 +235,7 @@ fn audit(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
                 .with_context(|| format!("reading the {} table back", d.family()))?;
             rep.phase("read kernel table", t.elapsed());
             let t = Instant::now();
-            let (units, drift) = repair(d.family(), &want, &have);
+            let (units, drift) = repair(d.family(), want, &have);
             rep.phase("repair (diff)", t.elapsed());
             rep.drift += drift.total();
             rep.units += units.len();
@@ -349,16 +346,15 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
     );
     r.drift = metric(&metrics, "trellis_proxy_drift_repaired_total") as usize;
 
-    // The first pass leaves the kernel and the allocator work to finish (a table of
-    // 100,000 elements just built): changes are timed once it has settled, as they
-    // would come in a running cluster.
-    tokio::time::sleep(SETTLE).await;
     let mut monitor = CommitMonitor::open().context("listening for nftables commits")?;
     let mut latencies = Vec::new();
     let mut missed = 0;
     for c in 0..args.changes {
         let (i, add) = super::synth::change_target(c, synth.services);
         let value = serde_json::to_vec(&synth.slice_json(i, add))?;
+        // Each change comes 50 ms after the loop finished the last (or its first pass),
+        // with its metrics and health published.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         monitor.drain();
         let t0 = Instant::now();
         store.put(&Synth::slice_key(i), value).await?;
@@ -367,8 +363,6 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
             Some(t1) => latencies.push(ms(t1 - t0)),
             None => missed += 1,
         }
-        // Let the loop finish its cycle (metrics, health) before the next.
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let count = metric(&metrics, "trellis_proxy_programming_latency_seconds_count");
     let sum = metric(&metrics, "trellis_proxy_programming_latency_seconds_sum");
