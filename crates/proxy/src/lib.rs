@@ -14,6 +14,7 @@ pub mod plan;
 pub mod resolve;
 pub mod ruleset;
 pub mod shape;
+pub mod small;
 pub mod trace;
 
 pub use input::{

@@ -113,8 +113,7 @@ pub fn plan_port(
             rules.service_ips.insert(dest(cluster_ip), shape.name());
             rules
                 .frontends
-                .entry(Frontend::Address(dest(cluster_ip)))
-                .or_default()
+                .get_or_insert_with(Frontend::Address(dest(cluster_ip)), Default::default)
                 .extend(shape.roles());
             rules.shapes.insert(shape.name(), shape.rules(from_cluster));
         }
@@ -172,8 +171,7 @@ pub fn plan_port(
                     };
                     rules
                         .frontends
-                        .entry(frontend)
-                        .or_default()
+                        .get_or_insert_with(frontend, Default::default)
                         .extend(shape.roles());
                     rules.shapes.insert(shape.name(), shape.rules(from_cluster));
                 }

@@ -33,6 +33,7 @@
 //! replans and reprograms only the ports it touches.
 
 use crate::input::{IpFamily, Protocol, ServicePortName};
+use crate::small::{SmallMap, SmallSet};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -221,28 +222,28 @@ impl Rule {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceRules {
     /// `service-ips` entries: destination → chain to go to.
-    pub service_ips: BTreeMap<Destination, String>,
+    pub service_ips: SmallMap<Destination, String>,
     /// `service-nodeports` entries.
-    pub node_ports: BTreeMap<NodePort, String>,
+    pub node_ports: SmallMap<NodePort, String>,
     /// `no-endpoint-services` entries.
-    pub no_endpoint_services: BTreeMap<Destination, Refusal>,
+    pub no_endpoint_services: SmallMap<Destination, Refusal>,
     /// `no-endpoint-nodeports` entries.
-    pub no_endpoint_node_ports: BTreeMap<NodePort, Refusal>,
+    pub no_endpoint_node_ports: SmallMap<NodePort, Refusal>,
     /// `firewall-ips` entries.
-    pub firewall_ips: BTreeMap<Destination, String>,
+    pub firewall_ips: SmallMap<Destination, String>,
     /// `cluster-ips` elements.
-    pub cluster_ips: BTreeSet<IpAddr>,
+    pub cluster_ips: SmallSet<IpAddr>,
     /// The port's own chains and their rules, in order (ports with affinity, firewalls).
     pub chains: BTreeMap<String, Vec<Rule>>,
     /// The shape chains its frontends lead to: shared, each name always has the same
     /// rules.
-    pub shapes: BTreeMap<String, Vec<Rule>>,
+    pub shapes: SmallMap<String, Vec<Rule>>,
     /// Endpoints of its pools, in address order: an endpoint's index is its position.
-    pub pools: BTreeMap<Role, Vec<Backend>>,
+    pub pools: SmallMap<Role, Vec<Backend>>,
     /// The pools each frontend's shape picks from (the endpoint maps' keys).
-    pub frontends: BTreeMap<Frontend, BTreeSet<Role>>,
+    pub frontends: SmallMap<Frontend, SmallSet<Role>>,
     /// `hairpin` elements: this node's endpoints (and those of no known node).
-    pub hairpin: BTreeSet<IpAddr>,
+    pub hairpin: SmallSet<IpAddr>,
     /// Affinity sets (one per endpoint) and their timeout in seconds.
     pub affinity_sets: BTreeMap<String, u32>,
 }
@@ -305,7 +306,7 @@ impl Table {
     /// and port, which Kubernetes allows), the first port by name wins, as everywhere.
     pub fn merged<K: Ord + Clone, V: Clone>(
         &self,
-        part: impl Fn(&ServiceRules) -> &BTreeMap<K, V>,
+        part: impl Fn(&ServiceRules) -> &SmallMap<K, V>,
     ) -> BTreeMap<K, V> {
         let mut all = BTreeMap::new();
         for rules in self.services.values() {
