@@ -1,0 +1,9 @@
+//! The CNI plugin's pure core (issue 10, seed 003): what the plugin decides, with no IO,
+//! so that every rule can be tested exhaustively. The plugin binary and its edges (the
+//! state file and its lock, netlink, the pod's network namespace) come on top of it.
+//!
+//! - [`ipam`]: node-local address allocation keyed by attachment (container ID and
+//!   interface name), idempotent, released by DEL or collected by GC, never handing one
+//!   address to two attachments.
+
+pub mod ipam;
