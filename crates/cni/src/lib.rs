@@ -5,5 +5,8 @@
 //! - [`ipam`]: node-local address allocation keyed by attachment (container ID and
 //!   interface name), idempotent, released by DEL or collected by GC, never handing one
 //!   address to two attachments.
+//! - [`spec`]: the CNI 1.1 invocation, configuration, result and error, with version
+//!   negotiation down to 0.3.0; refusals name the variable or field and value.
 
 pub mod ipam;
+pub mod spec;
