@@ -5,8 +5,12 @@
 //! - [`ipam`]: node-local address allocation keyed by attachment (container ID and
 //!   interface name), idempotent, released by DEL or collected by GC, never handing one
 //!   address to two attachments.
+//! - [`state`]: the allocation state on disk, changed under a lock with a deadline and
+//!   written atomically (the one edge here: a plugin call is short-lived, and its state
+//!   must survive kill -9 at any instant).
 //! - [`spec`]: the CNI 1.1 invocation, configuration, result and error, with version
 //!   negotiation down to 0.3.0; refusals name the variable or field and value.
 
 pub mod ipam;
 pub mod spec;
+pub mod state;
