@@ -8,9 +8,12 @@
 //! - [`state`]: the allocation state on disk, changed under a lock with a deadline and
 //!   written atomically (the one edge here: a plugin call is short-lived, and its state
 //!   must survive kill -9 at any instant).
+//! - [`node`]: the node-local file the agent keeps (pod CIDRs, the overlay's MTU), and from
+//!   it and an allocation, the pod's addresses, routes and veth names as values.
 //! - [`spec`]: the CNI 1.1 invocation, configuration, result and error, with version
 //!   negotiation down to 0.3.0; refusals name the variable or field and value.
 
 pub mod ipam;
+pub mod node;
 pub mod spec;
 pub mod state;
