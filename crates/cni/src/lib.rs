@@ -10,6 +10,9 @@
 //!   must survive kill -9 at any instant).
 //! - [`node`]: the node-local file the agent keeps (pod CIDRs, the overlay's MTU), and from
 //!   it and an allocation, the pod's addresses, routes and veth names as values.
+//! - [`verbs`]: ADD, DEL, GC and STATUS over the state and the pod's links (a trait: netlink
+//!   in the binary, a fake in tests), with the rules that keep a node from leaking
+//!   addresses: a failed ADD undoes itself, DEL never fails, GC collects the rest.
 //! - [`spec`]: the CNI 1.1 invocation, configuration, result and error, with version
 //!   negotiation down to 0.3.0; refusals name the variable or field and value.
 
@@ -17,3 +20,4 @@ pub mod ipam;
 pub mod node;
 pub mod spec;
 pub mod state;
+pub mod verbs;

@@ -1,0 +1,305 @@
+//! The plugin's verbs over its two edges — the allocation state ([`crate::state`]) and the
+//! pod's links ([`Links`], netlink in the binary, a fake in tests) — with the rules that
+//! keep a node from leaking addresses or failing a runtime:
+//!
+//! - ADD allocates, then programs the links; if programming fails, what this call
+//!   allocated is released and what it programmed is removed, so a retried ADD starts
+//!   clean. An interface already in the pod is an error (the specification), unless it is
+//!   exactly this attachment's (a retried ADD whose first answer was lost).
+//! - DEL never fails for a missing namespace, interface or record: it removes what is
+//!   there, releases the addresses, and answers success.
+//! - GC releases every attachment the runtime does not name and removes its host links.
+//! - STATUS answers from the node's readiness, read locally.
+
+use crate::ipam::{Allocations, Attachment};
+use crate::node::{NodeNetwork, PodNetwork, pod_network};
+use crate::spec::{AddResult, CniError, ResultInterface, ResultIp, ResultRoute, code};
+use std::collections::BTreeSet;
+
+/// An interface found in a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub mac: String,
+    pub addresses: Vec<ipnet::IpNet>,
+}
+
+/// The pod's links: programmed by the binary over netlink, faked in tests.
+pub trait Links {
+    /// Creates the veth pair, moves one end into `netns` as `net.ifname`, sets addresses,
+    /// routes and MTU on both sides. Returns the pod interface's MAC address.
+    fn attach(&mut self, netns: &str, net: &PodNetwork) -> Result<String, CniError>;
+    /// Removes the host end (which takes the pod end with it) and the host routes; absent
+    /// is done.
+    fn detach(&mut self, net: &PodNetwork) -> Result<(), CniError>;
+    /// Whether `ifname` exists in `netns`, and if so what it has.
+    fn existing(&mut self, netns: &str, ifname: &str) -> Result<Option<Observed>, CniError>;
+}
+
+/// ADD: the attachment's addresses and links, as a result.
+pub fn add(
+    state: &mut Allocations,
+    links: &mut dyn Links,
+    node: &NodeNetwork,
+    who: &Attachment,
+    netns: &str,
+) -> Result<AddResult, CniError> {
+    let had = state.addresses(who).map(<[_]>::to_vec);
+    let addrs = state.allocate(who, &node.pod_cidrs).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            e.to_string(),
+            "no address is free on this node",
+        )
+    })?;
+    let net = pod_network(node, &who.container_id, &who.ifname, &addrs);
+    let mac = match links.existing(netns, &who.ifname)? {
+        Some(present) if had.is_some() && same(&present.addresses, &net.addresses) => {
+            // A retried ADD whose first answer was lost: the same interface, the same
+            // addresses.
+            present.mac
+        }
+        Some(_) => {
+            if had.is_none() {
+                state.release(who);
+            }
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!(
+                    "CNI_IFNAME={:?}: an interface of that name already exists in {netns}",
+                    who.ifname
+                ),
+                "",
+            ));
+        }
+        None => {
+            // Whatever a failed earlier ADD left on the host goes first.
+            let _ = links.detach(&net);
+            match links.attach(netns, &net) {
+                Ok(mac) => mac,
+                Err(e) => {
+                    let _ = links.detach(&net);
+                    state.release(who);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    Ok(result(netns, &net, mac))
+}
+
+fn same(present: &[ipnet::IpNet], wanted: &[ipnet::IpNet]) -> bool {
+    let a: BTreeSet<_> = present.iter().collect();
+    let b: BTreeSet<_> = wanted.iter().collect();
+    a == b
+}
+
+fn result(netns: &str, net: &PodNetwork, mac: String) -> AddResult {
+    AddResult {
+        interfaces: vec![ResultInterface {
+            name: net.ifname.clone(),
+            mac,
+            mtu: Some(net.mtu),
+            sandbox: Some(netns.to_string()),
+        }],
+        ips: net
+            .addresses
+            .iter()
+            .zip(&net.routes)
+            .map(|(address, (_, gw))| ResultIp {
+                address: *address,
+                gateway: Some(*gw),
+                interface: Some(0),
+            })
+            .collect(),
+        routes: net
+            .routes
+            .iter()
+            .map(|(dst, gw)| ResultRoute {
+                dst: *dst,
+                gw: Some(*gw),
+                mtu: None,
+            })
+            .collect(),
+    }
+}
+
+/// DEL: removes the links and releases the addresses; succeeds whatever is missing.
+/// Without the node file (a node being torn down), the links are found by name alone.
+pub fn del(
+    state: &mut Allocations,
+    links: &mut dyn Links,
+    node: Option<&NodeNetwork>,
+    who: &Attachment,
+) -> Result<(), CniError> {
+    let addrs = state.release(who);
+    let fallback = NodeNetwork {
+        pod_cidrs: Vec::new(),
+        mtu: 1500,
+    };
+    let net = pod_network(
+        node.unwrap_or(&fallback),
+        &who.container_id,
+        &who.ifname,
+        &addrs,
+    );
+    // A link that cannot be removed now is not a reason to keep the address: the host end
+    // is named by the attachment, and the next ADD or GC removes it.
+    let _ = links.detach(&net);
+    Ok(())
+}
+
+/// GC: releases every attachment not in `valid`, removing its links.
+pub fn gc(
+    state: &mut Allocations,
+    links: &mut dyn Links,
+    node: Option<&NodeNetwork>,
+    valid: &BTreeSet<Attachment>,
+) -> Vec<Attachment> {
+    let fallback = NodeNetwork {
+        pod_cidrs: Vec::new(),
+        mtu: 1500,
+    };
+    state
+        .collect(valid)
+        .into_iter()
+        .map(|(who, addrs)| {
+            let net = pod_network(
+                node.unwrap_or(&fallback),
+                &who.container_id,
+                &who.ifname,
+                &addrs,
+            );
+            let _ = links.detach(&net);
+            who
+        })
+        .collect()
+}
+
+/// STATUS: ready only when the node's data plane is programmed.
+pub fn status(data_plane_ready: bool) -> Result<(), CniError> {
+    if data_plane_ready {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::PLUGIN_NOT_AVAILABLE,
+            "the node's data plane is not programmed yet",
+            "the Trellis agent has not reported it ready",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipnet::IpNet;
+    use std::collections::BTreeMap;
+
+    /// Links as a map: host end name → (netns, pod interface, addresses).
+    #[derive(Default)]
+    struct FakeLinks {
+        host: BTreeMap<String, (String, String, Vec<IpNet>)>,
+        fail_attach: bool,
+    }
+
+    impl Links for FakeLinks {
+        fn attach(&mut self, netns: &str, net: &PodNetwork) -> Result<String, CniError> {
+            // A real attach creates the veth before it can fail on addresses.
+            self.host.insert(
+                net.host_ifname.clone(),
+                (netns.into(), net.ifname.clone(), net.addresses.clone()),
+            );
+            if self.fail_attach {
+                return Err(CniError::new(code::IO_FAILURE, "netlink said no", ""));
+            }
+            Ok("02:00:00:00:00:01".into())
+        }
+        fn detach(&mut self, net: &PodNetwork) -> Result<(), CniError> {
+            self.host.remove(&net.host_ifname);
+            Ok(())
+        }
+        fn existing(&mut self, netns: &str, ifname: &str) -> Result<Option<Observed>, CniError> {
+            Ok(self
+                .host
+                .values()
+                .find(|(ns, name, _)| ns == netns && name == ifname)
+                .map(|(_, _, a)| Observed {
+                    mac: "02:00:00:00:00:01".into(),
+                    addresses: a.clone(),
+                }))
+        }
+    }
+
+    fn node() -> NodeNetwork {
+        NodeNetwork {
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            mtu: 1420,
+        }
+    }
+
+    fn pod(id: &str) -> Attachment {
+        Attachment {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_add_leaves_nothing_and_a_retry_succeeds() {
+        let (mut state, mut links) = (Allocations::new(), FakeLinks::default());
+        links.fail_attach = true;
+        assert!(add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").is_err());
+        assert!(state.is_empty(), "the address went back");
+        assert!(links.host.is_empty(), "the half-made veth went");
+        links.fail_attach = false;
+        let r = add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").unwrap();
+        // The address the failed call held went to the back of the rotation.
+        assert_eq!(r.ips[0].address, "10.244.1.3/24".parse::<IpNet>().unwrap());
+        assert_eq!(r.interfaces[0].mtu, Some(1420));
+        assert_eq!((state.len(), links.host.len()), (1, 1));
+    }
+
+    #[test]
+    fn an_interface_already_there_is_an_error_unless_it_is_this_attachments() {
+        let (mut state, mut links) = (Allocations::new(), FakeLinks::default());
+        add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").unwrap();
+        // The same ADD again (its answer was lost): the same result.
+        let again = add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").unwrap();
+        assert_eq!(
+            again.ips[0].address,
+            "10.244.1.2/24".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(again.interfaces[0].mac, "02:00:00:00:00:01");
+        // Another container's ADD into a namespace that has an eth0 already.
+        let e = add(&mut state, &mut links, &node(), &pod("b"), "/ns/a").unwrap_err();
+        assert!(e.msg.contains("already exists"), "{}", e.msg);
+        assert!(state.addresses(&pod("b")).is_none(), "nothing kept for b");
+    }
+
+    #[test]
+    fn del_succeeds_whatever_is_missing_and_gc_collects_the_rest() {
+        let (mut state, mut links) = (Allocations::new(), FakeLinks::default());
+        for id in ["a", "b", "c"] {
+            add(
+                &mut state,
+                &mut links,
+                &node(),
+                &pod(id),
+                &format!("/ns/{id}"),
+            )
+            .unwrap();
+        }
+        del(&mut state, &mut links, Some(&node()), &pod("a")).unwrap();
+        del(&mut state, &mut links, Some(&node()), &pod("a")).unwrap();
+        del(&mut state, &mut links, None, &pod("never")).unwrap();
+        assert_eq!(links.host.len(), 2);
+        let valid: BTreeSet<Attachment> = [pod("c")].into();
+        assert_eq!(
+            gc(&mut state, &mut links, Some(&node()), &valid),
+            [pod("b")]
+        );
+        assert_eq!(state.len(), 1);
+        assert_eq!(links.host.len(), 1);
+        assert_eq!(status(false).unwrap_err().code, code::PLUGIN_NOT_AVAILABLE);
+        assert!(status(true).is_ok());
+    }
+}
