@@ -15,6 +15,7 @@ use crate::ipam::{Allocations, Attachment};
 use crate::node::{NodeNetwork, PodNetwork, pod_network};
 use crate::spec::{AddResult, CniError, ResultInterface, ResultIp, ResultRoute, code};
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 /// An interface found in a pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,19 +133,9 @@ pub fn del(
     who: &Attachment,
 ) -> Result<(), CniError> {
     let addrs = state.release(who);
-    let fallback = NodeNetwork {
-        pod_cidrs: Vec::new(),
-        mtu: 1500,
-    };
-    let net = pod_network(
-        node.unwrap_or(&fallback),
-        &who.container_id,
-        &who.ifname,
-        &addrs,
-    );
     // A link that cannot be removed now is not a reason to keep the address: the host end
     // is named by the attachment, and the next ADD or GC removes it.
-    let _ = links.detach(&net);
+    let _ = links.detach(&released(node, who, &addrs));
     Ok(())
 }
 
@@ -155,24 +146,24 @@ pub fn gc(
     node: Option<&NodeNetwork>,
     valid: &BTreeSet<Attachment>,
 ) -> Vec<Attachment> {
-    let fallback = NodeNetwork {
-        pod_cidrs: Vec::new(),
-        mtu: 1500,
-    };
     state
         .collect(valid)
         .into_iter()
         .map(|(who, addrs)| {
-            let net = pod_network(
-                node.unwrap_or(&fallback),
-                &who.container_id,
-                &who.ifname,
-                &addrs,
-            );
-            let _ = links.detach(&net);
+            let _ = links.detach(&released(node, &who, &addrs));
             who
         })
         .collect()
+}
+
+/// The network of an attachment being removed, to find its links: without the node file,
+/// its host end by name, and no routes.
+fn released(node: Option<&NodeNetwork>, who: &Attachment, addrs: &[IpAddr]) -> PodNetwork {
+    let none = NodeNetwork {
+        pod_cidrs: Vec::new(),
+        mtu: 1500,
+    };
+    pod_network(node.unwrap_or(&none), &who.container_id, &who.ifname, addrs)
 }
 
 /// STATUS: ready only when the node's data plane is programmed.

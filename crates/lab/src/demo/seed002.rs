@@ -532,18 +532,7 @@ fn answers(
     to: Instant,
     client: Option<usize>,
 ) -> BTreeMap<String, usize> {
-    let a = attempts.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out = BTreeMap::new();
-    for a in a.iter() {
-        if a.start >= from
-            && a.start < to
-            && client.is_none_or(|c| a.client == c)
-            && let Ok(pod) = &a.result
-        {
-            *out.entry(pod.clone()).or_insert(0) += 1;
-        }
-    }
-    out
+    tally(attempts, from, to, client, |r| r.as_ref().ok().cloned())
 }
 
 /// Failures per kind among attempts started in [from, to), of one client or all.
@@ -553,15 +542,29 @@ fn failure_kinds(
     to: Instant,
     client: Option<usize>,
 ) -> BTreeMap<String, usize> {
+    tally(attempts, from, to, client, |r| {
+        r.as_ref().err().map(ToString::to_string)
+    })
+}
+
+/// Attempts started in [from, to), of one client or all, counted by what `label` makes
+/// of their outcome (left out when it makes nothing).
+fn tally(
+    attempts: &Attempts,
+    from: Instant,
+    to: Instant,
+    client: Option<usize>,
+    label: impl Fn(&Result<String, Failure>) -> Option<String>,
+) -> BTreeMap<String, usize> {
     let a = attempts.lock().unwrap_or_else(|e| e.into_inner());
     let mut out = BTreeMap::new();
     for a in a.iter() {
         if a.start >= from
             && a.start < to
             && client.is_none_or(|c| a.client == c)
-            && let Err(f) = &a.result
+            && let Some(key) = label(&a.result)
         {
-            *out.entry(f.to_string()).or_insert(0) += 1;
+            *out.entry(key).or_insert(0) += 1;
         }
     }
     out
