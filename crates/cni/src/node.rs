@@ -80,10 +80,20 @@ pub struct PodNetwork {
     /// The host end of the veth: `tp` and a hash of the container ID and ifname, so it is
     /// the same on every call for the attachment and fits the kernel's 15 bytes.
     pub host_ifname: String,
+    /// Every host end's MAC (as Calico's): pods send every frame to it, and nothing else
+    /// shares the link, so it needs to be unique on no wire.
+    pub host_mac: [u8; 6],
+    /// The pod end's MAC, derived from the attachment, so the host's neighbour entry for
+    /// the pod is fixed at creation and a retried ADD or CHECK expects the same one.
+    pub pod_mac: [u8; 6],
     pub mtu: u32,
-    /// The pod's addresses, with their pod CIDR's prefix length.
+    /// The pod's addresses as host prefixes (/32, /128): the veth is routed, not bridged,
+    /// so a pod shares no link with other pods and every packet it sends, to a pod on the
+    /// same node too, goes through the node, where routes, the service proxy and policy
+    /// see it (Calico's shape; no ARP or neighbour discovery between pods).
     pub addresses: Vec<IpNet>,
-    /// A default route per family, through the gateway.
+    /// A default route per family, through the gateway (on-link: the pod has no prefix
+    /// that contains it), whose neighbour entry is fixed to the host end's MAC.
     pub routes: Vec<(IpNet, IpAddr)>,
     /// On the host: a route to each pod address through the host end.
     pub host_routes: Vec<IpNet>,
@@ -99,6 +109,8 @@ pub fn pod_network(
     let mut out = PodNetwork {
         ifname: ifname.to_string(),
         host_ifname: host_ifname(container_id, ifname),
+        host_mac: HOST_MAC,
+        pod_mac: pod_mac(container_id, ifname),
         mtu: node.mtu,
         addresses: Vec::new(),
         routes: Vec::new(),
@@ -108,8 +120,8 @@ pub fn pod_network(
         let Some(cidr) = node.pod_cidrs.iter().find(|c| c.contains(addr)) else {
             continue;
         };
-        let with_prefix = IpNet::new(*addr, cidr.prefix_len()).expect("prefix of a CIDR");
-        out.addresses.push(with_prefix);
+        let host = IpNet::new(*addr, if addr.is_ipv4() { 32 } else { 128 }).expect("host prefix");
+        out.addresses.push(host);
         if let Some(gw) = gateway(*cidr) {
             let default = match addr {
                 IpAddr::V4(_) => "0.0.0.0/0",
@@ -117,20 +129,44 @@ pub fn pod_network(
             };
             out.routes.push((default.parse().expect("literal"), gw));
         }
-        out.host_routes
-            .push(IpNet::new(*addr, if addr.is_ipv4() { 32 } else { 128 }).expect("host prefix"));
+        out.host_routes.push(host);
     }
     out
 }
 
+/// A locally administered unicast address.
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+
 /// `tp` + 12 hex digits of FNV-1a over `container_id/ifname`: 14 bytes.
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    format!(
+        "tp{:012x}",
+        attachment_hash(container_id, ifname) & 0xffff_ffff_ffff
+    )
+}
+
+/// `0a:58` (locally administered, unicast) and four bytes of the attachment's hash not
+/// used by its host end's name.
+pub fn pod_mac(container_id: &str, ifname: &str) -> [u8; 6] {
+    let h = (attachment_hash(container_id, ifname) >> 16).to_be_bytes();
+    [0x0a, 0x58, h[4], h[5], h[6], h[7]]
+}
+
+/// A MAC as results print it.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn attachment_hash(container_id: &str, ifname: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("tp{:012x}", hash & 0xffff_ffff_ffff)
+    hash
 }
 
 #[cfg(test)]
@@ -184,8 +220,8 @@ mod tests {
         assert_eq!(
             net.addresses,
             [
-                "10.244.1.7/24".parse::<IpNet>().unwrap(),
-                "fd00:244:1::7/64".parse().unwrap()
+                "10.244.1.7/32".parse::<IpNet>().unwrap(),
+                "fd00:244:1::7/128".parse().unwrap()
             ]
         );
         assert_eq!(net.routes[0].1, "10.244.1.1".parse::<IpAddr>().unwrap());
@@ -198,5 +234,11 @@ mod tests {
         assert_eq!(net.host_ifname, host_ifname("abc", "eth0"));
         assert!(net.host_ifname.len() <= 15);
         assert_ne!(host_ifname("abc", "eth0"), host_ifname("abc", "eth1"));
+        assert_eq!(
+            mac_string(&net.pod_mac),
+            mac_string(&pod_mac("abc", "eth0"))
+        );
+        assert_eq!(net.pod_mac[0] & 1, 0, "unicast");
+        assert_ne!(pod_mac("abc", "eth0"), pod_mac("abd", "eth0"));
     }
 }

@@ -16,6 +16,15 @@ pub const CNI_VERSION: &str = "1.1.0";
 /// Every version it answers in, oldest first.
 pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
+/// Where the agent writes the node-local file: persistent, so it is there after a reboot
+/// before any agent runs.
+pub const DEFAULT_NODE_FILE: &str = "/var/lib/trellis/cni/node.json";
+/// Where the plugin keeps its allocations: on tmpfs, so a reboot (which ends every
+/// container) also ends their allocations; kill -9 safety comes from the atomic write.
+pub const DEFAULT_IPAM_FILE: &str = "/run/trellis/cni/ipam.json";
+/// What the agent refreshes while the node's data plane is programmed.
+pub const DEFAULT_READY_FILE: &str = "/run/trellis/cni/ready";
+
 /// The operations (`CNI_COMMAND`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {
@@ -251,8 +260,12 @@ pub struct NetConf {
     pub plugin_type: String,
     /// The interface MTU; without it, the overlay's (from the node-local file).
     pub mtu: Option<u32>,
-    /// Where the agent keeps the node-local file.
-    pub state_file: Option<String>,
+    /// The node-local file the agent keeps on persistent disk (pod CIDRs, MTU).
+    pub node_file: String,
+    /// Where the plugin keeps its allocations.
+    pub ipam_file: String,
+    /// Present and fresh while the node's data plane is programmed (STATUS).
+    pub ready_file: String,
     /// The result of the plugins before this one in a chain.
     pub prev_result: Option<Value>,
     pub runtime_config: Option<Value>,
@@ -315,7 +328,17 @@ impl NetConf {
                 }
             },
         };
-        let state_file = string("stateFile", false)?;
+        let path = |field: &str, default: &str| -> Result<String, CniError> {
+            let p = string(field, false)?.unwrap_or_else(|| default.to_string());
+            if p.starts_with('/') && !p.contains('\0') {
+                Ok(p)
+            } else {
+                Err(CniError::config(field, &truncate(&p), "an absolute path"))
+            }
+        };
+        let node_file = path("nodeFile", DEFAULT_NODE_FILE)?;
+        let ipam_file = path("ipamFile", DEFAULT_IPAM_FILE)?;
+        let ready_file = path("readyFile", DEFAULT_READY_FILE)?;
         let valid_attachments = match obj.get("cni.dev/valid-attachments") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
@@ -344,7 +367,9 @@ impl NetConf {
             name,
             plugin_type,
             mtu,
-            state_file,
+            node_file,
+            ipam_file,
+            ready_file,
             prev_result: object("prevResult")?,
             runtime_config: object("runtimeConfig")?,
             valid_attachments,
@@ -474,6 +499,43 @@ impl AddResult {
             "dns": {},
         })
     }
+}
+
+/// This plugin's result after the ones before it in a chain: their interfaces, addresses,
+/// routes and DNS first, then this plugin's, its addresses' interface indices moved past
+/// theirs. Without a `prevResult`, `ours` as it is.
+pub fn chained(prev: Option<&Value>, mut ours: Value) -> Value {
+    let Some(prev) = prev else {
+        return ours;
+    };
+    let list = |v: &Value, key: &str| -> Vec<Value> {
+        v.get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut interfaces = list(prev, "interfaces");
+    let offset = interfaces.len() as u64;
+    interfaces.extend(list(&ours, "interfaces"));
+    let mut ips = list(prev, "ips");
+    ips.extend(list(&ours, "ips").into_iter().map(|mut ip| {
+        if let Some(i) = ip.get("interface").and_then(Value::as_u64) {
+            ip["interface"] = (i + offset).into();
+        }
+        ip
+    }));
+    let mut routes = list(prev, "routes");
+    routes.extend(list(&ours, "routes"));
+    ours["interfaces"] = interfaces.into();
+    ours["ips"] = ips.into();
+    ours["routes"] = routes.into();
+    if let Some(dns) = prev
+        .get("dns")
+        .filter(|d| d.as_object().is_some_and(|o| !o.is_empty()))
+    {
+        ours["dns"] = dns.clone();
+    }
+    ours
 }
 
 #[cfg(test)]
@@ -611,5 +673,28 @@ mod tests {
             with_command.insert("CNI_COMMAND".into(), "ADD".into());
             let _ = Invocation::from_env(|k| with_command.get(k).cloned());
         }
+    }
+
+    #[test]
+    fn a_chained_result_keeps_what_came_before_and_renumbers_its_interfaces() {
+        let prev = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name": "br0"}],
+            "ips": [{"address": "192.0.2.5/24", "interface": 0}],
+            "dns": {"nameservers": ["192.0.2.53"]},
+        });
+        let ours = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name": "eth1"}],
+            "ips": [{"address": "10.244.1.2/32", "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dns": {},
+        });
+        let out = chained(Some(&prev), ours.clone());
+        assert_eq!(out["interfaces"].as_array().unwrap().len(), 2);
+        assert_eq!(out["ips"][1]["interface"], 1);
+        assert_eq!(out["ips"][0]["address"], "192.0.2.5/24");
+        assert_eq!(out["dns"]["nameservers"][0], "192.0.2.53");
+        assert_eq!(chained(None, ours.clone()), ours);
     }
 }

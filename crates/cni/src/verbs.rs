@@ -34,6 +34,8 @@ pub trait Links {
     fn detach(&mut self, net: &PodNetwork) -> Result<(), CniError>;
     /// Whether `ifname` exists in `netns`, and if so what it has.
     fn existing(&mut self, netns: &str, ifname: &str) -> Result<Option<Observed>, CniError>;
+    /// Whether the host end of `net` exists.
+    fn host_end_exists(&mut self, net: &PodNetwork) -> Result<bool, CniError>;
 }
 
 /// ADD: the attachment's addresses and links, as a result.
@@ -166,6 +168,71 @@ fn released(node: Option<&NodeNetwork>, who: &Attachment, addrs: &[IpAddr]) -> P
     pod_network(node.unwrap_or(&none), &who.container_id, &who.ifname, addrs)
 }
 
+/// CHECK: the attachment is recorded, its interface is in the pod with exactly its
+/// addresses, its host end exists, and the result before this plugin's (`prevResult`)
+/// lists its addresses.
+pub fn check(
+    state: &Allocations,
+    links: &mut dyn Links,
+    node: &NodeNetwork,
+    who: &Attachment,
+    netns: &str,
+    prev_result: Option<&serde_json::Value>,
+) -> Result<(), CniError> {
+    let failed = |msg: String| CniError::new(code::IO_FAILURE, msg, "");
+    let Some(addrs) = state.addresses(who) else {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!(
+                "no attachment of container {:?} interface {:?} on this node",
+                who.container_id, who.ifname
+            ),
+            "",
+        ));
+    };
+    let net = pod_network(node, &who.container_id, &who.ifname, addrs);
+    match links.existing(netns, &who.ifname)? {
+        None => {
+            return Err(failed(format!(
+                "interface {:?} is missing from {netns}",
+                who.ifname
+            )));
+        }
+        Some(present) if !same(&present.addresses, &net.addresses) => {
+            return Err(failed(format!(
+                "interface {:?} in {netns} has {:?}, not {:?}",
+                who.ifname, present.addresses, net.addresses
+            )));
+        }
+        Some(_) => {}
+    }
+    if !links.host_end_exists(&net)? {
+        return Err(failed(format!(
+            "the host end {} of interface {:?} is missing",
+            net.host_ifname, who.ifname
+        )));
+    }
+    if let Some(prev) = prev_result {
+        let listed: BTreeSet<String> = prev
+            .get("ips")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.get("address")?.as_str().map(str::to_string))
+            .collect();
+        if let Some(missing) = net
+            .addresses
+            .iter()
+            .find(|a| !listed.contains(&a.to_string()))
+        {
+            return Err(failed(format!(
+                "prevResult does not list this attachment's address {missing}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// STATUS: ready only when the node's data plane is programmed.
 pub fn status(data_plane_ready: bool) -> Result<(), CniError> {
     if data_plane_ready {
@@ -208,6 +275,9 @@ mod tests {
             self.host.remove(&net.host_ifname);
             Ok(())
         }
+        fn host_end_exists(&mut self, net: &PodNetwork) -> Result<bool, CniError> {
+            Ok(self.host.contains_key(&net.host_ifname))
+        }
         fn existing(&mut self, netns: &str, ifname: &str) -> Result<Option<Observed>, CniError> {
             Ok(self
                 .host
@@ -244,7 +314,7 @@ mod tests {
         links.fail_attach = false;
         let r = add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").unwrap();
         // The address the failed call held went to the back of the rotation.
-        assert_eq!(r.ips[0].address, "10.244.1.3/24".parse::<IpNet>().unwrap());
+        assert_eq!(r.ips[0].address, "10.244.1.3/32".parse::<IpNet>().unwrap());
         assert_eq!(r.interfaces[0].mtu, Some(1420));
         assert_eq!((state.len(), links.host.len()), (1, 1));
     }
@@ -257,7 +327,7 @@ mod tests {
         let again = add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").unwrap();
         assert_eq!(
             again.ips[0].address,
-            "10.244.1.2/24".parse::<IpNet>().unwrap()
+            "10.244.1.2/32".parse::<IpNet>().unwrap()
         );
         assert_eq!(again.interfaces[0].mac, "02:00:00:00:00:01");
         // Another container's ADD into a namespace that has an eth0 already.
@@ -290,6 +360,34 @@ mod tests {
         );
         assert_eq!(state.len(), 1);
         assert_eq!(links.host.len(), 1);
+        let addr =
+            |r: &AddResult| serde_json::json!({"ips": [{"address": r.ips[0].address.to_string()}]});
+        let c = add(&mut state, &mut links, &node(), &pod("c"), "/ns/c").unwrap();
+        check(
+            &state,
+            &mut links,
+            &node(),
+            &pod("c"),
+            "/ns/c",
+            Some(&addr(&c)),
+        )
+        .unwrap();
+        let e = check(&state, &mut links, &node(), &pod("b"), "/ns/b", None).unwrap_err();
+        assert_eq!(e.code, code::UNKNOWN_CONTAINER);
+        let stale = serde_json::json!({"ips": [{"address": "10.244.1.99/32"}]});
+        let e = check(
+            &state,
+            &mut links,
+            &node(),
+            &pod("c"),
+            "/ns/c",
+            Some(&stale),
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("prevResult"), "{}", e.msg);
+        links.host.clear();
+        let e = check(&state, &mut links, &node(), &pod("c"), "/ns/c", None).unwrap_err();
+        assert!(e.msg.contains("missing from /ns/c"), "{}", e.msg);
         assert_eq!(status(false).unwrap_err().code, code::PLUGIN_NOT_AVAILABLE);
         assert!(status(true).is_ok());
     }

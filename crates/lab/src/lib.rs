@@ -8,6 +8,7 @@
 //! - [`fault`]: the incidents as injectable faults, and their healing;
 //! - [`pods`], [`service`]: what pods serve (TCP and UDP echo naming the pod), clients
 //!   that tell which pod answered, and Services whose backends are lab pods;
+//! - [`cni`]: a CNI plugin called as a runtime calls it (the lab's pods are made that way);
 //! - [`check`], [`status`], [`agent_admin`]: what a lab does and says;
 //! - [`demo`], [`bench`]: the incidents replayed and measured;
 //! - [`guard`] (with [`signals`] and [`built`]): whatever a command built is removed when it
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod build;
 pub mod built;
 pub mod check;
+pub mod cni;
 pub mod demo;
 pub mod exec;
 pub mod fault;
