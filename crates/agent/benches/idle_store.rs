@@ -106,6 +106,8 @@ fn config(n: &Node) -> AgentConfig {
         probe: ProbeConfig::default(),
         admin_addr: None,
         service_proxy: false,
+        cni_node_file: None,
+        cni_ready_file: None,
     }
 }
 

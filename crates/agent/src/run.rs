@@ -66,6 +66,11 @@ pub struct AgentConfig {
     pub admin_addr: Option<SocketAddr>,
     /// Load-balance Services on this node (nftables table `trellis-proxy`).
     pub service_proxy: bool,
+    /// Where the CNI plugin finds this node's pod CIDRs and MTU (`None`: not written).
+    pub cni_node_file: Option<PathBuf>,
+    /// What the CNI plugin's STATUS reads: present and fresh while the data plane is
+    /// programmed (`None`: not kept).
+    pub cni_ready_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -238,6 +243,21 @@ pub async fn run_with(
     if let Some(addr) = config.admin_addr {
         tokio::spawn(admin::serve(addr, admin.clone()));
     }
+    // The pod CIDRs given on the command line are known before the store answers: written
+    // now, so pods get addresses on a cold boot with the store down.
+    let mut node_file = config
+        .cni_node_file
+        .clone()
+        .map(report::node_files::NodeFile::new);
+    if let Some(file) = &mut node_file {
+        file.keep(&node.pod_cidrs, apply::TUNNEL_MTU);
+    }
+    let ready_file = config.cni_ready_file.clone().map(|path| {
+        let admin = admin.clone();
+        tokio::spawn(report::node_files::keep_ready_file(path, move |now| {
+            admin.readiness(now).is_ok()
+        }))
+    });
     if let Some(proxy_kernel) = kernel.service_proxy.clone() {
         let node_port_addresses = std::iter::once(config.internal_ip.addr())
             .chain(node.endpoint.as_ref().and_then(|e| match e.host {
@@ -309,6 +329,10 @@ pub async fn run_with(
             continue; // nothing read from the store yet
         }
         let inputs = state.plan_inputs(&config.defaults);
+        if let (Some(file), Some(me)) = (&mut node_file, inputs.nodes.get(&node.name)) {
+            // With a CIDR the leader allocated, once the store has said which.
+            file.keep(&me.pod_cidrs, apply::TUNNEL_MTU);
+        }
         let inputs_changed = last_inputs.as_ref() != Some(&inputs);
         if !inputs_changed && !resync {
             continue; // someone else's status or an unrelated key changed
@@ -350,6 +374,13 @@ pub async fn run_with(
         last_inputs = Some(inputs);
     }
     tracing::info!("shutting down: resigning leadership, releasing status lease, stopping device");
+    if let Some(task) = ready_file {
+        // The data plane goes with this agent (the userspace device ends with it).
+        task.abort();
+        if let Some(path) = &config.cni_ready_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     stop_campaign.send_replace(true);
     if let Some(campaign) = campaign {
         let _ = tokio::time::timeout(Duration::from_secs(3), campaign).await;

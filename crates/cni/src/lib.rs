@@ -13,9 +13,11 @@
 //! - [`verbs`]: ADD, DEL, GC and STATUS over the state and the pod's links (a trait: netlink
 //!   in the binary, a fake in tests), with the rules that keep a node from leaking
 //!   addresses: a failed ADD undoes itself, DEL never fails, GC collects the rest.
+//! - [`install`]: the configuration list `trellis cni install` writes.
 //! - [`spec`]: the CNI 1.1 invocation, configuration, result and error, with version
 //!   negotiation down to 0.3.0; refusals name the variable or field and value.
 
+pub mod install;
 pub mod ipam;
 pub mod node;
 pub mod spec;

@@ -107,6 +107,14 @@ pub struct AgentArgs {
     /// Do not load-balance Services on this node (no `trellis-proxy` nftables table).
     #[arg(long)]
     pub no_service_proxy: bool,
+    /// Keep the CNI plugin's node file here (pod CIDRs and MTU; on persistent disk, so
+    /// pods get addresses after a reboot before the agent runs).
+    #[arg(long, value_name = "PATH")]
+    pub cni_node_file: Option<PathBuf>,
+    /// Keep the CNI plugin's ready file here (touched while the data plane is programmed;
+    /// the plugin's STATUS reads it).
+    #[arg(long, value_name = "PATH")]
+    pub cni_ready_file: Option<PathBuf>,
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
@@ -168,6 +176,8 @@ impl AgentArgs {
             },
             admin_addr: self.metrics_addr,
             service_proxy: !self.no_service_proxy,
+            cni_node_file: self.cni_node_file.clone(),
+            cni_ready_file: self.cni_ready_file.clone(),
         };
         config.validate()?;
         Ok(config)

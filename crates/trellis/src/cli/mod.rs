@@ -2,6 +2,7 @@
 //! library's types and calling it.
 
 mod agent;
+mod cni;
 mod lab;
 mod objects;
 mod state;
@@ -31,6 +32,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: publish this node, plan the mesh, program WireGuard and routes.
     Agent(Box<agent::AgentArgs>),
+    /// Install the CNI plugin and the network's configuration on this node.
+    #[command(subcommand)]
+    Cni(cni::CniCommand),
     /// Build, inspect and remove a cluster of network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -71,6 +75,10 @@ impl Command {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Lab(cmd) => lab::main(cmd),
+            Command::Cni(cmd) => {
+                cni::run(cmd)?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Peer(cmd) => runtime()?.block_on(state::peer(cmd)),
             Command::Showconf(cmd) => runtime()?.block_on(state::showconf(cmd)),
             Command::Graph(args) => runtime()?.block_on(state::graph(args)),
