@@ -10,7 +10,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Independent checkers and interop peers the tests use; the product itself needs none.
-packages=(iproute2 iputils-ping nftables conntrack wireguard-tools wireguard-go iperf3 etcd-server etcd-client openssl)
+# podman (with runc, the CNI reference plugins, iptables for their portmap, jq for a test
+# meta-plugin and busybox-static for a root filesystem) is the real runtime that calls
+# trellis-cni in crates/cni-plugin/tests/runtime.rs.
+packages=(iproute2 iputils-ping nftables conntrack wireguard-tools wireguard-go iperf3 etcd-server etcd-client openssl
+  podman runc busybox-static containernetworking-plugins iptables jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -432,9 +432,9 @@ pub struct AddResult {
 }
 
 impl AddResult {
-    /// The result in the version the configuration asked for: 1.x as it is; 0.3.x and
-    /// 0.4.0 with each address's `version` and without route MTUs (fields those versions
-    /// do not have).
+    /// The result in the version the configuration asked for: 1.1.0 as it is; 1.0.0
+    /// without the interface and route MTUs (1.1.0 fields); 0.3.x and 0.4.0 also with each
+    /// address's `version`.
     pub fn encode(&self, version: &str) -> Value {
         let old = version.starts_with("0.");
         let interfaces: Vec<Value> = self
@@ -442,8 +442,9 @@ impl AddResult {
             .iter()
             .map(|i| {
                 let mut v = serde_json::json!({"name": i.name, "mac": i.mac});
+                // A 1.1.0 field.
                 if let Some(mtu) = i.mtu
-                    && !old
+                    && version == "1.1.0"
                 {
                     v["mtu"] = mtu.into();
                 }
@@ -484,7 +485,7 @@ impl AddResult {
                     v["gw"] = gw.to_string().into();
                 }
                 if let Some(mtu) = r.mtu
-                    && !old
+                    && version == "1.1.0"
                 {
                     v["mtu"] = mtu.into();
                 }

@@ -98,12 +98,22 @@ fn same(present: &[ipnet::IpNet], wanted: &[ipnet::IpNet]) -> bool {
 
 fn result(netns: &str, net: &PodNetwork, mac: String) -> AddResult {
     AddResult {
-        interfaces: vec![ResultInterface {
-            name: net.ifname.clone(),
-            mac,
-            mtu: Some(net.mtu),
-            sandbox: Some(netns.to_string()),
-        }],
+        // The host end first, without a sandbox: chained plugins (bandwidth) find the pod
+        // interface's peer on the host this way, as they do after the bridge plugin.
+        interfaces: vec![
+            ResultInterface {
+                name: net.host_ifname.clone(),
+                mac: crate::node::mac_string(&net.host_mac),
+                mtu: Some(net.mtu),
+                sandbox: None,
+            },
+            ResultInterface {
+                name: net.ifname.clone(),
+                mac,
+                mtu: Some(net.mtu),
+                sandbox: Some(netns.to_string()),
+            },
+        ],
         ips: net
             .addresses
             .iter()
@@ -111,7 +121,7 @@ fn result(netns: &str, net: &PodNetwork, mac: String) -> AddResult {
             .map(|(address, (_, gw))| ResultIp {
                 address: *address,
                 gateway: Some(*gw),
-                interface: Some(0),
+                interface: Some(1),
             })
             .collect(),
         routes: net
@@ -315,7 +325,9 @@ mod tests {
         let r = add(&mut state, &mut links, &node(), &pod("a"), "/ns/a").unwrap();
         // The address the failed call held went to the back of the rotation.
         assert_eq!(r.ips[0].address, "10.244.1.3/32".parse::<IpNet>().unwrap());
-        assert_eq!(r.interfaces[0].mtu, Some(1420));
+        assert_eq!(r.interfaces[1].mtu, Some(1420));
+        assert_eq!(r.interfaces[0].sandbox, None, "the host end");
+        assert_eq!(r.ips[0].interface, Some(1), "the address is the pod's");
         assert_eq!((state.len(), links.host.len()), (1, 1));
     }
 
@@ -329,7 +341,7 @@ mod tests {
             again.ips[0].address,
             "10.244.1.2/32".parse::<IpNet>().unwrap()
         );
-        assert_eq!(again.interfaces[0].mac, "02:00:00:00:00:01");
+        assert_eq!(again.interfaces[1].mac, "02:00:00:00:00:01");
         // Another container's ADD into a namespace that has an eth0 already.
         let e = add(&mut state, &mut links, &node(), &pod("b"), "/ns/a").unwrap_err();
         assert!(e.msg.contains("already exists"), "{}", e.msg);

@@ -1,9 +1,10 @@
 //! Building and removing a lab's namespaces and links. Every veth pair is created inside a
 //! lab namespace and one end moved to another lab namespace: nothing is ever created in,
-//! or connected to, the host's namespace.
+//! or connected to, the host's namespace. Pods are not made here: the CNI plugin makes
+//! them once the node's agent runs ([`crate::pod_network`]).
 
 use crate::processes;
-use crate::spec::{self, HostSpec, LabSpec, NodeSpec, PodSpec};
+use crate::spec::{self, HostSpec, LabSpec, NodeSpec};
 use crate::state;
 use anyhow::Context;
 use ipnet::IpNet;
@@ -81,16 +82,6 @@ pub async fn create_node(spec: &LabSpec, node: &NodeSpec) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("public network of {}", node.name))?;
     }
-    // The node's pod network: a bridge holding the pods' gateway address.
-    nl.create_bridge("pods0").await?;
-    let gateway = IpNet::new(node.pods[0].gateway.into(), node.pod_cidr.prefix_len())?;
-    nl.add_address("pods0", gateway).await?;
-    nl.set_up("pods0").await?;
-    for (i, pod) in node.pods.iter().enumerate() {
-        create_pod(&nl, node, pod, i)
-            .await
-            .with_context(|| format!("pod {}", pod.name))?;
-    }
     // The service range, as a node's default route would cover it: a packet to a ClusterIP
     // port no Service serves, or to a Service without endpoints, must be routed before the
     // proxy's REJECT in the forward (or output) hook sees it. One the proxy DNATs never
@@ -105,135 +96,6 @@ pub async fn create_node(spec: &LabSpec, node: &NodeSpec) -> anyhow::Result<()> 
     .await
     .context("routing the service range")?;
     Ok(())
-}
-
-async fn create_pod(
-    node_nl: &Netlink,
-    node: &NodeSpec,
-    pod: &PodSpec,
-    index: usize,
-) -> anyhow::Result<()> {
-    netns::create(&pod.netns)?;
-    let pod_nl = Netlink::connect_in(&pod.netns)?;
-    pod_nl.set_up("lo").await?;
-    let outer = format!("pod{index}");
-    let node_fd = netns::open(&node.netns)?;
-    pod_nl.create_veth("eth0", &outer).await?;
-    pod_nl.move_link_to_netns(&outer, &node_fd).await?;
-    node_nl.set_master(&outer, "pods0").await?;
-    let index = node_nl
-        .link_index(&outer)
-        .await?
-        .with_context(|| format!("{outer} is gone"))?;
-    netns::run_in(&node.netns, move || bridge_port_hairpin(index))?
-        .with_context(|| format!("hairpin mode on {outer}"))?;
-    node_nl.set_up(&outer).await?;
-    pod_nl.add_address("eth0", pod.ip.into()).await?;
-    pod_nl.set_up("eth0").await?;
-    pod_nl
-        .add_route(&RouteSpec {
-            dst: "0.0.0.0/0".parse()?,
-            via: Some(pod.gateway.into()),
-            dev: None,
-            src: None,
-            protocol: RTPROT_STATIC,
-        })
-        .await?;
-    Ok(())
-}
-
-/// Hairpin mode on a bridge port of this thread's namespace (`bridge link set dev PORT
-/// hairpin on`), as the CNI bridge plugin sets it on pod ports: a pod that reaches a
-/// Service whose chosen endpoint is itself sends a frame that, DNATed on the bridge
-/// (br_netfilter), must go back out of the port it came in by. One RTM_SETLINK for the
-/// bridge family with `IFLA_PROTINFO { IFLA_BRPORT_MODE 1 }`, which the dataplane's
-/// netlink client does not build.
-fn bridge_port_hairpin(ifindex: u32) -> std::io::Result<()> {
-    use std::io::{Error, ErrorKind};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const RTM_SETLINK: u16 = 19;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_ACK: u16 = 4;
-    const NLMSG_ERROR: u16 = 2;
-    const AF_BRIDGE: u8 = 7;
-    const IFLA_PROTINFO: u16 = 12;
-    const NLA_F_NESTED: u16 = 0x8000;
-    const IFLA_BRPORT_MODE: u16 = 4;
-    const LEN: u32 = 16 + 16 + 4 + 8;
-    let mut msg = Vec::with_capacity(LEN as usize);
-    // nlmsghdr: length, type, flags, sequence, port id
-    msg.extend(LEN.to_ne_bytes());
-    msg.extend(RTM_SETLINK.to_ne_bytes());
-    msg.extend((NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend(1u32.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    // ifinfomsg: family, padding, type, index, flags, change
-    msg.extend([AF_BRIDGE, 0]);
-    msg.extend(0u16.to_ne_bytes());
-    msg.extend(ifindex.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    // IFLA_PROTINFO (nested) { IFLA_BRPORT_MODE: u8 1 }
-    msg.extend(12u16.to_ne_bytes());
-    msg.extend((IFLA_PROTINFO | NLA_F_NESTED).to_ne_bytes());
-    msg.extend(5u16.to_ne_bytes());
-    msg.extend(IFLA_BRPORT_MODE.to_ne_bytes());
-    msg.extend([1, 0, 0, 0]);
-    // SAFETY: plain socket(2); the descriptor is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt reads a timeval of the size given; send and recv use buffers of
-    // the lengths given.
-    unsafe {
-        if libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        ) < 0
-        {
-            return Err(Error::last_os_error());
-        }
-        if libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) < 0 {
-            return Err(Error::last_os_error());
-        }
-        let mut answer = [0u8; 1024];
-        let n = libc::recv(
-            socket.as_raw_fd(),
-            answer.as_mut_ptr().cast(),
-            answer.len(),
-            0,
-        );
-        if n < 0 {
-            return Err(Error::last_os_error());
-        }
-        let n = n as usize;
-        if n < 20 || u16::from_ne_bytes([answer[4], answer[5]]) != NLMSG_ERROR {
-            return Err(Error::new(
-                ErrorKind::InvalidData,
-                "no netlink acknowledgement",
-            ));
-        }
-        match i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]) {
-            0 => Ok(()),
-            errno => Err(Error::from_raw_os_error(-errno)),
-        }
-    }
 }
 
 pub async fn create_host(spec: &LabSpec, host: &HostSpec) -> anyhow::Result<()> {
@@ -304,9 +166,13 @@ pub fn teardown(lab: &str) -> anyhow::Result<Teardown> {
             }
         }
     }
-    let dir = state::dir(lab);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    for dir in [
+        state::dir(lab),
+        std::path::Path::new(state::DISKS_DIR).join(lab),
+    ] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
     }
     if !errors.is_empty() {
         anyhow::bail!("could not remove: {}", errors.join("; "));

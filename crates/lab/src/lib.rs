@@ -6,6 +6,7 @@
 //! - [`build`], [`processes`], [`store`]: namespaces and links, agent processes, the store;
 //! - [`up`]: bring a lab up and wait for convergence; [`build::teardown`] removes it;
 //! - [`fault`]: the incidents as injectable faults, and their healing;
+//! - [`pod_network`]: pods made and removed through the CNI plugin, as a runtime does;
 //! - [`pods`], [`service`]: what pods serve (TCP and UDP echo naming the pod), clients
 //!   that tell which pod answered, and Services whose backends are lab pods;
 //! - [`cni`]: a CNI plugin called as a runtime calls it (the lab's pods are made that way);
@@ -31,6 +32,7 @@ pub mod exec;
 pub mod fault;
 pub mod guard;
 pub mod incident;
+pub mod pod_network;
 pub mod pods;
 pub mod processes;
 pub mod service;

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -40,37 +40,62 @@ pub fn start(spec: &LabSpec) -> anyhow::Result<i32> {
     )
 }
 
-/// `lab serve-pods`: TCP and UDP echo in every pod of the lab, until killed.
+/// `lab serve-pods`: TCP and UDP echo in every pod of the lab, until killed. Pods come
+/// and go (`lab pod add|del`, a cold boot re-creates them in new sandboxes): the lab's
+/// state is re-read every [`RESCAN`] and each sandbox served once.
 pub async fn serve(lab: &str) -> anyhow::Result<()> {
     // A client that goes away must not end the server by SIGPIPE.
     // SAFETY: signal(2) sets one signal's disposition; no handler is involved.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let state = LabState::load(lab)?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (_, pod) in state.spec.all_pods() {
-        let (tcp, udp) = netns::run_in(&pod.netns, || {
-            let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ECHO_PORT);
-            let tcp = std::net::TcpListener::bind(any)?;
-            tcp.set_nonblocking(true)?;
-            let udp = std::net::UdpSocket::bind(any)?;
-            udp.set_nonblocking(true)?;
-            io::Result::Ok((tcp, udp))
-        })?
-        .with_context(|| format!("binding port {ECHO_PORT} in pod {}", pod.name))?;
-        let name: Arc<str> = pod.name.as_str().into();
-        tasks.spawn(serve_tcp(
-            name.clone(),
-            tokio::net::TcpListener::from_std(tcp)?,
-        ));
-        tasks.spawn(serve_udp(name, tokio::net::UdpSocket::from_std(udp)?));
+    let mut served: BTreeMap<(String, String), tokio::task::JoinSet<()>> = BTreeMap::new();
+    loop {
+        if let Ok(state) = LabState::load(lab) {
+            let wanted: BTreeMap<(String, String), &spec::PodSpec> = state
+                .spec
+                .all_pods()
+                .map(|(_, p)| ((p.netns.clone(), p.container_id.clone()), p))
+                .collect();
+            // A sandbox that went: its tasks end (dropping a JoinSet aborts them).
+            served.retain(|key, _| wanted.contains_key(key));
+            for (key, pod) in wanted {
+                if served.contains_key(&key) || !netns::exists(&pod.netns) {
+                    continue;
+                }
+                match serve_pod(pod) {
+                    Ok(tasks) => {
+                        tracing::info!(pod = %pod.name, port = ECHO_PORT, "serving TCP and UDP echo");
+                        served.insert(key, tasks);
+                    }
+                    Err(e) => tracing::warn!(pod = %pod.name, "not serving yet: {e:#}"),
+                }
+            }
+        }
+        tokio::time::sleep(RESCAN).await;
     }
-    tracing::info!(
-        pods = state.spec.all_pods().count(),
-        port = ECHO_PORT,
-        "serving TCP and UDP echo in every pod"
-    );
-    while tasks.join_next().await.is_some() {}
-    Ok(())
+}
+
+/// How often the pod server looks for new and removed pods.
+const RESCAN: Duration = Duration::from_millis(250);
+
+fn serve_pod(pod: &spec::PodSpec) -> anyhow::Result<tokio::task::JoinSet<()>> {
+    let (tcp, udp) = netns::run_in(&pod.netns, || {
+        let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), ECHO_PORT);
+        // One socket per protocol for both families (IPv4 as mapped addresses).
+        let tcp = std::net::TcpListener::bind(any)?;
+        tcp.set_nonblocking(true)?;
+        let udp = std::net::UdpSocket::bind(any)?;
+        udp.set_nonblocking(true)?;
+        io::Result::Ok((tcp, udp))
+    })?
+    .with_context(|| format!("binding port {ECHO_PORT} in pod {}", pod.name))?;
+    let name: Arc<str> = pod.name.as_str().into();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(serve_tcp(
+        name.clone(),
+        tokio::net::TcpListener::from_std(tcp)?,
+    ));
+    tasks.spawn(serve_udp(name, tokio::net::UdpSocket::from_std(udp)?));
+    Ok(tasks)
 }
 
 async fn serve_tcp(pod: Arc<str>, listener: tokio::net::TcpListener) {

@@ -86,6 +86,14 @@ pub fn agent_args(spec: &LabSpec, node: &NodeSpec) -> Vec<String> {
             state::cache_path(lab, &node.name).display()
         ),
         format!("--store={}", agent_store_url(spec, &node.location)),
+        format!(
+            "--cni-node-file={}",
+            state::cni_node_file(lab, &node.name).display()
+        ),
+        format!(
+            "--cni-ready-file={}",
+            state::cni_ready_file(lab, &node.name).display()
+        ),
         format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"),
     ];
     if let Some(public) = node.public_ip {

@@ -8,7 +8,7 @@
 
 use anyhow::bail;
 use clap::ValueEnum;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use trellis_model::{GatewayHealth, Granularity};
@@ -93,8 +93,17 @@ pub struct NodeSpec {
 pub struct PodSpec {
     pub name: String,
     pub netns: String,
+    /// What the CNI plugin gave the pod (before the pod exists: what it will give, the
+    /// node's allocations being made in order from the CIDR's second address).
     pub ip: Ipv4Net,
+    /// Its IPv6 address, in a dual-stack lab.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Net>,
     pub gateway: Ipv4Addr,
+    /// The sandbox the CNI plugin was called for (`CNI_CONTAINERID`): a new one each time
+    /// the pod is created, as a runtime makes a new sandbox.
+    #[serde(default)]
+    pub container_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,14 +186,17 @@ impl LabParams {
                 let name = format!("{}{}", letter(i), j + 1);
                 let netns = format!("tl-{lab}-{name}");
                 let pod_base = Ipv4Addr::new(10, 244, k as u8, 0);
-                let bridge_ip = Ipv4Addr::new(10, 244, k as u8, 1);
+                // The CNI plugin's gateway: the pod CIDR's first address.
+                let gateway = Ipv4Addr::new(10, 244, k as u8, 1);
                 let pods = (0..self.pods_per_node)
                     .map(|p| PodSpec {
                         name: format!("{name}-p{p}"),
                         netns: format!("tl-{lab}-{name}-p{p}"),
-                        ip: Ipv4Net::new(Ipv4Addr::new(10, 244, k as u8, 10 + p as u8), 24)
+                        ip: Ipv4Net::new(Ipv4Addr::new(10, 244, k as u8, 2 + p as u8), 32)
                             .expect("valid prefix"),
-                        gateway: bridge_ip,
+                        ip6: None,
+                        gateway,
+                        container_id: String::new(),
                     })
                     .collect();
                 nodes.push(NodeSpec {
@@ -272,6 +284,31 @@ impl LabSpec {
             name: name.to_string(),
             netns: format!("tl-{}-h-{name}", self.name),
             ip: Ipv4Net::new(Ipv4Addr::new(198, 18, 100, 10 + i as u8), 16).expect("valid prefix"),
+        })
+    }
+
+    /// A new pod on `node` (`lab pod add`); its addresses come from the CNI plugin.
+    pub fn new_pod(&self, node: &str, name: &str) -> anyhow::Result<PodSpec> {
+        let node = self.node(node)?;
+        if name.is_empty()
+            || name.len() > 12
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            bail!("invalid pod name {name:?}: 1-12 lowercase letters, digits or '-'");
+        }
+        if self.all_pods().any(|(_, p)| p.name == name) {
+            bail!("lab {} already has a pod named {name:?}", self.name);
+        }
+        let gateway = node.pod_cidr.hosts().next().expect("a /24 has hosts");
+        Ok(PodSpec {
+            name: name.to_string(),
+            netns: format!("tl-{}-{}-{name}", self.name, node.name),
+            ip: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 32).expect("valid prefix"),
+            ip6: None,
+            gateway,
+            container_id: String::new(),
         })
     }
 

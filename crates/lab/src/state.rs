@@ -1,5 +1,12 @@
 //! Where a lab keeps its files: `/run/trellis/labs/NAME/` (tmpfs, so a reboot forgets
 //! labs as it forgets their namespaces). `lab.json` is the spec plus process ids.
+//!
+//! Each node also has a disk and a `/run` of its own, as a machine does, so that a cold
+//! boot (`lab fault cold-boot`) can clear one and keep the other: the node's disk
+//! (`/var/lib/trellis/labs/NAME/NODE/`) holds its WireGuard key, its agent's cache of the
+//! cluster state and the CNI node file; its run directory
+//! (`/run/trellis/labs/NAME/nodes/NODE/`) holds the CNI plugin's allocations and the ready
+//! file.
 
 use crate::spec::LabSpec;
 use anyhow::Context;
@@ -21,13 +28,41 @@ pub fn log_path(lab: &str, process: &str) -> PathBuf {
     dir(lab).join("logs").join(format!("{process}.log"))
 }
 
+/// Where the nodes' disks are.
+pub const DISKS_DIR: &str = "/var/lib/trellis/labs";
+
+/// A node's persistent disk: survives `lab fault cold-boot`, removed by `lab down`.
+pub fn node_disk(lab: &str, node: &str) -> PathBuf {
+    PathBuf::from(DISKS_DIR).join(lab).join(node)
+}
+
+/// A node's `/run`: cleared by a cold boot.
+pub fn node_run(lab: &str, node: &str) -> PathBuf {
+    dir(lab).join("nodes").join(node)
+}
+
 pub fn key_path(lab: &str, node: &str) -> PathBuf {
-    dir(lab).join("keys").join(format!("{node}.key"))
+    node_disk(lab, node).join("wireguard.key")
 }
 
 /// Where a node's agent keeps its last known cluster state.
 pub fn cache_path(lab: &str, node: &str) -> PathBuf {
-    dir(lab).join("cache").join(format!("{node}.json"))
+    node_disk(lab, node).join("cluster-state.json")
+}
+
+/// The CNI node file the agent keeps (pod CIDRs, MTU).
+pub fn cni_node_file(lab: &str, node: &str) -> PathBuf {
+    node_disk(lab, node).join("cni").join("node.json")
+}
+
+/// The CNI plugin's allocations.
+pub fn cni_ipam_file(lab: &str, node: &str) -> PathBuf {
+    node_run(lab, node).join("cni").join("ipam.json")
+}
+
+/// The ready file the agent keeps and the plugin's STATUS reads.
+pub fn cni_ready_file(lab: &str, node: &str) -> PathBuf {
+    node_run(lab, node).join("cni").join("ready")
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

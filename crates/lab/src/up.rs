@@ -101,8 +101,6 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
     let store_pid = store::start(spec).await.context("starting the store")?;
     lab.store_pid = Some(store_pid);
     lab.save()?;
-    lab.pods_pid = Some(crate::pods::start(spec).context("starting the pods' echo servers")?);
-    lab.save()?;
     let store = store::open(&spec.name)?;
     wait_for_store(store.as_ref(), Duration::from_secs(20)).await?;
     let settings = ClusterSettings {
@@ -130,12 +128,32 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         lab.agent_pids.insert(node.name.clone(), pid);
     }
     lab.save()?;
+    // As a kubelet does once the node's network is up: every pod through the CNI plugin,
+    // which waits (code 11, retried) until the agent has written the node file.
+    create_pods(&mut lab).await?;
+    lab.pods_pid = Some(crate::pods::start(&lab.spec).context("starting the pods' echo servers")?);
+    lab.save()?;
     wait_converged(store.as_ref(), spec, timeout).await?;
     if lab.pods_pid.is_some_and(|p| !processes::is_alive(p)) {
         bail!(
             "the pods' echo server exited: see {}",
             state::log_path(&spec.name, "pods").display()
         );
+    }
+    Ok(())
+}
+
+/// Every pod of the spec, through the CNI plugin; the spec records what each got.
+pub async fn create_pods(lab: &mut LabState) -> anyhow::Result<()> {
+    let spec = lab.spec.clone();
+    for (i, node) in spec.nodes.iter().enumerate() {
+        for (j, _) in node.pods.iter().enumerate() {
+            let pod = &mut lab.spec.nodes[i].pods[j];
+            crate::pod_network::create(&spec, node, pod)
+                .await
+                .with_context(|| format!("pod {} on {}", pod.name, node.name))?;
+        }
+        lab.save()?;
     }
     Ok(())
 }

@@ -665,8 +665,8 @@ fn a_broken_direct_path_falls_back_through_a_gateway_and_returns() {
         Duration::from_secs(10),
         || {
             broken(&lab.status_json()) == [serde_json::json!(["a1", "b1"])]
-                && reach("10.244.3.10")
-                && reach("10.244.5.10")
+                && reach("10.244.3.2")
+                && reach("10.244.5.2")
         },
     );
     // the direct peer stays, carrying the probe addresses only, so the repair is seen

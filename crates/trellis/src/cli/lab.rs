@@ -56,6 +56,9 @@ pub enum LabCommand {
     /// External hosts on the public network (no agent), to try clients from.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Pods, made and removed through the CNI plugin as a runtime calls it.
+    #[command(subcommand)]
+    Pod(PodCommand),
     /// Seed 000 on a lab: a gateway stops forwarding new flows; watch it be detected,
     /// replaced, healed and given its share back, then tear the lab down (also when
     /// interrupted by Ctrl-C, SIGTERM or SIGHUP: exit code 130, 143 or 129). `--seed 001`:
@@ -429,6 +432,24 @@ pub enum HostCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum PodCommand {
+    /// Add a pod on a node: a sandbox namespace, then CNI ADD in the node's namespace.
+    Add {
+        node: String,
+        /// 1-12 lowercase letters, digits or '-'.
+        pod: String,
+        #[command(flatten)]
+        name: NameArg,
+    },
+    /// Remove a pod: CNI DEL, then its sandbox.
+    Del {
+        pod: String,
+        #[command(flatten)]
+        name: NameArg,
+    },
+}
+
 pub fn main(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         // exec replaces this process: it must enter the namespace while single-threaded.
@@ -505,6 +526,20 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", check::matrix(&report));
             }
             Ok(ok(report.ok))
+        }
+        LabCommand::Pod(PodCommand::Add { node, pod, name }) => {
+            let pod = trellis_lab::pod_network::add_pod(&name.name, &node, &pod).await?;
+            let v6 = pod.ip6.map(|a| format!(" and {a}")).unwrap_or_default();
+            println!(
+                "pod {} on {node} at {}{v6} (namespace {}, container {})",
+                pod.name, pod.ip, pod.netns, pod.container_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Pod(PodCommand::Del { pod, name }) => {
+            trellis_lab::pod_network::del_pod(&name.name, &pod)?;
+            println!("pod {pod} removed");
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::Host(HostCommand::Add { host, name }) => {
             let spec = trellis_lab::build::add_host(&name.name, &host).await?;

@@ -1,0 +1,180 @@
+//! The lab's pods get their network from the CNI plugin, called exactly as a runtime calls
+//! it ([`crate::cni`]): a sandbox namespace, then ADD in the node's namespace with the
+//! node's configuration; DEL before the sandbox goes. So every lab test and demo runs the
+//! plugin, and `lab pod add` / `lab pod del` are what a kubelet does for one pod.
+
+use crate::cni::{self, Call};
+use crate::spec::{LabSpec, NodeSpec, PodSpec};
+use crate::state::{self, LabState};
+use anyhow::{Context, bail};
+use ipnet::{IpNet, Ipv4Net};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use trellis_dataplane::netlink::Netlink;
+use trellis_dataplane::netns;
+
+/// The network's name in the lab's configuration.
+pub const NETWORK: &str = "trellis-lab";
+/// How long ADD is retried while the plugin says "try again later" (the node file not
+/// written yet: the agent is starting).
+const ADD_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The plugin's configuration on `node`, as a runtime hands it over (one plugin of the
+/// list, with the list's name and version).
+pub fn plugin_config(lab: &str, node: &str) -> Value {
+    json!({
+        "cniVersion": trellis_cni::spec::CNI_VERSION,
+        "name": NETWORK,
+        "type": cni::PLUGIN,
+        "nodeFile": state::cni_node_file(lab, node),
+        "ipamFile": state::cni_ipam_file(lab, node),
+        "readyFile": state::cni_ready_file(lab, node),
+    })
+}
+
+/// A new sandbox identity for a pod: its name and the time, as unique as a runtime's.
+fn new_container_id(pod: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{pod}-{nanos:x}")
+}
+
+/// Creates the pod's sandbox and calls ADD; records what the plugin gave it in `pod`.
+pub async fn create(spec: &LabSpec, node: &NodeSpec, pod: &mut PodSpec) -> anyhow::Result<()> {
+    netns::create(&pod.netns)?;
+    // Loopback is the runtime's, not the plugin's.
+    Netlink::connect_in(&pod.netns)?.set_up("lo").await?;
+    pod.container_id = new_container_id(&pod.name);
+    let result = add(spec, node, pod).await?;
+    record(pod, &result)
+}
+
+async fn add(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<Value> {
+    let plugin = cni::plugin_path()?;
+    let config = plugin_config(&spec.name, &node.name);
+    let netns_path = format!("/run/netns/{}", pod.netns);
+    let started = Instant::now();
+    loop {
+        let (plugin, config, netns_path) = (plugin.clone(), config.clone(), netns_path.clone());
+        let (runtime_netns, container_id) = (node.netns.clone(), pod.container_id.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            cni::call(&Call {
+                plugin: &plugin,
+                runtime_netns: &runtime_netns,
+                command: "ADD",
+                container_id: &container_id,
+                netns_path: &netns_path,
+                ifname: "eth0",
+                cni_path: "",
+                config: &config,
+            })
+        })
+        .await??;
+        match outcome.result() {
+            Ok(result) => return Ok(result),
+            Err(e) if try_again(&outcome) && started.elapsed() < ADD_PATIENCE => {
+                tracing::debug!(pod = %pod.name, "ADD: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("CNI ADD for pod {}", pod.name)),
+        }
+    }
+}
+
+/// The plugin answered code 11: "try again later".
+fn try_again(outcome: &cni::Outcome) -> bool {
+    serde_json::from_slice::<Value>(&outcome.stdout)
+        .ok()
+        .and_then(|e| e.get("code")?.as_u64())
+        == Some(u64::from(trellis_cni::spec::code::TRY_AGAIN_LATER))
+}
+
+/// The pod's addresses from the plugin's result.
+fn record(pod: &mut PodSpec, result: &Value) -> anyhow::Result<()> {
+    let addresses: Vec<IpNet> = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str()?.parse().ok())
+        .collect();
+    let Some(IpNet::V4(v4)) = addresses.iter().find(|a| a.addr().is_ipv4()) else {
+        bail!("the plugin gave pod {} no IPv4 address: {result}", pod.name);
+    };
+    pod.ip = Ipv4Net::new(v4.addr(), 32)?;
+    pod.ip6 = addresses.iter().find_map(|a| match a {
+        IpNet::V6(v6) => Some(*v6),
+        IpNet::V4(_) => None,
+    });
+    Ok(())
+}
+
+/// DEL for the pod's sandbox, then the sandbox goes. DEL is retried once on failure; a
+/// sandbox that is already gone is fine (DEL must succeed without it).
+pub fn delete(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<()> {
+    let plugin = cni::plugin_path()?;
+    let config = plugin_config(&spec.name, &node.name);
+    let netns_path = if netns::exists(&pod.netns) {
+        format!("/run/netns/{}", pod.netns)
+    } else {
+        String::new()
+    };
+    let call = Call {
+        plugin: &plugin,
+        runtime_netns: &node.netns,
+        command: "DEL",
+        container_id: &pod.container_id,
+        netns_path: &netns_path,
+        ifname: "eth0",
+        cni_path: "",
+        config: &config,
+    };
+    let outcome = cni::call(&call).or_else(|_| cni::call(&call))?;
+    outcome
+        .result()
+        .with_context(|| format!("CNI DEL for pod {}", pod.name))?;
+    if netns::exists(&pod.netns) {
+        netns::delete(&pod.netns)?;
+    }
+    Ok(())
+}
+
+/// `lab pod add NODE NAME`: a new pod on a node, recorded in the lab's state (the pods'
+/// echo server picks it up).
+pub async fn add_pod(lab: &str, node: &str, name: &str) -> anyhow::Result<PodSpec> {
+    let mut lab_state = LabState::load(lab)?;
+    let node_spec = lab_state.spec.node(node)?.clone();
+    let mut pod = lab_state.spec.new_pod(node, name)?;
+    create(&lab_state.spec, &node_spec, &mut pod)
+        .await
+        .with_context(|| format!("creating pod {name} on {node}"))?;
+    lab_state
+        .spec
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == node)
+        .context("the node went away")?
+        .pods
+        .push(pod.clone());
+    lab_state.save()?;
+    Ok(pod)
+}
+
+/// `lab pod del NAME`: the pod's DEL, its sandbox removed, and the pod forgotten.
+pub fn del_pod(lab: &str, name: &str) -> anyhow::Result<()> {
+    let mut lab_state = LabState::load(lab)?;
+    let Some((node, pod)) = lab_state
+        .spec
+        .all_pods()
+        .find(|(_, p)| p.name == name)
+        .map(|(n, p)| (n.clone(), p.clone()))
+    else {
+        bail!("lab {lab} has no pod {name:?}");
+    };
+    delete(&lab_state.spec, &node, &pod)?;
+    for n in &mut lab_state.spec.nodes {
+        n.pods.retain(|p| p.name != name);
+    }
+    lab_state.save()
+}
