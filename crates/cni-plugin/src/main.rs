@@ -27,9 +27,9 @@ use trellis_cni::{state, verbs};
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one netlink request may take.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(5);
-/// The agent refreshes the ready file every few seconds while the data plane is
-/// programmed; older than this, it is stale (the agent is gone or stuck).
-const READY_FRESH: Duration = Duration::from_secs(20);
+/// The agent refreshes the ready file every second while the data plane is programmed;
+/// older than this, it is stale (the agent is gone or stuck).
+const READY_FRESH: Duration = Duration::from_secs(5);
 /// More configuration than any conflist needs.
 const MAX_STDIN: u64 = 1 << 20;
 

@@ -403,4 +403,106 @@ mod tests {
         assert_eq!(status(false).unwrap_err().code, code::PLUGIN_NOT_AVAILABLE);
         assert!(status(true).is_ok());
     }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What a runtime (and the kernel) can do to the plugin.
+        #[derive(Clone, Debug)]
+        enum Step {
+            Add(u8),
+            /// An ADD whose links fail half-way.
+            FailedAdd(u8),
+            Del(u8),
+            Gc(Vec<u8>),
+            Check(u8),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                4 => (0u8..12).prop_map(Step::Add),
+                1 => (0u8..12).prop_map(Step::FailedAdd),
+                3 => (0u8..12).prop_map(Step::Del),
+                1 => proptest::collection::vec(0u8..12, 0..6).prop_map(Step::Gc),
+                1 => (0u8..12).prop_map(Step::Check),
+            ]
+        }
+
+        fn small_node() -> NodeNetwork {
+            // Six pod addresses per family: exhaustion is reached often.
+            NodeNetwork {
+                pod_cidrs: vec![
+                    "10.9.0.0/29".parse().unwrap(),
+                    "fd09::/125".parse().unwrap(),
+                ],
+                mtu: 1420,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Whatever the runtime does, in any order: no address is held by two
+            /// attachments, every recorded attachment has its links and no link is left
+            /// without a record, DEL never fails, and an ADD that fails changes nothing.
+            #[test]
+            fn no_sequence_of_calls_leaks_or_duplicates(steps in proptest::collection::vec(step(), 1..60)) {
+                let node = small_node();
+                let (mut state, mut links) = (Allocations::new(), FakeLinks::default());
+                let ns = |i: u8| format!("/ns/{i}");
+                for s in steps {
+                    match s {
+                        Step::Add(i) | Step::FailedAdd(i) => {
+                            links.fail_attach = matches!(s, Step::FailedAdd(_));
+                            let before = state.clone();
+                            match add(&mut state, &mut links, &node, &pod(&i.to_string()), &ns(i)) {
+                                Ok(r) => {
+                                    let held = state.addresses(&pod(&i.to_string())).unwrap();
+                                    prop_assert_eq!(r.ips.len(), held.len());
+                                }
+                                Err(e) => {
+                                    // The rotation may move on; what is held may not.
+                                    let held = |s: &Allocations| -> Vec<(Attachment, Vec<IpAddr>)> {
+                                        s.iter().map(|(w, a)| (w.clone(), a.to_vec())).collect()
+                                    };
+                                    if before.addresses(&pod(&i.to_string())).is_none() {
+                                        prop_assert_eq!(held(&state), held(&before), "a failed ADD ({}) changed what is held", e.msg);
+                                    }
+                                }
+                            }
+                            links.fail_attach = false;
+                        }
+                        Step::Del(i) => {
+                            prop_assert!(del(&mut state, &mut links, Some(&node), &pod(&i.to_string())).is_ok());
+                        }
+                        Step::Gc(keep) => {
+                            let valid: BTreeSet<Attachment> =
+                                keep.iter().map(|i| pod(&i.to_string())).collect();
+                            gc(&mut state, &mut links, Some(&node), &valid);
+                            prop_assert!(state.iter().all(|(who, _)| valid.contains(who)));
+                        }
+                        Step::Check(i) => {
+                            let who = pod(&i.to_string());
+                            let recorded = state.addresses(&who).is_some();
+                            let checked = check(&state, &mut links, &node, &who, &ns(i), None);
+                            prop_assert_eq!(checked.is_ok(), recorded, "{:?}", checked);
+                        }
+                    }
+                    let mut seen = BTreeSet::new();
+                    for (_, addrs) in state.iter() {
+                        for a in addrs {
+                            prop_assert!(seen.insert(*a), "{} held twice", a);
+                        }
+                    }
+                    let recorded: BTreeSet<String> = state
+                        .iter()
+                        .map(|(who, addrs)| pod_network(&node, &who.container_id, &who.ifname, addrs).host_ifname)
+                        .collect();
+                    let present: BTreeSet<String> = links.host.keys().cloned().collect();
+                    prop_assert_eq!(recorded, present, "links and records disagree");
+                }
+            }
+        }
+    }
 }

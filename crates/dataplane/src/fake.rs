@@ -13,6 +13,7 @@ use crate::wireguard::{PeerConfig, PeerStatus, WireGuardDevice};
 use async_trait::async_trait;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 use trellis_model::PublicKey;
@@ -250,6 +251,12 @@ impl InterfaceControl for FakeInterfaces {
     async fn set_up(&self, link: &str) -> Result<()> {
         self.with(link, |l| l.up = true);
         Ok(())
+    }
+    async fn link_with_address(&self, address: IpAddr) -> Result<Option<String>> {
+        Ok(locked(&self.links)
+            .iter()
+            .find(|(_, l)| l.addresses.iter().any(|a| a.addr() == address))
+            .map(|(name, _)| name.clone()))
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteVia,
@@ -220,14 +220,22 @@ impl Netlink {
 
     /// Adds an address (`10.0.0.1/24`: address and prefix length) to a link.
     /// Succeeds if the link already has exactly that address.
+    ///
+    /// An IPv6 address is added without duplicate address detection (`nodad`): the
+    /// addresses given here are unique by construction (planned from the cluster's
+    /// records), and DAD would only leave them unusable for a second or more, during which
+    /// the neighbours routing through this one lose their packets.
     pub async fn add_address(&self, link: &str, address: IpNet) -> Result<()> {
         let action = format!("adding address {address} to link {link}");
         let index = self.require_link(&action, link).await?;
-        let request = self
+        let mut request = self
             .handle
             .address()
-            .add(index, address.addr(), address.prefix_len())
-            .execute();
+            .add(index, address.addr(), address.prefix_len());
+        if address.addr().is_ipv6() {
+            request.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        let request = request.execute();
         match self.run(action, request).await {
             Err(err) if err.has_errno(libc::EEXIST) => Ok(()),
             other => other,
@@ -246,6 +254,26 @@ impl Netlink {
             .execute();
         let messages = self.run(action, request.try_collect::<Vec<_>>()).await?;
         Ok(messages.iter().filter_map(address_of).collect())
+    }
+
+    /// The link that holds `address` (whatever its prefix length), if any.
+    pub async fn link_with_address(&self, address: IpAddr) -> Result<Option<String>> {
+        let action = format!("looking for the link with address {address}");
+        // Filtered here, not by rtnetlink's filter, which compares IFA_ADDRESS: on a
+        // point-to-point link that is the peer's address, the link's own is IFA_LOCAL.
+        let request = self.handle.address().get().execute();
+        let messages = self.run(action, request.try_collect::<Vec<_>>()).await?;
+        let Some(index) = (messages.iter())
+            .find(|m| address_of(m).is_some_and(|a| a.addr() == address))
+            .map(|m| m.header.index)
+        else {
+            return Ok(None);
+        };
+        let links = self.all_links().await?;
+        Ok(links
+            .iter()
+            .find(|link| link.header.index == index)
+            .and_then(link_name))
     }
 
     /// Removes an address from a link. Succeeds if the link does not have it.
@@ -580,5 +608,9 @@ impl crate::interface::InterfaceControl for Netlink {
 
     async fn set_up(&self, link: &str) -> Result<()> {
         Netlink::set_up(self, link).await
+    }
+
+    async fn link_with_address(&self, address: IpAddr) -> Result<Option<String>> {
+        Netlink::link_with_address(self, address).await
     }
 }

@@ -315,3 +315,146 @@ async fn add_route_replaces_and_del_route_is_idempotent() {
         .expect("deleting a missing route is fine");
     assert!(nl.routes(OURS).await.expect("routes").is_empty());
 }
+
+/// How the agent carries IPv6 over an IPv4-only internal network, on a real kernel: Linux
+/// refuses an IPv6 route to an IPv4 gateway, so each node answers at a link-local stand-in
+/// of its IPv4 address (added without DAD, so usable at once) and IPv6 routes name that
+/// address and the device. Two namespaces on one veth, as two nodes on their location's
+/// network, each with an IPv6 "pod" address behind it: the ping crosses both ways at once.
+/// Beside it, the converse that Linux does have: an IPv4 route to an IPv6 gateway
+/// (RTA_VIA), read back as installed.
+#[tokio::test]
+async fn ipv6_crosses_an_ipv4_network_through_link_local_stand_ins() {
+    let (one, two) = (scratch_netns("v6a"), scratch_netns("v6b"));
+    let nl1 = Netlink::connect_in(one.name()).expect("netlink");
+    let nl2 = Netlink::connect_in(two.name()).expect("netlink");
+    nl1.create_veth("int0", "peer0").await.expect("veth");
+    let two_fd = std::fs::File::open(format!("/run/netns/{}", two.name())).expect("netns");
+    nl1.move_link_to_netns("peer0", &two_fd)
+        .await
+        .expect("move");
+    let nets = [
+        (
+            &nl1,
+            "int0",
+            "10.77.0.1/24",
+            "fe80::a4d:1/64",
+            "fd99:1::1/128",
+        ),
+        (
+            &nl2,
+            "peer0",
+            "10.77.0.2/24",
+            "fe80::a4d:2/64",
+            "fd99:2::1/128",
+        ),
+    ];
+    for (nl, link, v4, stand_in, pod) in nets {
+        nl.add_address(link, v4.parse().unwrap()).await.expect("v4");
+        nl.add_address(link, stand_in.parse().unwrap())
+            .await
+            .expect("stand-in");
+        nl.add_address("lo", pod.parse().unwrap())
+            .await
+            .expect("pod");
+        nl.set_up(link).await.expect("up");
+        nl.set_up("lo").await.expect("lo up");
+    }
+    assert_eq!(
+        nl1.link_with_address("10.77.0.1".parse().unwrap())
+            .await
+            .expect("lookup"),
+        Some("int0".to_owned())
+    );
+    assert_eq!(
+        nl1.link_with_address("10.77.0.9".parse().unwrap())
+            .await
+            .expect("lookup"),
+        None
+    );
+    let seen = ip_json(&["-n", one.name(), "-6", "addr", "show", "dev", "int0"]);
+    let stand_in = seen[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["local"] == "fe80::a4d:1")
+        .cloned()
+        .expect("stand-in listed");
+    assert!(
+        stand_in.get("tentative").is_none() && stand_in.get("nodad") == Some(&true.into()),
+        "added without DAD, usable at once: {stand_in}"
+    );
+
+    let there = [route(
+        "fd99:2::/64",
+        Some("fe80::a4d:2"),
+        Some("int0"),
+        None,
+    )];
+    let back = [route(
+        "fd99:1::/64",
+        Some("fe80::a4d:1"),
+        Some("peer0"),
+        None,
+    )];
+    reconcile_routes(&nl1, OURS, &there).await.expect("there");
+    reconcile_routes(&nl2, OURS, &back).await.expect("back");
+    assert_eq!(
+        routes_seen_by_iproute(one.name(), "99"),
+        lines(&["fd99:2::/64 via fe80::a4d:2 src -"])
+    );
+    assert!(
+        reconcile_routes(&nl1, OURS, &there)
+            .await
+            .expect("again")
+            .is_empty(),
+        "read back as desired"
+    );
+    let ping = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            one.name(),
+            "ping",
+            "-6",
+            "-c",
+            "1",
+            "-W",
+            "2",
+        ])
+        .args(["-I", "fd99:1::1", "fd99:2::1"])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    // what Linux refuses (the request is not even sent), so that the planner never asks
+    // for it
+    let refused = nl1
+        .install(
+            &route("fd99:3::/64", Some("10.77.0.2"), Some("int0"), None),
+            false,
+        )
+        .await
+        .expect_err("an IPv6 route to an IPv4 gateway");
+    assert!(refused.to_string().contains("fd99:3::/64"), "{refused}");
+    // and what it takes: an IPv4 route to an IPv6 gateway (RFC 5549)
+    nl2.add_address("peer0", "fd77::2/64".parse().unwrap())
+        .await
+        .expect("v6 on the link");
+    // without a device, as the agent asks for it: the kernel finds it from the gateway
+    let rfc5549 = [route("10.240.0.0/24", Some("fd77::1"), None, None)];
+    reconcile_routes(&nl2, OURS, &rfc5549)
+        .await
+        .expect("RTA_VIA");
+    assert!(
+        reconcile_routes(&nl2, OURS, &rfc5549)
+            .await
+            .expect("again")
+            .is_empty(),
+        "read back as desired"
+    );
+}

@@ -95,6 +95,18 @@ pub async fn create_node(spec: &LabSpec, node: &NodeSpec) -> anyhow::Result<()> 
     })
     .await
     .context("routing the service range")?;
+    if node.pod_cidr_v6.is_some() {
+        // The same for IPv6 ClusterIPs, which the pods of a dual-stack lab reach.
+        nl.add_route(&RouteSpec {
+            dst: spec::SERVICE_CIDR_V6.parse()?,
+            via: None,
+            dev: Some("int0".into()),
+            src: None,
+            protocol: RTPROT_STATIC,
+        })
+        .await
+        .context("routing the IPv6 service range")?;
+    }
     Ok(())
 }
 

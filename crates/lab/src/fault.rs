@@ -143,6 +143,12 @@ pub async fn heal(lab: &str, node: &str) -> anyhow::Result<Vec<Fault>> {
     Ok(healed)
 }
 
+/// Removes the fault tables a node's links carry in the fabric (a cold boot forgets the
+/// node's faults: its own namespace, and the tables in it, are made anew).
+pub(crate) async fn clear_link_faults(lab: &str, node: &str) -> anyhow::Result<()> {
+    rules::clear_links(&crate::spec::fabric_netns(lab), node).await
+}
+
 mod rules {
     use super::{FAULT_TABLE, Fault, FaultKind};
     use trellis_dataplane::nftables::{

@@ -5,7 +5,8 @@
 //! - [`spec`]: the lab's addressing plan, a pure function of its parameters;
 //! - [`build`], [`processes`], [`store`]: namespaces and links, agent processes, the store;
 //! - [`up`]: bring a lab up and wait for convergence; [`build::teardown`] removes it;
-//! - [`fault`]: the incidents as injectable faults, and their healing;
+//! - [`fault`]: the incidents as injectable faults, and their healing; [`cold_boot`]: every
+//!   node rebooted at once with the store down (seed 003);
 //! - [`pod_network`]: pods made and removed through the CNI plugin, as a runtime does;
 //! - [`pods`], [`service`]: what pods serve (TCP and UDP echo naming the pod), clients
 //!   that tell which pod answered, and Services whose backends are lab pods;
@@ -27,6 +28,7 @@ pub mod build;
 pub mod built;
 pub mod check;
 pub mod cni;
+pub mod cold_boot;
 pub mod demo;
 pub mod exec;
 pub mod fault;

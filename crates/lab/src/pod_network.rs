@@ -43,16 +43,42 @@ fn new_container_id(pod: &str) -> String {
 
 /// Creates the pod's sandbox and calls ADD; records what the plugin gave it in `pod`.
 pub async fn create(spec: &LabSpec, node: &NodeSpec, pod: &mut PodSpec) -> anyhow::Result<()> {
-    netns::create(&pod.netns)?;
-    // Loopback is the runtime's, not the plugin's.
-    Netlink::connect_in(&pod.netns)?.set_up("lo").await?;
-    pod.container_id = new_container_id(&pod.name);
-    let result = add(spec, node, pod).await?;
-    record(pod, &result)
+    create_with(spec, node, pod, &cni::plugin_path()?, ADD_PATIENCE).await
 }
 
-async fn add(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<Value> {
-    let plugin = cni::plugin_path()?;
+/// [`create`] through another plugin (one that wraps `trellis-cni`), retrying "try again
+/// later" for up to `patience`, as a kubelet retries a sandbox.
+pub async fn create_with(
+    spec: &LabSpec,
+    node: &NodeSpec,
+    pod: &mut PodSpec,
+    plugin: &std::path::Path,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    if !netns::exists(&pod.netns) {
+        netns::create(&pod.netns)?;
+        // Loopback is the runtime's, not the plugin's.
+        Netlink::connect_in(&pod.netns)?.set_up("lo").await?;
+    }
+    pod.container_id = new_container_id(&pod.name);
+    match add(spec, node, pod, plugin, patience).await {
+        Ok(result) => record(pod, &result),
+        Err(e) => {
+            // No sandbox holds a network: the next try is a new one, in the same namespace.
+            pod.container_id.clear();
+            Err(e)
+        }
+    }
+}
+
+async fn add(
+    spec: &LabSpec,
+    node: &NodeSpec,
+    pod: &PodSpec,
+    plugin: &std::path::Path,
+    patience: Duration,
+) -> anyhow::Result<Value> {
+    let plugin = plugin.to_path_buf();
     let config = plugin_config(&spec.name, &node.name);
     let netns_path = format!("/run/netns/{}", pod.netns);
     let started = Instant::now();
@@ -74,7 +100,7 @@ async fn add(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<V
         .await??;
         match outcome.result() {
             Ok(result) => return Ok(result),
-            Err(e) if try_again(&outcome) && started.elapsed() < ADD_PATIENCE => {
+            Err(e) if try_again(&outcome) && started.elapsed() < patience => {
                 tracing::debug!(pod = %pod.name, "ADD: {e:#}; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -96,6 +96,9 @@ pub fn agent_args(spec: &LabSpec, node: &NodeSpec) -> Vec<String> {
         ),
         format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"),
     ];
+    if let Some(v6) = node.pod_cidr_v6 {
+        args.push(format!("--pod-cidr={v6}"));
+    }
     if let Some(public) = node.public_ip {
         args.push(format!(
             "--endpoint={}:{}",

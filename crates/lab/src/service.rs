@@ -4,6 +4,13 @@
 //! from the cluster's ranges), and one EndpointSlice, `NAME-lab`, with an endpoint per
 //! backend pod (its address, `nodeName` its node, conditions ready). Every agent's proxy
 //! follows them from the store. All of them live in namespace `default`.
+//!
+//! In a dual-stack lab a Service may have an IPv6 ClusterIP (from the default
+//! fd00:10:96::/108) or one of each family (`--ip-families ipv6|dual`); the pods' IPv6
+//! addresses are then the endpoints of a second slice, `NAME-lab-ipv6` (a slice holds
+//! one address type). Pods reach an IPv6 ClusterIP; nodes and hosts do not: they have no
+//! IPv6 address a reply could come back to, so NodePorts and load-balancer addresses stay
+//! IPv4.
 
 use crate::pods::{ECHO_PORT, L4};
 use crate::spec::{LOAD_BALANCER_RANGE, LabSpec};
@@ -16,6 +23,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use trellis_agent::ctl::objects::{self, ObjectRef};
+use trellis_model::endpoint_slice::AddressType;
 use trellis_model::endpoint_slice::EndpointSlice;
 use trellis_model::service::{Service, ServiceType, SessionAffinity, TrafficPolicy};
 use trellis_model::{Kind, Object, validate_name};
@@ -34,6 +42,43 @@ pub enum Type {
     NodePort,
     #[value(name = "LoadBalancer")]
     LoadBalancer,
+}
+
+/// The families a lab Service has ClusterIPs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Families {
+    /// One IPv4 ClusterIP (the cluster's primary family).
+    #[default]
+    #[value(name = "ipv4")]
+    Ipv4,
+    /// One IPv6 ClusterIP, endpoints the pods' IPv6 addresses.
+    #[value(name = "ipv6")]
+    Ipv6,
+    /// One of each (`RequireDualStack`, IPv4 first).
+    #[value(name = "dual")]
+    Dual,
+}
+
+impl Families {
+    fn address_types(self) -> &'static [AddressType] {
+        match self {
+            Families::Ipv4 => &[AddressType::IPv4],
+            Families::Ipv6 => &[AddressType::IPv6],
+            Families::Dual => &[AddressType::IPv4, AddressType::IPv6],
+        }
+    }
+
+    /// The families of the ClusterIPs a Service has.
+    fn of(cluster_ips: &[IpAddr]) -> Families {
+        match (
+            cluster_ips.iter().any(IpAddr::is_ipv4),
+            cluster_ips.iter().any(IpAddr::is_ipv6),
+        ) {
+            (true, true) => Families::Dual,
+            (false, true) => Families::Ipv6,
+            _ => Families::Ipv4,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -69,6 +114,8 @@ pub struct Request {
     pub affinity: bool,
     pub external_traffic_policy: Option<Policy>,
     pub internal_traffic_policy: Option<Policy>,
+    /// The families of its ClusterIPs (and so of its endpoints).
+    pub families: Families,
 }
 
 /// An endpoint's conditions, as an EndpointSlice carries them.
@@ -110,7 +157,10 @@ pub struct LabService {
     pub name: String,
     #[serde(rename = "type")]
     pub type_: String,
+    /// The first (primary) of `cluster_ips`.
     pub cluster_ip: Option<IpAddr>,
+    /// One per family: two for a dual-stack Service.
+    pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub target_port: String,
     pub protocol: String,
@@ -122,8 +172,24 @@ pub struct LabService {
     pub backends: Vec<Backend>,
 }
 
-fn slice_name(service: &str) -> String {
-    format!("{service}-lab")
+/// The lab's slice of a Service's endpoints of one address type.
+fn slice_name(service: &str, address_type: AddressType) -> String {
+    match address_type {
+        AddressType::IPv6 => format!("{service}-lab-ipv6"),
+        _ => format!("{service}-lab"),
+    }
+}
+
+/// The lab's slices of a Service, every address type.
+fn slice_refs(service: &str) -> Vec<ObjectRef> {
+    [AddressType::IPv4, AddressType::IPv6]
+        .into_iter()
+        .map(|t| ObjectRef {
+            kind: Kind::EndpointSlice,
+            namespace: NAMESPACE.into(),
+            name: slice_name(service, t),
+        })
+        .collect()
 }
 
 fn port_number(flag: &str, value: u32) -> anyhow::Result<u16> {
@@ -133,8 +199,13 @@ fn port_number(flag: &str, value: u32) -> anyhow::Result<u16> {
     }
 }
 
-/// The pods named by `--backends`, each with its node, in the order given.
-fn backends<'a>(spec: &'a LabSpec, names: &[String]) -> anyhow::Result<Vec<(&'a str, Ipv4Addr)>> {
+/// The pods named by `--backends`, each with its node and its address of each of
+/// `address_types` (in that order), in the order given.
+fn backends<'a>(
+    spec: &'a LabSpec,
+    names: &[String],
+    address_types: &[AddressType],
+) -> anyhow::Result<Vec<(&'a str, Vec<IpAddr>)>> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for name in names {
@@ -149,9 +220,38 @@ fn backends<'a>(spec: &'a LabSpec, names: &[String]) -> anyhow::Result<Vec<(&'a 
         if !seen.insert(name.as_str()) {
             bail!("invalid --backends {name:?}: given twice");
         }
-        out.push((node.name.as_str(), pod.ip.addr()));
+        let mut addresses = Vec::with_capacity(address_types.len());
+        for t in address_types {
+            addresses.push(match t {
+                AddressType::IPv6 => IpAddr::V6(pod.ip6.map(|a| a.addr()).with_context(|| {
+                    format!(
+                        "invalid --backends {name:?}: the pod has no IPv6 address (an IPv6 Service needs a lab made with `lab up --dual-stack`)"
+                    )
+                })?),
+                _ => IpAddr::V4(pod.ip.addr()),
+            });
+        }
+        out.push((node.name.as_str(), addresses));
     }
     Ok(out)
+}
+
+/// One slice per address type, each with every backend's address of that type.
+fn slice_manifests(
+    service: &str,
+    l4: L4,
+    target_port: u16,
+    address_types: &[AddressType],
+    backends: &[(&str, Vec<IpAddr>, Conditions)],
+) -> Vec<Value> {
+    (address_types.iter().enumerate())
+        .map(|(i, t)| {
+            let endpoints: Vec<(&str, IpAddr, Conditions)> = (backends.iter())
+                .map(|(node, ips, c)| (*node, ips[i], *c))
+                .collect();
+            slice_manifest(service, *t, l4, target_port, &endpoints)
+        })
+        .collect()
 }
 
 /// `lab service add`: creates the Service and its EndpointSlice, or updates them (the
@@ -171,20 +271,37 @@ pub async fn add(lab: &str, request: &Request) -> anyhow::Result<LabService> {
             request.external_traffic_policy.map_or("", |p| p.name())
         );
     }
-    let backends = backends(spec, &request.backends)?;
+    let address_types = request.families.address_types();
+    let backends = backends(spec, &request.backends, address_types)?;
     let store = crate::open_store(lab)?;
     let load_balancer_ip = match request.type_ {
         Type::LoadBalancer => Some(load_balancer_ip(store.as_ref(), &request.name).await?),
         _ => None,
     };
     let service = service_manifest(request, port, target_port, load_balancer_ip);
-    let endpoints: Vec<(&str, Ipv4Addr, Conditions)> = backends
-        .iter()
-        .map(|(node, ip)| (*node, *ip, Conditions::READY))
+    let endpoints: Vec<(&str, Vec<IpAddr>, Conditions)> = backends
+        .into_iter()
+        .map(|(node, ips)| (node, ips, Conditions::READY))
         .collect();
-    let slice = slice_manifest(&request.name, request.protocol, target_port, &endpoints);
-    let objects = vec![decode(service)?, decode(slice)?];
+    let slices = slice_manifests(
+        &request.name,
+        request.protocol,
+        target_port,
+        address_types,
+        &endpoints,
+    );
+    let mut objects = vec![decode(service)?];
+    for slice in slices {
+        objects.push(decode(slice)?);
+    }
     objects::apply(store.as_ref(), objects).await?;
+    // A family the Service no longer has: its slice goes.
+    let dropped: Vec<ObjectRef> = (slice_refs(&request.name).into_iter())
+        .zip([AddressType::IPv4, AddressType::IPv6])
+        .filter(|(_, t)| !address_types.contains(t))
+        .map(|(r, _)| r)
+        .collect();
+    objects::delete(store.as_ref(), &dropped).await?;
     list(lab)
         .await?
         .into_iter()
@@ -230,6 +347,17 @@ fn service_manifest(
     if let Some(p) = request.internal_traffic_policy {
         spec["internalTrafficPolicy"] = json!(p.name());
     }
+    match request.families {
+        Families::Ipv4 => {} // the cluster's primary family, as the API server defaults it
+        Families::Ipv6 => {
+            spec["ipFamilyPolicy"] = json!("SingleStack");
+            spec["ipFamilies"] = json!(["IPv6"]);
+        }
+        Families::Dual => {
+            spec["ipFamilyPolicy"] = json!("RequireDualStack");
+            spec["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        }
+    }
     let mut service = json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -255,9 +383,10 @@ fn protocol(l4: L4) -> &'static str {
 
 fn slice_manifest(
     service: &str,
+    address_type: AddressType,
     l4: L4,
     target_port: u16,
-    endpoints: &[(&str, Ipv4Addr, Conditions)],
+    endpoints: &[(&str, IpAddr, Conditions)],
 ) -> Value {
     let endpoints: Vec<Value> = endpoints
         .iter()
@@ -273,14 +402,14 @@ fn slice_manifest(
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": slice_name(service),
+            "name": slice_name(service, address_type),
             "namespace": NAMESPACE,
             "labels": {
                 "kubernetes.io/service-name": service,
                 "endpointslice.kubernetes.io/managed-by": MANAGED_BY,
             },
         },
-        "addressType": "IPv4",
+        "addressType": address_type.to_string(),
         "ports": [{"name": PORT_NAME, "protocol": protocol(l4), "port": target_port}],
         "endpoints": endpoints,
     })
@@ -318,18 +447,12 @@ async fn load_balancer_ip(
 pub async fn remove(lab: &str, name: &str) -> anyhow::Result<bool> {
     LabState::load(lab)?;
     let store = crate::open_store(lab)?;
-    let refs = [
-        ObjectRef {
-            kind: Kind::Service,
-            namespace: NAMESPACE.into(),
-            name: name.into(),
-        },
-        ObjectRef {
-            kind: Kind::EndpointSlice,
-            namespace: NAMESPACE.into(),
-            name: slice_name(name),
-        },
-    ];
+    let mut refs = vec![ObjectRef {
+        kind: Kind::Service,
+        namespace: NAMESPACE.into(),
+        name: name.into(),
+    }];
+    refs.extend(slice_refs(name));
     let deleted = objects::delete(store.as_ref(), &refs).await?;
     Ok(deleted.first().is_some_and(|(_, d)| *d))
 }
@@ -348,11 +471,12 @@ pub async fn set_endpoints(
         .find(|s| s.name == name)
         .with_context(|| format!("lab {lab} has no service {name:?}"))?;
     let names: Vec<String> = endpoints.iter().map(|(p, _)| p.to_string()).collect();
-    let pods = backends(&state.spec, &names)?;
-    let with: Vec<(&str, Ipv4Addr, Conditions)> = pods
-        .iter()
+    let address_types = Families::of(&current.cluster_ips).address_types();
+    let pods = backends(&state.spec, &names, address_types)?;
+    let with: Vec<(&str, Vec<IpAddr>, Conditions)> = pods
+        .into_iter()
         .zip(endpoints)
-        .map(|((node, ip), (_, c))| (*node, *ip, *c))
+        .map(|((node, ips), (_, c))| (node, ips, *c))
         .collect();
     let target_port = current.target_port.parse().unwrap_or(ECHO_PORT);
     let l4 = if current.protocol == "UDP" {
@@ -360,9 +484,13 @@ pub async fn set_endpoints(
     } else {
         L4::Tcp
     };
-    let slice = slice_manifest(name, l4, target_port, &with);
+    let slices = slice_manifests(name, l4, target_port, address_types, &with);
     let store = crate::open_store(lab)?;
-    objects::apply(store.as_ref(), vec![decode(slice)?]).await?;
+    let slices = slices
+        .into_iter()
+        .map(decode)
+        .collect::<anyhow::Result<_>>()?;
+    objects::apply(store.as_ref(), slices).await?;
     Ok(())
 }
 
@@ -400,7 +528,10 @@ fn view(spec: &LabSpec, s: &Service, slices: &[&EndpointSlice]) -> LabService {
             let ip = e.ip()?;
             let pod = spec
                 .all_pods()
-                .find(|(_, p)| IpAddr::V4(p.ip.addr()) == ip)
+                .find(|(_, p)| {
+                    IpAddr::V4(p.ip.addr()) == ip
+                        || p.ip6.is_some_and(|a| IpAddr::V6(a.addr()) == ip)
+                })
                 .map_or(ip.to_string(), |(_, p)| p.name.clone());
             Some(Backend {
                 pod,
@@ -424,6 +555,7 @@ fn view(spec: &LabSpec, s: &Service, slices: &[&EndpointSlice]) -> LabService {
         name: s.metadata.name.clone(),
         type_: s.spec.type_.to_string(),
         cluster_ip: s.cluster_ips().first().copied(),
+        cluster_ips: s.cluster_ips(),
         port: port.map_or(0, |p| p.port()),
         target_port: port.map_or(String::new(), |p| p.target_port().to_string()),
         protocol: port.map_or(String::new(), |p| p.protocol.to_string()),
@@ -463,9 +595,12 @@ pub fn table(services: &[LabService]) -> String {
     ];
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for s in services {
+        let mut shown = BTreeSet::new();
         let backends: Vec<String> = s
             .backends
             .iter()
+            // a dual-stack Service has each pod once per family: named once
+            .filter(|b| shown.insert((&b.pod, b.conditions.ready, b.conditions.terminating)))
             .map(|b| {
                 if b.conditions == Conditions::READY {
                     b.pod.clone()
@@ -479,7 +614,12 @@ pub fn table(services: &[LabService]) -> String {
         rows.push(vec![
             s.name.clone(),
             s.type_.clone(),
-            or_dash(s.cluster_ip.map(|i| i.to_string())),
+            if s.cluster_ips.is_empty() {
+                "-".into()
+            } else {
+                let ips: Vec<String> = s.cluster_ips.iter().map(IpAddr::to_string).collect();
+                ips.join(",")
+            },
             format!("{}/{}->{}", s.port, s.protocol, s.target_port),
             or_dash(s.node_port.map(|p| p.to_string())),
             or_dash(s.load_balancer_ip.map(|i| i.to_string())),
@@ -530,6 +670,7 @@ mod tests {
             agent_resync: 10,
             gateway_health: GatewayHealth::Forwarding,
             store: Default::default(),
+            dual_stack: false,
         }
         .spec()
         .unwrap()
@@ -546,6 +687,7 @@ mod tests {
             affinity: true,
             external_traffic_policy: Some(Policy::Local),
             internal_traffic_policy: Some(Policy::Local),
+            families: Families::Ipv4,
         }
     }
 
@@ -570,12 +712,19 @@ mod tests {
             service.load_balancer_ips(),
             [IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1))]
         );
-        let pods = backends(&spec, &r.backends).unwrap();
+        let pods = backends(&spec, &r.backends, &[AddressType::IPv4]).unwrap();
         let endpoints: Vec<_> = pods
             .iter()
-            .map(|(n, ip)| (*n, *ip, Conditions::TERMINATING))
+            .map(|(n, ips)| (*n, ips[0], Conditions::TERMINATING))
             .collect();
-        let slice = decode(slice_manifest("web", L4::Udp, 53, &endpoints)).unwrap();
+        let slice = decode(slice_manifest(
+            "web",
+            AddressType::IPv4,
+            L4::Udp,
+            53,
+            &endpoints,
+        ))
+        .unwrap();
         slice.validate().unwrap();
         let Object::EndpointSlice(slice) = slice else {
             unreachable!()
@@ -592,15 +741,25 @@ mod tests {
     #[test]
     fn bad_input_names_the_flag_and_value() {
         let spec = spec();
-        let e = backends(&spec, &["zz-p0".into()]).unwrap_err().to_string();
+        let v4 = &[AddressType::IPv4];
+        let e = backends(&spec, &["zz-p0".into()], v4)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("--backends \"zz-p0\"") && e.contains("a1-p0"),
             "{e}"
         );
-        let e = backends(&spec, &["a1-p0".into(), "a1-p0".into()])
+        let e = backends(&spec, &["a1-p0".into(), "a1-p0".into()], v4)
             .unwrap_err()
             .to_string();
         assert!(e.contains("given twice"), "{e}");
+        let e = backends(&spec, &["a1-p0".into()], &[AddressType::IPv6])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no IPv6 address") && e.contains("--dual-stack"),
+            "{e}"
+        );
         for (flag, value) in [("--port", 0), ("--port", 65536), ("--target-port", 70000)] {
             let e = port_number(flag, value).unwrap_err().to_string();
             assert!(e.contains(&format!("{flag} {value}")), "{e}");

@@ -1,8 +1,10 @@
 //! The lab's addressing plan: a pure function from the `lab up` parameters to every
 //! namespace, link and address. Ranges (see ENVIRONMENT.md): underlay "public" network
-//! 198.18.0.0/16, location-internal networks 172.20.0.0/16, pod CIDRs 10.244.0.0/16,
-//! overlay addresses 100.64.0.0/16, probe addresses 100.65.0.0/16, Service ClusterIPs from
-//! the cluster's default service range 10.96.0.0/12 (every node routes it, see
+//! 198.18.0.0/16, location-internal networks 172.20.0.0/16, pod CIDRs 10.244.0.0/16 and,
+//! in a dual-stack lab (`lab up --dual-stack`), IPv6 pod CIDRs from fd00:10:244::/56 (node
+//! K gets `fd00:10:244:K::/64`, K in hex; see [`pod_cidr_v6`]), overlay addresses
+//! 100.64.0.0/16, probe addresses 100.65.0.0/16, Service ClusterIPs from the cluster's
+//! default service ranges 10.96.0.0/12 and fd00:10:96::/108 (every node routes them, see
 //! [`SERVICE_CIDR`]), load-balancer addresses 198.19.0.0/24 ([`LOAD_BALANCER_RANGE`]).
 //! Nothing here is routed outside the lab's namespaces.
 
@@ -10,7 +12,7 @@ use anyhow::bail;
 use clap::ValueEnum;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use trellis_model::{GatewayHealth, Granularity};
 
 pub const LISTEN_PORT: u16 = 51820;
@@ -22,6 +24,8 @@ pub const MAX_NAME: usize = 6;
 /// REJECT of a port no Service serves, or of a Service without endpoints, sits in the
 /// forward and output hooks, which a packet only reaches once routing has found a route.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The IPv6 ClusterIP range (the store's default), routed alike in a dual-stack lab.
+pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/108";
 /// Where `lab service add --type LoadBalancer` takes ingress addresses from (198.19.0.1 up,
 /// the other half of the benchmarking range the public network is in). Lab hosts route it
 /// to the first public node, which stands in for a cloud load balancer.
@@ -41,6 +45,8 @@ pub struct LabParams {
     pub agent_resync: u64,
     pub gateway_health: GatewayHealth,
     pub store: StoreKind,
+    /// Every node gets an IPv6 pod CIDR beside its IPv4 one, and every pod an IPv6 address.
+    pub dual_stack: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +86,9 @@ pub struct NodeSpec {
     pub internal_ip: Ipv4Net,
     pub public_ip: Option<Ipv4Net>,
     pub pod_cidr: Ipv4Net,
+    /// The IPv6 pod CIDR, in a dual-stack lab (given to the agent as a second `--pod-cidr`).
+    #[serde(default)]
+    pub pod_cidr_v6: Option<Ipv6Net>,
     pub overlay_ip: Ipv4Addr,
     /// Address forwarding probes use (100.65.0.0/16).
     pub probe_ip: Ipv4Addr,
@@ -211,6 +220,7 @@ impl LabParams {
                         .expect("valid prefix")
                     }),
                     pod_cidr: Ipv4Net::new(pod_base, 24).expect("valid prefix"),
+                    pod_cidr_v6: self.dual_stack.then(|| pod_cidr_v6(k)),
                     overlay_ip: Ipv4Addr::new(100, 64, (k / 250) as u8, (k % 250 + 1) as u8),
                     probe_ip: Ipv4Addr::new(100, 65, (k / 250) as u8, (k % 250 + 1) as u8),
                     location: location.name.clone(),
@@ -232,6 +242,16 @@ impl LabParams {
             store: self.store,
         })
     }
+}
+
+/// Node `k`'s IPv6 pod CIDR in a dual-stack lab: `fd00:10:244:K::/64` (K in hex), inside
+/// fd00:10:244::/56, which holds the largest lab's 200 nodes.
+pub fn pod_cidr_v6(k: usize) -> Ipv6Net {
+    let k = u16::try_from(k)
+        .ok()
+        .filter(|k| *k <= 0xff)
+        .expect("at most 256 nodes");
+    Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, k, 0, 0, 0, 0), 64).expect("valid prefix")
 }
 
 fn letter(i: usize) -> char {
@@ -312,6 +332,11 @@ impl LabSpec {
         })
     }
 
+    /// Whether the lab's nodes have IPv6 pod CIDRs (`lab up --dual-stack`).
+    pub fn dual_stack(&self) -> bool {
+        self.nodes.iter().any(|n| n.pod_cidr_v6.is_some())
+    }
+
     pub fn all_pods(&self) -> impl Iterator<Item = (&NodeSpec, &PodSpec)> {
         self.nodes
             .iter()
@@ -360,6 +385,7 @@ mod tests {
             agent_resync: 10,
             gateway_health: GatewayHealth::Forwarding,
             store: Default::default(),
+            dual_stack: false,
         }
     }
 
@@ -396,9 +422,47 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_lab_gives_every_node_its_own_ipv6_pod_cidr() {
+        assert!(
+            params(6, 2)
+                .spec()
+                .unwrap()
+                .nodes
+                .iter()
+                .all(|n| n.pod_cidr_v6.is_none())
+        );
+        let mut p = params(200, 20);
+        p.dual_stack = true;
+        let spec = p.spec().unwrap();
+        assert!(spec.dual_stack());
+        let range: Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &spec.nodes {
+            let v6 = n.pod_cidr_v6.expect("every node");
+            assert!(range.contains(&v6) && v6.prefix_len() == 64, "{v6}");
+            assert!(seen.insert(v6), "{v6} twice");
+        }
+        assert_eq!(
+            spec.node("b1")
+                .map(|n| n.pod_cidr_v6.unwrap().to_string())
+                .unwrap(),
+            "fd00:10:244:a::/64",
+            "b1 is node 10 of 200 in 20 locations"
+        );
+        // a lab.json from before dual-stack labs loads, as a single-stack lab
+        let mut old = serde_json::to_value(params(2, 1).spec().unwrap()).unwrap();
+        for n in old["nodes"].as_array_mut().unwrap() {
+            n.as_object_mut().unwrap().remove("pod_cidr_v6");
+        }
+        let loaded: LabSpec = serde_json::from_value(old).unwrap();
+        assert!(!loaded.dual_stack());
+    }
+
+    #[test]
     fn the_routed_service_range_is_the_one_clusterips_come_from() {
         let settings = trellis_model::ServiceSettings::default();
         assert_eq!(settings.cidrs()[0].to_string(), SERVICE_CIDR);
+        assert_eq!(settings.cidrs()[1].to_string(), SERVICE_CIDR_V6);
         let lb: Ipv4Net = LOAD_BALANCER_RANGE.parse().unwrap();
         let spec = params(6, 2).spec().unwrap();
         for n in &spec.nodes {

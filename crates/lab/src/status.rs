@@ -83,6 +83,9 @@ struct HostView {
     name: String,
     netns: String,
     ip: String,
+    /// A pod's IPv6 address, in a dual-stack lab.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip6: Option<String>,
 }
 
 /// The lab's status as a table, or as JSON for scripts.
@@ -194,6 +197,7 @@ async fn build_view(
                     name: p.name.clone(),
                     netns: p.netns.clone(),
                     ip: p.ip.addr().to_string(),
+                    ip6: p.ip6.map(|a| a.addr().to_string()),
                 })
                 .collect(),
         });
@@ -235,6 +239,7 @@ async fn build_view(
                 name: h.name.clone(),
                 netns: h.netns.clone(),
                 ip: h.ip.addr().to_string(),
+                ip6: None,
             })
             .collect(),
         broken_paths: topology

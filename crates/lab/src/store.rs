@@ -142,8 +142,11 @@ pub fn open(lab: &str) -> anyhow::Result<Arc<dyn Store>> {
 
 pub async fn inject(lab: &str, fault: StoreFault) -> anyhow::Result<()> {
     let mut state = LabState::load(lab)?;
-    if state.spec.store != StoreKind::Etcd {
-        bail!("store faults need a lab on etcd (`trellis lab up --store etcd`)");
+    if state.spec.store != StoreKind::Etcd && fault != StoreFault::Freeze {
+        // Its data lives in its process, and it has no network port to cut.
+        bail!(
+            "store {fault} needs a lab on etcd (`trellis lab up --store etcd`); the embedded store can only be frozen"
+        );
     }
     let pid = state.store_pid.filter(|p| processes::is_alive(*p));
     match &fault {
@@ -170,14 +173,21 @@ pub async fn inject(lab: &str, fault: StoreFault) -> anyhow::Result<()> {
 /// Undoes every store fault: thaws or restarts etcd, removes partitions and throttling.
 pub async fn heal(lab: &str) -> anyhow::Result<Vec<StoreFault>> {
     let mut state = LabState::load(lab)?;
-    if state.spec.store != StoreKind::Etcd {
-        bail!("store faults need a lab on etcd (`trellis lab up --store etcd`)");
-    }
     match state.store_pid.filter(|p| processes::is_alive(*p)) {
         Some(pid) => {
             processes::signal(pid, nix::sys::signal::Signal::SIGCONT);
         }
-        None => state.store_pid = Some(spawn_etcd(&state.spec)?),
+        None if state.spec.store == StoreKind::Etcd => {
+            state.store_pid = Some(spawn_etcd(&state.spec)?)
+        }
+        None => bail!(
+            "the embedded store of lab {lab} is gone, and its data with it: `trellis lab down` and up again"
+        ),
+    }
+    if state.spec.store != StoreKind::Etcd {
+        let healed = std::mem::take(&mut state.store_faults);
+        state.save()?;
+        return Ok(healed);
     }
     let healed = std::mem::take(&mut state.store_faults);
     program_links(&state).await?;

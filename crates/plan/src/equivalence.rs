@@ -82,7 +82,12 @@ fn case_from(seed: u64, size: usize, locations: usize, g: usize, gateways: usize
         nodes.push(Node {
             name,
             location: format!("l{loc}"),
-            internal_ip: format!("172.20.{loc}.{}/24", k % 250 + 2).parse().unwrap(),
+            // now and then a node on an IPv6 internal network (no link-local stand-in)
+            internal_ip: if next(15) == 0 {
+                net(&format!("fd20:{loc:x}::{:x}/64", k + 2))
+            } else {
+                net(&format!("172.20.{loc}.{}/24", k % 250 + 2))
+            },
             endpoint: public.then(|| {
                 format!("198.18.{}.{}:51820", k / 250, k % 250 + 1)
                     .parse()

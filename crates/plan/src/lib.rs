@@ -13,6 +13,15 @@
 //! have a public endpoint. A private node is reached from other locations through one of
 //! its location's gateways, chosen by rendezvous hashing so that adding or removing a
 //! gateway moves only that gateway's share.
+//!
+//! Both families are planned alike: a node's IPv6 pod CIDRs get the same peers' allowed IPs
+//! and the same hops as its IPv4 ones. Only a hop over a location's internal network
+//! differs, when that network is IPv4 only (the overlay and probe addresses are IPv4 too):
+//! Linux cannot route an IPv6 packet to an IPv4 gateway (`RTA_VIA` is refused for IPv6
+//! routes, and so is an IPv4 nexthop object), so an IPv6 destination is routed to the next
+//! node's link-local address derived from its internal IPv4 address ([`internal_via`]), which
+//! every node carries on its internal interface while the mesh carries IPv6
+//! ([`Plan::internal_link_local`]).
 
 mod gateways;
 pub mod graph;
@@ -26,7 +35,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use trellis_model::{Endpoint, ExternalPeer, Granularity, Node, PublicKey};
 
 pub use gateways::{
@@ -96,6 +105,43 @@ pub struct Plan {
     /// ones, so that their repair is seen): the peer and its probe address, which is routed
     /// into the direct tunnel whatever carries the peer's other traffic.
     pub paths: Vec<PathTarget>,
+    /// The link-local address this node must answer on its internal network, so that the
+    /// IPv6 routes of the other nodes of its location can point at it (see
+    /// [`internal_via`]). `None` when its internal address is IPv6 (routes point at that)
+    /// or when the mesh carries no IPv6 prefix.
+    pub internal_link_local: Option<Ipv6Addr>,
+}
+
+/// The link-local address standing for an IPv4 address on an IPv4-only internal network:
+/// `fe80::` with the IPv4 address as the last 32 bits (`172.20.0.11` → `fe80::ac14:b`).
+/// Unique on the link because the IPv4 addresses are; it cannot collide with a modified
+/// EUI-64 interface identifier (those carry `ff:fe` in their middle), and collides with a
+/// random one (RFC 7217) with odds of 2^-32 per pair of addresses.
+pub fn internal_link_local(internal: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = internal.octets();
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    )
+}
+
+/// The gateway for `dst` toward the node at `internal` on their location's internal
+/// network: always an address of `dst`'s own family or, for an IPv4 destination, an IPv6
+/// one (RFC 5549; Linux installs it with `RTA_VIA` since 5.2). The converse does not exist
+/// in Linux, so an IPv6 destination behind an IPv4 address goes to that address's
+/// [`internal_link_local`] (on the internal interface: a link-local gateway needs the
+/// device named).
+pub fn internal_via(dst: &IpNet, internal: IpAddr) -> IpAddr {
+    match (dst, internal) {
+        (IpNet::V6(_), IpAddr::V4(v4)) => IpAddr::V6(internal_link_local(v4)),
+        _ => internal,
+    }
 }
 
 /// A direct tunnel whose path a node measures, at the peer's probe address.
@@ -357,6 +403,20 @@ impl Topology {
         }
     }
 
+    /// What [`Plan::internal_link_local`] says for `me`: its internal address's link-local
+    /// stand-in while any node or external peer has an IPv6 prefix, which another node of
+    /// its location may then route through it. One scan of the prefixes, as cheap as the
+    /// rest of a plan.
+    fn internal_link_local_of(&self, me: &Node) -> Option<Ipv6Addr> {
+        let IpAddr::V4(internal) = me.internal_ip.addr() else {
+            return None;
+        };
+        let carries_ipv6 = (self.nodes.values())
+            .any(|n| n.pod_cidrs.iter().any(|p| p.addr().is_ipv6()) || n.overlay_ip.is_ipv6())
+            || (self.peers.values()).any(|p| p.allowed_ips.iter().any(|a| a.addr().is_ipv6()));
+        carries_ipv6.then(|| internal_link_local(internal))
+    }
+
     /// The WireGuard peers and routes of one node.
     ///
     /// O(n) hash lookups for n nodes (plus sorting the routes): each agent runs it for its
@@ -381,7 +441,7 @@ impl Topology {
                     }
                     Hop::Internal(node) => NextHop::Internal {
                         node: node.name.clone(),
-                        via: node.internal_ip.addr(),
+                        via: internal_via(&dst, node.internal_ip.addr()),
                     },
                 };
                 routes.push(RoutePlan { dst, next_hop });
@@ -532,6 +592,7 @@ impl Topology {
             observe,
             relay,
             paths,
+            internal_link_local: self.internal_link_local_of(me),
         })
     }
 }

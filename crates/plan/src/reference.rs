@@ -301,7 +301,7 @@ impl Old {
                     }
                     Hop::Internal(node) => NextHop::Internal {
                         node: node.name.clone(),
-                        via: node.internal_ip.addr(),
+                        via: crate::internal_via(&dst, node.internal_ip.addr()),
                     },
                 };
                 routes.push(RoutePlan { dst, next_hop });
@@ -443,6 +443,14 @@ impl Old {
             observe,
             relay,
             paths,
+            internal_link_local: match me.internal_ip.addr() {
+                std::net::IpAddr::V4(internal) => (self.nodes.values())
+                    .flat_map(|n| n.owned_prefixes())
+                    .chain(self.peers.values().flat_map(|p| p.allowed_ips.clone()))
+                    .any(|p| matches!(p, IpNet::V6(_)))
+                    .then(|| crate::internal_link_local(internal)),
+                std::net::IpAddr::V6(_) => None,
+            },
         })
     }
 }

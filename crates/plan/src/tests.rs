@@ -44,6 +44,16 @@ fn cluster(per_location: &[usize], public: usize) -> Vec<Node> {
     nodes
 }
 
+/// The same nodes, each with an IPv6 pod CIDR beside its IPv4 one (`fd00:10:244:K::/64`,
+/// as the lab's `--dual-stack` gives them).
+fn dual_stack(mut nodes: Vec<Node>) -> Vec<Node> {
+    for (k, n) in nodes.iter_mut().enumerate() {
+        n.pod_cidrs
+            .push(format!("fd00:10:244:{k:x}::/64").parse().unwrap());
+    }
+    nodes
+}
+
 fn slots(names: &[&str]) -> Slots {
     names.iter().map(|n| Some(n.to_string())).collect()
 }
@@ -504,6 +514,195 @@ fn every_candidate_is_probed_by_observers_it_can_reach_along_dedicated_routes() 
     }
 }
 
+// ---------------------------------------------------------------- IPv6 pod CIDRs
+
+/// A node's route to `dst`, which must exist.
+fn route_to<'a>(plan: &'a Plan, dst: &IpNet) -> &'a NextHop {
+    &plan
+        .routes
+        .iter()
+        .find(|r| r.dst == *dst)
+        .unwrap_or_else(|| panic!("{} has no route to {dst}", plan.node))
+        .next_hop
+}
+
+/// What a hop toward an IPv6 prefix must be, given the hop toward the same node's IPv4
+/// prefix: the same tunnel, or the same node over the internal network at its link-local
+/// stand-in (an IPv6 packet cannot be routed to an IPv4 gateway).
+fn as_ipv6_hop(v4_hop: &NextHop) -> NextHop {
+    match v4_hop {
+        NextHop::Tunnel { peer } => tunnel(peer),
+        NextHop::Internal { node, via } => NextHop::Internal {
+            node: node.clone(),
+            via: IpAddr::V6(internal_link_local(match via {
+                IpAddr::V4(v4) => *v4,
+                IpAddr::V6(_) => panic!("an IPv4 internal network in these tests"),
+            })),
+        },
+    }
+}
+
+/// In every granularity, each node's IPv6 pod CIDR takes exactly the path its IPv4 one
+/// takes: the same tunnel and the same peer's allowed IPs, or the same node over the
+/// internal network (at its link-local stand-in, since Linux has no IPv6 route to an IPv4
+/// gateway). Every pair of pods reaches each other in both families, hop by hop.
+#[test]
+fn ipv6_pod_cidrs_follow_their_nodes_ipv4_paths_in_every_granularity() {
+    for g in Granularity::ALL {
+        for (shape, gateways) in [(vec![3, 3], 1), (vec![3, 3], 2), (vec![4, 1, 3], 2)] {
+            let nodes = dual_stack(cluster(&shape, 2));
+            let t = build(&nodes, g, gateways);
+            assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+            let mut internal_v6 = 0;
+            for plan in all_plans(&t).values() {
+                let me = &t.nodes[&plan.node];
+                let IpAddr::V4(internal) = me.internal_ip.addr() else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    plan.internal_link_local,
+                    Some(internal_link_local(internal)),
+                    "{g}: {} answers on its link-local stand-in",
+                    plan.node
+                );
+                for other in nodes.iter().filter(|n| n.name != plan.node) {
+                    let (v4, v6) = (other.pod_cidrs[0], other.pod_cidrs[1]);
+                    let hop = route_to(plan, &v6);
+                    assert_eq!(
+                        hop,
+                        &as_ipv6_hop(route_to(plan, &v4)),
+                        "{g}: {} -> {}",
+                        plan.node,
+                        other.name
+                    );
+                    match hop {
+                        NextHop::Tunnel { peer } => {
+                            let entry = plan.peers.iter().find(|p| &p.name == peer).unwrap();
+                            assert!(entry.allowed_ips.contains(&v6), "{g}: {entry:?}");
+                            assert!(entry.allowed_ips.contains(&v4), "{g}: {entry:?}");
+                        }
+                        NextHop::Internal { .. } => internal_v6 += 1,
+                    }
+                }
+            }
+            // location, cross and hybrid route over internal networks; full never does
+            assert_eq!(internal_v6 == 0, g == Full, "{g} {shape:?}");
+            assert_full_reachability(&t);
+        }
+    }
+}
+
+#[test]
+fn a_private_node_sends_ipv6_to_its_gateway_at_the_gateways_link_local_stand_in() {
+    let nodes = dual_stack(cluster(&[3, 3], 2));
+    let t = build(&nodes, Location, 1);
+    let a3 = t.plan_for("a3").unwrap();
+    // b3's IPv6 pods: through a1, on the internal network, at fe80::<a1's 172.20.0.2>
+    assert_eq!(
+        route_to(&a3, &nodes[5].pod_cidrs[1]),
+        &NextHop::Internal {
+            node: "a1".into(),
+            via: "fe80::ac14:2".parse().unwrap(),
+        }
+    );
+    // a1 tunnels them to b1, whose peer entry carries location b's IPv6 CIDRs too
+    let a1 = t.plan_for("a1").unwrap();
+    assert_eq!(route_to(&a1, &nodes[5].pod_cidrs[1]), &tunnel("b1"));
+    let b1 = a1.peers.iter().find(|p| p.name == "b1").unwrap();
+    for b in &nodes[3..] {
+        assert!(b.pod_cidrs.iter().all(|c| b1.allowed_ips.contains(c)));
+    }
+    // and routes its own location's IPv6 pods back in at their stand-ins
+    assert_eq!(
+        route_to(&a1, &nodes[2].pod_cidrs[1]),
+        &NextHop::Internal {
+            node: "a3".into(),
+            via: "fe80::ac14:4".parse().unwrap(),
+        }
+    );
+    // the IPv4 routes are what they were
+    assert_eq!(hop_of(&a3, &nodes[5]), &internal(&nodes, "a1"));
+}
+
+#[test]
+fn the_link_local_stand_in_is_asked_for_only_while_the_mesh_carries_ipv6() {
+    let v4_only = cluster(&[3, 3], 2);
+    for plan in all_plans(&build(&v4_only, Location, 1)).values() {
+        assert_eq!(plan.internal_link_local, None, "{}", plan.node);
+    }
+    // one IPv6 CIDR anywhere (here on b3 only): every node may have to forward toward it
+    let mut one = v4_only.clone();
+    one[5].pod_cidrs.push("fd00:10:244:5::/64".parse().unwrap());
+    let t = build(&one, Location, 1);
+    let plans = all_plans(&t);
+    assert!(plans.values().all(|p| p.internal_link_local.is_some()));
+    assert_reachability_except(&t, |_, _| false);
+    // an external peer's IPv6 addresses count too; its route leaves a private node through
+    // the gateway's stand-in
+    let mut laptop = laptop(0xee);
+    laptop.allowed_ips.push("fd00:5::1/128".parse().unwrap());
+    let t = Topology::build(
+        settings(Location, 1),
+        v4_only.clone(),
+        [laptop],
+        &BTreeMap::new(),
+    );
+    let a3 = t.plan_for("a3").unwrap();
+    assert_eq!(a3.internal_link_local, "fe80::ac14:4".parse().ok());
+    assert_eq!(
+        route_to(&a3, &"fd00:5::1/128".parse().unwrap()),
+        &NextHop::Internal {
+            node: "a1".into(),
+            via: "fe80::ac14:2".parse().unwrap(),
+        }
+    );
+    // a node on an IPv6 internal network needs no stand-in: IPv6 routes point at its own
+    // address, IPv4 ones too (RFC 5549)
+    let mut v6_internal = dual_stack(cluster(&[3], 1));
+    for (i, n) in v6_internal.iter_mut().enumerate() {
+        n.internal_ip = format!("fd20::{}/64", i + 2).parse().unwrap();
+    }
+    let t = build(&v6_internal, Location, 1);
+    let a2 = t.plan_for("a2").unwrap();
+    assert_eq!(a2.internal_link_local, None);
+    let a3 = &v6_internal[2];
+    for cidr in &a3.pod_cidrs {
+        assert_eq!(
+            route_to(&a2, cidr),
+            &NextHop::Internal {
+                node: "a3".into(),
+                via: "fd20::4".parse().unwrap(),
+            }
+        );
+    }
+}
+
+#[test]
+fn internal_next_hops_are_always_of_a_family_linux_can_route() {
+    let v4: IpAddr = "172.20.1.23".parse().unwrap();
+    let v6: IpAddr = "fd20::17".parse().unwrap();
+    let (to_v4, to_v6): (IpNet, IpNet) = (
+        "10.244.0.0/24".parse().unwrap(),
+        "fd00::/64".parse().unwrap(),
+    );
+    assert_eq!(internal_via(&to_v4, v4), v4);
+    assert_eq!(internal_via(&to_v6, v6), v6);
+    assert_eq!(internal_via(&to_v4, v6), v6, "RFC 5549: RTA_VIA");
+    assert_eq!(
+        internal_via(&to_v6, v4),
+        "fe80::ac14:117".parse::<IpAddr>().unwrap()
+    );
+    // distinct IPv4 addresses, distinct stand-ins; all link-local
+    let a = internal_link_local("172.20.0.10".parse().unwrap());
+    let b = internal_link_local("172.20.0.11".parse().unwrap());
+    assert_ne!(a, b);
+    assert!(a.is_unicast_link_local() && b.is_unicast_link_local());
+    assert_eq!(
+        internal_link_local("255.255.255.255".parse().unwrap()).to_string(),
+        "fe80::ffff:ffff"
+    );
+}
+
 // ---------------------------------------------------------------- forwarding simulation
 
 /// Follow a packet from `src` (address `src_ip`) to address `dst_ip` hop by hop through
@@ -579,8 +778,22 @@ fn forward(
             }
             NextHop::Internal { node, via } => {
                 let there = &t.nodes[node];
-                if there.location != here.location || there.internal_ip.addr() != *via {
+                if there.location != here.location {
                     return Err(format!("{at} routes via {node} outside its location"));
+                }
+                // The kernel takes an IPv4 destination to an IPv6 gateway, never the
+                // converse; a link-local gateway is answered only by a node that carries it.
+                let answers = match via {
+                    IpAddr::V4(_) => dst_ip.addr().is_ipv4() && *via == there.internal_ip.addr(),
+                    IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+                        plans[node].internal_link_local == Some(*v6)
+                    }
+                    IpAddr::V6(_) => *via == there.internal_ip.addr(),
+                };
+                if !answers {
+                    return Err(format!(
+                        "{at} routes {dst_ip} via {via}, which {node} does not answer ({path:?})"
+                    ));
                 }
                 node.clone()
             }
@@ -629,10 +842,14 @@ fn assert_reachability_except(t: &Topology, cut: impl Fn(&Node, &Node) -> bool) 
             if src.name == dst.name {
                 continue;
             }
-            for (s, d) in [
-                (src.pod_cidrs[0], dst.pod_cidrs[0]),
-                (IpNet::from(src.overlay_ip), IpNet::from(dst.overlay_ip)),
-            ] {
+            // every pod CIDR to every pod CIDR of the same family (dual-stack nodes have two)
+            let pod_pairs = (src.pod_cidrs.iter()).flat_map(|s| {
+                (dst.pod_cidrs.iter())
+                    .filter(|d| d.addr().is_ipv4() == s.addr().is_ipv4())
+                    .map(|d| (*s, *d))
+            });
+            let overlay = (IpNet::from(src.overlay_ip), IpNet::from(dst.overlay_ip));
+            for (s, d) in pod_pairs.chain([overlay]) {
                 let host = |n: IpNet| IpNet::from(n.hosts().next().unwrap_or(n.addr()));
                 if let Err(e) = forward(t, &plans, &src.name, host(s), host(d)) {
                     if cut(src, dst) && e.contains("has no route") {
@@ -774,6 +991,11 @@ fn random_cluster() -> impl Strategy<Value = RandomCluster> {
                 let first = k < locations;
                 let public = first || next() % 3 == 0;
                 let mut n = node(&format!("n{k}"), loc, k, public);
+                // about half the clusters are dual-stack, most of their nodes with IPv6
+                if seed & 1 == 1 && next() % 5 != 0 {
+                    n.pod_cidrs
+                        .push(format!("fd00:10:244:{k:x}::/64").parse().unwrap());
+                }
                 n.gateway.eligible = first || next() % 4 != 0;
                 n.gateway.priority = (next() % 3) as i32;
                 nodes.push(n);

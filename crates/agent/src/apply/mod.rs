@@ -13,9 +13,10 @@ use crate::report::transition::Health;
 use crate::state::{ClusterState, PlanInputs};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use trellis_dataplane::interface::{InterfaceControl, reconcile_interface};
+use trellis_dataplane::interface::{InterfaceControl, reconcile_interface, reconcile_one_address};
 use trellis_dataplane::nftables::Ruleset;
 use trellis_dataplane::routes::{RouteSpec, RouteTable, reconcile_routes};
 use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice, reconcile_peers};
@@ -207,7 +208,14 @@ impl Reconciler {
                 "WireGuard device did not answer within {DEVICE_TIMEOUT:?}"
             )),
         }
-        let routes = route_specs(&plan, &self.interface);
+        let internal_link = match self.reconcile_internal_link_local(&plan).await {
+            Ok(link) => link,
+            Err(e) => {
+                outcome.errors.push(e);
+                None
+            }
+        };
+        let routes = route_specs(&plan, &self.interface, internal_link.as_deref());
         match reconcile_routes(self.kernel.routes.as_ref(), ROUTE_PROTOCOL, &routes).await {
             Ok(changes) => {
                 let restored = repaired(&self.routes_in_place, &changes.added);
@@ -252,6 +260,44 @@ impl Reconciler {
         }
         outcome.plan = Some(plan);
         outcome
+    }
+
+    /// Puts the plan's [`Plan::internal_link_local`] on the link that holds this node's
+    /// internal address (or takes it off once the mesh carries no IPv6), so that the other
+    /// nodes of the location can route IPv6 through this one; every other address of that
+    /// shared link stays as it is. Returns the link, which IPv6 routes over the internal
+    /// network name (a link-local gateway needs its device); `None` when no link holds the
+    /// internal address and none is needed.
+    async fn reconcile_internal_link_local(&self, plan: &Plan) -> Result<Option<String>, String> {
+        let IpAddr::V4(internal) = self.node.internal_ip.addr() else {
+            return Ok(None); // IPv6 routes point at the internal address itself
+        };
+        let stand_in = trellis_plan::internal_link_local(internal);
+        let wanted = plan.internal_link_local.is_some();
+        let interfaces = self.kernel.interfaces.as_ref();
+        let link = match interfaces.link_with_address(IpAddr::V4(internal)).await {
+            Ok(Some(link)) => link,
+            Ok(None) if !wanted => return Ok(None),
+            Ok(None) => {
+                return Err(format!(
+                    "no link holds the internal address {internal}: IPv6 cannot be routed over the internal network"
+                ));
+            }
+            Err(e) => return Err(format!("finding the internal link: {e:#}")),
+        };
+        let address = IpNet::new(IpAddr::V6(stand_in), 64).expect("64 is a valid IPv6 prefix");
+        match reconcile_one_address(interfaces, &link, address, wanted).await {
+            Ok(Some(change)) => {
+                tracing::info!(link = %link, ?change, "internal link-local address")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "link-local address {address} on the internal link {link} (is IPv6 enabled on it?): {e:#}"
+                ));
+            }
+        }
+        Ok(Some(link))
     }
 
     /// Store the location's gateway choice when it differs from the stored record, so that
@@ -326,23 +372,36 @@ async fn resolve(name: &str, port: u16) -> Option<std::net::SocketAddr> {
     }
 }
 
-pub fn route_specs(plan: &Plan, interface: &str) -> Vec<RouteSpec> {
+/// The kernel routes of a plan: into the WireGuard `interface` for a tunnel, to the next
+/// node's internal address otherwise — on `internal_link` when that address is link-local
+/// (the IPv6 stand-in of an IPv4 one, see [`trellis_plan::internal_via`]), which the kernel
+/// cannot resolve without the device. Without `internal_link` those routes are left out
+/// (the pass reports why) rather than each refused by the kernel.
+pub fn route_specs(plan: &Plan, interface: &str, internal_link: Option<&str>) -> Vec<RouteSpec> {
     plan.routes
         .iter()
-        .map(|r| {
+        .filter_map(|r| {
             let (via, dev) = match &r.next_hop {
                 NextHop::Tunnel { .. } => (None, Some(interface.to_string())),
+                NextHop::Internal {
+                    via: via @ IpAddr::V6(v6),
+                    ..
+                } if v6.is_unicast_link_local() => (Some(*via), Some(internal_link?.to_string())),
                 NextHop::Internal { via, .. } => (Some(*via), None),
             };
-            RouteSpec {
+            // Replies must come back to an address the mesh routes: the overlay one, not
+            // the node's internal address, which other locations cannot reach. A source
+            // must be of the destination's family: IPv6 routes leave the choice to the
+            // kernel (pods' packets carry their own source anyway).
+            let overlay = plan.address.addr();
+            let src = (overlay.is_ipv4() == r.dst.addr().is_ipv4()).then_some(overlay);
+            Some(RouteSpec {
                 dst: r.dst,
                 via,
                 dev,
-                // Replies must come back to an address the mesh routes: the overlay one,
-                // not the node's internal address, which other locations cannot reach.
-                src: Some(plan.address.addr()),
+                src,
                 protocol: ROUTE_PROTOCOL,
-            }
+            })
         })
         .collect()
 }

@@ -110,7 +110,7 @@ async fn a_pass_installs_the_plan_and_an_unchanged_plan_writes_nothing() {
         planned,
         "exactly the planned peers"
     );
-    let mut want_routes = route_specs(&plan, "wg0");
+    let mut want_routes = route_specs(&plan, "wg0", None);
     want_routes.sort();
     assert_eq!(rig.routes.all(), want_routes);
     let link = rig.interfaces.link("wg0").unwrap();
@@ -199,4 +199,118 @@ async fn a_failing_route_is_reported_and_the_rest_still_applied() {
             .any(|r| r.dst.to_string() == "10.244.3.0/24"),
         "the other routes were still installed"
     );
+}
+
+/// The same nodes, each with an IPv6 pod CIDR too.
+fn dual_stack(mut nodes: Vec<Node>) -> Vec<Node> {
+    for (k, n) in nodes.iter_mut().enumerate() {
+        n.pod_cidrs
+            .push(format!("fd00:10:244:{k:x}::/64").parse().unwrap());
+    }
+    nodes
+}
+
+fn routes_to(rig: &Rig, dst: &str) -> Vec<RouteSpec> {
+    let dst: IpNet = dst.parse().unwrap();
+    rig.routes
+        .all()
+        .into_iter()
+        .filter(|r| r.dst == dst)
+        .collect()
+}
+
+#[tokio::test]
+async fn ipv6_over_the_internal_network_goes_to_link_local_stand_ins_on_the_internal_link() {
+    let dual = dual_stack(nodes());
+    let a3 = dual[2].clone(); // private: everything remote via a gateway
+    let mut rig = rig(&a3);
+    let internal = a3.internal_ip;
+    rig.interfaces.add_address("int0", internal).await.unwrap();
+    let outcome = pass(&mut rig, &state_of(&dual)).await;
+    assert!(outcome.errors().is_empty(), "{:?}", outcome.errors());
+    // a3 answers at its own stand-in (172.20.0.12 → fe80::ac14:c) beside its IPv4 address
+    let int0 = rig.interfaces.link("int0").unwrap();
+    let stand_in: IpNet = "fe80::ac14:c/64".parse().unwrap();
+    assert_eq!(int0.addresses, [internal, stand_in]);
+    // b3's IPv6 pods: via the gateway's stand-in, on int0, no IPv4 source
+    let via_gateway = routes_to(&rig, "fd00:10:244:5::/64");
+    let plan = outcome.plan().unwrap();
+    let to_b3 = (plan.routes.iter())
+        .find(|r| r.dst.to_string() == "10.244.5.0/24")
+        .unwrap();
+    let NextHop::Internal {
+        via: IpAddr::V4(gw),
+        ..
+    } = to_b3.next_hop
+    else {
+        panic!("{to_b3:?}")
+    };
+    assert_eq!(
+        via_gateway,
+        [RouteSpec {
+            dst: "fd00:10:244:5::/64".parse().unwrap(),
+            via: Some(IpAddr::V6(trellis_plan::internal_link_local(gw))),
+            dev: Some("int0".into()),
+            src: None,
+            protocol: ROUTE_PROTOCOL,
+        }]
+    );
+    // the IPv4 route beside it is as it always was
+    assert_eq!(
+        routes_to(&rig, "10.244.5.0/24")[0].src,
+        Some("100.64.0.3".parse().unwrap())
+    );
+
+    // a gateway tunnels IPv6 into the WireGuard interface, with no IPv4 source
+    let mut gateway_rig = rig_with_internal(&dual[0]).await;
+    let outcome = pass(&mut gateway_rig, &state_of(&dual)).await;
+    assert!(outcome.errors().is_empty(), "{:?}", outcome.errors());
+    let remote = routes_to(&gateway_rig, "fd00:10:244:3::/64");
+    assert_eq!(remote.len(), 1, "{remote:?}");
+    assert_eq!(
+        (remote[0].via, remote[0].dev.as_deref(), remote[0].src),
+        (None, Some("wg0"), None)
+    );
+    let b1 = gateway_rig.device.peer(&PublicKey([4; 32])).unwrap();
+    assert!(
+        b1.allowed_ips
+            .contains(&"fd00:10:244:3::/64".parse().unwrap()),
+        "{b1:?}"
+    );
+
+    // once the mesh carries no IPv6, the stand-in goes and the IPv4 address stays
+    let outcome = pass(&mut rig, &state_of(&nodes())).await;
+    assert!(outcome.errors().is_empty(), "{:?}", outcome.errors());
+    assert_eq!(rig.interfaces.link("int0").unwrap().addresses, [internal]);
+    assert!(rig.routes.all().iter().all(|r| r.dst.addr().is_ipv4()));
+}
+
+async fn rig_with_internal(node: &Node) -> Rig {
+    let rig = rig(node);
+    (rig.interfaces)
+        .add_address("int0", node.internal_ip)
+        .await
+        .unwrap();
+    rig
+}
+
+#[tokio::test]
+async fn without_a_link_holding_the_internal_address_ipv6_routes_are_reported_not_guessed() {
+    let dual = dual_stack(nodes());
+    let mut unlinked = rig(&dual[2]); // no link holds 172.20.0.12
+    let outcome = pass(&mut unlinked, &state_of(&dual)).await;
+    let errors = outcome.errors().join("; ");
+    assert!(
+        errors.contains("no link holds the internal address 172.20.0.12"),
+        "{errors}"
+    );
+    assert!(!outcome.status("a3", 6).applied);
+    // the IPv4 mesh is programmed all the same, and IPv6 as far as it is tunnelled
+    assert!(!routes_to(&unlinked, "10.244.5.0/24").is_empty());
+    assert!(routes_to(&unlinked, "fd00:10:244:5::/64").is_empty());
+    // an IPv4-only mesh needs no internal link at all
+    let v4_only = nodes();
+    let mut v4 = rig(&v4_only[2]);
+    let outcome = pass(&mut v4, &state_of(&v4_only)).await;
+    assert!(outcome.errors().is_empty(), "{:?}", outcome.errors());
 }

@@ -176,14 +176,24 @@ fn schedule(ok: bool, backoff: &mut Backoff, interval: Duration) -> tokio::time:
 
 /// The pod networks: the pool the leader allocates from, else the nodes' own.
 fn cluster_cidrs(state: &ClusterState) -> Vec<IpNet> {
-    if let Some(pool) = state.settings.as_ref().and_then(|s| s.pod_cidr_pool) {
-        return vec![pool.cidr];
-    }
-    let all: Vec<IpNet> = state
-        .nodes
-        .values()
+    let pool = (state.settings.as_ref())
+        .and_then(|s| s.pod_cidr_pool)
+        .map(|p| p.cidr);
+    let cidrs = (state.nodes.values())
         .flat_map(|n| n.pod_cidrs.iter().copied())
-        .chain(state.pod_cidrs.values().map(|a| a.cidr))
+        .chain(state.pod_cidrs.values().map(|a| a.cidr));
+    pod_networks(pool, cidrs)
+}
+
+/// The pod networks from the leader's pool and the nodes' CIDRs: in the pool's family the
+/// pool (it holds every CIDR the leader gives out), in the other family the nodes' own —
+/// a dual-stack cluster's IPv6 pod CIDRs beside an IPv4 pool, which otherwise would all
+/// be masqueraded as if from outside the cluster.
+fn pod_networks(pool: Option<IpNet>, cidrs: impl Iterator<Item = IpNet>) -> Vec<IpNet> {
+    let pool_family = pool.map(|p| p.addr().is_ipv4());
+    let all: Vec<IpNet> = pool
+        .into_iter()
+        .chain(cidrs.filter(|c| pool_family != Some(c.addr().is_ipv4())))
         .collect();
     IpNet::aggregate(&all)
 }
@@ -530,7 +540,36 @@ fn desired_tables(node: &NodeView) -> [Desired; 2] {
 
 #[cfg(test)]
 mod tests {
-    use super::still_verified;
+    use super::{pod_networks, still_verified};
+    use ipnet::IpNet;
+
+    #[test]
+    fn the_pod_networks_are_the_pool_in_its_family_and_the_nodes_cidrs_in_the_other() {
+        let nets =
+            |list: &[&str]| -> Vec<IpNet> { list.iter().map(|n| n.parse().unwrap()).collect() };
+        let nodes = nets(&[
+            "10.244.0.0/24",
+            "10.244.1.0/24",
+            "fd00:10:244::/64",
+            "fd00:10:244:1::/64",
+        ]);
+        assert_eq!(
+            pod_networks(Some(nets(&["10.244.0.0/16"])[0]), nodes.iter().copied()),
+            nets(&["10.244.0.0/16", "fd00:10:244::/63"])
+        );
+        assert_eq!(
+            pod_networks(None, nodes.iter().copied()),
+            nets(&["10.244.0.0/23", "fd00:10:244::/63"])
+        );
+        assert_eq!(
+            pod_networks(
+                Some(nets(&["10.244.0.0/16"])[0]),
+                nodes[..2].iter().copied()
+            ),
+            nets(&["10.244.0.0/16"]),
+            "a single-stack cluster with a pool: the pool, as before"
+        );
+    }
 
     #[test]
     fn the_kernel_is_still_known_right_only_when_every_commit_between_was_ours() {

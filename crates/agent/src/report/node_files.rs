@@ -14,8 +14,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// How often the ready file is refreshed; the plugin takes it as stale after 20 s.
-pub const READY_REFRESH: Duration = Duration::from_secs(5);
+/// How often the ready file is refreshed; the plugin takes it as stale after 5 s, so an
+/// agent killed outright (which takes the userspace data plane with it) stops vouching
+/// for the node within seconds.
+pub const READY_REFRESH: Duration = Duration::from_secs(1);
 
 /// The node file's content: the plugin's own type, so the two cannot drift apart.
 pub fn node_file_content(pod_cidrs: &[IpNet], mtu: u32) -> Vec<u8> {
@@ -71,7 +73,7 @@ pub async fn keep_ready_file(path: PathBuf, ready: impl Fn(Instant) -> bool) {
         ticker.tick().await;
         let now = ready(Instant::now());
         let result = if now {
-            write_atomically(&path, b"ready\n")
+            touch(&path)
         } else {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -86,6 +88,16 @@ pub async fn keep_ready_file(path: PathBuf, ready: impl Fn(Instant) -> bool) {
             }
             Ok(()) => {}
         }
+    }
+}
+
+/// Moves the file's modification time to now, creating it if missing: a refresh every
+/// second writes no data.
+fn touch(path: &Path) -> std::io::Result<()> {
+    match std::fs::File::options().write(true).open(path) {
+        Ok(file) => file.set_modified(std::time::SystemTime::now()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomically(path, b"ready\n"),
+        Err(e) => Err(e),
     }
 }
 
@@ -132,6 +144,31 @@ mod tests {
             again.written.as_deref(),
             Some(node_file_content(&cidrs, 1380).as_slice())
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ready_file_follows_readiness() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = std::env::temp_dir().join(format!("trt-readyfile-{}", std::process::id()));
+        let path = dir.join("ready");
+        let ready = Arc::new(AtomicBool::new(true));
+        let flag = ready.clone();
+        let task = tokio::spawn(keep_ready_file(path.clone(), move |_| {
+            flag.load(Ordering::Relaxed)
+        }));
+        tokio::time::sleep(READY_REFRESH / 2).await;
+        assert!(path.exists(), "ready: the file is there");
+        let first = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        tokio::time::sleep(READY_REFRESH).await;
+        let later = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert!(later > first, "refreshed: {first:?} -> {later:?}");
+        ready.store(false, Ordering::Relaxed);
+        tokio::time::sleep(READY_REFRESH).await;
+        assert!(!path.exists(), "not ready: the file is gone");
+        task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

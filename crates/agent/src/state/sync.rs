@@ -15,8 +15,10 @@ use trellis_store::{Event, KeyValue, Revision, Store, StoreError};
 /// store is unreachable the last state stays published: the data plane keeps running on it.
 ///
 /// With a `cache`, the records are also kept on disk (at most once a second), and when the
-/// first listing fails the cached state is published meanwhile, so an agent started during
-/// an outage plans from what it last knew. The store is listed afresh once it answers.
+/// first listing fails or has not answered within [`CACHE_GRACE`] the cached state is
+/// published meanwhile, so an agent started during an outage plans from what it last knew
+/// at once, not after a store call's whole timeout (seed 003: a cold boot with the store
+/// down). The store is listed afresh once it answers.
 pub async fn sync_forever(
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<ClusterState>>,
@@ -27,16 +29,18 @@ pub async fn sync_forever(
     let mut cache_tried = false;
     loop {
         let result = match synced.as_mut() {
-            None => match store.list("").await {
-                Ok((mut kvs, revision)) => {
-                    kvs.retain(|kv| !is_service_state(&kv.key));
-                    let s = Synced::from_list(kvs, revision);
-                    tx.send_replace(Arc::new(s.state.clone()));
-                    synced = Some(s);
-                    continue;
+            None => {
+                match first_listing(store.as_ref(), cache.as_ref(), &tx, &mut cache_tried).await {
+                    Ok((mut kvs, revision)) => {
+                        kvs.retain(|kv| !is_service_state(&kv.key));
+                        let s = Synced::from_list(kvs, revision);
+                        tx.send_replace(Arc::new(s.state.clone()));
+                        synced = Some(s);
+                        continue;
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             Some(s) => follow(store.as_ref(), s, &tx, &mut backoff, cache.as_ref()).await,
         };
         if let Err(e) = result {
@@ -51,6 +55,33 @@ pub async fn sync_forever(
             let delay = backoff.next_delay();
             tracing::warn!(retry_in = ?delay, "cluster state sync: {e}");
             tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// How long the first listing may take before the cached state is published meanwhile: a
+/// store that answers at all answers well within it.
+pub const CACHE_GRACE: Duration = Duration::from_millis(500);
+
+/// The store's listing; if it takes longer than [`CACHE_GRACE`], the cache is published
+/// while it goes on.
+async fn first_listing(
+    store: &dyn Store,
+    cache: Option<&StateCache>,
+    tx: &watch::Sender<Arc<ClusterState>>,
+    cache_tried: &mut bool,
+) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+    let listing = store.list("");
+    tokio::pin!(listing);
+    if *cache_tried || cache.is_none() {
+        return listing.await;
+    }
+    tokio::select! {
+        done = &mut listing => done,
+        _ = tokio::time::sleep(CACHE_GRACE) => {
+            *cache_tried = true;
+            publish_cached(cache, tx);
+            listing.await
         }
     }
 }
@@ -236,6 +267,36 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["a1"]);
+        sync.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store that takes its time (frozen, as after a cold boot with the API server down)
+    /// does not hold the cached state back for a whole call timeout; its listing, once it
+    /// answers, replaces the cache.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_store_at_start_publishes_the_cache_after_the_grace() {
+        use trellis_store::embedded::EmbeddedStore;
+        let dir = std::env::temp_dir().join(format!("trellis-sync-grace-{}", std::process::id()));
+        let cache = StateCache::new(dir.join("state.json"));
+        let records: BTreeMap<String, KeyValue> =
+            [("x/cached".to_string(), kv("x/cached", "1", 40))].into();
+        cache.save(&records, 42).unwrap();
+        let inner = EmbeddedStore::new();
+        let revision = inner.put("x/live", b"1".to_vec()).await.unwrap();
+        let store = trellis_testkit::Freezable::new(inner);
+        store.freeze();
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterState::default()));
+        let started = tokio::time::Instant::now();
+        let sync = tokio::spawn(sync_forever(store.clone(), tx, Some(cache)));
+        rx.wait_for(|s| s.revision == 42).await.unwrap();
+        assert!(
+            started.elapsed() <= CACHE_GRACE + Duration::from_millis(10),
+            "cache published after {:?}",
+            started.elapsed()
+        );
+        store.thaw();
+        rx.wait_for(|s| s.revision == revision).await.unwrap();
         sync.abort();
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -260,6 +260,7 @@ fn bench_lab(name: &str, gateway_health: GatewayHealth) -> LabParams {
         agent_resync: 10,
         gateway_health,
         store: crate::store::StoreKind::Embedded,
+        dual_stack: false,
     }
 }
 

@@ -58,6 +58,7 @@ pub(super) async fn up_and_check_with(
         agent_resync,
         gateway_health: GatewayHealth::Forwarding,
         store,
+        dual_stack: false,
     };
     let up = crate::up::up(&params, Duration::from_secs(60)).await?;
     say!("{}", crate::up::summary(&up));

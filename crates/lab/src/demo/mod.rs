@@ -6,12 +6,16 @@
 //! - [`seed001`]: the store (etcd) stops answering; the leader stops its leader-only work and
 //!   nothing else stops;
 //! - [`seed002`]: a Service's backend pod is deleted and another node's proxy rules are
-//!   tampered with; no new connection goes to the dead pod, the drift is repaired.
+//!   tampered with; no new connection goes to the dead pod, the drift is repaired;
+//! - [`seed003`]: every node reboots at once with the store down: pods through a plugin
+//!   chain that needs the API server's ClusterIP get no address, pods through `trellis-cni`
+//!   all do, and reach each other, within a second or two.
 
 mod lab;
 mod seed000;
 mod seed001;
 mod seed002;
+mod seed003;
 
 use crate::{build, state};
 use std::io::Write;
@@ -27,6 +31,8 @@ pub enum Seed {
     /// A Service's backend pod dies and a node's proxy rules are tampered with: proxy
     /// rules must never lead to a dead pod for long.
     Proxy002,
+    /// Every node reboots at once with the store down; pods must still get addresses.
+    ColdBoot003,
 }
 
 /// Replays one incident on a lab of its own, narrates each step and a summary table, and
@@ -55,6 +61,14 @@ pub async fn run(
                 s.table(),
                 s.passed(),
                 SEED_001_PASSED,
+                serde_json::to_value(&s)?,
+            )
+        } else if seed == Seed::ColdBoot003 {
+            let s = seed003::scenario(&name).await?;
+            (
+                s.table(),
+                s.passed(),
+                SEED_003_PASSED,
                 serde_json::to_value(&s)?,
             )
         } else if seed == Seed::Proxy002 {
@@ -122,6 +136,7 @@ impl Seed {
             Seed::Gateway000 => "000",
             Seed::Lease001 => "001",
             Seed::Proxy002 => "002",
+            Seed::ColdBoot003 => "003",
         }
     }
 }
@@ -129,3 +144,4 @@ impl Seed {
 const SEED_000_PASSED: &str = "demo passed: the gateway that stopped forwarding was routed around and took its share back after the hold-down";
 const SEED_001_PASSED: &str = "demo passed: the leader stopped at its renew deadline, nothing else stopped, and a leader came back with the store";
 const SEED_002_PASSED: &str = "demo passed: no new connection went to the deleted pod once its endpoint was terminating, none failed, and the tampered rules were repaired by the proxy's own audit";
+const SEED_003_PASSED: &str = "demo passed: after a cold boot with the store down every pod got its address from trellis-cni and every pair of pods reached each other, while a chain that needs the API's ClusterIP addressed none";

@@ -232,6 +232,7 @@ pub(super) async fn scenario(name: &str) -> anyhow::Result<Summary> {
             affinity: false,
             external_traffic_policy: None,
             internal_traffic_policy: None,
+            families: Default::default(),
         },
     )
     .await?;

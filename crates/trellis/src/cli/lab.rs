@@ -7,7 +7,7 @@ use std::time::Duration;
 use trellis_lab::fault::{self, FaultKind};
 use trellis_lab::guard::{self, Ended};
 use trellis_lab::pods::{self, L4};
-use trellis_lab::service::{self, Policy, Type};
+use trellis_lab::service::{self, Families, Policy, Type};
 use trellis_lab::spec::LabParams;
 use trellis_lab::state::LabState;
 use trellis_lab::store::{self, StoreKind};
@@ -130,6 +130,11 @@ pub struct ServiceAddArgs {
     /// Local: traffic from inside the cluster only to the node's own endpoints.
     #[arg(long, value_enum, ignore_case = true)]
     pub internal_traffic_policy: Option<Policy>,
+    /// The ClusterIP's family: ipv4, ipv6 (from fd00:10:96::/108, endpoints the pods'
+    /// IPv6 addresses; needs `lab up --dual-stack`) or dual (one of each). IPv6 ClusterIPs
+    /// are reached from pods.
+    #[arg(long, value_enum, default_value = "ipv4", ignore_case = true)]
+    pub ip_families: Families,
     #[command(flatten)]
     pub name: NameArg,
 }
@@ -198,6 +203,10 @@ pub struct UpArgs {
     /// namespace, reached over the location networks).
     #[arg(long, default_value = "embedded")]
     pub store: StoreKind,
+    /// Give every node an IPv6 pod CIDR too (fd00:10:244:K::/64 for node K) and every pod
+    /// an IPv6 address: the mesh carries both families, and `lab check` pings both.
+    #[arg(long)]
+    pub dual_stack: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -225,8 +234,9 @@ pub struct DemoArgs {
     pub granularity: Granularity,
     /// Which incident to replay: 000, a gateway that stops forwarding new flows; 001, the
     /// store (etcd) stops answering and the leader must stop without taking anything down;
-    /// 002, a Service's backend pod dies and a node's proxy rules are tampered with.
-    #[arg(long, default_value = "000", value_parser = ["000", "001", "002"])]
+    /// 002, a Service's backend pod dies and a node's proxy rules are tampered with; 003,
+    /// every node reboots at once with the store down and pods must still get addresses.
+    #[arg(long, default_value = "000", value_parser = ["000", "001", "002", "003"])]
     pub seed: String,
     /// Print the summary as one JSON object on stdout, at the end; the step-by-step
     /// narrative and the summary table go to stderr instead.
@@ -279,10 +289,13 @@ pub struct ExecArgs {
 pub struct FaultArgs {
     #[command(flatten)]
     pub name: NameArg,
-    /// The node to break, or `store`.
+    /// The node to break, `store`, or `cold-boot` alone: every node reboots at once with
+    /// the store down (agents and pods gone, node namespaces made anew, each node's disk
+    /// kept and its /run cleared), then agents start and pods are re-created through the
+    /// CNI plugin (seed 003). `lab heal store` brings the store back.
     pub node: String,
     /// What breaks.
-    pub kind: FaultKind,
+    pub kind: Option<FaultKind>,
     /// PERCENT for `loss`, PEER for `cut-path`.
     pub value: Option<String>,
     /// blackhole-forward: drop only new flows; established ones keep working (seed 000).
@@ -549,8 +562,35 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        LabCommand::Fault(args) if args.node == "cold-boot" && args.kind.is_none() => {
+            let lab = &args.name.name;
+            let boots = trellis_lab::cold_boot::cold_boot(lab).await?;
+            for b in &boots {
+                match (&b.address, b.addressed_ms, &b.error) {
+                    (Some(a), Some(ms), _) => {
+                        println!("{} on {}: {a} after {ms} ms", b.pod, b.node)
+                    }
+                    (_, _, e) => println!(
+                        "{} on {}: no address: {}",
+                        b.pod,
+                        b.node,
+                        e.as_deref().unwrap_or("?")
+                    ),
+                }
+            }
+            println!("cold boot done; the store is down: `trellis lab heal --name {lab} store`");
+            Ok(ok(boots.iter().all(|b| b.address.is_some())))
+        }
+        LabCommand::Fault(args) if args.kind.is_none() => {
+            anyhow::bail!(
+                "lab fault {}: what breaks? e.g. `trellis lab fault {} kill` (or `trellis lab fault cold-boot`)",
+                args.node,
+                args.node
+            )
+        }
         LabCommand::Fault(args) if args.node == "store" => {
-            let f = store::StoreFault::parse(args.kind, args.value.as_deref())?;
+            let kind = args.kind.ok_or_else(|| anyhow::anyhow!("KIND missing"))?;
+            let f = store::StoreFault::parse(kind, args.value.as_deref())?;
             store::inject(&args.name.name, f.clone()).await?;
             println!("{f}");
             Ok(ExitCode::SUCCESS)
@@ -561,7 +601,8 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Fault(args) => {
-            let f = fault::Fault::parse(args.kind, args.new_flows_only, args.value.as_deref())?;
+            let kind = args.kind.ok_or_else(|| anyhow::anyhow!("KIND missing"))?;
+            let f = fault::Fault::parse(kind, args.new_flows_only, args.value.as_deref())?;
             if f.kind == FaultKind::ProxyTamper {
                 let t = fault::tamper_proxy(&args.name.name, &args.node, None).await?;
                 println!("{}: {f}: {t}", args.node);
@@ -608,6 +649,7 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 affinity: args.affinity,
                 external_traffic_policy: args.external_traffic_policy,
                 internal_traffic_policy: args.internal_traffic_policy,
+                families: args.ip_families,
             };
             let added = service::add(&args.name.name, &request).await?;
             print!("{}", service::table(std::slice::from_ref(&added)));
@@ -768,6 +810,7 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             let seed = match args.seed.as_str() {
                 "001" => demo::Seed::Lease001,
                 "002" => demo::Seed::Proxy002,
+                "003" => demo::Seed::ColdBoot003,
                 _ => demo::Seed::Gateway000,
             };
             Ok(ok(
@@ -836,6 +879,7 @@ impl UpArgs {
             agent_resync: self.agent_resync,
             gateway_health: self.gateway_health.into(),
             store: self.store,
+            dual_stack: self.dual_stack,
         }
     }
 }
