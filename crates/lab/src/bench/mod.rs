@@ -8,6 +8,7 @@
 //! half a second in. Outage: from the injection to the end of the last failed attempt, so
 //! it is the time until connections succeed again. Lost: failed attempts.
 
+pub mod cni;
 pub(crate) mod leadership;
 mod peer;
 pub mod proxy;

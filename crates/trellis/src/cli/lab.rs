@@ -394,6 +394,36 @@ pub enum BenchCommand {
     /// One side of `bench proxy`, run by it inside a namespace (not for direct use).
     #[command(hide = true)]
     ProxyWorker(trellis_lab::bench::proxy::WorkerArgs),
+    /// The CNI plugin (trellis-cni) against Debian's reference plugins (bridge with
+    /// host-local IPAM), invoked alike in the same run, each pod in a namespace of its own:
+    /// ADD and DEL latency (p50, p99, max, and the ratio), then ADD/DEL churn with SIGKILL
+    /// of the plugin at random instants, then the addresses each leaked or handed out
+    /// twice and the links each left behind. Exits non-zero if trellis-cni leaked,
+    /// duplicated or left anything.
+    Cni {
+        /// Timed ADD + DEL rounds per plugin (after a few untimed ones).
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Churn cycles (ADD on a new pod, DEL of a live one) per plugin; 0 skips the churn.
+        #[arg(long, default_value_t = 1000)]
+        churn: usize,
+        /// Percentage of churn calls killed with SIGKILL at a random instant.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+        kill_percent: u8,
+        /// Seed of the churn's random choices (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Only these plugins (default both): trellis, reference.
+        #[arg(long, value_delimiter = ',')]
+        plugins: Vec<trellis_lab::bench::cni::Plugin>,
+        /// Print the report as JSON on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// The bench's namespaces are `tl-NAME-…` (1-6 lowercase letters or digits; what a
+        /// previous run left is removed first).
+        #[arg(long, default_value = "bcni", value_parser = lab_name)]
+        name: String,
+    },
     /// Random loss on every link for a while; counts gateway changes (the target is none).
     FalseFailover {
         #[arg(long, default_value_t = 10.0)]
@@ -789,6 +819,43 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Bench(BenchCommand::ProxyWorker(_)) => {
             unreachable!("handled before the runtime starts")
+        }
+        LabCommand::Bench(BenchCommand::Cni {
+            iterations,
+            churn,
+            kill_percent,
+            seed,
+            plugins,
+            json,
+            name,
+        }) => {
+            let args = bench::cni::CniArgs {
+                name,
+                iterations,
+                churn,
+                kill_percent,
+                seed,
+                plugins: if plugins.is_empty() {
+                    bench::cni::Plugin::ALL.to_vec()
+                } else {
+                    plugins
+                },
+            };
+            let outcome = bench::cni::run(&args).await;
+            // What was measured is printed even when the run could not finish; with --json
+            // the table goes to stderr.
+            if json {
+                eprint!("{}", bench::cni::table(&outcome.report));
+                println!("{}", serde_json::to_string_pretty(&outcome.report)?);
+            } else {
+                print!("{}", bench::cni::table(&outcome.report));
+            }
+            match outcome.stopped {
+                Some(e) => {
+                    Err(e.context("the bench stopped early; the rows above are what it measured"))
+                }
+                None => Ok(ok(outcome.report.passed())),
+            }
         }
         LabCommand::Metrics(args) => {
             let lab = LabState::load(&args.name.name)?;
