@@ -28,7 +28,82 @@ fn a_running_lab_answers_every_command_and_repairs_itself() {
     etcdctl_reads_and_watches_the_embedded_store(&lab);
     a_route_deleted_by_someone_else_comes_back(&lab);
     wireguard_go_configured_from_showconf_reaches_every_pod(&lab);
+    pods_come_and_go_through_the_cni_plugin(&lab);
+    cni_status_follows_the_agent(&lab);
     the_mesh_keeps_forwarding_while_the_store_is_down(&lab);
+}
+
+/// `lab pod add|del`: a pod made through `trellis-cni` joins the mesh; removed, it leaves
+/// no link and no allocation behind.
+fn pods_come_and_go_through_the_cni_plugin(lab: &Lab) {
+    step("lab pod add, lab pod del");
+    let added = ok(&["lab", "pod", "add", "a1", "web", "--name", &lab.name]);
+    assert!(added.contains("pod web on a1 at 10.244.0."), "{added}");
+    let ipam = format!("/run/trellis/labs/{}/nodes/a1/cni/ipam.json", lab.name);
+    let held = |id_prefix: &str| {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&ipam).unwrap()).unwrap();
+        state["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["container_id"].as_str().unwrap().starts_with(id_prefix))
+            .count()
+    };
+    assert_eq!(held("web-"), 1, "the allocation is recorded");
+    // The new pod is in the all-pairs check at once (the echo server follows too).
+    lab.check();
+    let veths = || {
+        let out = sh(&format!("ip -n {} -o link show", lab.netns("a1")));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(": tp"))
+            .count()
+    };
+    assert_eq!(veths(), 2, "a1-p0's and web's host ends");
+    let out = lab.run(&["lab", "pod", "add", "a1", "web"]);
+    assert!(
+        !out.status.success() && text(&out).contains("already has a pod named \"web\""),
+        "{}",
+        text(&out)
+    );
+    ok(&["lab", "pod", "del", "web", "--name", &lab.name]);
+    assert_eq!(veths(), 1, "web's veth is gone");
+    assert_eq!(held("web-"), 0, "web's address is released");
+    assert!(!lab_namespaces(&lab.name).iter().any(|n| n.ends_with("-web")));
+}
+
+/// STATUS answers 0 while the node's agent keeps its data plane, 50 soon after the agent
+/// is killed, 0 again once it is back: read from the ready file alone.
+fn cni_status_follows_the_agent(lab: &Lab) {
+    step("CNI STATUS follows the agent");
+    let plugin = std::path::Path::new(env!("CARGO_BIN_EXE_trellis")).with_file_name("trellis-cni");
+    let config = format!(
+        r#"{{"cniVersion":"1.1.0","name":"t","type":"trellis-cni","nodeFile":"/var/lib/trellis/labs/{0}/a1/cni/node.json","ipamFile":"/run/trellis/labs/{0}/nodes/a1/cni/ipam.json","readyFile":"/run/trellis/labs/{0}/nodes/a1/cni/ready"}}"#,
+        lab.name
+    );
+    let status = || {
+        let out = sh(&format!(
+            "echo '{config}' | ip netns exec {} env CNI_COMMAND=STATUS {}",
+            lab.netns("a1"),
+            plugin.display()
+        ));
+        let answer = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.code(), answer)
+    };
+    wait_until("STATUS 0 on a ready node", Duration::from_secs(10), || {
+        status().0 == Some(0)
+    });
+    ok(&["lab", "fault", "--name", &lab.name, "a1", "kill"]);
+    wait_until("STATUS 50 once the agent is gone", Duration::from_secs(10), || {
+        let (code, answer) = status();
+        code == Some(1) && answer.contains("\"code\":50")
+    });
+    ok(&["lab", "heal", "--name", &lab.name, "a1"]);
+    wait_until("STATUS 0 with the agent back", Duration::from_secs(20), || {
+        status().0 == Some(0)
+    });
+    lab.wait_connected("a1 back in the mesh", Duration::from_secs(20));
 }
 
 /// Status reports must not trigger each other: once settled, the store's revision stays.
