@@ -34,6 +34,9 @@ const READY_FRESH: Duration = Duration::from_secs(5);
 const MAX_STDIN: u64 = 1 << 20;
 
 fn main() {
+    if let Ok(job) = std::env::var(links::UNPLUG_ENV) {
+        std::process::exit(unplug_helper(&job));
+    }
     let mut version = CNI_VERSION.to_string();
     let outcome = run(&mut version);
     let mut out = std::io::stdout().lock();
@@ -74,7 +77,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
     match invocation.verb {
         Verb::Add => {
             let node = node_network(&conf)?;
-            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT)?;
+            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
             let result = state::with_state(ipam, LOCK_TIMEOUT, |s| {
                 verbs::add(s, &mut links, &node, &who(), &netns)
             })?;
@@ -86,7 +89,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
         Verb::Del => {
             // Without the node file the links are still found by name.
             let node = node_network(&conf).ok();
-            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT)?;
+            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
             match state::with_state(ipam, LOCK_TIMEOUT, |s| {
                 verbs::del(s, &mut links, node.as_ref(), &who())
             }) {
@@ -104,7 +107,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
         }
         Verb::Check => {
             let node = node_network(&conf)?;
-            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT)?;
+            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
             let allocations = state::read(ipam)?;
             verbs::check(
                 &allocations,
@@ -129,7 +132,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
                 })
                 .collect();
             let node = node_network(&conf).ok();
-            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT)?;
+            let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
             state::with_state(ipam, LOCK_TIMEOUT, |s| {
                 Ok(verbs::gc(s, &mut links, node.as_ref(), &valid))
             })?;
@@ -140,6 +143,22 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
             Ok(None)
         }
         Verb::Version => Ok(Some(version_answer())),
+    }
+}
+
+/// The detached helper DEL and GC start to remove a host end (`INDEX NAME`).
+fn unplug_helper(job: &str) -> i32 {
+    let Some((index, name)) = job
+        .split_once(' ')
+        .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n)))
+    else {
+        return 2;
+    };
+    match NetlinkLinks::connect(NETLINK_TIMEOUT, "")
+        .and_then(|links| links.delete_if_named(index, name))
+    {
+        Ok(()) => 0,
+        Err(_) => 1,
     }
 }
 

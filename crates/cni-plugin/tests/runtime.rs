@@ -182,10 +182,10 @@ fn alone(flavor: Flavor) {
     let c = PodView::parse(&out);
     c.assert_attached(&node);
     assert_ne!(c.v4(), b.v4());
-    let host_c = node.link_by_index(c.peer_index);
     assert!(
-        host_c.is_none(),
-        "the exited --rm container's veth is gone: {host_c:?}"
+        eventually(|| node.link_by_index(c.peer_index).is_none()),
+        "the exited --rm container's veth is gone: {:?}",
+        node.link_by_index(c.peer_index)
     );
     assert!(
         !node.allocated().contains(&c.v4()),
@@ -348,7 +348,7 @@ fn chained(flavor: Flavor) {
         !node.iptables_nat().contains("CNI-DN-"),
         "no DNAT chain left"
     );
-    assert_eq!(node.veths(), Vec::<String>::new());
+    assert!(eventually(|| node.veths().is_empty()), "{:?}", node.veths());
     assert_eq!(node.allocated(), BTreeSet::new());
     assert!(
         !node.cache_path(&web_id).exists(),
@@ -1333,8 +1333,12 @@ impl PodView {
 
     /// After DEL: the host end is gone and the pod's addresses are released.
     fn assert_detached(&self, node: &Node, host_end: &str) {
+        // trellis-cni's DEL leaves the kernel's veth teardown to a detached helper: the
+        // link goes moments after DEL answers.
         assert!(
-            node.link(host_end).is_none() && node.link_by_index(self.peer_index).is_none(),
+            eventually(|| {
+                node.link(host_end).is_none() && node.link_by_index(self.peer_index).is_none()
+            }),
             "the host end {host_end} is gone\n{}",
             node.diagnostics()
         );
@@ -1416,4 +1420,19 @@ fn is_root() -> bool {
                 .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
+}
+
+/// Whether `condition` holds within a few seconds (polled): for what a detached helper
+/// finishes after the plugin has answered.
+fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

@@ -68,9 +68,14 @@ fn pods_come_and_go_through_the_cni_plugin(lab: &Lab) {
         text(&out)
     );
     ok(&["lab", "pod", "del", "web", "--name", &lab.name]);
-    assert_eq!(veths(), 1, "web's veth is gone");
+    // DEL leaves the veth's teardown to a detached helper: gone moments later.
+    wait_until("web's veth to go", Duration::from_secs(5), || veths() == 1);
     assert_eq!(held("web-"), 0, "web's address is released");
-    assert!(!lab_namespaces(&lab.name).iter().any(|n| n.ends_with("-web")));
+    assert!(
+        !lab_namespaces(&lab.name)
+            .iter()
+            .any(|n| n.ends_with("-web"))
+    );
 }
 
 /// STATUS answers 0 while the node's agent keeps its data plane, 50 soon after the agent
@@ -95,14 +100,20 @@ fn cni_status_follows_the_agent(lab: &Lab) {
         status().0 == Some(0)
     });
     ok(&["lab", "fault", "--name", &lab.name, "a1", "kill"]);
-    wait_until("STATUS 50 once the agent is gone", Duration::from_secs(10), || {
-        let (code, answer) = status();
-        code == Some(1) && answer.contains("\"code\":50")
-    });
+    wait_until(
+        "STATUS 50 once the agent is gone",
+        Duration::from_secs(10),
+        || {
+            let (code, answer) = status();
+            code == Some(1) && answer.contains("\"code\":50")
+        },
+    );
     ok(&["lab", "heal", "--name", &lab.name, "a1"]);
-    wait_until("STATUS 0 with the agent back", Duration::from_secs(20), || {
-        status().0 == Some(0)
-    });
+    wait_until(
+        "STATUS 0 with the agent back",
+        Duration::from_secs(20),
+        || status().0 == Some(0),
+    );
     lab.wait_connected("a1 back in the mesh", Duration::from_secs(20));
 }
 

@@ -143,11 +143,11 @@ fn podman_on_a_lab_node_works_with_the_agent_and_store_down() {
 
     step("podman rm -f with the agent and store down");
     node.podman_ok(&["rm", "-f", "-t", "0", "c1"]);
-    assert!(
-        node.link(&host).is_none() && node.link_by_index(c1.peer_index).is_none(),
-        "the host end {host} is gone\n{}",
-        node.diagnostics()
-    );
+    // The plugin's DEL hands the veth's teardown to a detached helper: it goes moments
+    // after DEL answers.
+    wait_until("the host end to go", Duration::from_secs(5), || {
+        node.link(&host).is_none() && node.link_by_index(c1.peer_index).is_none()
+    });
     assert_eq!(
         node.ip(&["-4", "route", "show", "exact", &format!("{}/32", c1.addr)]),
         "",
@@ -198,10 +198,10 @@ fn podman_on_a_lab_node_works_with_the_agent_and_store_down() {
         c2.addr,
         node.diagnostics()
     );
-    assert_eq!(
-        node.veths(),
-        lab_veths,
-        "only the lab's pods' veths are left"
+    wait_until(
+        "only the lab's pods' veths to be left",
+        Duration::from_secs(5),
+        || node.veths() == lab_veths,
     );
 }
 

@@ -27,7 +27,8 @@
 //!   IPAM file, host-local's one file per address), `duplicates` an address handed to a
 //!   pod while another live pod held it, or held twice in the final state, and the links
 //!   left behind are counted: host-side veths in the node's namespace, and pod interfaces
-//!   still there after a DEL succeeded.
+//!   still there half a second after a DEL succeeded (Trellis's DEL answers before the
+//!   kernel has torn the veth down: a detached helper does that).
 //!
 //! The random choices come from a seeded generator and the seed is printed, so a run's
 //! kills can be replayed (their effect still depends on the machine's timing).
@@ -147,7 +148,9 @@ pub struct Churn {
     pub duplicates: usize,
     /// Host-side veths of the plugin still in the node's namespace at the end.
     pub host_veths_left: usize,
-    /// Pod interfaces still there after their DEL succeeded.
+    /// Pod interfaces still there [`LINK_GONE_WITHIN`] after their DEL succeeded
+    /// (trellis-cni leaves the kernel's slow veth teardown to a detached helper, so its
+    /// DEL answers before the link is gone).
     pub pod_links_left: usize,
     /// Pods whose DEL never succeeded in [`DEL_ATTEMPTS`] attempts.
     pub undeleted: usize,
@@ -842,7 +845,7 @@ impl Rig {
         }
         if !deleted {
             tally.churn.undeleted += 1;
-        } else if has_link(&pod.netns, IFNAME)? {
+        } else if !link_gone_within(&pod.netns, IFNAME, LINK_GONE_WITHIN)? {
             tally.churn.pod_links_left += 1;
         }
         self.remove_pod(pod)
@@ -960,6 +963,23 @@ fn link_names(ns: &str) -> anyhow::Result<Vec<String>> {
 
 fn has_link(ns: &str, name: &str) -> anyhow::Result<bool> {
     Ok(link_names(ns)?.iter().any(|n| n == name))
+}
+
+/// How long a pod's interface may outlive its successful DEL before it counts as left.
+const LINK_GONE_WITHIN: Duration = Duration::from_millis(500);
+
+/// Whether the link is gone from `ns` within `limit`.
+fn link_gone_within(ns: &str, name: &str, limit: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !has_link(ns, name)? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Trellis over the reference, per verb, when both were measured.
