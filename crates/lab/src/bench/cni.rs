@@ -29,6 +29,15 @@
 //!   left behind are counted: host-side veths in the node's namespace, and pod interfaces
 //!   still there half a second after a DEL succeeded (Trellis's DEL answers before the
 //!   kernel has torn the veth down: a detached helper does that).
+//! - **Abandon**: then, per plugin, K more pods are added (no call killed) and vanish
+//!   without any DEL, as a node's reboot or a crashed runtime leaves them: only their
+//!   namespaces are deleted (their veths go with them). Each plugin then gets what its
+//!   world offers: Trellis a CNI GC naming no attachment as valid (a runtime's GC once it
+//!   is back), the reference nothing (host-local has no GC, containernetworking/plugins
+//!   issues 252 and 697; the bridge plugin's DEL, which nothing calls for a vanished pod,
+//!   is its only way to free an address). Reported: the pods abandoned, the addresses the
+//!   phase left allocated (`leaked_after_abandon`), addresses held twice, and host veths
+//!   left. The churn's numbers are taken before this phase and do not include it.
 //!
 //! The random choices come from a seeded generator and the seed is printed, so a run's
 //! kills can be replayed (their effect still depends on the machine's timing).
@@ -109,19 +118,22 @@ pub struct CniArgs {
     pub churn: usize,
     /// Percentage of churn calls killed.
     pub kill_percent: u8,
+    /// Pods per plugin added then abandoned without any DEL; 0 skips that phase.
+    pub abandon: usize,
     /// `None`: from the clock.
     pub seed: Option<u64>,
     pub plugins: Vec<Plugin>,
 }
 
-/// One row: a verb's latency (`ADD`, `DEL`), or a plugin's churn (`churn`).
+/// One row: a verb's latency (`ADD`, `DEL`), a plugin's churn (`churn`), or what it did
+/// about pods that vanished without a DEL (`abandon`).
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub plugin: Plugin,
     pub verb: String,
-    /// Latency rows: calls timed. Churn: every call made (retries included).
+    /// Latency rows: calls timed. Churn and abandon: every call made (retries included).
     pub calls: usize,
-    /// Latency rows only (null for the churn).
+    /// Latency rows only (null for the churn and abandon).
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
@@ -131,6 +143,8 @@ pub struct Row {
     pub first_error: Option<String>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub churn: Option<Churn>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub abandon: Option<Abandon>,
 }
 
 /// What a plugin's churn left behind.
@@ -156,6 +170,22 @@ pub struct Churn {
     pub undeleted: usize,
 }
 
+/// What a plugin's abandoned pods left behind. Only what this phase added counts: an
+/// address the churn leaked is the churn's.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Abandon {
+    /// Pods whose ADD succeeded and that then vanished without any DEL.
+    pub abandoned: usize,
+    /// Addresses still allocated afterwards (for Trellis, after its GC).
+    pub leaked_after_abandon: usize,
+    /// The same before GC (Trellis only: the reference has none).
+    pub leaked_after_abandon_before_gc: Option<usize>,
+    /// Addresses given to two abandoned pods, plus addresses held twice afterwards.
+    pub duplicates_after_abandon: usize,
+    /// Host-side veths of the plugin still in the node's namespace afterwards.
+    pub host_veths_after_abandon: usize,
+}
+
 /// Trellis's time over the reference's for one verb.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
@@ -172,25 +202,29 @@ pub struct Report {
     pub iterations: usize,
     pub churn_cycles: usize,
     pub kill_percent: u8,
+    pub abandon_pods: usize,
     pub rows: Vec<Row>,
     pub ratios: Vec<Ratio>,
 }
 
 impl Report {
-    /// Trellis's churn left nothing behind and duplicated nothing (the latency goal
-    /// depends on the machine, and is reported, not judged).
+    /// Trellis's churn and abandoned pods left nothing behind and duplicated nothing (the
+    /// latency goal depends on the machine, and is reported, not judged).
     pub fn passed(&self) -> bool {
-        self.rows
-            .iter()
-            .filter(|r| r.plugin == Plugin::Trellis)
-            .filter_map(|r| r.churn.as_ref())
-            .all(|c| {
-                c.leaked == 0
-                    && c.duplicates == 0
-                    && c.host_veths_left == 0
-                    && c.pod_links_left == 0
-                    && c.undeleted == 0
-            })
+        let trellis = || self.rows.iter().filter(|r| r.plugin == Plugin::Trellis);
+        let churn_clean = trellis().filter_map(|r| r.churn.as_ref()).all(|c| {
+            c.leaked == 0
+                && c.duplicates == 0
+                && c.host_veths_left == 0
+                && c.pod_links_left == 0
+                && c.undeleted == 0
+        });
+        let abandon_clean = trellis().filter_map(|r| r.abandon.as_ref()).all(|a| {
+            a.leaked_after_abandon == 0
+                && a.duplicates_after_abandon == 0
+                && a.host_veths_after_abandon == 0
+        });
+        churn_clean && abandon_clean
     }
 }
 
@@ -209,6 +243,7 @@ pub async fn run(args: &CniArgs) -> CniOutcome {
         iterations: args.iterations,
         churn_cycles: args.churn,
         kill_percent: args.kill_percent,
+        abandon_pods: args.abandon,
         rows: Vec::new(),
         ratios: Vec::new(),
     };
@@ -429,6 +464,25 @@ fn held_twice(addresses: &[IpAddr]) -> usize {
     seen.values().filter(|n| **n > 1).count()
 }
 
+/// How many of `after`'s addresses `before` did not hold, counting each holding: an
+/// address held once before and twice after counts once.
+fn held_since(before: &[IpAddr], after: &[IpAddr]) -> usize {
+    let mut held = BTreeMap::<IpAddr, usize>::new();
+    for a in before {
+        *held.entry(*a).or_default() += 1;
+    }
+    after
+        .iter()
+        .filter(|a| match held.get_mut(a) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .count()
+}
+
 /// xorshift64*: enough to spread the kills, and a seed replays the choices.
 struct Rng(u64);
 
@@ -530,6 +584,7 @@ impl Samples {
             errors: self.errors,
             first_error: self.first_error.clone(),
             churn: None,
+            abandon: None,
         }
     }
 }
@@ -605,15 +660,18 @@ impl Rig {
                 rows.push(latency.del.row(side.plugin, "DEL"));
             }
         }
-        if args.churn == 0 {
-            return Ok(());
-        }
         for (s, latency) in latencies.iter().enumerate() {
-            let typical = Typical {
-                add: latency.add.median(TYPICAL_FALLBACK),
-                del: latency.del.median(TYPICAL_FALLBACK),
-            };
-            rows.push(self.churn(s, args, typical)?);
+            if args.churn > 0 {
+                let typical = Typical {
+                    add: latency.add.median(TYPICAL_FALLBACK),
+                    del: latency.del.median(TYPICAL_FALLBACK),
+                };
+                rows.push(self.churn(s, args, typical)?);
+            }
+            // After the churn's accounting, so that its numbers do not include this phase.
+            if args.abandon > 0 {
+                rows.push(self.abandon(s, args.abandon)?);
+            }
         }
         Ok(())
     }
@@ -873,6 +931,7 @@ impl Rig {
             errors: tally.samples.errors,
             first_error: tally.samples.first_error,
             churn: Some(tally.churn),
+            abandon: None,
         })
     }
 
@@ -912,8 +971,102 @@ impl Rig {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    // ---- abandon ----
+
+    /// `k` pods added, then gone without any DEL, as after a node's reboot or a runtime's
+    /// crash; then what the plugin's world offers to get their addresses back, and what it
+    /// still holds. Its calls and errors are this row's, not the churn's.
+    fn abandon(&mut self, s: usize, k: usize) -> anyhow::Result<Row> {
+        let plugin = self.sides[s].plugin;
+        // What the churn left (the reference's leaks) is the churn's, not this phase's.
+        let before = self.sides[s].allocated()?;
+        let mut tally = Tally::default();
+        let mut abandon = Abandon::default();
+        let mut pods = Vec::new();
+        let mut handed = Vec::new();
+        for _ in 0..k {
+            if let Some((pod, addresses)) = self.abandon_add(s, &mut tally)? {
+                handed.extend(addresses);
+                pods.push(pod);
+            }
+        }
+        abandon.abandoned = pods.len();
+        abandon.duplicates_after_abandon = held_twice(&handed);
+        // They vanish: their namespaces go, and the kernel removes their veths with them.
+        // No plugin is called.
+        for pod in pods {
+            self.remove_pod(pod)?;
+        }
+        let side = &self.sides[s];
+        let mut allocated = side.allocated()?;
+        if plugin == Plugin::Trellis {
+            abandon.leaked_after_abandon_before_gc = Some(held_since(&before, &allocated));
+            // A runtime back after its crash collects with the attachments it still has:
+            // none. After a real reboot even this is not needed: the allocation file is on
+            // tmpfs (`/run`, docs/cni.md) and goes with the pods; the bench keeps it on
+            // disk and does not simulate that.
+            self.gc(side, &mut tally)?;
+            allocated = side.allocated()?;
+        }
+        // The reference gets nothing: host-local has no GC, and the bridge plugin's DEL,
+        // the only thing that frees its addresses, is never called for a vanished pod.
+        abandon.leaked_after_abandon = held_since(&before, &allocated);
+        abandon.duplicates_after_abandon += held_twice(&allocated);
+        abandon.host_veths_after_abandon = self.links_left(side.host_veth_prefix)?;
+        eprintln!(
+            "cni bench: abandon {}: {} pods gone without DEL, {} addresses still allocated",
+            plugin.name(),
+            abandon.abandoned,
+            abandon.leaked_after_abandon
+        );
+        Ok(Row {
+            plugin,
+            verb: "abandon".into(),
+            calls: tally.calls,
+            p50_ms: None,
+            p99_ms: None,
+            max_ms: None,
+            errors: tally.samples.errors,
+            first_error: tally.samples.first_error,
+            churn: None,
+            abandon: Some(abandon),
+        })
+    }
+
+    /// ADD on a new pod, never killed: the pod and its addresses if it succeeded. A pod
+    /// whose ADD failed is deleted (DEL, then its namespace) and not abandoned: only pods
+    /// that hold addresses can leak them.
+    fn abandon_add(
+        &mut self,
+        s: usize,
+        tally: &mut Tally,
+    ) -> anyhow::Result<Option<(Pod, Vec<IpAddr>)>> {
+        let pod = self.new_pod()?;
+        let add = self.invoke(&self.sides[s], "ADD", &pod, None)?;
+        tally.calls += 1;
+        let failure = match add.outcome.result() {
+            Ok(result) => {
+                let addresses = result_addresses(&result);
+                if !addresses.is_empty() {
+                    return Ok(Some((pod, addresses)));
+                }
+                anyhow::anyhow!("ADD succeeded without an address: {result}")
+            }
+            Err(e) => e.context("ADD"),
+        };
+        tally.samples.error(&failure);
+        let del = self.invoke(&self.sides[s], "DEL", &pod, None)?;
+        tally.calls += 1;
+        if let Err(e) = del.outcome.result() {
+            tally.samples.error(&e.context("DEL"));
+        }
+        self.remove_pod(pod)?;
+        Ok(None)
+    }
 }
 
+/// A phase's calls and errors; the churn also fills in its [`Churn`] counts.
 #[derive(Default)]
 struct Tally {
     calls: usize,
@@ -1012,8 +1165,13 @@ fn hundredths(ratio: f64) -> f64 {
 
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
-    let (churn, latency): (Vec<&Row>, Vec<&Row>) =
-        report.rows.iter().partition(|r| r.churn.is_some());
+    let churn: Vec<&Row> = report.rows.iter().filter(|r| r.churn.is_some()).collect();
+    let abandon: Vec<&Row> = report.rows.iter().filter(|r| r.abandon.is_some()).collect();
+    let latency: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.churn.is_none() && r.abandon.is_none())
+        .collect();
     if !latency.is_empty() {
         let _ = writeln!(
             out,
@@ -1074,6 +1232,9 @@ pub fn table(report: &Report) -> String {
             );
         }
     }
+    if !abandon.is_empty() {
+        abandon_table(&mut out, report, &abandon, !churn.is_empty());
+    }
     // The first error of each row, so a failing plugin says why.
     for r in report.rows.iter().filter(|r| r.first_error.is_some()) {
         let _ = write!(
@@ -1088,6 +1249,35 @@ pub fn table(report: &Report) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The abandon phase's rows, after the churn's table if there is one.
+fn abandon_table(out: &mut String, report: &Report, rows: &[&Row], after_churn: bool) {
+    if after_churn {
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "Abandon: {} pods per plugin added, then gone without any DEL (their namespaces deleted, as by a reboot or a crashed runtime); then trellis-cni gets a GC naming no attachment, the reference nothing (host-local has no GC):\n\n| plugin | abandoned | calls | errors | leaked addresses | duplicates | host veths left |\n|---|---|---|---|---|---|---|",
+        report.abandon_pods
+    );
+    for r in rows {
+        let Some(a) = &r.abandon else { continue };
+        let leaked = match a.leaked_after_abandon_before_gc {
+            Some(before) => format!("{} ({before} before GC)", a.leaked_after_abandon),
+            None => format!("{} (no GC)", a.leaked_after_abandon),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {leaked} | {} | {} |",
+            r.plugin.description(),
+            a.abandoned,
+            r.calls,
+            r.errors,
+            a.duplicates_after_abandon,
+            a.host_veths_after_abandon
+        );
+    }
 }
 
 fn ms(value: Option<f64>) -> String {
@@ -1176,6 +1366,23 @@ mod tests {
             errors: 0,
             first_error: None,
             churn: None,
+            abandon: None,
+        }
+    }
+
+    fn abandon_row(plugin: Plugin, leaked: usize, before_gc: Option<usize>) -> Row {
+        Row {
+            calls: 21,
+            p50_ms: None,
+            p99_ms: None,
+            max_ms: None,
+            abandon: Some(Abandon {
+                abandoned: 20,
+                leaked_after_abandon: leaked,
+                leaked_after_abandon_before_gc: before_gc,
+                ..Abandon::default()
+            }),
+            ..latency_row(plugin, "abandon", 0.0, 0.0)
         }
     }
 
@@ -1200,6 +1407,8 @@ mod tests {
             latency_row(Plugin::Reference, "ADD", 10.0, 20.0),
             latency_row(Plugin::Reference, "DEL", 20.0, 40.0),
             churn,
+            abandon_row(Plugin::Trellis, 0, Some(20)),
+            abandon_row(Plugin::Reference, 20, None),
         ];
         let r = ratios(&rows);
         assert_eq!(r.len(), 2);
@@ -1210,6 +1419,7 @@ mod tests {
             iterations: 10,
             churn_cycles: 10,
             kill_percent: 25,
+            abandon_pods: 20,
             rows,
             ratios: r,
         };
@@ -1227,6 +1437,16 @@ mod tests {
             t.contains("| trellis-cni | 10 | 3 | 0 | 0 | 0 (1 before GC) | 0 | 0 | 0 |"),
             "{t}"
         );
+        assert!(
+            t.contains("| trellis-cni | 20 | 21 | 0 | 0 (20 before GC) | 0 | 0 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| reference (bridge + host-local) | 20 | 21 | 0 | 20 (no GC) | 0 | 0 |"),
+            "{t}"
+        );
+        // The latency table shows only latency rows.
+        assert!(!t.contains("| abandon |"), "{t}");
         let json = serde_json::to_value(&report).unwrap();
         let churn = &json["rows"][4];
         assert_eq!(churn["verb"], "churn");
@@ -1235,6 +1455,34 @@ mod tests {
         assert!(churn["p50_ms"].is_null());
         assert_eq!(json["rows"][0]["plugin"], "trellis");
         assert!(json["rows"][0].get("leaked").is_none());
+        let abandon = &json["rows"][6];
+        assert_eq!(abandon["verb"], "abandon");
+        assert_eq!(abandon["abandoned"], 20);
+        assert_eq!(abandon["leaked_after_abandon"], 20);
+        assert!(abandon["leaked_after_abandon_before_gc"].is_null());
+        assert!(abandon.get("leaked").is_none());
+        assert!(churn.get("abandoned").is_none());
+        assert_eq!(json["abandon_pods"], 20);
+
+        // What the reference leaks is reported, not judged; Trellis's fails the run.
+        let mut leaky = report;
+        leaky.rows[5] = abandon_row(Plugin::Trellis, 1, Some(20));
+        assert!(!leaky.passed());
+    }
+
+    #[test]
+    fn only_what_a_phase_added_counts_as_its_leak() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let before = [ip("10.202.0.2"), ip("10.202.0.3")];
+        let after = [
+            ip("10.202.0.2"),
+            ip("10.202.0.3"),
+            ip("10.202.0.3"),
+            ip("10.202.0.9"),
+        ];
+        assert_eq!(held_since(&before, &after), 2);
+        assert_eq!(held_since(&before, &before[..1]), 0);
+        assert_eq!(held_since(&[], &after), 4);
     }
 
     /// The whole bench against the reference plugin, briefly: the rig comes up, every
@@ -1247,6 +1495,7 @@ mod tests {
             iterations: 3,
             churn: 12,
             kill_percent: 50,
+            abandon: 3,
             seed: Some(3),
             plugins: vec![Plugin::Reference],
         };
@@ -1261,6 +1510,10 @@ mod tests {
         let churn = find("churn").churn.as_ref().unwrap();
         assert_eq!(churn.cycles, 12);
         assert_eq!(churn.undeleted, 0, "{rows:?}");
+        // host-local keeps the addresses of pods that vanished without a DEL.
+        let abandon = find("abandon").abandon.as_ref().unwrap();
+        assert_eq!(abandon.abandoned, 3, "{rows:?}");
+        assert_eq!(abandon.leaked_after_abandon, 3, "{rows:?}");
         assert!(
             netns::list().iter().all(|n| !n.starts_with("tl-tbcni-")),
             "{:?}",

@@ -398,8 +398,9 @@ pub enum BenchCommand {
     /// host-local IPAM), invoked alike in the same run, each pod in a namespace of its own:
     /// ADD and DEL latency (p50, p99, max, and the ratio), then ADD/DEL churn with SIGKILL
     /// of the plugin at random instants, then the addresses each leaked or handed out
-    /// twice and the links each left behind. Exits non-zero if trellis-cni leaked,
-    /// duplicated or left anything.
+    /// twice and the links each left behind; then pods that vanish without any DEL (as
+    /// after a reboot), with a GC for trellis-cni and nothing for host-local, which has
+    /// none. Exits non-zero if trellis-cni leaked, duplicated or left anything.
     Cni {
         /// Timed ADD + DEL rounds per plugin (after a few untimed ones).
         #[arg(long, default_value_t = 200)]
@@ -410,6 +411,10 @@ pub enum BenchCommand {
         /// Percentage of churn calls killed with SIGKILL at a random instant.
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
         kill_percent: u8,
+        /// Pods per plugin added after the churn, then made to vanish without any DEL (their
+        /// namespaces deleted); 0 skips that phase.
+        #[arg(long, default_value_t = 20)]
+        abandon: usize,
         /// Seed of the churn's random choices (default: from the clock; printed either way).
         #[arg(long)]
         seed: Option<u64>,
@@ -824,6 +829,7 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             iterations,
             churn,
             kill_percent,
+            abandon,
             seed,
             plugins,
             json,
@@ -834,6 +840,7 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 iterations,
                 churn,
                 kill_percent,
+                abandon,
                 seed,
                 plugins: if plugins.is_empty() {
                     bench::cni::Plugin::ALL.to_vec()
