@@ -71,19 +71,11 @@ pub fn add(
             // addresses.
             present.mac
         }
+        // This attachment's own interface (its MAC is derived from the attachment) without
+        // a record: left by a DEL whose removal has not finished yet, or by an ADD killed
+        // before it recorded anything. Replaced.
         Some(present) if had.is_none() && present.mac == mac_string(&net.pod_mac) => {
-            // This attachment's own interface (its MAC is derived from the attachment)
-            // without a record: left by a DEL whose removal has not finished yet, or by an
-            // ADD killed before it recorded anything. Replaced.
-            let _ = links.detach(&net);
-            match links.attach(netns, &net) {
-                Ok(mac) => mac,
-                Err(e) => {
-                    let _ = links.detach(&net);
-                    state.release(who);
-                    return Err(e);
-                }
-            }
+            attach_afresh(state, links, who, netns, &net)?
         }
         Some(_) => {
             if had.is_none() {
@@ -98,20 +90,26 @@ pub fn add(
                 "",
             ));
         }
-        None => {
-            // Whatever a failed earlier ADD left on the host goes first.
-            let _ = links.detach(&net);
-            match links.attach(netns, &net) {
-                Ok(mac) => mac,
-                Err(e) => {
-                    let _ = links.detach(&net);
-                    state.release(who);
-                    return Err(e);
-                }
-            }
-        }
+        None => attach_afresh(state, links, who, netns, &net)?,
     };
     Ok(result(netns, &net, mac))
+}
+
+/// Removes whatever links of the attachment are left (by a failed earlier ADD, an
+/// unfinished DEL), then makes them anew; on failure, undoes this call's allocation and
+/// whatever it made.
+fn attach_afresh(
+    state: &mut Allocations,
+    links: &mut dyn Links,
+    who: &Attachment,
+    netns: &str,
+    net: &PodNetwork,
+) -> Result<String, CniError> {
+    let _ = links.detach(net);
+    links.attach(netns, net).inspect_err(|_| {
+        let _ = links.detach(net);
+        state.release(who);
+    })
 }
 
 fn same(present: &[ipnet::IpNet], wanted: &[ipnet::IpNet]) -> bool {
