@@ -18,7 +18,8 @@
 //! through podman), mounts, the directory, the containers' cgroup parent `/trt-podman-…`,
 //! the namespace, libcni's cached results of the test's network. What a killed run left is
 //! removed by the next one. Only libcni's and runc's own state directories
-//! (`/var/lib/cni/results`, `/run/runc`) stay, empty.
+//! (`/var/lib/cni/results`, `/run/runc`) stay, empty. That plumbing is
+//! [`trellis_testkit::podman`]'s, shared with crates/trellis/tests/podman.rs.
 //!
 //! The same scenarios with the reference `bridge` + `host-local` plugins are the controls:
 //! they prove the harness (podman, runc, the chain, CHECK driven by hand), so a failure
@@ -37,14 +38,13 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use trellis_testkit::podman::{self, CNI_VERSION, Podman, describe, is_root, run_ok};
 
 /// The plugin under test, as cargo built it.
 const TRELLIS_CNI: &str = env!("CARGO_BIN_EXE_trellis-cni");
 /// Debian's reference plugins (`containernetworking-plugins` 1.1.1).
 const REFERENCE_DIR: &str = "/usr/lib/cni";
-/// The CNI version podman 4.3's libcni speaks at most.
-const CNI_VERSION: &str = "1.0.0";
 
 const POD_CIDR4: &str = "10.244.1.0/24";
 const POD_CIDR6: &str = "fd00:10:244:1::/64";
@@ -61,8 +61,8 @@ const POD_PORT: u16 = 8080;
 const PAGE: &str = "served by a pod behind portmap";
 /// The `PATH` plugins get.
 const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
-/// Every podman call is killed after this (a hung runtime fails the test, not CI).
-const PODMAN_TIMEOUT_S: u32 = 60;
+/// How long a ping between pods may take to work (a fresh IPv6 address).
+const PING_WITHIN: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
 // The tests.
@@ -158,9 +158,9 @@ fn alone(flavor: Flavor) {
     assert!(node.allocated().contains(&a.v4()) && node.allocated().contains(&b.v4()));
 
     // The pods reach each other (through the node, for trellis-cni: routed veths).
-    node.ping("a", &b.v4());
+    node.ping("a", &b.v4(), PING_WITHIN);
     if dual_stack {
-        node.ping("a", &b.v6());
+        node.ping("a", &b.v6(), PING_WITHIN);
     }
 
     // `podman rm -f` removes a pod's veth and releases its addresses; the other stays.
@@ -490,61 +490,40 @@ fail "no plugin $type on CNI_PATH"
 // The node: a namespace, podman's world in a directory, removed on drop.
 
 struct Node {
-    /// The node's network namespace.
-    netns: String,
-    /// Everything else of the test's.
-    dir: PathBuf,
-    /// The CNI network's name (unique: libcni caches results by it in /var/lib/cni).
-    network: String,
+    /// The node's namespace `trt-podman-…` (the containers' cgroup parent too), podman's
+    /// directory `/tmp/trt-cni-…` and network `trt-…`: removed on drop.
+    podman: Podman,
     flavor: Flavor,
     dual_stack: bool,
 }
 
+impl std::ops::Deref for Node {
+    type Target = Podman;
+
+    fn deref(&self) -> &Podman {
+        &self.podman
+    }
+}
+
 impl Node {
     fn new(tag: &str, flavor: Flavor, dual_stack: bool) -> Node {
-        for tool in ["podman", "runc", "nsenter", "iptables-save", "jq", "tc"] {
-            assert!(
-                which(tool),
-                "{tool} is missing: scripts/test.sh installs what these tests need"
-            );
-        }
-        for file in [
-            "/bin/busybox",
-            "/usr/lib/cni/portmap",
-            "/usr/lib/cni/bridge",
-        ] {
-            assert!(
-                Path::new(file).exists(),
-                "{file} is missing: scripts/test.sh installs what these tests need"
-            );
-        }
+        podman::require(
+            &["iptables-save", "jq", "tc"],
+            &["/usr/lib/cni/portmap", "/usr/lib/cni/bridge"],
+        );
         sweep_leftovers();
         let pid = std::process::id();
         let flavor_tag = match flavor {
             Flavor::Trellis => "t",
             Flavor::Reference => "r",
         };
-        let name = format!("{pid}-{tag}-{flavor_tag}");
         let node = Node {
-            netns: format!("trt-podman-{name}"),
-            dir: std::env::temp_dir().join(format!("trt-cni-{name}")),
-            network: format!("trt-{name}"),
+            podman: world(&format!("{pid}-{tag}-{flavor_tag}")),
             flavor,
             dual_stack,
         };
         // From here on, a failure drops `node`, which removes whatever was made.
-        let _ = std::fs::remove_dir_all(&node.dir);
-        for sub in [
-            "plugins",
-            "net.d",
-            "storage",
-            "run",
-            "tmp",
-            "rootfs/bin",
-            "rootfs/www",
-        ] {
-            std::fs::create_dir_all(node.dir.join(sub)).expect("creating the test directory");
-        }
+        node.make_dirs(&["plugins", "rootfs/www"]);
         run_ok(Command::new("ip").args(["netns", "add", &node.netns]));
         node.ip(&["link", "set", "lo", "up"]);
         node.sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
@@ -563,40 +542,13 @@ impl Node {
             .expect("linking trellis-cni into the plugin directory");
 
         // A root filesystem: busybox and its applets, and a page to serve.
-        let rootfs = node.rootfs();
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copying busybox");
-        for applet in [
+        node.make_rootfs(&[
             "sh", "ip", "ping", "ping6", "nc", "printf", "sleep", "cat", "echo", "httpd", "ls",
-        ] {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
-                .expect("linking an applet");
-        }
-        std::fs::write(rootfs.join("www/index.html"), format!("{PAGE}\n")).expect("a page");
+        ]);
+        std::fs::write(node.rootfs().join("www/index.html"), format!("{PAGE}\n")).expect("a page");
 
-        // podman's configuration: the CNI backend, the test's plugin and network
-        // directories, per-boot state and locks in the test's directory (file locks: the
-        // default shared-memory locks are shared with every other podman on the machine).
-        let d = |sub: &str| node.dir.join(sub).display().to_string();
-        let conf = format!(
-            "[network]\n\
-             network_backend = \"cni\"\n\
-             cni_plugin_dirs = [\"{plugins}\", \"{REFERENCE_DIR}\"]\n\
-             network_config_dir = \"{netd}\"\n\
-             default_network = \"{network}\"\n\
-             [engine]\n\
-             runtime = \"runc\"\n\
-             cgroup_manager = \"cgroupfs\"\n\
-             tmp_dir = \"{tmp}\"\n\
-             lock_type = \"file\"\n\
-             events_logger = \"file\"\n\
-             events_logfile_path = \"{events}\"\n",
-            plugins = d("plugins"),
-            netd = d("net.d"),
-            network = node.network,
-            tmp = d("tmp"),
-            events = d("events.log"),
-        );
-        std::fs::write(node.dir.join("containers.conf"), conf).expect("writing containers.conf");
+        // podman's configuration: the test's plugin directory, then the reference plugins.
+        node.write_containers_conf(&[node.plugin_dir(), PathBuf::from(REFERENCE_DIR)]);
         node
     }
 
@@ -605,7 +557,7 @@ impl Node {
     }
 
     fn ipam_file(&self) -> PathBuf {
-        self.dir.join("ipam.json")
+        self.ipam_file.clone()
     }
 
     /// Never created: no agent reports the data plane ready.
@@ -615,84 +567,6 @@ impl Node {
 
     fn plugin_dir(&self) -> PathBuf {
         self.dir.join("plugins")
-    }
-
-    fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs")
-    }
-
-    /// Writes the node's network as a conflist of `plugins`; returns it.
-    fn write_network(&self, plugins: Vec<Value>) -> Value {
-        let list = json!({
-            "cniVersion": CNI_VERSION,
-            "name": self.network,
-            "plugins": plugins,
-        });
-        let path = self
-            .dir
-            .join("net.d")
-            .join(format!("{}.conflist", self.network));
-        std::fs::write(path, serde_json::to_vec_pretty(&list).expect("JSON"))
-            .expect("writing the conflist");
-        list
-    }
-
-    // --- podman, in the node's namespace.
-
-    fn podman_command(&self, args: &[&str]) -> Command {
-        podman_command(&self.netns, &self.dir, args)
-    }
-
-    fn podman(&self, args: &[&str]) -> Output {
-        self.podman_command(args).output().expect("running podman")
-    }
-
-    fn podman_ok(&self, args: &[&str]) -> String {
-        let out = self.podman(args);
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}\n{}",
-            describe(&out),
-            self.diagnostics()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `podman run` on the node's network with `options`, running `cmd` in the busybox
-    /// root filesystem; returns its output.
-    fn run(&self, options: &[&str], cmd: &[&str]) -> String {
-        // The containers' cgroups (and conmon's) under one of the test's own, removed with
-        // it, rather than podman's shared `libpod_parent`.
-        let cgroup_parent = format!("/{}", self.netns);
-        let mut args = vec![
-            "run",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "--network",
-            &self.network,
-            "--cgroup-parent",
-            &cgroup_parent,
-        ];
-        args.extend_from_slice(options);
-        let rootfs = self.rootfs().display().to_string();
-        args.extend_from_slice(&["--rootfs", &rootfs]);
-        args.extend_from_slice(cmd);
-        self.podman_ok(&args)
-    }
-
-    /// Starts a named container in the background; returns its ID.
-    fn run_detached(&self, name: &str, options: &[&str], cmd: &[&str]) -> String {
-        let mut all = vec!["-d", "--name", name];
-        all.extend_from_slice(options);
-        self.run(&all, cmd).trim().to_string()
-    }
-
-    fn exec(&self, name: &str, cmd: &[&str]) -> String {
-        let mut args = vec!["exec", name];
-        args.extend_from_slice(cmd);
-        self.podman_ok(&args)
     }
 
     /// The pod's network as it sees it.
@@ -712,31 +586,7 @@ impl Node {
         .to_string()
     }
 
-    /// Pings `to` from container `from`, giving a fresh IPv6 address a moment.
-    fn ping(&self, from: &str, to: &str) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = self.podman(&["exec", from, "ping", "-c", "1", "-W", "1", to]);
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{from} cannot reach {to}: {}\n{}",
-                describe(&out),
-                self.diagnostics()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     // --- The node's namespace, read with the host's tools.
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new("ip");
-        cmd.args(["-n", &self.netns]).args(args);
-        run_ok(&mut cmd)
-    }
 
     fn sh(&self, script: &str) -> String {
         run_ok(
@@ -744,34 +594,6 @@ impl Node {
                 .arg(format!("--net=/run/netns/{}", self.netns))
                 .args(["sh", "-c", script]),
         )
-    }
-
-    fn links(&self) -> Vec<Value> {
-        let text = self.ip(&["-j", "-d", "link", "show"]);
-        match serde_json::from_str(&text) {
-            Ok(Value::Array(links)) => links,
-            _ => panic!("ip -j link printed {text}"),
-        }
-    }
-
-    fn link(&self, name: &str) -> Option<Value> {
-        self.links().into_iter().find(|l| l["ifname"] == name)
-    }
-
-    fn link_by_index(&self, index: u32) -> Option<Value> {
-        self.links().into_iter().find(|l| l["ifindex"] == index)
-    }
-
-    fn links_of_kind(&self, kind: &str) -> Vec<String> {
-        self.links()
-            .into_iter()
-            .filter(|l| l["linkinfo"]["info_kind"] == kind)
-            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-            .collect()
-    }
-
-    fn veths(&self) -> Vec<String> {
-        self.links_of_kind("veth")
     }
 
     fn ifbs(&self) -> Vec<String> {
@@ -782,32 +604,12 @@ impl Node {
     /// the plugin names them, with the pod's MTU, and (trellis-cni) the node's route to
     /// the pod through it.
     fn host_end(&self, pod: &PodView) -> String {
-        let link = self.link_by_index(pod.peer_index).unwrap_or_else(|| {
-            panic!(
-                "no host end (ifindex {}) in the node: {pod:?}",
-                pod.peer_index
-            )
-        });
-        let name = link["ifname"].as_str().expect("a name").to_string();
-        assert_eq!(link["linkinfo"]["info_kind"], "veth", "{link}");
-        assert_eq!(link["mtu"], MTU, "the host end has the pod's MTU: {link}");
+        let name = self.podman.host_end(pod.peer_index, MTU, pod);
         if self.flavor == Flavor::Trellis {
-            let hex = name.strip_prefix("tp").unwrap_or("");
-            assert!(
-                hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit()),
-                "the host end is named tp<12 hex>: {name}"
-            );
-            let mut families = vec![("-4", pod.v4(), "32")];
+            podman::assert_named_by_trellis_cni(&name);
+            self.assert_routes(&pod.v4(), &name);
             if self.dual_stack {
-                families.push(("-6", pod.v6(), "128"));
-            }
-            for (family, addr, len) in families {
-                let prefix = format!("{addr}/{len}");
-                let route = self.ip(&[family, "route", "show", "exact", &prefix]);
-                assert!(
-                    route.contains(&format!("dev {name}")),
-                    "the node routes {addr} through {name}: {route:?}"
-                );
+                self.assert_routes(&pod.v6(), &name);
             }
         }
         name
@@ -849,15 +651,6 @@ impl Node {
     }
 
     // --- CHECK, driven as libcni drives it.
-
-    /// Where libcni keeps a container's ADD result (podman's CNI backend sets no cache
-    /// directory of its own).
-    fn cache_path(&self, container_id: &str) -> PathBuf {
-        PathBuf::from(format!(
-            "/var/lib/cni/results/{}-{container_id}-eth0",
-            self.network
-        ))
-    }
 
     fn cached_result(&self, container_id: &str) -> Value {
         let path = self.cache_path(container_id);
@@ -977,181 +770,22 @@ impl Node {
         drop(stdin);
         child.wait_with_output().expect("running a plugin")
     }
-
-    /// What to print when podman fails: the node's links and the plugin's state.
-    fn diagnostics(&self) -> String {
-        let links = Command::new("ip")
-            .args(["-n", &self.netns, "-br", "link"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let ipam = std::fs::read_to_string(self.ipam_file()).unwrap_or_default();
-        format!("--- node links\n{links}--- IPAM file\n{ipam}")
-    }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        teardown(&self.netns, &self.dir, &self.network);
+/// The world of the node `trt-podman-NAME`: its namespace (its own), its directory
+/// `/tmp/trt-cni-NAME`, its network `trt-NAME`, its containers' cgroup parent named as the
+/// namespace. Nothing is made yet; dropped, it removes whatever of it exists.
+fn world(name: &str) -> Podman {
+    let netns = format!("trt-podman-{name}");
+    let dir = std::env::temp_dir().join(format!("trt-cni-{name}"));
+    Podman {
+        cgroup: netns.clone(),
+        netns,
+        own_netns: true,
+        ipam_file: dir.join("ipam.json"),
+        dir,
+        network: format!("trt-{name}"),
     }
-}
-
-/// podman with the test's configuration, storage and state, in the node's namespace.
-fn podman_command(netns: &str, dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["-k", "5", &PODMAN_TIMEOUT_S.to_string()])
-        .arg("nsenter")
-        .arg(format!("--net=/run/netns/{netns}"))
-        .arg("podman")
-        .arg("--root")
-        .arg(dir.join("storage"))
-        .arg("--runroot")
-        .arg(dir.join("run"))
-        .args(["--storage-driver", "vfs"])
-        .args(args)
-        .env("CONTAINERS_CONF", dir.join("containers.conf"))
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// Stops and removes a test's containers (DEL for each, their namespaces, their shm
-/// mounts), then removes everything else it made.
-fn teardown(netns: &str, dir: &Path, network: &str) {
-    if dir.join("containers.conf").exists() {
-        // podman runs in the node's namespace only: if the namespace is gone (a killed
-        // run, then scripts/test.sh), an empty one of the same name stands in for it.
-        if !Path::new("/run/netns").join(netns).exists() {
-            let _ = Command::new("ip").args(["netns", "add", netns]).status();
-        }
-        let _ = podman_command(netns, dir, &["rm", "-a", "-f", "-t", "0"]).output();
-    }
-    remove(netns, dir, network);
-}
-
-/// Removes what a test made, whatever state it is in: processes left in the node's
-/// namespace (conmon), mounts under its directory, libcni's cached results for its
-/// network, the directory, the cgroup parent of its containers (named as the namespace),
-/// the namespace.
-fn remove(netns: &str, dir: &Path, network: &str) {
-    // Containers podman could not remove (its conmon killed, say): runc's state names
-    // them by their root filesystem, in the test's directory.
-    for (id, rootfs) in runc_containers() {
-        if rootfs.starts_with(dir) {
-            let _ = Command::new("runc")
-                .args(["delete", "--force", &id])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    let mut pids: BTreeSet<String> = BTreeSet::new();
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() {
-        pids.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string),
-        );
-    }
-    let cgroups = cgroup_parents(netns);
-    for parent in &cgroups {
-        cgroup_procs(parent, &mut pids);
-    }
-    for pid in pids {
-        let _ = Command::new("kill").args(["-9", &pid]).status();
-    }
-    let prefix = dir.display().to_string();
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m == &prefix || m.starts_with(&format!("{prefix}/")))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = Command::new("umount").args(["-l", &m]).status();
-    }
-    if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
-        let ours = format!("{network}-");
-        for e in entries.filter_map(Result::ok) {
-            if e.file_name().to_string_lossy().starts_with(&ours) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    // Killed processes leave their cgroups a moment later.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for parent in &cgroups {
-        while !remove_cgroup(parent) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "delete", netns])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// The containers runc knows (podman runs it with its default state directory), with
-/// their root filesystems.
-fn runc_containers() -> Vec<(String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir("/run/runc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let state: Value =
-                serde_json::from_slice(&std::fs::read(e.path().join("state.json")).ok()?).ok()?;
-            let rootfs = PathBuf::from(state["config"]["rootfs"].as_str()?);
-            Some((e.file_name().into_string().ok()?, rootfs))
-        })
-        .collect()
-}
-
-/// The test's cgroup parent (named as its namespace) in every hierarchy that has it
-/// (cgroup v1 controllers, v2).
-fn cgroup_parents(name: &str) -> Vec<PathBuf> {
-    let root = Path::new("/sys/fs/cgroup");
-    let mut candidates = vec![root.join(name)];
-    if let Ok(hierarchies) = std::fs::read_dir(root) {
-        candidates.extend(
-            hierarchies
-                .filter_map(Result::ok)
-                .map(|h| h.path().join(name)),
-        );
-    }
-    candidates.into_iter().filter(|p| p.is_dir()).collect()
-}
-
-/// The processes in a cgroup and the cgroups under it.
-fn cgroup_procs(path: &Path, pids: &mut BTreeSet<String>) {
-    if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
-        pids.extend(procs.split_whitespace().map(str::to_string));
-    }
-    for child in sub_cgroups(path) {
-        cgroup_procs(&child, pids);
-    }
-}
-
-/// Removes a cgroup and the cgroups under it; whether it is gone.
-fn remove_cgroup(path: &Path) -> bool {
-    for child in sub_cgroups(path) {
-        remove_cgroup(&child);
-    }
-    let _ = std::fs::remove_dir(path);
-    !path.exists()
-}
-
-fn sub_cgroups(path: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Removes what earlier runs of these tests left when they were killed (nothing dropped):
@@ -1160,53 +794,12 @@ fn sub_cgroups(path: &Path) -> Vec<PathBuf> {
 fn sweep_leftovers() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let dead = |name: &str| -> Option<String> {
-            let pid = name.split('-').next()?;
-            (pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists())
-                .then(|| name.to_string())
-        };
-        let tmp = std::env::temp_dir();
-        let names = |dir: &Path, prefix: &str| -> Vec<String> {
-            std::fs::read_dir(dir)
-                .map(|d| {
-                    d.filter_map(Result::ok)
-                        .filter_map(|e| {
-                            e.file_name()
-                                .to_str()?
-                                .strip_prefix(prefix)
-                                .map(str::to_string)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let mut stale: BTreeSet<String> = BTreeSet::new();
-        stale.extend(names(&tmp, "trt-cni-").iter().filter_map(|n| dead(n)));
-        let cgroups = Path::new("/sys/fs/cgroup");
-        let mut places = vec![PathBuf::from("/run/netns"), cgroups.to_path_buf()];
-        if let Ok(hierarchies) = std::fs::read_dir(cgroups) {
-            places.extend(hierarchies.filter_map(Result::ok).map(|h| h.path()));
-        }
-        for place in places {
-            stale.extend(names(&place, "trt-podman-").iter().filter_map(|n| dead(n)));
-        }
-        let ours = tmp.join("trt-cni-");
-        let ours = ours.to_string_lossy();
-        for (_, rootfs) in runc_containers() {
-            let rootfs = rootfs.to_string_lossy();
-            if let Some(name) = rootfs
-                .strip_prefix(ours.as_ref())
-                .and_then(|n| n.split('/').next())
-            {
-                stale.extend(dead(name));
-            }
-        }
+        let mut stale = podman::leftovers("trt-cni-", &[std::env::temp_dir()]);
+        let mut places = vec![PathBuf::from("/run/netns")];
+        places.extend(podman::cgroup_roots());
+        stale.extend(podman::leftovers("trt-podman-", &places));
         for name in stale {
-            teardown(
-                &format!("trt-podman-{name}"),
-                &tmp.join(format!("trt-cni-{name}")),
-                &format!("trt-{name}"),
-            );
+            drop(world(&name));
         }
     });
 }
@@ -1383,43 +976,6 @@ fn addresses_in(value: &Value, found: &mut BTreeSet<String>) {
         Value::Object(map) => map.values().for_each(|v| addresses_in(v, found)),
         _ => {}
     }
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).is_file())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Whether `condition` holds within a few seconds (polled): for what a detached helper

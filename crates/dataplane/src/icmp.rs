@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::netns;
+use std::marker::PhantomData;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
@@ -16,18 +17,131 @@ pub struct EchoReply {
     pub seq: u16,
 }
 
-pub struct IcmpSocket {
+/// An ICMPv6 echo reply as received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Echo6Reply {
+    pub from: Ipv6Addr,
+    pub id: u16,
+    pub seq: u16,
+}
+
+/// A raw ICMP socket (IPv4): echo requests out, echo replies in. What is read starts at
+/// the IPv4 header, which names the sender. Needs CAP_NET_RAW.
+pub type IcmpSocket = EchoSocket<V4>;
+
+/// A raw ICMPv6 socket: echo requests out, echo replies in. Unlike IPv4's, the kernel
+/// fills in the checksum (it covers a pseudo-header with the source address, which only
+/// the kernel knows when it picks it), and what is read starts at the ICMPv6 header, the
+/// sender coming with the read. Needs CAP_NET_RAW.
+pub type Icmp6Socket = EchoSocket<V6>;
+
+/// IPv4 and ICMP, for [`IcmpSocket`].
+#[derive(Debug)]
+pub enum V4 {}
+
+/// IPv6 and ICMPv6, for [`Icmp6Socket`].
+#[derive(Debug)]
+pub enum V6 {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::V4 {}
+    impl Sealed for super::V6 {}
+}
+
+/// What an [`EchoSocket`] needs of its address family: [`V4`] or [`V6`].
+pub trait Family: sealed::Sealed + 'static {
+    type Addr: Copy;
+    type Reply;
+    /// `sockaddr_in` or `sockaddr_in6`.
+    type SockAddr;
+    /// In messages: `ICMP` or `ICMPv6`.
+    const NAME: &'static str;
+    const DOMAIN: libc::c_int;
+    const PROTOCOL: libc::c_int;
+    const UNSPECIFIED: Self::Addr;
+    fn sockaddr(addr: Self::Addr) -> Self::SockAddr;
+    fn echo_request(id: u16, seq: u16) -> [u8; 16];
+    /// A datagram as the raw socket delivers it, with the sender the read gave: an echo
+    /// reply, or `None`.
+    fn parse_reply(sender: &Self::SockAddr, datagram: &[u8]) -> Option<Self::Reply>;
+}
+
+impl Family for V4 {
+    type Addr = Ipv4Addr;
+    type Reply = EchoReply;
+    type SockAddr = libc::sockaddr_in;
+    const NAME: &'static str = "ICMP";
+    const DOMAIN: libc::c_int = libc::AF_INET;
+    const PROTOCOL: libc::c_int = libc::IPPROTO_ICMP;
+    const UNSPECIFIED: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+    fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(addr).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+
+    fn echo_request(id: u16, seq: u16) -> [u8; 16] {
+        echo_request(id, seq)
+    }
+
+    /// The sender is the packet's: it starts at the IPv4 header.
+    fn parse_reply(_: &libc::sockaddr_in, packet: &[u8]) -> Option<EchoReply> {
+        parse_reply(packet)
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ipv6Addr;
+    type Reply = Echo6Reply;
+    type SockAddr = libc::sockaddr_in6;
+    const NAME: &'static str = "ICMPv6";
+    const DOMAIN: libc::c_int = libc::AF_INET6;
+    const PROTOCOL: libc::c_int = libc::IPPROTO_ICMPV6;
+    const UNSPECIFIED: Ipv6Addr = Ipv6Addr::UNSPECIFIED;
+
+    fn sockaddr(addr: Ipv6Addr) -> libc::sockaddr_in6 {
+        libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: 0,
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: addr.octets(),
+            },
+            sin6_scope_id: 0,
+        }
+    }
+
+    fn echo_request(id: u16, seq: u16) -> [u8; 16] {
+        echo6_request(id, seq)
+    }
+
+    fn parse_reply(sender: &libc::sockaddr_in6, icmp: &[u8]) -> Option<Echo6Reply> {
+        parse_reply6(Ipv6Addr::from(sender.sin6_addr.s6_addr), icmp)
+    }
+}
+
+/// A raw echo socket of family `F`, bound to the namespace it was opened in: use it as
+/// [`IcmpSocket`] or [`Icmp6Socket`].
+pub struct EchoSocket<F: Family> {
     fd: AsyncFd<OwnedFd>,
+    family: PhantomData<F>,
 }
 
 impl IcmpSocket {
     /// A raw ICMP socket in the calling thread's namespace, optionally bound to a source
     /// address (probes must leave from the probe address). Needs CAP_NET_RAW.
     pub fn open(bind: Option<Ipv4Addr>) -> Result<Self> {
-        let fd = raw_socket()
+        let fd = open_raw::<V4>()
             .map_err(|e| Error::io("opening a raw ICMP socket in the current netns", e))?;
         if let Some(addr) = bind {
-            let sin = sockaddr(addr);
+            let sin = V4::sockaddr(addr);
             // SAFETY: bind(2) with a valid sockaddr_in of the right size.
             let rc = unsafe {
                 libc::bind(
@@ -43,12 +157,14 @@ impl IcmpSocket {
         }
         Self::register(fd)
     }
+}
 
-    /// A raw ICMP socket inside the named namespace.
+impl<F: Family> EchoSocket<F> {
+    /// A raw socket of the family inside the named namespace.
     pub fn open_in(netns_name: &str) -> Result<Self> {
-        let fd = netns::run_in(netns_name, raw_socket)?.map_err(|e| {
+        let fd = netns::run_in(netns_name, open_raw::<F>)?.map_err(|e| {
             Error::io(
-                format!("opening a raw ICMP socket in netns {netns_name}"),
+                format!("opening a raw {} socket in netns {netns_name}", F::NAME),
                 e,
             )
         })?;
@@ -59,25 +175,28 @@ impl IcmpSocket {
         // SAFETY: the descriptor is owned by the AsyncFd from here on and registered once.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| {
             Error::io(
-                "registering ICMP socket with the tokio runtime",
+                format!("registering {} socket with the tokio runtime", F::NAME),
                 e.into_parts().1,
             )
         })?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            family: PhantomData,
+        })
     }
 
-    pub fn send_echo(&self, to: Ipv4Addr, id: u16, seq: u16) -> std::io::Result<()> {
-        let packet = echo_request(id, seq);
-        let sin = sockaddr(to);
-        // SAFETY: sendto(2) with a valid buffer and a sockaddr_in of the right size.
+    pub fn send_echo(&self, to: F::Addr, id: u16, seq: u16) -> std::io::Result<()> {
+        let packet = F::echo_request(id, seq);
+        let to = F::sockaddr(to);
+        // SAFETY: sendto(2) with a valid buffer and a sockaddr of the family, of its size.
         let n = unsafe {
             libc::sendto(
                 self.fd.get_ref().as_raw_fd(),
                 packet.as_ptr().cast(),
                 packet.len(),
                 0,
-                (&sin as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                (&to as *const F::SockAddr).cast(),
+                std::mem::size_of::<F::SockAddr>() as libc::socklen_t,
             )
         };
         if n < 0 {
@@ -89,32 +208,18 @@ impl IcmpSocket {
 
     /// An echo reply the socket already holds, without waiting (`None`: nothing queued).
     /// Lets a caller take in everything that arrived before it looks at any deadline.
-    pub fn try_recv_reply(&self) -> std::io::Result<Option<EchoReply>> {
+    pub fn try_recv_reply(&self) -> std::io::Result<Option<F::Reply>> {
         loop {
-            let mut buf = [0u8; 1500];
-            // SAFETY: reading into a local buffer from our own non-blocking descriptor.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return match e.kind() {
-                    std::io::ErrorKind::WouldBlock => Ok(None),
-                    _ => Err(e),
-                };
-            }
-            if let Some(reply) = parse_reply(&buf[..n as usize]) {
-                return Ok(Some(reply));
+            match recv::<F>(self.fd.get_ref(), libc::MSG_DONTWAIT) {
+                Ok(Some(reply)) => return Ok(Some(reply)),
+                Ok(None) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Waits until the socket has something to read (a reply or other ICMP traffic).
+    /// Waits until the socket has something to read (a reply or other traffic).
     pub async fn readable(&self) -> std::io::Result<()> {
         let mut guard = self.fd.readable().await?;
         // Readiness is re-armed here: the caller drains with `try_recv_reply`, and the
@@ -123,142 +228,50 @@ impl IcmpSocket {
         Ok(())
     }
 
-    /// The next echo reply (other ICMP traffic the raw socket sees is skipped).
-    pub async fn recv_reply(&self) -> std::io::Result<EchoReply> {
+    /// The next echo reply (other traffic the raw socket sees, such as ICMPv6's neighbour
+    /// discovery, is skipped).
+    pub async fn recv_reply(&self) -> std::io::Result<F::Reply> {
         loop {
             let mut guard = self.fd.readable().await?;
-            let mut buf = [0u8; 1500];
-            // SAFETY: reading into a local buffer from our own descriptor.
-            let n = unsafe {
-                libc::recv(
-                    guard.get_inner().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    guard.clear_ready();
-                    continue;
-                }
-                return Err(e);
-            }
-            if let Some(reply) = parse_reply(&buf[..n as usize]) {
-                return Ok(reply);
+            match recv::<F>(guard.get_inner(), 0) {
+                Ok(Some(reply)) => return Ok(reply),
+                Ok(None) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) => return Err(e),
             }
         }
     }
 }
 
-/// An ICMPv6 echo reply as received.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Echo6Reply {
-    pub from: Ipv6Addr,
-    pub id: u16,
-    pub seq: u16,
-}
-
-/// A raw ICMPv6 socket: echo requests out, echo replies in. Unlike IPv4's, the kernel
-/// fills in the checksum (it covers a pseudo-header with the source address, which only
-/// the kernel knows when it picks it), and what is read starts at the ICMPv6 header, the
-/// sender coming with the read. Needs CAP_NET_RAW.
-pub struct Icmp6Socket {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl Icmp6Socket {
-    /// A raw ICMPv6 socket inside the named namespace.
-    pub fn open_in(netns_name: &str) -> Result<Self> {
-        let fd = netns::run_in(netns_name, raw_socket6)?.map_err(|e| {
-            Error::io(
-                format!("opening a raw ICMPv6 socket in netns {netns_name}"),
-                e,
-            )
-        })?;
-        // SAFETY: the descriptor is owned by the AsyncFd from here on and registered once.
-        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| {
-            Error::io(
-                "registering ICMPv6 socket with the tokio runtime",
-                e.into_parts().1,
-            )
-        })?;
-        Ok(Self { fd })
+/// Reads one datagram from the socket: an echo reply, or `None` for other traffic.
+fn recv<F: Family>(fd: &OwnedFd, flags: libc::c_int) -> std::io::Result<Option<F::Reply>> {
+    let mut buf = [0u8; 1500];
+    let mut from = F::sockaddr(F::UNSPECIFIED);
+    let mut from_len = std::mem::size_of::<F::SockAddr>() as libc::socklen_t;
+    // SAFETY: reading into local buffers of the sizes given, from our own descriptor.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags,
+            (&mut from as *mut F::SockAddr).cast(),
+            &mut from_len,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-
-    pub fn send_echo(&self, to: Ipv6Addr, id: u16, seq: u16) -> std::io::Result<()> {
-        let packet = echo6_request(id, seq);
-        let sin6 = sockaddr6(to);
-        // SAFETY: sendto(2) with a valid buffer and a sockaddr_in6 of the right size.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.get_ref().as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&sin6 as *const libc::sockaddr_in6).cast(),
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// The next echo reply (neighbour discovery and the other ICMPv6 traffic a raw socket
-    /// sees are skipped).
-    pub async fn recv_reply(&self) -> std::io::Result<Echo6Reply> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            let mut buf = [0u8; 1500];
-            // SAFETY: an all-zero sockaddr_in6 is a valid value to be overwritten.
-            let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            // SAFETY: reading into local buffers of the sizes given, from our own descriptor.
-            let n = unsafe {
-                libc::recvfrom(
-                    guard.get_inner().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_in6).cast(),
-                    &mut from_len,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    guard.clear_ready();
-                    continue;
-                }
-                return Err(e);
-            }
-            let sender = Ipv6Addr::from(from.sin6_addr.s6_addr);
-            if let Some(reply) = parse_reply6(sender, &buf[..n as usize]) {
-                return Ok(reply);
-            }
-        }
-    }
+    Ok(F::parse_reply(&from, &buf[..n as usize]))
 }
 
-fn raw_socket() -> std::io::Result<OwnedFd> {
-    open_raw(libc::AF_INET, libc::IPPROTO_ICMP)
-}
-
-fn raw_socket6() -> std::io::Result<OwnedFd> {
-    open_raw(libc::AF_INET6, libc::IPPROTO_ICMPV6)
-}
-
-fn open_raw(family: libc::c_int, protocol: libc::c_int) -> std::io::Result<OwnedFd> {
+fn open_raw<F: Family>() -> std::io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned right away.
     let fd = unsafe {
         libc::socket(
-            family,
+            F::DOMAIN,
             libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            protocol,
+            F::PROTOCOL,
         )
     };
     if fd < 0 {
@@ -269,76 +282,61 @@ fn open_raw(family: libc::c_int, protocol: libc::c_int) -> std::io::Result<Owned
     }
 }
 
-fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-fn sockaddr6(addr: Ipv6Addr) -> libc::sockaddr_in6 {
-    libc::sockaddr_in6 {
-        sin6_family: libc::AF_INET6 as libc::sa_family_t,
-        sin6_port: 0,
-        sin6_flowinfo: 0,
-        sin6_addr: libc::in6_addr {
-            s6_addr: addr.octets(),
-        },
-        sin6_scope_id: 0,
-    }
-}
-
 /// An ICMPv6 echo request, checksum left zero: the kernel computes it on a raw ICMPv6
 /// socket (RFC 3542 §3.1).
 pub fn echo6_request(id: u16, seq: u16) -> [u8; 16] {
-    let mut p = [0u8; 16];
-    p[0] = 128; // echo request
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    p[6..8].copy_from_slice(&seq.to_be_bytes());
-    p[8..16].copy_from_slice(b"trellis!");
-    p
+    echo(128, id, seq)
 }
 
 /// An ICMPv6 message as a raw socket delivers it (no IPv6 header), from `sender`: an echo
 /// reply, or `None`.
 pub fn parse_reply6(sender: Ipv6Addr, icmp: &[u8]) -> Option<Echo6Reply> {
-    let header = icmp.get(..8)?;
-    if header[0] != 129 {
-        return None;
-    }
+    let (id, seq) = echo_fields(129, icmp)?;
     Some(Echo6Reply {
         from: sender,
-        id: u16::from_be_bytes([header[4], header[5]]),
-        seq: u16::from_be_bytes([header[6], header[7]]),
+        id,
+        seq,
     })
 }
 
+/// An ICMP echo request, with its checksum.
 pub fn echo_request(id: u16, seq: u16) -> [u8; 16] {
-    let mut p = [0u8; 16];
-    p[0] = 8; // echo request
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    p[6..8].copy_from_slice(&seq.to_be_bytes());
-    p[8..16].copy_from_slice(b"trellis!");
+    let mut p = echo(8, id, seq);
     let sum = checksum(&p);
     p[2..4].copy_from_slice(&sum.to_be_bytes());
     p
 }
 
+/// An echo message of type `kind` (an ICMP or ICMPv6 echo request), checksum zero.
+fn echo(kind: u8, id: u16, seq: u16) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[0] = kind;
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    p[6..8].copy_from_slice(&seq.to_be_bytes());
+    p[8..16].copy_from_slice(b"trellis!");
+    p
+}
+
+/// The id and sequence number of an echo message of type `kind` (an echo reply), from
+/// its ICMP or ICMPv6 header; `None` for another type or a short header.
+fn echo_fields(kind: u8, icmp: &[u8]) -> Option<(u16, u16)> {
+    let header = icmp.get(..8)?;
+    (header[0] == kind).then(|| {
+        (
+            u16::from_be_bytes([header[4], header[5]]),
+            u16::from_be_bytes([header[6], header[7]]),
+        )
+    })
+}
+
 /// An IPv4 packet carrying an ICMP echo reply, as a raw socket delivers it.
 pub fn parse_reply(packet: &[u8]) -> Option<EchoReply> {
     let header = usize::from(packet.first()? & 0x0f) * 4;
-    let icmp = packet.get(header..header + 8)?;
-    if icmp[0] != 0 {
-        return None;
-    }
+    let (id, seq) = echo_fields(0, packet.get(header..)?)?;
     Some(EchoReply {
         from: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
-        id: u16::from_be_bytes([icmp[4], icmp[5]]),
-        seq: u16::from_be_bytes([icmp[6], icmp[7]]),
+        id,
+        seq,
     })
 }
 

@@ -5,6 +5,8 @@
 //!   [`Unreachable`], one whose calls all fail;
 //! - [`netns`] and [`nft`]: scratch network namespaces, a routed topology in both
 //!   families, and `ip`, `nft` and `ping` as independent witnesses for kernel tests;
+//! - [`podman`]: podman with runc and its CNI backend, confined to a test's namespace and
+//!   directory, everything of it removed when dropped or swept after a killed run;
 //! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes,
 //!   instead of sleeping a fixed time and hoping.
 
@@ -12,6 +14,7 @@ pub mod etcd;
 mod freezable;
 pub mod netns;
 pub mod nft;
+pub mod podman;
 mod wait;
 
 pub use freezable::{Freezable, Unreachable};

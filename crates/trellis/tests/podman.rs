@@ -13,8 +13,9 @@
 //! state and file locks in `/tmp/trt-tpod-PID`, the network `trt-tpod-PID`, and its
 //! containers' cgroups under `/trt-tpod-PID`. All of it is removed when the test ends, also
 //! when it fails, before the lab's guard removes the lab; what a killed run left is removed
-//! by the next one. The plumbing follows crates/cni-plugin/tests/runtime.rs (standalone
-//! namespaces there), trimmed to one network of `trellis-cni` on a lab node.
+//! by the next one. The plumbing is [`trellis_testkit::podman`]'s, shared with
+//! crates/cni-plugin/tests/runtime.rs (standalone namespaces there), here with one network
+//! of `trellis-cni` on a lab node.
 //!
 //! podman 4.3 links libcni 1.1, which knows CNI results up to 1.0.0: the network says
 //! `"cniVersion": "1.0.0"` (the plugin negotiates down).
@@ -29,9 +30,9 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::{Lab, text, wait_until};
+use trellis_testkit::podman::{self, Podman, alive, is_root};
 
 const LAB: &str = "tpod";
 /// The node podman runs on.
@@ -39,12 +40,10 @@ const NODE: &str = "a1";
 /// A lab pod on the same node, and one on the other location (across the mesh).
 const LOCAL_POD: &str = "a1-p0";
 const REMOTE_POD: &str = "b1-p0";
-/// The CNI version podman 4.3's libcni speaks at most.
-const CNI_VERSION: &str = "1.0.0";
 /// Everything this test makes besides the lab is named `trt-tpod-PID`.
 const PREFIX: &str = "trt-tpod-";
-/// Every podman call is killed after this (a hung runtime fails the test, not CI).
-const PODMAN_TIMEOUT_S: u32 = 60;
+/// How long a ping from the container may take to work (a WireGuard handshake, say).
+const PING_WITHIN: Duration = Duration::from_secs(10);
 
 /// Prints the step the test is at, so a failure says where it happened.
 fn step(name: &str) {
@@ -102,7 +101,7 @@ fn podman_on_a_lab_node_works_with_the_agent_and_store_down() {
     let lab_veths = node.veths();
 
     step("podman run -d on a1");
-    let id = node.run_detached("c1", &["sleep", "600"]);
+    let id = node.run_detached("c1", &[], &["sleep", "600"]);
     let c1 = node.view_of("c1");
     c1.assert_attached(&node, &pod_network);
     assert_ne!(c1.addr, local, "the lab's pod keeps its own address");
@@ -120,8 +119,8 @@ fn podman_on_a_lab_node_works_with_the_agent_and_store_down() {
     let host = node.host_end(&c1);
 
     step("the container reaches lab pods, on a1 and across the mesh");
-    node.ping("c1", &local);
-    node.ping("c1", &remote);
+    node.ping("c1", &local, PING_WITHIN);
+    node.ping("c1", &remote, PING_WITHIN);
     wait_until(
         &format!("{REMOTE_POD} to reach the container at {}", c1.addr),
         Duration::from_secs(10),
@@ -210,27 +209,23 @@ fn podman_on_a_lab_node_works_with_the_agent_and_store_down() {
 
 struct PodmanNode {
     /// `trt-tpod-PID`: the directory under /tmp, the CNI network (libcni caches results by
-    /// its name), the containers' cgroup parent.
-    name: String,
-    /// The lab node's namespace.
-    netns: String,
-    dir: PathBuf,
+    /// its name), the containers' cgroup parent; in the lab node's namespace.
+    podman: Podman,
     /// The plugin's configuration on the node, as the lab gives it.
     plugin: Value,
 }
 
+impl std::ops::Deref for PodmanNode {
+    type Target = Podman;
+
+    fn deref(&self) -> &Podman {
+        &self.podman
+    }
+}
+
 impl PodmanNode {
     fn new(lab: &Lab, node: &str) -> PodmanNode {
-        for tool in ["podman", "runc", "nsenter", "timeout"] {
-            assert!(
-                which(tool),
-                "{tool} is missing: scripts/test.sh installs what this test needs"
-            );
-        }
-        assert!(
-            Path::new("/bin/busybox").exists(),
-            "/bin/busybox is missing: scripts/test.sh installs busybox-static"
-        );
+        podman::require(&[], &[]);
         // The lab found the plugin beside `trellis`; so does podman.
         let plugin_dir = Path::new(env!("CARGO_BIN_EXE_trellis"))
             .parent()
@@ -249,89 +244,28 @@ impl PodmanNode {
         assert_eq!(plugin["type"], "trellis-cni", "{plugin}");
 
         let name = format!("{PREFIX}{}", std::process::id());
+        let mut on_node = world(&name, lab.netns(node));
+        on_node.ipam_file = file(&plugin, "ipamFile");
         let podman = PodmanNode {
-            dir: std::env::temp_dir().join(&name),
-            netns: lab.netns(node),
-            name,
+            podman: on_node,
             plugin,
         };
         // From here on, a failure drops `podman`, which removes whatever was made.
-        let _ = std::fs::remove_dir_all(&podman.dir);
-        for sub in ["net.d", "storage", "run", "tmp", "rootfs/bin"] {
-            std::fs::create_dir_all(podman.dir.join(sub)).expect("creating the test directory");
-        }
+        podman.make_dirs(&[]);
         assert!(
             podman.node_file().is_file(),
             "the agent wrote the node file {}",
             podman.node_file().display()
         );
-
-        let list = json!({
-            "cniVersion": CNI_VERSION,
-            "name": podman.name,
-            "plugins": [podman.plugin],
-        });
-        std::fs::write(
-            podman
-                .dir
-                .join("net.d")
-                .join(format!("{}.conflist", podman.name)),
-            serde_json::to_vec_pretty(&list).expect("JSON"),
-        )
-        .expect("writing the conflist");
-
+        podman.write_network(vec![podman.plugin.clone()]);
         // A root filesystem: busybox and its applets.
-        let rootfs = podman.rootfs();
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copying busybox");
-        for applet in ["sh", "ip", "ping", "sleep", "cat", "echo"] {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
-                .expect("linking an applet");
-        }
-
-        // podman's configuration: the CNI backend, the plugin's and the network's
-        // directories, per-boot state and file locks of the test's own.
-        let d = |sub: &str| podman.dir.join(sub).display().to_string();
-        let conf = format!(
-            "[network]\n\
-             network_backend = \"cni\"\n\
-             cni_plugin_dirs = [\"{plugins}\"]\n\
-             network_config_dir = \"{netd}\"\n\
-             default_network = \"{network}\"\n\
-             [engine]\n\
-             runtime = \"runc\"\n\
-             cgroup_manager = \"cgroupfs\"\n\
-             tmp_dir = \"{tmp}\"\n\
-             lock_type = \"file\"\n\
-             events_logger = \"file\"\n\
-             events_logfile_path = \"{events}\"\n",
-            plugins = plugin_dir.display(),
-            netd = d("net.d"),
-            network = podman.name,
-            tmp = d("tmp"),
-            events = d("events.log"),
-        );
-        std::fs::write(podman.dir.join("containers.conf"), conf).expect("writing containers.conf");
+        podman.make_rootfs(&["sh", "ip", "ping", "sleep", "cat", "echo"]);
+        podman.write_containers_conf(&[plugin_dir]);
         podman
     }
 
-    fn file(&self, field: &str) -> PathBuf {
-        PathBuf::from(
-            self.plugin[field]
-                .as_str()
-                .unwrap_or_else(|| panic!("{field} in {}", self.plugin)),
-        )
-    }
-
     fn node_file(&self) -> PathBuf {
-        self.file("nodeFile")
-    }
-
-    fn ipam_file(&self) -> PathBuf {
-        self.file("ipamFile")
-    }
-
-    fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs")
+        file(&self.plugin, "nodeFile")
     }
 
     /// The node's IPv4 pod CIDR and the pods' MTU, from the node file the agent keeps.
@@ -349,149 +283,23 @@ impl PodmanNode {
         (cidr, mtu as u32)
     }
 
-    // --- podman, in the node's namespace.
-
-    fn podman(&self, args: &[&str]) -> Output {
-        podman_command(&self.netns, &self.dir, args)
-            .output()
-            .expect("running podman")
-    }
-
-    fn podman_ok(&self, args: &[&str]) -> String {
-        let out = self.podman(args);
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}\n{}",
-            describe(&out),
-            self.diagnostics()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `podman run` on the network with `options`, running `cmd` in the busybox root
-    /// filesystem; returns its output.
-    fn run(&self, options: &[&str], cmd: &[&str]) -> String {
-        // The containers' cgroups (and conmon's) under the test's own, removed with it.
-        let cgroup_parent = format!("/{}", self.name);
-        let mut args = vec![
-            "run",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "--network",
-            &self.name,
-            "--cgroup-parent",
-            &cgroup_parent,
-        ];
-        args.extend_from_slice(options);
-        let rootfs = self.rootfs().display().to_string();
-        args.extend_from_slice(&["--rootfs", &rootfs]);
-        args.extend_from_slice(cmd);
-        self.podman_ok(&args)
-    }
-
-    /// Starts a named container in the background; returns its ID.
-    fn run_detached(&self, name: &str, cmd: &[&str]) -> String {
-        self.run(&["-d", "--name", name], cmd).trim().to_string()
-    }
-
     /// The container's network as it sees it.
     fn view_of(&self, name: &str) -> PodView {
-        PodView::parse(&self.podman_ok(&["exec", name, "sh", "-c", VIEW_SCRIPT]))
-    }
-
-    /// Pings `to` from container `from`, giving the path a few seconds (a WireGuard
-    /// handshake, say).
-    fn ping(&self, from: &str, to: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self.podman(&["exec", from, "ping", "-c", "1", "-W", "1", to]);
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{from} cannot reach {to}: {}\n{}",
-                describe(&out),
-                self.diagnostics()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Where libcni keeps a container's ADD result.
-    fn cache_path(&self, container_id: &str) -> PathBuf {
-        PathBuf::from(format!(
-            "/var/lib/cni/results/{}-{container_id}-eth0",
-            self.name
-        ))
-    }
-
-    // --- The node, read with the host's tools.
-
-    fn ip(&self, args: &[&str]) -> String {
-        run_ok(Command::new("ip").args(["-n", &self.netns]).args(args))
-    }
-
-    fn links(&self) -> Vec<Value> {
-        let text = self.ip(&["-j", "-d", "link", "show"]);
-        match serde_json::from_str(&text) {
-            Ok(Value::Array(links)) => links,
-            _ => panic!("ip -j link printed {text}"),
-        }
-    }
-
-    fn link(&self, name: &str) -> Option<Value> {
-        self.links().into_iter().find(|l| l["ifname"] == name)
-    }
-
-    fn link_by_index(&self, index: u32) -> Option<Value> {
-        self.links().into_iter().find(|l| l["ifindex"] == index)
-    }
-
-    fn veths(&self) -> Vec<String> {
-        self.links()
-            .into_iter()
-            .filter(|l| l["linkinfo"]["info_kind"] == "veth")
-            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-            .collect()
+        PodView::parse(&self.exec(name, &["sh", "-c", VIEW_SCRIPT]))
     }
 
     /// The host end of a container's veth, checked: a veth in the node's namespace named
     /// as the plugin names them, with the container's MTU and the node's route to the
     /// container through it.
     fn host_end(&self, pod: &PodView) -> String {
-        let link = self.link_by_index(pod.peer_index).unwrap_or_else(|| {
-            panic!(
-                "no host end (ifindex {}) in {}: {pod:?}\n{}",
-                pod.peer_index,
-                self.netns,
-                self.diagnostics()
-            )
-        });
-        let name = link["ifname"].as_str().expect("a name").to_string();
-        assert_eq!(link["linkinfo"]["info_kind"], "veth", "{link}");
-        assert_eq!(
-            link["mtu"], pod.mtu,
-            "the host end has the pod's MTU: {link}"
-        );
-        let hex = name.strip_prefix("tp").unwrap_or("");
-        assert!(
-            hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit()),
-            "the host end is named tp<12 hex>: {name}"
-        );
-        let route = self.ip(&["-4", "route", "show", "exact", &format!("{}/32", pod.addr)]);
-        assert!(
-            route.contains(&format!("dev {name}")),
-            "the node routes {} through {name}: {route:?}",
-            pod.addr
-        );
+        let name = self.podman.host_end(pod.peer_index, pod.mtu, pod);
+        podman::assert_named_by_trellis_cni(&name);
+        self.assert_routes(&pod.addr, &name);
         name
     }
 
     fn ipam(&self) -> Value {
-        let text = match std::fs::read_to_string(self.ipam_file()) {
+        let text = match std::fs::read_to_string(&self.ipam_file) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json!({}),
             Err(e) => panic!("reading the IPAM file: {e}"),
@@ -519,41 +327,6 @@ impl PodmanNode {
             .filter_map(|a| Some(a.as_str()?.to_string()))
             .collect()
     }
-
-    /// What to print when something fails: the node's links and the plugin's state.
-    fn diagnostics(&self) -> String {
-        let links = Command::new("ip")
-            .args(["-n", &self.netns, "-br", "link"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let ipam = std::fs::read_to_string(self.ipam_file()).unwrap_or_default();
-        format!("--- {} links\n{links}--- IPAM file\n{ipam}", self.netns)
-    }
-}
-
-impl Drop for PodmanNode {
-    fn drop(&mut self) {
-        teardown(&self.name, &self.netns);
-    }
-}
-
-/// podman with the test's configuration, storage and state, in the node's namespace.
-fn podman_command(netns: &str, dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["-k", "5", &PODMAN_TIMEOUT_S.to_string()])
-        .arg("nsenter")
-        .arg(format!("--net=/run/netns/{netns}"))
-        .arg("podman")
-        .arg("--root")
-        .arg(dir.join("storage"))
-        .arg("--runroot")
-        .arg(dir.join("run"))
-        .args(["--storage-driver", "vfs"])
-        .args(args)
-        .env("CONTAINERS_CONF", dir.join("containers.conf"))
-        .stdin(Stdio::null());
-    cmd
 }
 
 // ---------------------------------------------------------------------------------------
@@ -616,247 +389,49 @@ impl PodView {
 // ---------------------------------------------------------------------------------------
 // Cleaning up.
 
-/// Stops and removes the test's containers (DEL for each, their namespaces, their
-/// mounts) with podman in the node's namespace, then removes everything else it made.
-fn teardown(name: &str, netns: &str) {
-    let dir = std::env::temp_dir().join(name);
-    if dir.join("containers.conf").exists() {
-        // podman runs in a lab node's namespace only: if the lab is gone already, an empty
-        // namespace of the test's own stands in for it.
-        let standin = format!("{name}-standin");
-        let ns = if Path::new("/run/netns").join(netns).exists() {
-            netns
-        } else {
-            let _ = Command::new("ip").args(["netns", "add", &standin]).status();
-            &standin
-        };
-        let out = podman_command(ns, &dir, &["rm", "-a", "-f", "-t", "0"]).output();
-        if let Ok(out) = out
-            && !out.status.success()
-        {
-            eprintln!("cleaning up, podman rm -a failed: {}", describe(&out));
-        }
+/// The world of `trt-tpod-PID` on the lab node whose namespace is `netns`: the directory
+/// under /tmp, the network and the cgroup parent named so, and a stand-in namespace of
+/// its own should the lab be gone when it is removed; no IPAM file yet. Nothing is made
+/// yet; dropped, it removes whatever of it exists, never anything of the lab's.
+fn world(name: &str, netns: String) -> Podman {
+    Podman {
+        netns,
+        own_netns: false,
+        dir: std::env::temp_dir().join(name),
+        network: name.to_string(),
+        cgroup: name.to_string(),
+        ipam_file: PathBuf::new(),
     }
-    remove(name, &dir);
-}
-
-/// Removes what the test made, whatever state it is in: containers podman could not
-/// remove, the processes in its cgroup parent (conmon, containers), mounts under its
-/// directory, libcni's cached results for its network, the directory, the cgroups, a
-/// stand-in namespace. Never anything of the lab's.
-fn remove(name: &str, dir: &Path) {
-    for (id, rootfs) in runc_containers() {
-        if rootfs.starts_with(dir) {
-            let _ = Command::new("runc")
-                .args(["delete", "--force", &id])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    let cgroups = cgroup_parents(name);
-    let mut pids = BTreeSet::new();
-    for parent in &cgroups {
-        cgroup_procs(parent, &mut pids);
-    }
-    for pid in pids {
-        let _ = Command::new("kill").args(["-9", &pid]).status();
-    }
-    let prefix = dir.display().to_string();
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m == &prefix || m.starts_with(&format!("{prefix}/")))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = Command::new("umount").args(["-l", &m]).status();
-    }
-    if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
-        let ours = format!("{name}-");
-        for e in entries.filter_map(Result::ok) {
-            if e.file_name().to_string_lossy().starts_with(&ours) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    // Killed processes leave their cgroups a moment later.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for parent in &cgroups {
-        while !remove_cgroup(parent) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let standin = format!("{name}-standin");
-    if Path::new("/run/netns").join(&standin).exists() {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &standin])
-            .status();
-    }
-}
-
-/// The containers runc knows (podman runs it with its default state directory), with
-/// their root filesystems.
-fn runc_containers() -> Vec<(String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir("/run/runc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let state: Value =
-                serde_json::from_slice(&std::fs::read(e.path().join("state.json")).ok()?).ok()?;
-            let rootfs = PathBuf::from(state["config"]["rootfs"].as_str()?);
-            Some((e.file_name().into_string().ok()?, rootfs))
-        })
-        .collect()
-}
-
-/// The cgroup hierarchies (cgroup v1 controllers, v2).
-fn cgroup_roots() -> Vec<PathBuf> {
-    let root = Path::new("/sys/fs/cgroup");
-    let mut roots = vec![root.to_path_buf()];
-    if let Ok(hierarchies) = std::fs::read_dir(root) {
-        roots.extend(hierarchies.filter_map(Result::ok).map(|h| h.path()));
-    }
-    roots
-}
-
-/// The test's cgroup parent in every hierarchy that has it.
-fn cgroup_parents(name: &str) -> Vec<PathBuf> {
-    cgroup_roots()
-        .into_iter()
-        .map(|r| r.join(name))
-        .filter(|p| p.is_dir())
-        .collect()
-}
-
-/// The processes in a cgroup and the cgroups under it.
-fn cgroup_procs(path: &Path, pids: &mut BTreeSet<String>) {
-    if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
-        pids.extend(procs.split_whitespace().map(str::to_string));
-    }
-    for child in sub_cgroups(path) {
-        cgroup_procs(&child, pids);
-    }
-}
-
-/// Removes a cgroup and the cgroups under it; whether it is gone.
-fn remove_cgroup(path: &Path) -> bool {
-    for child in sub_cgroups(path) {
-        remove_cgroup(&child);
-    }
-    let _ = std::fs::remove_dir(path);
-    !path.exists()
-}
-
-fn sub_cgroups(path: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Removes what earlier runs left when they were killed (nothing dropped): directories,
 /// containers, cgroups, cached results and stand-in namespaces named `trt-tpod-PID` after
 /// a process that is gone. (Their lab goes with `lab up`'s `lab down`.)
 fn sweep_leftovers() {
-    let dead = |entry: &str| -> Option<String> {
-        let pid = entry.strip_prefix(PREFIX)?.split(['-', '/']).next()?;
-        let pid: i64 = pid.parse().ok()?;
-        (!alive(pid)).then(|| format!("{PREFIX}{pid}"))
-    };
-    let names = |dir: &Path| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let tmp = std::env::temp_dir();
     let mut places = vec![
-        tmp.clone(),
+        std::env::temp_dir(),
         PathBuf::from("/run/netns"),
         PathBuf::from("/var/lib/cni/results"),
     ];
-    places.extend(cgroup_roots());
-    let mut stale: BTreeSet<String> = places
+    places.extend(podman::cgroup_roots());
+    let stale: BTreeSet<String> = podman::leftovers(PREFIX, &places)
         .iter()
-        .flat_map(|p| names(p))
-        .filter_map(|n| dead(&n))
+        .filter_map(|rest| Some(format!("{PREFIX}{}", rest.split('-').next()?)))
         .collect();
-    for (_, rootfs) in runc_containers() {
-        if let Ok(rest) = rootfs.strip_prefix(&tmp) {
-            stale.extend(dead(&rest.to_string_lossy()));
-        }
-    }
     for name in stale {
         eprintln!("removing what a killed run left: {name}");
-        teardown(&name, &format!("tl-{LAB}-{NODE}"));
+        drop(world(&name, format!("tl-{LAB}-{NODE}")));
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Small helpers.
 
-/// Whether a process exists and is not a zombie (a killed run's process may stay one for
-/// a while).
-fn alive(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state != "Z" && state != "X")
-        })
-        .unwrap_or(false)
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+/// A file the plugin's configuration names.
+fn file(plugin: &Value, field: &str) -> PathBuf {
+    PathBuf::from(
+        plugin[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field} in {plugin}")),
     )
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).is_file())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
