@@ -78,9 +78,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
         Verb::Add => {
             let node = node_network(&conf)?;
             let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
-            let result = state::with_state(ipam, LOCK_TIMEOUT, |s| {
-                verbs::add(s, &mut links, &node, &who(), &netns)
-            })?;
+            let result = with_state(ipam, |s| verbs::add(s, &mut links, &node, &who(), &netns))?;
             Ok(Some(chained(
                 conf.prev_result.as_ref(),
                 result.encode(&conf.cni_version),
@@ -90,9 +88,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
             // Without the node file the links are still found by name.
             let node = node_network(&conf).ok();
             let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
-            match state::with_state(ipam, LOCK_TIMEOUT, |s| {
-                verbs::del(s, &mut links, node.as_ref(), &who())
-            }) {
+            match with_state(ipam, |s| verbs::del(s, &mut links, node.as_ref(), &who())) {
                 Ok(()) => Ok(None),
                 // Held by another call: the runtime retries, and the address is released
                 // then rather than leaked now.
@@ -133,7 +129,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
                 .collect();
             let node = node_network(&conf).ok();
             let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
-            state::with_state(ipam, LOCK_TIMEOUT, |s| {
+            with_state(ipam, |s| {
                 Ok(verbs::gc(s, &mut links, node.as_ref(), &valid))
             })?;
             Ok(None)
@@ -160,6 +156,21 @@ fn unplug_helper(job: &str) -> i32 {
         Ok(()) => 0,
         Err(_) => 1,
     }
+}
+
+/// The allocations under their lock, with those of an earlier boot forgotten first (their
+/// containers cannot exist any more; on tmpfs, the default, the file is gone anyway).
+fn with_state<T>(
+    path: &Path,
+    change: impl FnOnce(&mut trellis_cni::ipam::Allocations) -> Result<T, CniError>,
+) -> Result<T, CniError> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    state::with_state(path, LOCK_TIMEOUT, |s| {
+        if !boot.trim().is_empty() {
+            s.since_boot(boot.trim());
+        }
+        change(s)
+    })
 }
 
 /// The node-local file, with the configuration's MTU over the overlay's if it has one.

@@ -72,6 +72,8 @@ pub struct Allocations {
     attachments: BTreeMap<Attachment, Vec<IpAddr>>,
     /// The last address handed out from each pool: the next search starts after it.
     last: BTreeMap<IpNet, IpAddr>,
+    /// The kernel's boot the attachments were made in (`/proc/sys/kernel/random/boot_id`).
+    boot: Option<String>,
 }
 
 impl Allocations {
@@ -91,6 +93,20 @@ impl Allocations {
 
     pub fn len(&self) -> usize {
         self.attachments.len()
+    }
+
+    /// Every attachment made before the machine's current boot is forgotten and returned:
+    /// no container outlives a reboot, and an allocation file kept on persistent disk
+    /// must not keep their addresses (host-local's leak, plugins 252 and 697). A state
+    /// from before boots were recorded is taken as this boot's.
+    pub fn since_boot(&mut self, boot_id: &str) -> Vec<(Attachment, Vec<IpAddr>)> {
+        let stale = self.boot.as_deref().is_some_and(|b| b != boot_id);
+        self.boot = Some(boot_id.to_string());
+        if stale {
+            std::mem::take(&mut self.attachments).into_iter().collect()
+        } else {
+            Vec::new()
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,6 +177,9 @@ pub struct StateFile {
     pub attachments: Vec<AttachmentRecord>,
     /// The last address handed out from each pool.
     pub last: Vec<(IpNet, IpAddr)>,
+    /// The boot the attachments were made in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -184,6 +203,7 @@ impl From<Allocations> for StateFile {
                 })
                 .collect(),
             last: a.last.into_iter().collect(),
+            boot_id: a.boot,
         }
     }
 }
@@ -205,6 +225,7 @@ impl From<StateFile> for Allocations {
                 })
                 .collect(),
             last: f.last.into_iter().collect(),
+            boot: f.boot_id,
         }
     }
 }
@@ -401,6 +422,31 @@ mod tests {
             2 => (0u8..24).prop_map(Step::Del),
             1 => proptest::collection::vec(0u8..24, 0..8).prop_map(Step::Gc),
         ]
+    }
+
+    #[test]
+    fn a_reboot_forgets_every_attachment_of_the_boot_before() {
+        let pool: IpNet = "10.244.1.0/24".parse().unwrap();
+        let who = |id: &str| Attachment {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        };
+        let mut a = Allocations::new();
+        assert!(a.since_boot("boot-1").is_empty(), "a fresh state");
+        a.allocate(&who("a"), &[pool]).unwrap();
+        assert!(a.since_boot("boot-1").is_empty(), "the same boot keeps it");
+        let text = serde_json::to_string(&a).unwrap();
+        let mut read: Allocations = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, a, "the boot is kept in the file");
+        let forgotten = read.since_boot("boot-2");
+        assert_eq!(forgotten.len(), 1);
+        assert!(read.is_empty());
+        read.allocate(&who("b"), &[pool]).unwrap();
+        // A file written before boots were recorded is taken as this boot's.
+        let old = r#"{"version":1,"attachments":[{"container_id":"x","ifname":"eth0","addresses":["10.244.1.9"]}],"last":[]}"#;
+        let mut legacy: Allocations = serde_json::from_str(old).unwrap();
+        assert!(legacy.since_boot("boot-2").is_empty());
+        assert_eq!(legacy.len(), 1);
     }
 
     proptest! {
