@@ -15,6 +15,24 @@ fi
 # trellis-cni in crates/cni-plugin/tests/runtime.rs.
 packages=(iproute2 iputils-ping nftables conntrack wireguard-tools wireguard-go iperf3 etcd-server etcd-client openssl
   podman runc busybox-static containernetworking-plugins iptables jq)
+# Debian's kubectl (kubernetes-client) is the real client crates/kube-double/tests/kubectl.rs
+# points at the Kubernetes API double. Where another package owns /usr/bin/kubectl (the Google
+# Cloud SDK's `kubectl`), Debian's is unpacked beside it instead and named by KUBECTL.
+if dpkg-query -W -f='${Status}' kubectl 2>/dev/null | grep -q "install ok installed"; then
+  kubectl_dir=/opt/trellis-test/kubernetes-client
+  if [ ! -x "$kubectl_dir/usr/bin/kubectl" ]; then
+    kubectl_deb=$(mktemp -d)
+    chown _apt "$kubectl_deb" 2>/dev/null || true
+    apt-get update -qq
+    (cd "$kubectl_deb" && apt-get download -qq kubernetes-client)
+    mkdir -p "$kubectl_dir"
+    dpkg-deb -x "$kubectl_deb"/kubernetes-client_*.deb "$kubectl_dir"
+    rm -rf "$kubectl_deb"
+  fi
+  export KUBECTL="$kubectl_dir/usr/bin/kubectl"
+else
+  packages+=(kubernetes-client)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,27 @@
+//! The Kubernetes backend (issue 11; design in docs/kubernetes.md): each Trellis record
+//! as the native object the cluster already has, read and written through the API server,
+//! never through a service address.
+//!
+//! This first part is the pure mapping, with no IO, so every rule is tested by value:
+//!
+//! - [`api_address`]: where the agent reaches the API server: a flag, the kubelet's
+//!   kubeconfig, and only then the in-cluster service address (seed 003);
+//! - [`annotations`]: the annotation keys Trellis writes on its Node, and Kilo's, which it
+//!   honours so that a Kilo cluster's configuration carries over;
+//! - [`node`]: a Kubernetes `Node` object to Trellis's node record (what the agent
+//!   published in Trellis's annotations, overridden by Kilo's user-set ones), and the
+//!   merge patch an agent sends for its own Node, only when something changed;
+//! - [`location`]: the per-location custom resource (its CRD, the leader's slots, the
+//!   observers' conflict-free opinion patches);
+//! - [`peer`]: Kilo's `kilo.squat.ai/v1alpha1` `Peer`, accepted unchanged, to an external
+//!   peer.
+//!
+//! Objects come in as `serde_json::Value`, as the API serves them: the client on top
+//! decides how it fetches them, and these functions never depend on it. Every refusal
+//! names the object, the field or annotation, and the value.
+
+pub mod annotations;
+pub mod api_address;
+pub mod location;
+pub mod node;
+pub mod peer;
