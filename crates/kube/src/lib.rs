@@ -2,7 +2,7 @@
 //! as the native object the cluster already has, read and written through the API server,
 //! never through a service address.
 //!
-//! This first part is the pure mapping, with no IO, so every rule is tested by value:
+//! The pure mapping has no IO, so every rule is tested by value:
 //!
 //! - [`api_address`]: where the agent reaches the API server: a flag, the kubelet's
 //!   kubeconfig, and only then the in-cluster service address (seed 003);
@@ -16,12 +16,16 @@
 //! - [`peer`]: Kilo's `kilo.squat.ai/v1alpha1` `Peer`, accepted unchanged, to an external
 //!   peer.
 //!
+//! - [`client`]: the edge, over kube-rs: list, watch from a version (410 in the stream:
+//!   list afresh), merge patches, each bounded in time.
+//!
 //! Objects come in as `serde_json::Value`, as the API serves them: the client on top
 //! decides how it fetches them, and these functions never depend on it. Every refusal
 //! names the object, the field or annotation, and the value.
 
 pub mod annotations;
 pub mod api_address;
+pub mod client;
 pub mod location;
 pub mod node;
 pub mod peer;

@@ -1,0 +1,128 @@
+//! The client edge against the in-process API double: list, watch from a version with
+//! bookmarks, merge patches read back through the pure mapping, and the 410 that sends a
+//! watcher back to a fresh list.
+
+use futures::StreamExt;
+use serde_json::json;
+use std::time::Duration;
+use trellis_kube::api_address::{ApiAddress, Source};
+use trellis_kube::client::{Change, Kind, Kube, KubeError};
+use trellis_kube::node::{annotations_patch, node_from_object};
+use trellis_kube_double::KubeDouble;
+
+fn node(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/region": "site-a"}},
+        "spec": {"podCIDRs": ["10.244.1.0/24"]},
+    })
+}
+
+#[tokio::test]
+async fn an_agent_lists_watches_and_patches_its_node_through_the_api() {
+    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let kube = Kube::new(
+        &ApiAddress {
+            url: double.url(),
+            source: Source::Flag,
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let nodes = Kind::node();
+    kube.create(&nodes, None, &node("a1")).await.unwrap();
+    let (listed, version) = kube.list(&nodes, None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        node_from_object(&listed[0]).unwrap(),
+        None,
+        "no agent has joined it yet"
+    );
+
+    let mut watch = Box::pin(kube.watch(&nodes, None, &version).await.unwrap());
+    kube.create(&nodes, None, &node("b1")).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match next.change {
+        Change::Applied(o) => assert_eq!(o["metadata"]["name"], "b1"),
+        other => panic!("{other:?}"),
+    }
+
+    // The agent of a1 publishes itself: one merge patch, read back as a node record.
+    let record = trellis_model::Node {
+        name: "a1".into(),
+        location: "site-a".into(),
+        internal_ip: "172.20.0.10/24".parse().unwrap(),
+        endpoint: None,
+        listen_port: 51820,
+        public_key: None,
+        pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+        gateway: Default::default(),
+        overlay_ip: "100.64.0.1".parse().unwrap(),
+        probe_ip: None,
+    };
+    let patch = annotations_patch(&listed[0], &record).expect("a first publication");
+    let patched = kube
+        .merge_patch(&nodes, None, "a1", &patch, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        node_from_object(&patched).unwrap().unwrap().node,
+        record,
+        "what was written reads back as the same record"
+    );
+    assert_eq!(
+        annotations_patch(&patched, &record),
+        None,
+        "nothing more to write"
+    );
+    let seen = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Change::Applied(o) = e.change
+            && o["metadata"]["name"] == "a1"
+        {
+            break o;
+        }
+    };
+    assert!(
+        node_from_object(&seen).unwrap().is_some(),
+        "the watcher sees a1 join"
+    );
+
+    // A bookmark arrives while nothing changes (the double sends one a second).
+    let bookmark = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(bookmark.change, Change::Bookmark);
+    assert!(!bookmark.resource_version.is_empty());
+
+    // History compacted past the version a watcher resumes from: 410, list afresh.
+    double.compact();
+    let mut stale = Box::pin(kube.watch(&nodes, None, &version).await.unwrap());
+    match tokio::time::timeout(Duration::from_secs(5), stale.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Err(KubeError::Expired { version: v, .. }) => assert_eq!(v, version),
+        other => panic!("expected Expired: {other:?}"),
+    }
+
+    // A conflict is refused by code.
+    match kube.create(&nodes, None, &node("a1")).await {
+        Err(KubeError::Refused { code: 409, .. }) => {}
+        other => panic!("expected 409: {other:?}"),
+    }
+}
