@@ -8,10 +8,12 @@
 //! that becomes [`KubeError::Expired`], the caller's cue to list afresh. Nothing else
 //! re-lists.
 //!
-//! Connections are plain HTTP for now (the test double); TLS and credentials from the
-//! kubelet's kubeconfig or the pod's service account come with the agent's wiring.
+//! Credentials ([`Kube::connect`]): the kubelet's kubeconfig when the address came from it
+//! (its client certificate and CA), else the pod's service account when there is one (its
+//! token and CA, but the address chosen, never the service address it would imply), else
+//! none (the test double, over plain HTTP).
 
-use crate::api_address::ApiAddress;
+use crate::api_address::{ApiAddress, Source};
 use futures::{Stream, StreamExt};
 use kube::api::{
     Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, WatchEvent, WatchParams,
@@ -125,13 +127,50 @@ pub struct Kube {
 }
 
 impl Kube {
-    /// A client of the API server at `address`; each call may take up to `timeout`.
+    /// A client of the API server at `address` without credentials (a test double over
+    /// plain HTTP); each call may take up to `timeout`.
     pub fn new(address: &ApiAddress, timeout: Duration) -> Result<Kube, KubeError> {
         let url = address.url.parse().map_err(|e| KubeError::Decode {
             what: format!("API server address {}", address.url),
             why: format!("{e}"),
         })?;
         let mut config = kube::Config::new(url);
+        config.read_timeout = Some(timeout);
+        config.connect_timeout = Some(timeout);
+        let client = kube::Client::try_from(config).map_err(|source| KubeError::Transport {
+            what: format!("connecting to {}", address.url),
+            source,
+        })?;
+        Ok(Kube { client, timeout })
+    }
+
+    /// A client of the API server at `address`, with the credentials that go with how it
+    /// was found (module doc).
+    pub async fn connect(address: &ApiAddress, timeout: Duration) -> Result<Kube, KubeError> {
+        let what = format!("credentials for {}", address.url);
+        let mut config = match &address.source {
+            Source::KubeletKubeconfig(path) => {
+                let file =
+                    kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Decode {
+                        what: format!("kubeconfig {path}"),
+                        why: e.to_string(),
+                    })?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| KubeError::Decode {
+                        what: what.clone(),
+                        why: e.to_string(),
+                    })?
+            }
+            _ => match kube::Config::incluster_env() {
+                Ok(config) => config,
+                Err(_) => return Kube::new(address, timeout),
+            },
+        };
+        config.cluster_url = address.url.parse().map_err(|e| KubeError::Decode {
+            what: format!("API server address {}", address.url),
+            why: format!("{e}"),
+        })?;
         config.read_timeout = Some(timeout);
         config.connect_timeout = Some(timeout);
         let client = kube::Client::try_from(config).map_err(|source| KubeError::Transport {

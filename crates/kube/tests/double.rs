@@ -126,3 +126,27 @@ async fn an_agent_lists_watches_and_patches_its_node_through_the_api() {
         other => panic!("expected 409: {other:?}"),
     }
 }
+
+/// The kubelet's kubeconfig brings the address and the credentials together (the double
+/// takes none, so this checks the path through the kubeconfig loader).
+#[tokio::test]
+async fn a_client_from_the_kubelets_kubeconfig_reaches_the_api() {
+    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("trt-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubelet.conf");
+    std::fs::write(&path, double.kubeconfig()).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let address = trellis_kube::api_address::choose(None, Some((&path, &text)), |_| None).unwrap();
+    assert_eq!(address.url, double.url());
+    let kube = Kube::connect(&address, Duration::from_secs(5))
+        .await
+        .unwrap();
+    kube.create(&Kind::node(), None, &node("a1")).await.unwrap();
+    let (nodes, _) = kube.list(&Kind::node(), None).await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
