@@ -32,7 +32,7 @@ const API_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 const API_PORT: u16 = 443;
 /// How long the store stays down after the reboot in part 1: each pod is retried for this
 /// long, as a kubelet keeps retrying a sandbox.
-const OUTAGE: Duration = Duration::from_secs(10);
+const OUTAGE: Duration = Duration::from_secs(5);
 /// How long part 2 waits for every pair of pods to reach each other.
 const PAIRS_LIMIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(100);
@@ -225,39 +225,45 @@ fn narrate(boots: &[PodBoot]) -> usize {
     boots.iter().filter(|b| b.address.is_some()).count()
 }
 
-/// Pods without a sandbox after part 1, created again through the gate (as kubelets keep
-/// retrying) until each has an address.
+/// Pods without a sandbox after part 1, created again through the gate until each has an
+/// address, every node's pods in parallel with the other nodes', as kubelets retry.
 async fn recreate_missing(name: &str, gate: &Path) -> anyhow::Result<Option<()>> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut state = LabState::load(name)?;
-        let spec = state.spec.clone();
-        let mut missing = 0;
-        for (i, node) in spec.nodes.iter().enumerate() {
-            for (j, pod) in node.pods.iter().enumerate() {
-                if !pod.container_id.is_empty() {
-                    continue;
-                }
-                let mut pod = pod.clone();
-                match crate::pod_network::create_with(&spec, node, &mut pod, gate, Duration::ZERO)
+    let spec = LabState::load(name)?.spec;
+    let mut kubelets = tokio::task::JoinSet::new();
+    for node in spec.nodes.clone() {
+        let (spec, gate) = (spec.clone(), gate.to_path_buf());
+        kubelets.spawn(async move {
+            let mut pods = node.pods.clone();
+            for pod in pods.iter_mut().filter(|p| p.container_id.is_empty()) {
+                while crate::pod_network::create_with(&spec, &node, pod, &gate, Duration::ZERO)
                     .await
+                    .is_err()
                 {
-                    Ok(()) => {
-                        state.spec.nodes[i].pods[j] = pod;
-                        state.save()?;
+                    if Instant::now() > deadline {
+                        return (node.name, None);
                     }
-                    Err(_) => missing += 1,
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-        }
-        if missing == 0 {
-            return Ok(Some(()));
-        }
-        if Instant::now() > deadline {
-            return Ok(None);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            (node.name, Some(pods))
+        });
     }
+    let mut all = Some(());
+    while let Some(done) = kubelets.join_next().await {
+        let (node, pods) = done?;
+        match pods {
+            Some(pods) => {
+                let mut state = LabState::load(name)?;
+                if let Some(n) = state.spec.nodes.iter_mut().find(|n| n.name == node) {
+                    n.pods = pods;
+                }
+                state.save()?;
+            }
+            None => all = None,
+        }
+    }
+    Ok(all)
 }
 
 /// The `kubernetes` Service and its EndpointSlice, pointing at the lab's etcd. The store
