@@ -69,6 +69,15 @@ impl Kind {
     pub fn kilo_peer() -> Kind {
         Kind::new("kilo.squat.ai", "v1alpha1", "Peer", "peers", false)
     }
+    pub fn custom_resource_definition() -> Kind {
+        Kind::new(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+        )
+    }
     pub fn location() -> Kind {
         use crate::location::{GROUP, KIND, PLURAL, VERSION};
         Kind::new(GROUP, VERSION, KIND, PLURAL, false)

@@ -200,4 +200,24 @@ mod tests {
             );
         }
     }
+
+    /// deploy/crds/ holds the CRD as this module defines it: the manifest an operator
+    /// applies and the schema the agent writes against cannot drift apart. Regenerate with
+    /// `TRELLIS_WRITE_CRDS=1 cargo test -p trellis-kube crd_in_deploy`.
+    #[test]
+    fn the_crd_in_deploy_is_the_one_the_code_defines() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/crds/locations.trellis.network.yaml");
+        let generated = format!(
+            "# Generated from trellis_kube::location::crd(); see its test to regenerate.\n{}",
+            serde_yaml_ng::to_string(&crd()).unwrap()
+        );
+        if std::env::var_os("TRELLIS_WRITE_CRDS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let on_disk =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let parsed: Value = serde_yaml_ng::from_str(&on_disk).unwrap();
+        assert_eq!(parsed, crd(), "{} is out of date", path.display());
+    }
 }

@@ -150,3 +150,64 @@ async fn a_client_from_the_kubelets_kubeconfig_reaches_the_api() {
     assert_eq!(nodes.len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The Location resource as an API serves it: the CRD registers it, the leader's slots
+/// and two observers' opinions go to its status as merge patches that never conflict,
+/// and read back whole.
+#[tokio::test]
+async fn observers_and_the_leader_share_a_location_without_conflicts() {
+    use trellis_kube::location;
+    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let kube = Kube::new(
+        &ApiAddress {
+            url: double.url(),
+            source: Source::Flag,
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    kube.create(&Kind::custom_resource_definition(), None, &location::crd())
+        .await
+        .unwrap();
+    let site = Kind::location();
+    kube.create(
+        &site,
+        None,
+        &json!({
+            "apiVersion": "trellis.network/v1alpha1",
+            "kind": "Location",
+            "metadata": {"name": "site-a"},
+            "spec": {},
+        }),
+    )
+    .await
+    .unwrap();
+    let slots = location::slots_status(&["a1".into()], &["a2".into()]);
+    kube.merge_patch(&site, None, "site-a", &slots, true)
+        .await
+        .unwrap();
+    for (observer, forwards) in [("b1", true), ("b2", false)] {
+        kube.merge_patch(
+            &site,
+            None,
+            "site-a",
+            &location::opinion_patch(observer, "a1", forwards),
+            true,
+        )
+        .await
+        .unwrap();
+    }
+    let (all, _) = kube.list(&site, None).await.unwrap();
+    let mut opinions = location::opinions(&all[0]);
+    opinions.sort();
+    assert_eq!(
+        opinions,
+        [
+            ("b1".to_string(), "a1".to_string(), true),
+            ("b2".into(), "a1".into(), false)
+        ]
+    );
+    assert_eq!(all[0]["status"]["activeList"], "a1");
+}
