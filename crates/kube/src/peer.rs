@@ -1,8 +1,60 @@
 //! Kilo's `Peer` (`peers.kilo.squat.ai/v1alpha1`, cluster-scoped), accepted unchanged, as
 //! Trellis's external peer.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use trellis_model::{Endpoint, ExternalPeer, InvalidField, PublicKey, Validate};
+
+/// Kilo's `Peer` CustomResourceDefinition, for clusters that do not have it yet: the same
+/// group, version, kind, scope and fields as Kilo's own, so objects written for either
+/// are accepted by both.
+pub fn kilo_crd() -> Value {
+    let endpoint = json!({
+        "type": "object",
+        "required": ["dnsOrIP", "port"],
+        "properties": {
+            "dnsOrIP": {
+                "type": "object",
+                "properties": {"dns": {"type": "string"}, "ip": {"type": "string"}},
+            },
+            "port": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535},
+        },
+    });
+    let spec = json!({
+        "type": "object",
+        "required": ["allowedIPs", "publicKey"],
+        "properties": {
+            "allowedIPs": {"type": "array", "items": {"type": "string"}},
+            "publicKey": {"type": "string", "description": "The peer's WireGuard public key, base64."},
+            "endpoint": endpoint,
+            "persistentKeepalive": {"type": "integer", "minimum": 0},
+            "presharedKey": {"type": "string"},
+        },
+    });
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "peers.kilo.squat.ai"},
+        "spec": {
+            "group": "kilo.squat.ai",
+            "scope": "Cluster",
+            "names": {"plural": "peers", "singular": "peer", "kind": "Peer", "listKind": "PeerList"},
+            "versions": [{
+                "name": "v1alpha1",
+                "served": true,
+                "storage": true,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec,
+                    },
+                }},
+            }],
+        },
+    })
+}
 
 /// The external peer a Kilo `Peer` object describes.
 pub fn peer_from_object(object: &Value) -> Result<ExternalPeer, InvalidField> {
@@ -160,5 +212,22 @@ mod tests {
             assert!(e.field.ends_with(field), "{e:?}");
             assert!(e.reason.contains(expect), "{e:?}");
         }
+    }
+
+    #[test]
+    fn the_crd_in_deploy_is_the_one_the_code_defines() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/crds/peers.kilo.squat.ai.yaml");
+        let generated = format!(
+            "# Generated from trellis_kube::peer::kilo_crd(): Kilo's Peer, accepted unchanged.\n{}",
+            serde_yaml_ng::to_string(&kilo_crd()).unwrap()
+        );
+        if std::env::var_os("TRELLIS_WRITE_CRDS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let on_disk =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let parsed: Value = serde_yaml_ng::from_str(&on_disk).unwrap();
+        assert_eq!(parsed, kilo_crd(), "{} is out of date", path.display());
     }
 }

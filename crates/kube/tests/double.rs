@@ -211,3 +211,46 @@ async fn observers_and_the_leader_share_a_location_without_conflicts() {
     );
     assert_eq!(all[0]["status"]["activeList"], "a1");
 }
+
+/// A Kilo Peer, applied as Kilo users apply it, reaches Trellis as an external peer.
+#[tokio::test]
+async fn a_kilo_peer_from_the_api_is_an_external_peer() {
+    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let kube = Kube::new(
+        &ApiAddress {
+            url: double.url(),
+            source: Source::Flag,
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    kube.create(
+        &Kind::custom_resource_definition(),
+        None,
+        &trellis_kube::peer::kilo_crd(),
+    )
+    .await
+    .unwrap();
+    kube.create(
+        &Kind::kilo_peer(),
+        None,
+        &json!({
+            "apiVersion": "kilo.squat.ai/v1alpha1",
+            "kind": "Peer",
+            "metadata": {"name": "laptop"},
+            "spec": {
+                "allowedIPs": ["10.5.0.1/32"],
+                "publicKey": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+                "persistentKeepalive": 10,
+            },
+        }),
+    )
+    .await
+    .unwrap();
+    let (peers, _) = kube.list(&Kind::kilo_peer(), None).await.unwrap();
+    let peer = trellis_kube::peer::peer_from_object(&peers[0]).unwrap();
+    assert_eq!(peer.name, "laptop");
+    assert_eq!(peer.persistent_keepalive, Some(10));
+}
