@@ -53,25 +53,40 @@ pub fn read(path: &Path) -> Result<Allocations, CniError> {
 }
 
 fn write(path: &Path, state: &Allocations) -> Result<(), CniError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = temporary(path);
     let bytes = serde_json::to_vec(state)
         .map_err(|e| CniError::new(code::IO_FAILURE, "encoding the IPAM state", e.to_string()))?;
+    write_atomically(path, &bytes, 0o644).map_err(|e| io(path, "writing", e))
+}
+
+/// Replaces `path` with `content`, whatever instant the process dies or the node loses
+/// power: a temporary file in the same directory (created if missing), synced, renamed
+/// over `path`, the directory synced. A reader sees the old content or the new one, and
+/// a running binary replaced this way keeps its old inode. The agent's CNI files and
+/// `trellis cni install` write through here too.
+pub fn write_atomically(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let tmp = temporary(path);
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(mode)
             .open(&tmp)?;
-        file.write_all(&bytes)?;
+        file.write_all(content)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
-    result.map_err(|e| {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        io(path, "writing", e)
-    })
+    }
+    result
 }
 
 fn temporary(path: &Path) -> PathBuf {

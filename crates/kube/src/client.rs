@@ -206,12 +206,7 @@ impl Kube {
                 what: what.into(),
                 after: self.timeout,
             }),
-            Ok(Err(kube::Error::Api(status))) => Err(KubeError::Refused {
-                what: what.into(),
-                code: status.code,
-                reason: status.reason.clone(),
-                message: status.message.clone(),
-            }),
+            Ok(Err(kube::Error::Api(status))) => Err(refused(what, &status)),
             Ok(Err(source)) => Err(KubeError::Transport {
                 what: what.into(),
                 source,
@@ -327,16 +322,21 @@ fn event(
             what: what.into(),
             version: from.into(),
         }),
-        Ok(WatchEvent::Error(status)) => Err(KubeError::Refused {
-            what: what.into(),
-            code: status.code,
-            reason: status.reason.clone(),
-            message: status.message.clone(),
-        }),
+        Ok(WatchEvent::Error(status)) => Err(refused(what, &status)),
         Err(source) => Err(KubeError::Transport {
             what: what.into(),
             source,
         }),
+    }
+}
+
+/// The API's `Status` of a refusal, as an error naming what was asked.
+fn refused(what: &str, status: &kube::core::Status) -> KubeError {
+    KubeError::Refused {
+        what: what.into(),
+        code: status.code,
+        reason: status.reason.clone(),
+        message: status.message.clone(),
     }
 }
 

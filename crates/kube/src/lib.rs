@@ -29,3 +29,23 @@ pub mod client;
 pub mod location;
 pub mod node;
 pub mod peer;
+
+/// Checks (or, with `TRELLIS_WRITE_CRDS=1`, rewrites) `deploy/crds/NAME` against the
+/// manifest the code defines, so the two cannot drift apart.
+#[cfg(test)]
+fn deploy_file_matches(name: &str, source: &str, manifest: &serde_json::Value) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/crds")
+        .join(name);
+    if std::env::var_os("TRELLIS_WRITE_CRDS").is_some() {
+        let generated = format!(
+            "# Generated from {source}; rewrite with TRELLIS_WRITE_CRDS=1 cargo test -p trellis-kube crd_in_deploy.\n{}",
+            serde_yaml_ng::to_string(manifest).unwrap()
+        );
+        std::fs::write(&path, generated).unwrap();
+    }
+    let on_disk =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let parsed: serde_json::Value = serde_yaml_ng::from_str(&on_disk).unwrap();
+    assert_eq!(&parsed, manifest, "{} is out of date", path.display());
+}

@@ -140,33 +140,17 @@ pub fn opinions(object: &Value) -> Vec<(String, String, bool)> {
 mod tests {
     use super::*;
 
-    /// A JSON merge patch (RFC 7386), as the API server applies one.
-    fn merge(target: &mut Value, patch: &Value) {
-        match (target.as_object_mut(), patch.as_object()) {
-            (Some(t), Some(p)) => {
-                for (k, v) in p {
-                    if v.is_null() {
-                        t.remove(k);
-                    } else {
-                        merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                    }
-                }
-            }
-            _ => *target = patch.clone(),
-        }
-    }
-
     #[test]
     fn observers_patches_touch_only_their_own_entries() {
         let mut location = json!({"metadata": {"name": "site-a"}});
-        merge(
+        json_patch::merge(
             &mut location,
             &slots_status(&["a1".into(), "a2".into()], &["a3".into()]),
         );
-        merge(&mut location, &opinion_patch("b1", "a1", true));
-        merge(&mut location, &opinion_patch("b2", "a1", false));
-        merge(&mut location, &opinion_patch("b1", "a2", true));
-        merge(&mut location, &opinion_patch("b1", "a1", false));
+        json_patch::merge(&mut location, &opinion_patch("b1", "a1", true));
+        json_patch::merge(&mut location, &opinion_patch("b2", "a1", false));
+        json_patch::merge(&mut location, &opinion_patch("b1", "a2", true));
+        json_patch::merge(&mut location, &opinion_patch("b1", "a1", false));
         let mut seen = opinions(&location);
         seen.sort();
         assert_eq!(
@@ -202,22 +186,13 @@ mod tests {
     }
 
     /// deploy/crds/ holds the CRD as this module defines it: the manifest an operator
-    /// applies and the schema the agent writes against cannot drift apart. Regenerate with
-    /// `TRELLIS_WRITE_CRDS=1 cargo test -p trellis-kube crd_in_deploy`.
+    /// applies and the schema the agent writes against cannot drift apart.
     #[test]
     fn the_crd_in_deploy_is_the_one_the_code_defines() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/crds/locations.trellis.network.yaml");
-        let generated = format!(
-            "# Generated from trellis_kube::location::crd(); see its test to regenerate.\n{}",
-            serde_yaml_ng::to_string(&crd()).unwrap()
+        crate::deploy_file_matches(
+            "locations.trellis.network.yaml",
+            "trellis_kube::location::crd()",
+            &crd(),
         );
-        if std::env::var_os("TRELLIS_WRITE_CRDS").is_some() {
-            std::fs::write(&path, &generated).unwrap();
-        }
-        let on_disk =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let parsed: Value = serde_yaml_ng::from_str(&on_disk).unwrap();
-        assert_eq!(parsed, crd(), "{} is out of date", path.display());
     }
 }

@@ -8,7 +8,20 @@ use std::time::Duration;
 use trellis_kube::api_address::{ApiAddress, Source};
 use trellis_kube::client::{Change, Kind, Kube, KubeError};
 use trellis_kube::node::{annotations_patch, node_from_object};
-use trellis_kube_double::KubeDouble;
+use trellis_kube_double::{KubeDouble, KubeDoubleHandle};
+
+/// A fresh API double and a client of it, without credentials.
+async fn double_and_client() -> (KubeDoubleHandle, Kube) {
+    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let address = ApiAddress {
+        url: double.url(),
+        source: Source::Flag,
+    };
+    let kube = Kube::new(&address, Duration::from_secs(5)).unwrap();
+    (double, kube)
+}
 
 fn node(name: &str) -> serde_json::Value {
     json!({
@@ -21,17 +34,7 @@ fn node(name: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn an_agent_lists_watches_and_patches_its_node_through_the_api() {
-    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let kube = Kube::new(
-        &ApiAddress {
-            url: double.url(),
-            source: Source::Flag,
-        },
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let (double, kube) = double_and_client().await;
     let nodes = Kind::node();
     kube.create(&nodes, None, &node("a1")).await.unwrap();
     let (listed, version) = kube.list(&nodes, None).await.unwrap();
@@ -157,17 +160,7 @@ async fn a_client_from_the_kubelets_kubeconfig_reaches_the_api() {
 #[tokio::test]
 async fn observers_and_the_leader_share_a_location_without_conflicts() {
     use trellis_kube::location;
-    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let kube = Kube::new(
-        &ApiAddress {
-            url: double.url(),
-            source: Source::Flag,
-        },
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let (_double, kube) = double_and_client().await;
     kube.create(&Kind::custom_resource_definition(), None, &location::crd())
         .await
         .unwrap();
@@ -215,17 +208,7 @@ async fn observers_and_the_leader_share_a_location_without_conflicts() {
 /// A Kilo Peer, applied as Kilo users apply it, reaches Trellis as an external peer.
 #[tokio::test]
 async fn a_kilo_peer_from_the_api_is_an_external_peer() {
-    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let kube = Kube::new(
-        &ApiAddress {
-            url: double.url(),
-            source: Source::Flag,
-        },
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let (_double, kube) = double_and_client().await;
     kube.create(
         &Kind::custom_resource_definition(),
         None,

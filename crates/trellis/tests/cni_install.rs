@@ -11,17 +11,13 @@ fn install_puts_the_plugin_and_its_list_where_the_runtime_looks() {
     let dir = std::env::temp_dir().join(format!("trt-cni-install-{}", std::process::id()));
     let (conf, bin) = (dir.join("net.d"), dir.join("bin"));
     let (conf_s, bin_s) = (conf.to_str().unwrap(), bin.to_str().unwrap());
+    let install = |extra: &[&str]| {
+        let mut args = vec!["cni", "install", "--conf-dir", conf_s, "--bin-dir", bin_s];
+        args.extend_from_slice(extra);
+        trellis(&args)
+    };
     for _ in 0..2 {
-        let out = trellis(&[
-            "cni",
-            "install",
-            "--conf-dir",
-            conf_s,
-            "--bin-dir",
-            bin_s,
-            "--chain",
-            "portmap",
-        ]);
+        let out = install(&["--chain", "portmap"]);
         assert!(out.status.success(), "{}", text(&out));
     }
     let list: serde_json::Value =
@@ -52,37 +48,19 @@ fn install_puts_the_plugin_and_its_list_where_the_runtime_looks() {
         .unwrap()
         .chain(std::fs::read_dir(&conf).unwrap())
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
         .collect();
     assert!(
         leftovers.is_empty(),
         "no temporary file left: {leftovers:?}"
     );
-    let bad = trellis(&[
-        "cni",
-        "install",
-        "--conf-dir",
-        conf_s,
-        "--bin-dir",
-        bin_s,
-        "--chain",
-        "firewall",
-    ]);
+    let bad = install(&["--chain", "firewall"]);
     assert!(
         !bad.status.success() && text(&bad).contains("firewall"),
         "{}",
         text(&bad)
     );
-    let relative = trellis(&[
-        "cni",
-        "install",
-        "--conf-dir",
-        conf_s,
-        "--bin-dir",
-        bin_s,
-        "--node-file",
-        "node.json",
-    ]);
+    let relative = install(&["--node-file", "node.json"]);
     assert!(
         !relative.status.success() && text(&relative).contains("--node-file"),
         "{}",

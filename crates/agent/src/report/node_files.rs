@@ -10,7 +10,6 @@
 //!   reads its age, so an agent that died or hangs stops vouching within seconds.
 
 use ipnet::IpNet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -101,17 +100,9 @@ fn touch(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Temporary file, sync, rename, directory sync: the old content or the new, whatever
-/// instant the node loses power.
+/// Old content or new, whatever instant the node loses power (the plugin's own writer).
 fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    trellis_cni::state::write_atomically(path, content, 0o644)
 }
 
 #[cfg(test)]

@@ -1214,10 +1214,7 @@ pub fn table(report: &Report) -> String {
         );
         for r in &churn {
             let Some(c) = &r.churn else { continue };
-            let leaked = match c.leaked_before_gc {
-                Some(before) => format!("{} ({before} before GC)", c.leaked),
-                None => format!("{} (no GC)", c.leaked),
-            };
+            let leaked = leaked_cell(c.leaked, c.leaked_before_gc);
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {leaked} | {} | {} | {} |",
@@ -1251,6 +1248,14 @@ pub fn table(report: &Report) -> String {
     out
 }
 
+/// Addresses leaked, and how many were held before GC (`None`: the plugin has no GC).
+fn leaked_cell(leaked: usize, before_gc: Option<usize>) -> String {
+    match before_gc {
+        Some(before) => format!("{leaked} ({before} before GC)"),
+        None => format!("{leaked} (no GC)"),
+    }
+}
+
 /// The abandon phase's rows, after the churn's table if there is one.
 fn abandon_table(out: &mut String, report: &Report, rows: &[&Row], after_churn: bool) {
     if after_churn {
@@ -1263,10 +1268,7 @@ fn abandon_table(out: &mut String, report: &Report, rows: &[&Row], after_churn: 
     );
     for r in rows {
         let Some(a) = &r.abandon else { continue };
-        let leaked = match a.leaked_after_abandon_before_gc {
-            Some(before) => format!("{} ({before} before GC)", a.leaked_after_abandon),
-            None => format!("{} (no GC)", a.leaked_after_abandon),
-        };
+        let leaked = leaked_cell(a.leaked_after_abandon, a.leaked_after_abandon_before_gc);
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {leaked} | {} | {} |",

@@ -73,23 +73,6 @@ fn install(args: &InstallArgs) -> anyhow::Result<()> {
 
 /// Writes `content` beside `target` and renames it over `target`.
 fn replace(target: &Path, content: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = target.parent().context("a file in a directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        target.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, target).with_context(|| format!("replacing {}", target.display()))?;
-    Ok(())
+    trellis_cni::state::write_atomically(target, content, mode)
+        .with_context(|| format!("replacing {}", target.display()))
 }
