@@ -139,11 +139,18 @@ impl Kube {
     /// A client of the API server at `address` without credentials (a test double over
     /// plain HTTP); each call may take up to `timeout`.
     pub fn new(address: &ApiAddress, timeout: Duration) -> Result<Kube, KubeError> {
-        let url = address.url.parse().map_err(|e| KubeError::Decode {
-            what: format!("API server address {}", address.url),
-            why: format!("{e}"),
-        })?;
-        let mut config = kube::Config::new(url);
+        let config = kube::Config::new(parse_url(address)?);
+        Kube::with_config(config, address, timeout)
+    }
+
+    /// `config` pointed at `address` (whatever the credentials' source implied), each call
+    /// bounded by `timeout`.
+    fn with_config(
+        mut config: kube::Config,
+        address: &ApiAddress,
+        timeout: Duration,
+    ) -> Result<Kube, KubeError> {
+        config.cluster_url = parse_url(address)?;
         config.read_timeout = Some(timeout);
         config.connect_timeout = Some(timeout);
         let client = kube::Client::try_from(config).map_err(|source| KubeError::Transport {
@@ -157,7 +164,7 @@ impl Kube {
     /// was found (module doc).
     pub async fn connect(address: &ApiAddress, timeout: Duration) -> Result<Kube, KubeError> {
         let what = format!("credentials for {}", address.url);
-        let mut config = match &address.source {
+        let config = match &address.source {
             Source::KubeletKubeconfig(path) => {
                 let file =
                     kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Decode {
@@ -176,17 +183,7 @@ impl Kube {
                 Err(_) => return Kube::new(address, timeout),
             },
         };
-        config.cluster_url = address.url.parse().map_err(|e| KubeError::Decode {
-            what: format!("API server address {}", address.url),
-            why: format!("{e}"),
-        })?;
-        config.read_timeout = Some(timeout);
-        config.connect_timeout = Some(timeout);
-        let client = kube::Client::try_from(config).map_err(|source| KubeError::Transport {
-            what: format!("connecting to {}", address.url),
-            source,
-        })?;
-        Ok(Kube { client, timeout })
+        Kube::with_config(config, address, timeout)
     }
 
     fn api(&self, kind: &Kind, namespace: Option<&str>) -> Api<DynamicObject> {
@@ -328,6 +325,17 @@ fn event(
             source,
         }),
     }
+}
+
+/// The address as a URI (of whatever type the client's config takes).
+fn parse_url<U: std::str::FromStr>(address: &ApiAddress) -> Result<U, KubeError>
+where
+    U::Err: std::fmt::Display,
+{
+    address.url.parse().map_err(|e| KubeError::Decode {
+        what: format!("API server address {}", address.url),
+        why: format!("{e}"),
+    })
 }
 
 /// The API's `Status` of a refusal, as an error naming what was asked.
