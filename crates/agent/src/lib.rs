@@ -24,7 +24,7 @@
 
 pub mod admin;
 pub mod apply;
-pub mod backoff;
+pub use trellis_store::backoff;
 pub mod ctl;
 pub mod leader;
 pub mod probe;

@@ -78,12 +78,15 @@ impl Kind {
             false,
         )
     }
+    pub fn config_map() -> Kind {
+        Kind::new("", "v1", "ConfigMap", "configmaps", true)
+    }
     pub fn location() -> Kind {
         use crate::location::{GROUP, KIND, PLURAL, VERSION};
         Kind::new(GROUP, VERSION, KIND, PLURAL, false)
     }
 
-    fn name(&self) -> &str {
+    pub fn name(&self) -> &str {
         &self.resource.plural
     }
 }
@@ -267,6 +270,40 @@ impl Kube {
             .bounded(&what, api.create(&Default::default(), &typed))
             .await?;
         to_value(&what, &created)
+    }
+
+    /// One object, or `None` when there is none.
+    pub async fn get(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Value>, KubeError> {
+        let what = format!("reading {} {name}", kind.name());
+        let api = self.api(kind, namespace);
+        match self.bounded(&what, api.get_opt(name)).await? {
+            Some(object) => Ok(Some(to_value(&what, &object)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes one object; one that is already gone is not an error.
+    pub async fn delete(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<(), KubeError> {
+        let what = format!("deleting {} {name}", kind.name());
+        let api = self.api(kind, namespace);
+        match self
+            .bounded(&what, api.delete(name, &Default::default()))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(KubeError::Refused { code: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// A JSON merge patch of one object (or of its status), returning it as it is now.

@@ -18,6 +18,9 @@
 //!
 //! - [`client`]: the edge, over kube-rs: list, watch from a version (410 in the stream:
 //!   list afresh), merge patches, each bounded in time.
+//! - [`store`]: Trellis's `Store` on the API: a mirror kept by one reflector per kind,
+//!   writes as the smallest patch of the object that holds the record, leases as Lease
+//!   objects, the leader election on one Lease.
 //!
 //! Objects come in as `serde_json::Value`, as the API serves them: the client on top
 //! decides how it fetches them, and these functions never depend on it. Every refusal
@@ -29,6 +32,7 @@ pub mod client;
 pub mod location;
 pub mod node;
 pub mod peer;
+pub mod store;
 
 /// Checks (or, with `TRELLIS_WRITE_CRDS=1`, rewrites) `deploy/crds/NAME` against the
 /// manifest the code defines, so the two cannot drift apart.

@@ -63,6 +63,11 @@ impl EmbeddedStore {
         store
     }
 
+    /// The revision of the last write.
+    pub fn revision(&self) -> Revision {
+        self.lock().revision()
+    }
+
     /// Forgets the history before `revision`, like etcd's compaction: watches from an
     /// earlier revision get `Compacted` from then on. A revision not after the last
     /// compaction is `Compacted`; one in the future is a `Protocol` error.

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+pub mod backoff;
 pub mod embedded;
 pub mod etcd;
 

@@ -1,0 +1,380 @@
+//! Objects to records, as pure functions: what each object of the cluster means in
+//! Trellis's key layout, and which Lease keeps it alive.
+//!
+//! Records that live under a lease on etcd (an agent's status, its path reports and
+//! opinions, a leader's candidate key) are *gated* here by the Lease object that stands for
+//! that lease: they count only while it is live ([`super::liveness`]). That is how a dead
+//! agent's words disappear on Kubernetes, where an expired Lease deletes nothing.
+
+use crate::annotations::REGION_LABEL;
+use crate::{location, node, peer};
+use serde_json::{Value, json};
+use trellis_model::{GatewaySet, Observation, PathReport, keys};
+
+/// Where Trellis keeps what is not the cluster's own: Leases, the settings ConfigMap.
+pub mod names {
+    /// The Lease of a node's agent: `node.NAME` (names of Nodes are DNS subdomains, and a
+    /// dot cannot start one, so `node.` never collides with [`LEADER_LEASE`]).
+    pub fn node_lease(node: &str) -> String {
+        format!("node.{node}")
+    }
+    pub fn node_of_lease(lease: &str) -> Option<&str> {
+        lease.strip_prefix("node.").filter(|n| !n.is_empty())
+    }
+    pub const LEADER_LEASE: &str = "leader";
+    pub const SETTINGS_CONFIG_MAP: &str = "trellis";
+    pub const SETTINGS_KEY: &str = "settings.json";
+    /// On a node's Lease: the agent's status (JSON).
+    pub const STATUS_ANNOTATION: &str = "trellis.network/status";
+    /// On a node's Lease: `path.trellis.network/PEER`: `up` or `down`, its direct tunnel as
+    /// measured from this end.
+    pub const PATH_ANNOTATION_PREFIX: &str = "path.trellis.network/";
+    /// On the leader Lease: the holder's session (hex), its candidate key in the election.
+    pub const CANDIDATE_ANNOTATION: &str = "trellis.network/candidate";
+}
+
+/// The objects Trellis reads, each kind with its own list and watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Node,
+    /// Leases in Trellis's namespace.
+    Lease,
+    /// ConfigMaps in Trellis's namespace.
+    ConfigMap,
+    Location,
+    Peer,
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Node,
+        Kind::Lease,
+        Kind::ConfigMap,
+        Kind::Location,
+        Kind::Peer,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+
+    pub fn api(self) -> crate::client::Kind {
+        use crate::client::Kind as K;
+        match self {
+            Kind::Node => K::node(),
+            Kind::Lease => K::lease(),
+            Kind::ConfigMap => K::config_map(),
+            Kind::Location => K::location(),
+            Kind::Peer => K::kilo_peer(),
+            Kind::Service => K::service(),
+            Kind::EndpointSlice => K::endpoint_slice(),
+        }
+    }
+
+    /// Whether the kind lives in Trellis's namespace (the rest: cluster-wide, or every
+    /// namespace).
+    pub fn in_own_namespace(self) -> bool {
+        matches!(self, Kind::Lease | Kind::ConfigMap)
+    }
+
+    /// Kinds a cluster may lack (a CRD not installed): their absence is an empty list.
+    pub fn optional(self) -> bool {
+        matches!(self, Kind::Peer | Kind::Location)
+    }
+}
+
+/// One object: its kind, namespace (empty for cluster-scoped) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn of(kind: Kind, object: &Value) -> ObjectRef {
+        ObjectRef {
+            kind,
+            namespace: object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+            name: object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+        }
+    }
+}
+
+/// One record an object stands for, and the Lease that must be live for it to count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// The name of a Lease in Trellis's namespace; `None`: always counts.
+    pub gate: Option<String>,
+}
+
+fn record(key: String, value: &impl serde::Serialize, gate: Option<String>) -> Record {
+    Record {
+        key,
+        value: serde_json::to_vec(value).expect("records serialize"),
+        gate,
+    }
+}
+
+/// What `object` stands for in Trellis's layout. An object that does not decode stands for
+/// nothing, with a warning naming it: one bad object must not stop the mesh.
+pub fn records(kind: Kind, object: &Value, own_namespace: &str) -> Vec<Record> {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    let warn = |e: &dyn std::fmt::Display| {
+        tracing::warn!(kind = ?kind, namespace, name, "ignoring object: {e}");
+    };
+    match kind {
+        Kind::Node => match node::node_from_object(object) {
+            Ok(Some(facts)) => vec![record(keys::node(name), &facts.node, None)],
+            Ok(None) => vec![],
+            Err(e) => {
+                warn(&e);
+                vec![]
+            }
+        },
+        Kind::Lease if namespace == own_namespace => lease_records(object, name),
+        Kind::ConfigMap if namespace == own_namespace && name == names::SETTINGS_CONFIG_MAP => {
+            match object["data"][names::SETTINGS_KEY].as_str() {
+                Some(text) => vec![Record {
+                    key: keys::SETTINGS.into(),
+                    value: text.as_bytes().to_vec(),
+                    gate: None,
+                }],
+                None => vec![],
+            }
+        }
+        Kind::Location => location_records(object, name),
+        Kind::Peer => match peer::peer_from_object(object) {
+            Ok(p) => vec![record(keys::peer(name), &p, None)],
+            Err(e) => {
+                warn(&e);
+                vec![]
+            }
+        },
+        Kind::Service => vec![record(
+            keys::service(namespace, name),
+            &served_object(object),
+            None,
+        )],
+        Kind::EndpointSlice => vec![record(
+            keys::endpoint_slice(namespace, name),
+            &served_object(object),
+            None,
+        )],
+        Kind::Lease | Kind::ConfigMap => vec![],
+    }
+}
+
+/// The object without what the server adds and Trellis's decoders need not see.
+fn served_object(object: &Value) -> Value {
+    let mut object = object.clone();
+    if let Some(meta) = object["metadata"].as_object_mut() {
+        meta.remove("managedFields");
+    }
+    object
+}
+
+fn lease_records(object: &Value, name: &str) -> Vec<Record> {
+    let annotations = object["metadata"]["annotations"].as_object();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).and_then(Value::as_str);
+    let gate = Some(name.to_string());
+    if name == names::LEADER_LEASE {
+        let holder = object["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default();
+        let session = annotation(names::CANDIDATE_ANNOTATION)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        return match session {
+            Some(session) if !holder.is_empty() => vec![Record {
+                key: keys::candidate(session),
+                value: holder.as_bytes().to_vec(),
+                gate,
+            }],
+            _ => vec![],
+        };
+    }
+    let Some(node) = names::node_of_lease(name) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    if let Some(status) = annotation(names::STATUS_ANNOTATION) {
+        out.push(Record {
+            key: keys::status(node),
+            value: status.as_bytes().to_vec(),
+            gate: gate.clone(),
+        });
+    }
+    for (key, value) in annotations.into_iter().flatten() {
+        let Some(to) = key.strip_prefix(names::PATH_ANNOTATION_PREFIX) else {
+            continue;
+        };
+        let up = match value.as_str() {
+            Some("up") => true,
+            Some("down") => false,
+            _ => continue,
+        };
+        let report = PathReport {
+            from: node.into(),
+            to: to.into(),
+            up,
+        };
+        out.push(record(keys::path(node, to), &report, gate.clone()));
+    }
+    out
+}
+
+fn location_records(object: &Value, name: &str) -> Vec<Record> {
+    let mut out = Vec::new();
+    if let Some(slots) = object["status"]["slots"].as_array() {
+        let set = GatewaySet {
+            location: name.into(),
+            slots: slots.iter().map(|s| s.as_str().map(String::from)).collect(),
+        };
+        out.push(record(keys::gateways(name), &set, None));
+    }
+    for (observer, gateway, up) in location::opinions(object) {
+        let o = Observation {
+            gateway: gateway.clone(),
+            observer: observer.clone(),
+            up,
+        };
+        out.push(record(
+            keys::observation(&gateway, &observer),
+            &o,
+            Some(names::node_lease(&observer)),
+        ));
+    }
+    out
+}
+
+/// The leader's status patch for a location's slots: the slots as stored, the active and
+/// standby gateways as `kubectl get` prints them, and the last failover when an active
+/// gateway was replaced (`previous`: the slots before; `now`: RFC 3339).
+pub fn slots_patch(
+    previous: &[Option<String>],
+    slots: &[Option<String>],
+    standby: &[String],
+    now: &str,
+) -> Value {
+    let active: Vec<String> = slots.iter().flatten().cloned().collect();
+    let mut patch = location::slots_status(&active, standby);
+    patch["status"]["slots"] = json!(slots);
+    let left: Vec<&String> = previous
+        .iter()
+        .flatten()
+        .filter(|g| !active.contains(g))
+        .collect();
+    if !left.is_empty() {
+        let joined: Vec<&String> = active
+            .iter()
+            .filter(|g| !previous.iter().flatten().any(|p| p == *g))
+            .collect();
+        patch["status"]["lastFailover"] = json!({"at": now, "from": left, "to": joined});
+    }
+    patch
+}
+
+/// A Node's location as the cluster says it, for an agent that was not told its own.
+pub fn node_location(object: &Value) -> Option<String> {
+    object["metadata"]["annotations"][crate::annotations::kilo::LOCATION]
+        .as_str()
+        .or_else(|| object["metadata"]["labels"][REGION_LABEL].as_str())
+        .map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_lease_stands_for_the_agents_status_and_paths_gated_by_itself() {
+        let lease = json!({
+            "metadata": {"name": "node.a1", "namespace": "trellis-system", "annotations": {
+                names::STATUS_ANNOTATION: "{\"node\":\"a1\"}",
+                "path.trellis.network/b1": "down",
+                "path.trellis.network/b2": "up",
+                "path.trellis.network/b3": "sideways",
+                "other/x": "y",
+            }},
+            "spec": {"holderIdentity": "a1", "leaseDurationSeconds": 15},
+        });
+        let got = records(Kind::Lease, &lease, "trellis-system");
+        let keys: Vec<&str> = got.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["status/a1", "paths/a1/b1", "paths/a1/b2"]);
+        assert!(got.iter().all(|r| r.gate.as_deref() == Some("node.a1")));
+        let path: PathReport = serde_json::from_slice(&got[1].value).unwrap();
+        assert_eq!(
+            (path.from.as_str(), path.to.as_str(), path.up),
+            ("a1", "b1", false)
+        );
+        assert!(
+            records(Kind::Lease, &lease, "elsewhere").is_empty(),
+            "Leases outside Trellis's namespace are not its own"
+        );
+    }
+
+    #[test]
+    fn the_leader_lease_stands_for_the_holders_candidate_key() {
+        let mut lease = json!({
+            "metadata": {"name": "leader", "namespace": "ns", "annotations": {
+                names::CANDIDATE_ANNOTATION: "2a"}},
+            "spec": {"holderIdentity": "b2"},
+        });
+        let got = records(Kind::Lease, &lease, "ns");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].key, keys::candidate(0x2a));
+        assert_eq!(got[0].value, b"b2");
+        assert_eq!(got[0].gate.as_deref(), Some("leader"));
+        lease["spec"]["holderIdentity"] = Value::Null; // released
+        assert!(records(Kind::Lease, &lease, "ns").is_empty());
+    }
+
+    #[test]
+    fn a_location_stands_for_its_slots_and_each_observers_gated_opinions() {
+        let mut object = json!({"metadata": {"name": "site-a"}});
+        json_patch::merge(
+            &mut object,
+            &slots_patch(&[], &[Some("a1".into()), None], &["a2".into()], "t"),
+        );
+        json_patch::merge(&mut object, &location::opinion_patch("b1", "a1", false));
+        let got = records(Kind::Location, &object, "ns");
+        let set: GatewaySet = serde_json::from_slice(&got[0].value).unwrap();
+        assert_eq!(set.slots, [Some("a1".to_string()), None]);
+        assert_eq!(got[0].gate, None);
+        assert_eq!(got[1].key, "observations/a1/b1");
+        assert_eq!(got[1].gate.as_deref(), Some("node.b1"));
+        assert_eq!(object["status"]["activeList"], "a1");
+        assert!(object["status"]["lastFailover"].is_null());
+    }
+
+    #[test]
+    fn a_replaced_active_gateway_is_recorded_as_the_last_failover() {
+        let before = [Some("a1".to_string()), Some("a2".to_string())];
+        let after = [Some("a3".to_string()), Some("a2".to_string())];
+        let patch = slots_patch(&before, &after, &[], "2026-11-30T11:00:00Z");
+        assert_eq!(
+            patch["status"]["lastFailover"],
+            json!({"at": "2026-11-30T11:00:00Z", "from": ["a1"], "to": ["a3"]})
+        );
+        let grown = slots_patch(&before[..1], &before, &[], "t");
+        assert!(grown["status"]["lastFailover"].is_null(), "no gateway left");
+    }
+
+    #[test]
+    fn settings_come_from_the_config_map_in_trellis_namespace_only() {
+        let cm = json!({"metadata": {"name": "trellis", "namespace": "ns"},
+            "data": {"settings.json": "{\"granularity\":\"full\"}"}});
+        let got = records(Kind::ConfigMap, &cm, "ns");
+        assert_eq!(got[0].key, "settings");
+        assert!(records(Kind::ConfigMap, &cm, "other").is_empty());
+    }
+}
