@@ -21,6 +21,7 @@ use trellis_dataplane::wireguard::{
 };
 use trellis_model::{Endpoint, GatewayPolicy, InvalidField, Node, PublicKey, Validate, keys};
 use trellis_plan::Settings;
+use trellis_store::Store;
 
 /// Which WireGuard implementation carries the tunnels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,9 +161,12 @@ pub fn main(config: AgentConfig) -> Result<(), StartError> {
         .build()
         .map_err(StartError::Runtime)?;
     // Store clients spawn their connection tasks on the runtime.
-    let store = {
-        let _runtime = runtime.enter();
-        config.store.open(&config.etcd)?
+    let store = match &config.store {
+        StoreAddress::Kubernetes(kube) => runtime.block_on(kube.open())? as Arc<dyn Store>,
+        other => {
+            let _runtime = runtime.enter();
+            other.open(&config.etcd)?
+        }
     };
     let key = keyfile::load_or_generate(&config.key_file)?;
     let node = config.node_record(keyfile::public_key(&key));

@@ -1,5 +1,6 @@
-//! Where the store is: an address (`etcd://…` or `unix:…`) and, for etcd, how to
-//! authenticate. Parsed and checked before anything starts; every problem names the flag
+//! Where the store is: an address (`etcd://…`, `unix:…` or `kubernetes`) and, for etcd,
+//! how to authenticate; for Kubernetes, where the API server is (never a service address if
+//! anything else is known: seed 003). Parsed and checked before anything starts; every problem names the flag
 //! and the value. The lab resolves its own names to one of these: nothing here knows labs.
 
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ pub enum OpenError {
     Invalid(#[from] InvalidField),
     #[error(transparent)]
     Etcd(#[from] ConfigError),
+    #[error(transparent)]
+    Kube(#[from] trellis_kube::client::KubeError),
 }
 
 /// How long one store call may take before it counts as failed.
@@ -28,6 +31,70 @@ pub enum StoreAddress {
     Unix(PathBuf),
     /// An etcd cluster: its members as HOST:PORT.
     Etcd(Vec<String>),
+    /// The cluster's Kubernetes API (`trellis_kube::store`).
+    Kubernetes(KubeOptions),
+}
+
+/// How to reach the Kubernetes API and where Trellis keeps its own objects there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeOptions {
+    /// `--kube-api`: the API server's real address.
+    pub api: Option<String>,
+    /// The kubelet's kubeconfig, whose server address comes next if present.
+    pub kubeconfig: PathBuf,
+    /// Where the Leases and the settings ConfigMap live.
+    pub namespace: String,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            api: None,
+            kubeconfig: "/etc/kubernetes/kubelet.conf".into(),
+            namespace: "trellis-system".into(),
+        }
+    }
+}
+
+impl KubeOptions {
+    /// The API server's address: the flag, the kubelet's kubeconfig, the in-cluster
+    /// environment, in that order (`trellis_kube::api_address`).
+    pub fn address(&self) -> Result<trellis_kube::api_address::ApiAddress, InvalidField> {
+        let path = self.kubeconfig.display().to_string();
+        let text = match std::fs::read_to_string(&self.kubeconfig) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(InvalidField::new("--kubeconfig", &path, e.to_string())),
+        };
+        trellis_kube::api_address::choose(
+            self.api.as_deref(),
+            text.as_deref().map(|t| (path.as_str(), t)),
+            |name| std::env::var(name).ok(),
+        )
+    }
+
+    /// A client of the API, said where it was found.
+    pub async fn client(&self) -> Result<trellis_kube::client::Kube, OpenError> {
+        let address = self.address()?;
+        if address.through_a_service() {
+            tracing::warn!(
+                api = %address.url,
+                "reaching the Kubernetes API through its service address (KUBERNETES_SERVICE_HOST): \
+                 it needs a service proxy to be up; give --kube-api or the kubelet's kubeconfig"
+            );
+        } else {
+            tracing::info!(api = %address.url, source = ?address.source, "Kubernetes API");
+        }
+        Ok(trellis_kube::client::Kube::connect(&address, CALL_TIMEOUT).await?)
+    }
+
+    /// The store on the API: a mirror that starts listing at once.
+    pub async fn open(&self) -> Result<Arc<trellis_kube::store::KubeStore>, OpenError> {
+        Ok(Arc::new(trellis_kube::store::KubeStore::start(
+            self.client().await?,
+            &self.namespace,
+        )))
+    }
 }
 
 /// How to talk to an etcd cluster, beyond its members.
@@ -134,6 +201,9 @@ impl StoreAddress {
             }
             return Ok(StoreAddress::Unix(PathBuf::from(path)));
         }
+        if text == "kubernetes" {
+            return Ok(StoreAddress::Kubernetes(KubeOptions::default()));
+        }
         if let Some(members) = text.strip_prefix("etcd://") {
             let members: Vec<String> = members.split(',').map(str::to_string).collect();
             for m in &members {
@@ -147,14 +217,24 @@ impl StoreAddress {
             return Ok(StoreAddress::Etcd(members));
         }
         Err(invalid(
-            "expected etcd://HOST:PORT[,HOST:PORT...] or unix:/path/to/store.sock",
+            "expected etcd://HOST:PORT[,HOST:PORT...], unix:/path/to/store.sock or kubernetes",
         ))
     }
 
     /// A client of the store. Must run inside a tokio runtime: clients spawn their
     /// connection tasks on it.
+    /// The Kubernetes API is opened with [`KubeOptions::open`] (its credentials are read
+    /// asynchronously).
     pub fn open(&self, etcd: &EtcdOptions) -> Result<Arc<dyn Store>, OpenError> {
         Ok(match self {
+            StoreAddress::Kubernetes(_) => {
+                return Err(OpenError::Invalid(InvalidField::new(
+                    "--store",
+                    "kubernetes",
+                    "only the agent keeps a Kubernetes mirror; read the cluster with kubectl \
+                 (kubectl get nodes,locations; kubectl -n trellis-system get leases)",
+                )));
+            }
             StoreAddress::Unix(path) => EtcdStore::new(EtcdConfig {
                 endpoints: vec![format!("unix://{}", path.display())],
                 tls: None,
@@ -171,6 +251,10 @@ impl std::fmt::Display for StoreAddress {
         match self {
             StoreAddress::Unix(p) => write!(f, "unix:{}", p.display()),
             StoreAddress::Etcd(members) => write!(f, "etcd://{}", members.join(",")),
+            StoreAddress::Kubernetes(kube) => match &kube.api {
+                Some(api) => write!(f, "kubernetes ({api})"),
+                None => write!(f, "kubernetes"),
+            },
         }
     }
 }

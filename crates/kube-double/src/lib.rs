@@ -134,28 +134,39 @@ impl KubeDouble {
             options: self.options,
             server: addr.to_string(),
         });
-        let accept_shared = shared.clone();
-        let task = tokio::spawn(async move {
-            // Dropped with this task, which aborts every connection.
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = accept_shared.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |req| router::handle(shared.clone(), req));
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        tracing::debug!("kube-double connection: {e}");
-                    }
-                });
-                while connections.try_join_next().is_some() {}
+        let task = tokio::spawn(accept_forever(shared.clone(), async move || {
+            listener.accept().await.map(|(stream, _)| stream)
+        }));
+        Ok(KubeDoubleHandle {
+            addr,
+            shared,
+            tasks: vec![task],
+        })
+    }
+}
+
+/// Serves every connection `accept` yields until the task is dropped, which aborts them all.
+async fn accept_forever<S, A>(shared: Arc<Shared>, mut accept: A)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    A: AsyncFnMut() -> std::io::Result<S>,
+{
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok(stream) = accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req| router::handle(shared.clone(), req));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("kube-double connection: {e}");
             }
         });
-        Ok(KubeDoubleHandle { addr, shared, task })
+        while connections.try_join_next().is_some() {}
     }
 }
 
@@ -163,7 +174,15 @@ impl KubeDouble {
 pub struct KubeDoubleHandle {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubeDoubleHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 impl KubeDoubleHandle {
@@ -174,6 +193,18 @@ impl KubeDoubleHandle {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Serves the same API on a Unix socket too (replacing a stale socket file): how tools
+    /// outside a network namespace reach a double that listens inside one.
+    pub fn listen_unix(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        self.tasks.push(tokio::spawn(accept_forever(
+            self.shared.clone(),
+            async move || listener.accept().await.map(|(stream, _)| stream),
+        )));
+        Ok(())
     }
 
     /// The newest resource version.
@@ -195,11 +226,5 @@ impl KubeDoubleHandle {
              current-context: double\nusers:\n- name: double\n  user: {{}}\n",
             self.url()
         )
-    }
-}
-
-impl Drop for KubeDoubleHandle {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

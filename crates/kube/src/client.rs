@@ -8,10 +8,10 @@
 //! that becomes [`KubeError::Expired`], the caller's cue to list afresh. Nothing else
 //! re-lists.
 //!
-//! Credentials ([`Kube::connect`]): the kubelet's kubeconfig when the address came from it
-//! (its client certificate and CA), else the pod's service account when there is one (its
-//! token and CA, but the address chosen, never the service address it would imply), else
-//! none (the test double, over plain HTTP).
+//! Credentials ([`Kube::connect`]): the pod's service account when there is one (its token
+//! and CA, with the address chosen, never the service address it would imply: RBAC grants
+//! Trellis its rights to it), else the kubeconfig's when the address came from one (Trellis
+//! run as a host service), else none (the test double, over plain HTTP).
 
 use crate::api_address::{ApiAddress, Source};
 use futures::{Stream, StreamExt};
@@ -77,6 +77,9 @@ impl Kind {
             "customresourcedefinitions",
             false,
         )
+    }
+    pub fn namespace() -> Kind {
+        Kind::new("", "v1", "Namespace", "namespaces", false)
     }
     pub fn config_map() -> Kind {
         Kind::new("", "v1", "ConfigMap", "configmaps", true)
@@ -167,26 +170,31 @@ impl Kube {
     /// was found (module doc).
     pub async fn connect(address: &ApiAddress, timeout: Duration) -> Result<Kube, KubeError> {
         let what = format!("credentials for {}", address.url);
-        let config = match &address.source {
+        // The pod's service account is what RBAC grants Trellis its rights to; the
+        // kubelet's own certificate is limited by the Node authorizer to what a kubelet may
+        // do (no Leases in Trellis's namespace, no Locations). So the kubeconfig's
+        // credentials are used only where there is no service account (Trellis run as a
+        // host service with a kubeconfig of its own).
+        if let Ok(config) = kube::Config::incluster_env() {
+            return Kube::with_config(config, address, timeout);
+        }
+        match &address.source {
             Source::KubeletKubeconfig(path) => {
                 let file =
                     kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Decode {
                         what: format!("kubeconfig {path}"),
                         why: e.to_string(),
                     })?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
                     .await
                     .map_err(|e| KubeError::Decode {
                         what: what.clone(),
                         why: e.to_string(),
-                    })?
+                    })?;
+                Kube::with_config(config, address, timeout)
             }
-            _ => match kube::Config::incluster_env() {
-                Ok(config) => config,
-                Err(_) => return Kube::new(address, timeout),
-            },
-        };
-        Kube::with_config(config, address, timeout)
+            _ => Kube::new(address, timeout),
+        }
     }
 
     fn api(&self, kind: &Kind, namespace: Option<&str>) -> Api<DynamicObject> {

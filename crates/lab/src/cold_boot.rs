@@ -85,7 +85,10 @@ pub async fn power_off(lab: &str, store_down: bool) -> anyhow::Result<()> {
 async fn store_off(state: &LabState) -> anyhow::Result<()> {
     match state.spec.store {
         StoreKind::Etcd => store::inject(&state.spec.name, StoreFault::Kill).await,
-        StoreKind::Embedded => store::inject(&state.spec.name, StoreFault::Freeze).await,
+        // Their objects live in their processes: frozen, not killed.
+        StoreKind::Embedded | StoreKind::Kubernetes => {
+            store::inject(&state.spec.name, StoreFault::Freeze).await
+        }
     }
 }
 

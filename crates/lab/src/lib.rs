@@ -34,6 +34,7 @@ pub mod exec;
 pub mod fault;
 pub mod guard;
 pub mod incident;
+pub mod kube_api;
 pub mod pod_network;
 pub mod pods;
 pub mod processes;

@@ -99,6 +99,9 @@ pub fn agent_args(spec: &LabSpec, node: &NodeSpec) -> Vec<String> {
     if let Some(v6) = node.pod_cidr_v6 {
         args.push(format!("--pod-cidr={v6}"));
     }
+    if spec.store == StoreKind::Kubernetes {
+        args.extend(kube_args(spec, &node.location));
+    }
     if let Some(public) = node.public_ip {
         args.push(format!(
             "--endpoint={}:{}",
@@ -177,15 +180,28 @@ pub fn run_state(pid: i32) -> Option<char> {
 /// The `--store` an agent of `location` is given: the embedded store's socket, or the lab's
 /// etcd on the agent's own location network.
 fn agent_store_url(spec: &LabSpec, location: &str) -> String {
+    let index = spec
+        .locations
+        .iter()
+        .position(|l| l.name == location)
+        .unwrap_or(0);
     match spec.store {
         StoreKind::Embedded => format!("unix:{}", state::store_socket(&spec.name).display()),
-        StoreKind::Etcd => {
-            let index = spec
-                .locations
-                .iter()
-                .position(|l| l.name == location)
-                .unwrap_or(0);
-            format!("etcd://{}:{ETCD_CLIENT_PORT}", etcd_ip(index))
-        }
+        StoreKind::Etcd => format!("etcd://{}:{ETCD_CLIENT_PORT}", etcd_ip(index)),
+        StoreKind::Kubernetes => "kubernetes".into(),
     }
+}
+
+/// How an agent of `location` reaches the lab's Kubernetes API: its real address, never a
+/// kubeconfig or a service address.
+fn kube_args(spec: &LabSpec, location: &str) -> Vec<String> {
+    let index = spec
+        .locations
+        .iter()
+        .position(|l| l.name == location)
+        .unwrap_or(0);
+    vec![
+        format!("--kube-api={}", crate::kube_api::agent_url(index)),
+        format!("--kube-namespace={}", crate::kube_api::NAMESPACE),
+    ]
 }

@@ -353,6 +353,9 @@ pub enum StoreKind {
     Embedded,
     /// A real etcd (Debian's etcd-server) in its own namespace.
     Etcd,
+    /// A Kubernetes API server (the double, `trellis-kube-double`) in its own namespace;
+    /// the agents run on Trellis's Kubernetes backend.
+    Kubernetes,
 }
 
 impl StoreKind {
@@ -360,6 +363,7 @@ impl StoreKind {
         match self {
             StoreKind::Embedded => "embedded",
             StoreKind::Etcd => "etcd",
+            StoreKind::Kubernetes => "kubernetes",
         }
     }
 }

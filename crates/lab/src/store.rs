@@ -1,6 +1,7 @@
 //! The lab's store: the embedded one (a `lab serve-store` process in the fabric namespace,
-//! reached over a Unix socket), or a real etcd in a namespace of its own, reached by the
-//! agents over the lab's location networks as it would be on real hosts.
+//! reached over a Unix socket), or a real etcd, or a Kubernetes API server (the double:
+//! [`crate::kube_api`]) in a namespace of its own, reached by the agents over the lab's
+//! location networks as it would be on real hosts.
 //!
 //! The etcd namespace has one leg on each location's bridge (172.20.L.250) and forwards
 //! nothing, so it joins no networks together. Store faults are made where the store meets
@@ -29,7 +30,7 @@ const STORE_FAULT_TABLE: &str = "trellis_store_links";
 pub fn netns_of(spec: &LabSpec) -> String {
     match spec.store {
         StoreKind::Embedded => spec::fabric_netns(&spec.name),
-        StoreKind::Etcd => format!("tl-{}-store", spec.name),
+        StoreKind::Etcd | StoreKind::Kubernetes => format!("tl-{}-store", spec.name),
     }
 }
 
@@ -46,13 +47,29 @@ pub async fn start(spec: &LabSpec) -> anyhow::Result<i32> {
             &state::log_path(&spec.name, "store"),
         ),
         StoreKind::Etcd => {
-            create_etcd_netns(spec).await?;
+            create_store_netns(spec).await?;
             spawn_etcd(spec)
+        }
+        StoreKind::Kubernetes => {
+            create_store_netns(spec).await?;
+            spawn_kube_api(spec)
         }
     }
 }
 
-async fn create_etcd_netns(spec: &LabSpec) -> anyhow::Result<()> {
+fn spawn_kube_api(spec: &LabSpec) -> anyhow::Result<i32> {
+    processes::spawn_in(
+        &netns_of(spec),
+        &[
+            "lab".into(),
+            "serve-kube".into(),
+            format!("--name={}", spec.name),
+        ],
+        &state::log_path(&spec.name, "kube-api"),
+    )
+}
+
+async fn create_store_netns(spec: &LabSpec) -> anyhow::Result<()> {
     let ns = netns_of(spec);
     netns::create(&ns)?;
     let nl = trellis_dataplane::netlink::Netlink::connect_in(&ns)?;
@@ -137,12 +154,18 @@ pub fn open(lab: &str) -> anyhow::Result<Arc<dyn Store>> {
                 dialer: Some(dialer),
             })?
         }
+        StoreKind::Kubernetes => crate::kube_api::open(lab)?,
     })
 }
 
 pub async fn inject(lab: &str, fault: StoreFault) -> anyhow::Result<()> {
     let mut state = LabState::load(lab)?;
-    if state.spec.store != StoreKind::Etcd && fault != StoreFault::Freeze {
+    if state.spec.store == StoreKind::Kubernetes && fault == StoreFault::Kill {
+        bail!(
+            "the lab's Kubernetes API keeps its objects in its process: it can be frozen, partitioned or throttled, not killed"
+        );
+    }
+    if state.spec.store == StoreKind::Embedded && fault != StoreFault::Freeze {
         // Its data lives in its process, and it has no network port to cut.
         bail!(
             "store {fault} needs a lab on etcd (`trellis lab up --store etcd`); the embedded store can only be frozen"
@@ -152,7 +175,7 @@ pub async fn inject(lab: &str, fault: StoreFault) -> anyhow::Result<()> {
     match &fault {
         StoreFault::Freeze | StoreFault::Kill => {
             let Some(pid) = pid else {
-                bail!("etcd of lab {lab} is not running");
+                bail!("the store of lab {lab} is not running");
             };
             if fault == StoreFault::Freeze {
                 processes::signal(pid, nix::sys::signal::Signal::SIGSTOP);
@@ -184,7 +207,7 @@ pub async fn heal(lab: &str) -> anyhow::Result<Vec<StoreFault>> {
             "the embedded store of lab {lab} is gone, and its data with it: `trellis lab down` and up again"
         ),
     }
-    if state.spec.store != StoreKind::Etcd {
+    if state.spec.store == StoreKind::Embedded {
         let healed = std::mem::take(&mut state.store_faults);
         state.save()?;
         return Ok(healed);

@@ -108,11 +108,15 @@ pub async fn bring_up(spec: &LabSpec, timeout: Duration) -> anyhow::Result<()> {
         gateways_per_location: spec.gateways,
         persistent_keepalive: None,
         gateway_health: spec.gateway_health,
-        // Nodes that join without --pod-cidr get one from the leader, beside the lab's own.
-        pod_cidr_pool: Some(trellis_model::PodCidrPool {
-            cidr: "10.244.0.0/16".parse()?,
-            node_prefix: 24,
-        }),
+        // Nodes that join without --pod-cidr get one from the leader, beside the lab's own
+        // (on Kubernetes the controller manager gives every Node its pod CIDRs).
+        pod_cidr_pool: (spec.store != store::StoreKind::Kubernetes)
+            .then(|| "10.244.0.0/16".parse())
+            .transpose()?
+            .map(|cidr| trellis_model::PodCidrPool {
+                cidr,
+                node_prefix: 24,
+            }),
         gc_after_seconds: trellis_model::DEFAULT_GC_AFTER_SECONDS,
         services: None,
     };

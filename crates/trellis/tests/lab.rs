@@ -1663,3 +1663,146 @@ fn two_labs_coexist_and_one_goes_without_the_other() {
     assert!(lab_namespaces("tco1").is_empty());
     second.check();
 }
+
+/// `kubectl` for a lab on Kubernetes, run in the API's namespace (the host's never joins
+/// the lab's networks): `$KUBECTL` (Debian's kubernetes-client where another package owns
+/// /usr/bin/kubectl), else `kubectl` on the PATH.
+fn kubectl(lab: &Lab, args: &str) -> std::process::Output {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    sh(&format!(
+        "ip netns exec tl-{}-store {kubectl} -s http://127.0.0.1:6443 {args}",
+        lab.name
+    ))
+}
+
+fn kubectl_ok(lab: &Lab, args: &str) -> String {
+    let out = kubectl(lab, args);
+    assert!(out.status.success(), "kubectl {args}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The lab on Trellis's Kubernetes backend, against the API double: the mesh, measured
+/// failover and the leadership scenarios pass as on etcd; kubectl lists and describes what
+/// the agents keep in the API, and what it applies (a Service and its EndpointSlice, a Kilo
+/// Peer) reaches every agent.
+#[test]
+fn a_lab_on_kubernetes_meshes_fails_over_and_elects_through_the_api() {
+    let _serial = serial();
+    let lab = Lab::up("tk8s", &["--store", "kubernetes", "--agent-resync", "2"]);
+    assert_eq!(lab.status_json()["store"]["kind"], "kubernetes");
+    lab.check();
+    let agents = agent_pids(&lab);
+
+    step("kubectl reads what the agents keep in the API");
+    let nodes = kubectl_ok(&lab, "get nodes -o name");
+    assert_eq!(nodes.lines().count(), 6, "{nodes}");
+    let described = kubectl_ok(&lab, "describe node a1");
+    assert!(
+        described.contains("trellis.network/public-key"),
+        "{described}"
+    );
+    let leases = kubectl_ok(&lab, "-n trellis-system get leases");
+    for lease in ["leader", "node.a1", "node.b3"] {
+        assert!(leases.contains(lease), "{leases}");
+    }
+    let locations = kubectl_ok(&lab, "get locations");
+    assert!(
+        locations.contains("ACTIVE") && locations.contains("site-a"),
+        "{locations}"
+    );
+
+    step("kubectl apply reaches the agents");
+    let manifests =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests/kubernetes-lab.yaml");
+    kubectl_ok(
+        &lab,
+        &format!("apply --validate=false -f {}", manifests.display()),
+    );
+    let cluster_ip = kubectl_ok(&lab, "get service echo -o jsonpath={.spec.clusterIP}");
+    let target = format!("{}:80", cluster_ip.trim());
+    let mut tally = serde_json::Value::Null;
+    wait_until("the Service answers", Duration::from_secs(15), || {
+        tally = exchanges(&lab, "a1-p0", &target, &[]);
+        answered_by(&tally).0 == ["b1-p0"]
+    });
+    wait_until(
+        "the Kilo Peer on a gateway",
+        Duration::from_secs(15),
+        || {
+            lab.node("a1")["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "laptop"))
+        },
+    );
+    assert!(kubectl_ok(&lab, "get peers").contains("laptop"));
+
+    one_fault_is_routed_around(&lab, &["blackhole-forward"], "a3", "b3-p0");
+    let failover = kubectl_ok(&lab, "get locations -o json");
+    assert!(failover.contains("lastFailover"), "{failover}");
+
+    step("the API frozen: the leader stops acting, the data plane stays");
+    let mut leader = None;
+    wait_until("a leader", Duration::from_secs(20), || {
+        leader = leader_of(&lab).filter(|(n, _)| leads(&lab, n));
+        leader.is_some()
+    });
+    let (first, _) = leader.unwrap();
+    assert!(
+        lab.run(&["lab", "fault", "store", "freeze"])
+            .status
+            .success()
+    );
+    let frozen = Instant::now();
+    wait_until("the leader to stop acting", Duration::from_secs(9), || {
+        !leads(&lab, &first)
+    });
+    assert!(
+        frozen.elapsed() <= Duration::from_secs(8),
+        "{:?}",
+        frozen.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(frozen.elapsed()));
+    lab.check();
+    assert_eq!(unready(&lab), Vec::<String>::new(), "frozen API");
+    assert!(lab.run(&["lab", "heal", "store"]).status.success());
+    let mut back = None;
+    wait_until("a leader after the freeze", Duration::from_secs(25), || {
+        back = leader_of(&lab).filter(|(n, _)| leads(&lab, n));
+        back.is_some()
+    });
+
+    step("a paused leader is replaced and steps down when it resumes");
+    let (paused, _) = back.unwrap();
+    let transitions = |lab: &Lab| -> u64 {
+        kubectl_ok(
+            lab,
+            "-n trellis-system get lease leader -o jsonpath={.spec.leaseTransitions}",
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0)
+    };
+    let before = transitions(&lab);
+    let pid = lab.node(&paused)["agent_pid"].as_i64().unwrap();
+    assert!(sh(&format!("kill -STOP {pid}")).status.success());
+    let mut successor = None;
+    wait_until("a successor", Duration::from_secs(25), || {
+        successor = leader_of(&lab)
+            .filter(|(n, _)| *n != paused)
+            .map(|(n, _)| n);
+        successor.is_some()
+    });
+    assert!(sh(&format!("kill -CONT {pid}")).status.success());
+    wait_until(
+        "the paused leader to step down",
+        Duration::from_secs(5),
+        || !leads(&lab, &paused),
+    );
+    let successor = successor.unwrap();
+    wait_until("the successor leads", Duration::from_secs(10), || {
+        leads(&lab, &successor)
+    });
+    assert!(transitions(&lab) > before, "the Lease changed hands");
+    lab.check();
+    assert_eq!(agent_pids(&lab), agents, "no agent exited or restarted");
+}

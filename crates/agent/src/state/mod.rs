@@ -9,7 +9,7 @@ mod inputs;
 mod sync;
 
 pub use inputs::{HealthInputs, PlanInputs};
-pub use sync::sync_forever;
+pub use sync::{CACHE_GRACE, sync_forever};
 
 use std::collections::BTreeMap;
 use trellis_model::keys::Key;

@@ -335,6 +335,7 @@ async fn reflect(inner: Arc<Inner>, kind: Kind) {
     let api = kind.api();
     let namespace = inner.kind_namespace(kind).map(String::from);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut missing_said = false;
     'list: loop {
         let mut version = match inner.kube.list(&api, namespace.as_deref()).await {
             Ok((objects, version)) => {
@@ -342,12 +343,15 @@ async fn reflect(inner: Arc<Inner>, kind: Kind) {
                 version
             }
             Err(KubeError::Refused { code: 404, .. }) if kind.optional() => {
-                tracing::info!(
-                    "no {} in this cluster (its CRD is not installed); looking again in 30 s",
-                    api.name()
-                );
+                if !missing_said {
+                    missing_said = true;
+                    tracing::info!(
+                        "no {} in this cluster (its CRD is not installed); looking again every 5 s",
+                        api.name()
+                    );
+                }
                 inner.replace(kind, vec![]).await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
                 continue;
             }
             Err(e) => {

@@ -1,13 +1,16 @@
 //! `trellis agent`: the agent's flags, turned into a checked `AgentConfig`.
 
+use anyhow::bail;
 use clap::Args;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use trellis_agent::leader::ElectionConfig;
+use trellis_agent::node_facts::{NodeFacts, discover};
 use trellis_agent::probe::ProbeConfig;
-use trellis_agent::store_addr::StoreAddress;
+use trellis_agent::state::CACHE_GRACE;
+use trellis_agent::store_addr::{KubeOptions, StoreAddress};
 use trellis_agent::{AgentConfig, WireGuardBackend};
 use trellis_model::{Endpoint, GatewayPolicy, Granularity};
 use trellis_plan::Settings;
@@ -19,12 +22,14 @@ pub struct AgentArgs {
     /// This node's name (lowercase letters, digits, '-').
     #[arg(long)]
     pub node: String,
-    /// The location (site, region, zone) this node belongs to.
+    /// The location (site, region, zone) this node belongs to. On `--store kubernetes`,
+    /// default: the Node's `kilo.squat.ai/location` annotation or region label.
     #[arg(long)]
-    pub location: String,
-    /// This node's address and prefix on its location's internal network.
+    pub location: Option<String>,
+    /// This node's address and prefix on its location's internal network. On `--store
+    /// kubernetes`, default: the Node's InternalIP.
     #[arg(long, value_name = "CIDR")]
-    pub internal_ip: IpNet,
+    pub internal_ip: Option<IpNet>,
     /// Where other locations reach this node's WireGuard port (host:port). Omit for a
     /// private node.
     #[arg(long, value_name = "HOST:PORT")]
@@ -32,13 +37,16 @@ pub struct AgentArgs {
     /// WireGuard UDP port.
     #[arg(long, default_value_t = 51820)]
     pub listen_port: u16,
-    /// A pod CIDR of this node (repeat for several).
+    /// A pod CIDR of this node (repeat for several). On `--store kubernetes`, default: the
+    /// Node's `spec.podCIDRs`.
     #[arg(long = "pod-cidr", value_name = "CIDR")]
     pub pod_cidrs: Vec<IpNet>,
-    /// This node's overlay address, put on the WireGuard interface.
+    /// This node's overlay address, put on the WireGuard interface. On `--store
+    /// kubernetes`, default: derived from the node's pod CIDR (100.64.0.0/11 + its index).
     #[arg(long, value_name = "IP")]
-    pub overlay_ip: IpAddr,
+    pub overlay_ip: Option<IpAddr>,
     /// The address forwarding probes are sent from and to (omit to take no part in probing).
+    /// On `--store kubernetes`, default: derived from the pod CIDR (100.96.0.0/11 + its index).
     #[arg(long, value_name = "IP")]
     pub probe_ip: Option<IpAddr>,
     /// Never serve as a location gateway.
@@ -60,9 +68,24 @@ pub struct AgentArgs {
     /// Keep no state cache: an agent started during a store outage waits for the store.
     #[arg(long)]
     pub no_state_cache: bool,
-    /// The store: etcd://HOST:PORT[,HOST:PORT...] or unix:/path/to/store.sock.
+    /// The store: etcd://HOST:PORT[,HOST:PORT...], unix:/path/to/store.sock, or kubernetes
+    /// (the cluster's API server: see --kube-api).
     #[arg(long)]
     pub store: String,
+    /// On `--store kubernetes`: the API server's real address (https://HOST:PORT). Default:
+    /// the server of --kubeconfig, then the in-cluster environment (a service address: last).
+    #[arg(long, value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// On `--store kubernetes`: the kubelet's kubeconfig, read for the API server's address.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/kubernetes/kubelet.conf"
+    )]
+    pub kubeconfig: PathBuf,
+    /// On `--store kubernetes`: the namespace of Trellis's Leases and settings ConfigMap.
+    #[arg(long, default_value = "trellis-system")]
+    pub kube_namespace: String,
     #[command(flatten)]
     pub etcd: super::state::EtcdArgs,
     /// Take no part in the leader election (never do cluster-wide work).
@@ -121,20 +144,83 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
+    /// The store's address, with the Kubernetes options when it is the API.
+    fn store(&self) -> anyhow::Result<StoreAddress> {
+        Ok(match StoreAddress::parse(&self.store)? {
+            StoreAddress::Kubernetes(_) => StoreAddress::Kubernetes(KubeOptions {
+                api: self.kube_api.clone(),
+                kubeconfig: self.kubeconfig.clone(),
+                namespace: self.kube_namespace.clone(),
+            }),
+            other => {
+                if let Some(api) = &self.kube_api {
+                    bail!("--kube-api {api}: only with --store kubernetes");
+                }
+                other
+            }
+        })
+    }
+
+    /// What the flags leave out, from the Node on Kubernetes; elsewhere, the flags that
+    /// must be given.
+    fn node_facts(&self, store: &StoreAddress) -> anyhow::Result<Option<NodeFacts>> {
+        let complete =
+            self.location.is_some() && self.internal_ip.is_some() && self.overlay_ip.is_some();
+        match store {
+            StoreAddress::Kubernetes(kube) if !complete => {
+                let cache = (!self.no_state_cache).then_some(self.state_cache.as_path());
+                Ok(Some(discover(kube, &self.node, cache, CACHE_GRACE)?))
+            }
+            _ => {
+                for (flag, given) in [
+                    ("--location", self.location.is_some()),
+                    ("--internal-ip", self.internal_ip.is_some()),
+                    ("--overlay-ip", self.overlay_ip.is_some()),
+                ] {
+                    if !given && !matches!(store, StoreAddress::Kubernetes(_)) {
+                        bail!(
+                            "{flag} is required (it comes from the Node only with --store kubernetes)"
+                        );
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
     pub fn config(&self) -> anyhow::Result<AgentConfig> {
+        let store = self.store()?;
+        let facts = self.node_facts(&store)?;
+        let from_node =
+            |what: &str| anyhow::anyhow!("{what}: not given and not read from the Node");
         let config = AgentConfig {
             node: self.node.clone(),
-            location: self.location.clone(),
-            internal_ip: self.internal_ip,
+            location: match (&self.location, &facts) {
+                (Some(l), _) => l.clone(),
+                (None, Some(f)) => f.location.clone(),
+                (None, None) => return Err(from_node("--location")),
+            },
+            internal_ip: match (self.internal_ip, &facts) {
+                (Some(ip), _) => ip,
+                (None, Some(f)) => f.internal_ip,
+                (None, None) => return Err(from_node("--internal-ip")),
+            },
             endpoint: self
                 .endpoint
                 .as_deref()
                 .map(|e| Endpoint::parse("--endpoint", e))
                 .transpose()?,
             listen_port: self.listen_port,
-            pod_cidrs: self.pod_cidrs.clone(),
-            overlay_ip: self.overlay_ip,
-            probe_ip: self.probe_ip,
+            pod_cidrs: match &facts {
+                Some(f) if self.pod_cidrs.is_empty() => f.pod_cidrs.clone(),
+                _ => self.pod_cidrs.clone(),
+            },
+            overlay_ip: match (self.overlay_ip, &facts) {
+                (Some(ip), _) => ip,
+                (None, Some(f)) => f.overlay_ip,
+                (None, None) => return Err(from_node("--overlay-ip")),
+            },
+            probe_ip: self.probe_ip.or(facts.as_ref().map(|f| f.probe_ip)),
             gateway: GatewayPolicy {
                 eligible: !self.no_gateway,
                 priority: self.gateway_priority,
@@ -146,7 +232,7 @@ impl AgentArgs {
             },
             key_file: self.key_file.clone(),
             state_cache: (!self.no_state_cache).then(|| self.state_cache.clone()),
-            store: StoreAddress::parse(&self.store)?,
+            store,
             etcd: self.etcd.options(),
             election: (!self.no_leader_election).then_some(ElectionConfig {
                 lease: Duration::from_millis(self.election_lease_ms),

@@ -68,6 +68,10 @@ pub enum LabCommand {
     /// Serve the lab's embedded store (started by `lab up`; not for direct use).
     #[command(hide = true)]
     ServeStore(NameArg),
+    /// Serve the lab's Kubernetes API (started by `lab up --store kubernetes`; not for
+    /// direct use).
+    #[command(hide = true)]
+    ServeKube(NameArg),
     /// Answer TCP and UDP echo in every pod (started by `lab up`; not for direct use).
     #[command(hide = true)]
     ServePods(NameArg),
@@ -199,8 +203,9 @@ pub struct UpArgs {
     /// only, as Kilo does; for comparison).
     #[arg(long, default_value = "forwarding")]
     pub gateway_health: GatewayHealthArg,
-    /// The store: embedded (in-process, the default) or etcd (Debian's etcd in its own
-    /// namespace, reached over the location networks).
+    /// The store: embedded (in-process, the default), etcd (Debian's etcd in its own
+    /// namespace, reached over the location networks), or kubernetes (an API server double
+    /// there; the agents run on Trellis's Kubernetes backend).
     #[arg(long, default_value = "embedded")]
     pub store: StoreKind,
     /// Give every node an IPv6 pod CIDR too (fd00:10:244:K::/64 for node K) and every pod
@@ -874,6 +879,10 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::ServeStore(args) => {
             store::serve(&args.name).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::ServeKube(args) => {
+            trellis_lab::kube_api::serve(&args.name).await?;
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::ServePods(args) => {

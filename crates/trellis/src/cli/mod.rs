@@ -62,7 +62,8 @@ impl Command {
     pub fn writes_to_a_pipe(&self) -> bool {
         !matches!(
             self,
-            Command::Agent(_) | Command::Lab(lab::LabCommand::ServeStore(_))
+            Command::Agent(_)
+                | Command::Lab(lab::LabCommand::ServeStore(_) | lab::LabCommand::ServeKube(_))
         )
     }
 
