@@ -39,6 +39,7 @@ pub fn crd() -> Value {
                 "additionalPrinterColumns": [
                     {"name": "Active", "type": "string", "jsonPath": ".status.activeList"},
                     {"name": "Standby", "type": "string", "jsonPath": ".status.standbyList"},
+                    {"name": "Forwarding", "type": "string", "jsonPath": ".status.candidates"},
                     {"name": "Last failover", "type": "date", "jsonPath": ".status.lastFailover.at"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
@@ -82,22 +83,28 @@ fn status_schema() -> Value {
     });
     let last_failover = json!({
         "type": "object",
+        "description": "The last time an active gateway was replaced: which left, which joined.",
         "properties": {
             "at": {"type": "string", "format": "date-time"},
-            "from": {"type": "string"},
-            "to": {"type": "string"},
+            "from": names,
+            "to": names,
         },
     });
     json!({
         "type": "object",
         "properties": {
+            "slots": {
+                "type": "array",
+                "description": "The gateway slots as the agents keep them (sticky; null: vacant).",
+                "items": {"type": "string", "nullable": true},
+            },
             "active": names,
             "standby": names,
             "activeList": {"type": "string", "description": "active, comma-separated, for printing"},
             "standbyList": {"type": "string", "description": "standby, comma-separated, for printing"},
             "candidates": {
                 "type": "object",
-                "description": "Each gateway candidate's verdict: up, down or unknown.",
+                "description": "Each gateway candidate's forwarding as most of its observers last measured it: up, down or unknown.",
                 "additionalProperties": {"type": "string", "enum": ["up", "down", "unknown"]},
             },
             "opinions": opinions,
@@ -174,10 +181,13 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(columns, ["Active", "Standby", "Last failover", "Age"]);
+        assert_eq!(
+            columns,
+            ["Active", "Standby", "Forwarding", "Last failover", "Age"]
+        );
         // Every printed path exists in the schema.
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
-        for path in ["activeList", "standbyList", "lastFailover"] {
+        for path in ["activeList", "standbyList", "candidates", "lastFailover"] {
             assert!(
                 schema["properties"]["status"]["properties"][path].is_object(),
                 "{path}"

@@ -34,16 +34,25 @@ const DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn prepare_kernel() -> trellis_dataplane::Result<()> {
-    use trellis_dataplane::sysctl;
     // Gateways forward for their location, and replies may come back on another interface
     // than the request left on, which strict reverse-path filtering would drop.
-    sysctl::set("net.ipv4.ip_forward", "1")?;
-    sysctl::set("net.ipv4.conf.all.rp_filter", "0")?;
-    sysctl::set("net.ipv4.conf.default.rp_filter", "0")?;
-    if let Err(e) = sysctl::set("net.ipv6.conf.all.forwarding", "1") {
+    ensure_sysctl("net.ipv4.ip_forward", "1")?;
+    ensure_sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    ensure_sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+    if let Err(e) = ensure_sysctl("net.ipv6.conf.all.forwarding", "1") {
         tracing::debug!("IPv6 forwarding not set (IPv6 disabled?): {e:#}");
     }
     Ok(())
+}
+
+/// Writes a kernel parameter only when it differs: an agent in a container whose /proc/sys
+/// is read-only (an unprivileged pod) runs on a node prepared by its operator.
+fn ensure_sysctl(name: &str, value: &str) -> trellis_dataplane::Result<()> {
+    use trellis_dataplane::sysctl;
+    if sysctl::get(name).is_ok_and(|have| have == value) {
+        return Ok(());
+    }
+    sysctl::set(name, value)
 }
 
 /// The parts of the kernel a pass writes, each behind its reconciler's trait.

@@ -283,6 +283,33 @@ pub fn slots_patch(
     patch
 }
 
+/// What most observers say of `gateway`'s forwarding, with `observer`'s opinion now `up`
+/// (`None`: withdrawn): `up`, `down`, or `unknown` on a tie or without opinions. For
+/// `kubectl get`: the agents' verdicts are the planner's, from the opinions themselves.
+pub fn forwarding_summary(
+    location: &Value,
+    gateway: &str,
+    observer: &str,
+    up: Option<bool>,
+) -> &'static str {
+    let mut votes: std::collections::BTreeMap<String, bool> = location::opinions(location)
+        .into_iter()
+        .filter(|(_, g, _)| g == gateway)
+        .map(|(o, _, up)| (o, up))
+        .collect();
+    match up {
+        Some(up) => votes.insert(observer.to_string(), up),
+        None => votes.remove(observer),
+    };
+    let ups = votes.values().filter(|up| **up).count();
+    let downs = votes.len() - ups;
+    match ups.cmp(&downs) {
+        std::cmp::Ordering::Greater => "up",
+        std::cmp::Ordering::Less => "down",
+        std::cmp::Ordering::Equal => "unknown",
+    }
+}
+
 /// A Node's location as the cluster says it, for an agent that was not told its own.
 pub fn node_location(object: &Value) -> Option<String> {
     object["metadata"]["annotations"][crate::annotations::kilo::LOCATION]
@@ -354,6 +381,19 @@ mod tests {
         assert_eq!(got[1].gate.as_deref(), Some("node.b1"));
         assert_eq!(object["status"]["activeList"], "a1");
         assert!(object["status"]["lastFailover"].is_null());
+    }
+
+    #[test]
+    fn a_candidates_forwarding_is_what_most_of_its_observers_say() {
+        let mut object = json!({"metadata": {"name": "site-a"}});
+        assert_eq!(forwarding_summary(&object, "a1", "b1", None), "unknown");
+        json_patch::merge(&mut object, &location::opinion_patch("b1", "a1", true));
+        json_patch::merge(&mut object, &location::opinion_patch("b2", "a1", false));
+        json_patch::merge(&mut object, &location::opinion_patch("b2", "a2", false));
+        assert_eq!(forwarding_summary(&object, "a1", "b3", Some(false)), "down");
+        assert_eq!(forwarding_summary(&object, "a1", "b2", Some(true)), "up");
+        assert_eq!(forwarding_summary(&object, "a1", "b2", None), "up");
+        assert_eq!(forwarding_summary(&object, "a1", "b1", None), "down");
     }
 
     #[test]

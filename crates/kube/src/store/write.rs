@@ -204,10 +204,19 @@ async fn apply(
                 )));
             };
             ensure_location(inner, &loc).await?;
-            let patch = match up {
+            let mut patch = match up {
                 Some(up) => location::opinion_patch(&observer, &gateway, up),
-                None => json!({"status": {"opinions": {observer: {gateway: null}}}}),
+                None => {
+                    json!({"status": {"opinions": {observer.as_str(): {gateway.as_str(): null}}}})
+                }
             };
+            let current = object(inner, Kind::Location, "", &loc)
+                .await
+                .unwrap_or(Value::Null);
+            let verdict = super::derive::forwarding_summary(&current, &gateway, &observer, up);
+            if current["status"]["candidates"][&gateway].as_str() != Some(verdict) {
+                patch["status"]["candidates"] = json!({gateway.as_str(): verdict});
+            }
             patch_object(inner, Kind::Location, &loc, &patch, true).await?;
             done(None)
         }
