@@ -9,6 +9,21 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# The checks and the build need nothing the packages below bring: they run while the
+# packages install (on a fresh machine each takes minutes), their output shown after.
+build_log=$(mktemp /tmp/trt-build.XXXXXX)
+(
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-run
+  else
+    cargo test --workspace --locked --no-run
+  fi
+) >"$build_log" 2>&1 &
+build_pid=$!
+trap 'pkill -P "$build_pid" 2>/dev/null || true; kill "$build_pid" 2>/dev/null || true; rm -f "$build_log"' EXIT
+
 # Independent checkers and interop peers the tests use; the product itself needs none.
 # podman (with runc, the CNI reference plugins, iptables for their portmap, jq for a test
 # meta-plugin and busybox-static for a root filesystem) is the real runtime that calls
@@ -51,8 +66,12 @@ for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(tl-t|trt-)
   ip netns delete "$ns" 2>/dev/null || true
 done
 
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+if ! wait "$build_pid"; then
+  cat "$build_log"
+  echo "scripts/test.sh: format, lint or build failed (above)" >&2
+  exit 1
+fi
+cat "$build_log"
 # nextest runs the test binaries side by side, the labs one at a time (.config/nextest.toml);
 # plain `cargo test` runs them one after the other, which takes minutes longer.
 if cargo nextest --version >/dev/null 2>&1; then

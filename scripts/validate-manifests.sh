@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates the Kubernetes manifests in deploy/ without a cluster:
 #
-# - each overlay (deploy/overlays/*) rendered with `kubectl kustomize`, and the CRDs in
+# - each overlay (deploy/overlays/*) rendered with `kubectl kustomize`, deploy/uninstall, and the CRDs in
 #   deploy/crds, checked object by object against Kubernetes 1.33's own schemas with
 #   kubernetes-validate --strict (an unknown field is an error, as `kubectl apply
 #   --validate=strict` makes it); a kind it has no schema for is an error too, since none
@@ -143,6 +143,7 @@ for overlay in deploy/overlays/*/; do
   fi
   check "$rendered" "deploy/overlays/$name" "$(grep -c '^kind:' "$rendered")"
 done
+check deploy/uninstall/daemonset.yaml deploy/uninstall "$(grep -c '^kind:' deploy/uninstall/daemonset.yaml)"
 for crd in deploy/crds/*.yaml; do
   [ "$(basename "$crd")" = kustomization.yaml ] && continue
   check "$crd" "$crd" "$(grep -c '^kind:' "$crd")"

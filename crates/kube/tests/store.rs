@@ -332,3 +332,56 @@ async fn settings_are_a_config_map_and_services_come_from_the_api() {
     .await;
     assert!(store.get(keys::SETTINGS).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn forgetting_a_node_removes_its_annotations_and_lease_and_nothing_else() {
+    let (_double, kube) = double().await;
+    let store = store(&kube).await;
+    let node = get(&kube, Kind::node(), None, "a1").await;
+    let cidr = node["spec"]["podCIDRs"][0].as_str().unwrap().to_string();
+    store
+        .put(
+            &keys::node("a1"),
+            serde_json::to_vec(&record("a1", "site-a", 1, &cidr)).unwrap(),
+        )
+        .await
+        .unwrap();
+    kube.merge_patch(
+        &Kind::node(),
+        None,
+        "a1",
+        &json!({"metadata": {"annotations": {"kilo.squat.ai/location": "site-a"}}}),
+        false,
+    )
+    .await
+    .unwrap();
+    let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: keys::status("a1"),
+                value: b"{}".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    trellis_kube::store::forget_node(&kube, NS, "a1")
+        .await
+        .unwrap();
+    trellis_kube::store::forget_node(&kube, NS, "a1")
+        .await
+        .unwrap(); // idempotent
+    let after = get(&kube, Kind::node(), None, "a1").await;
+    let annotations = after["metadata"]["annotations"].as_object().unwrap();
+    assert_eq!(
+        annotations.keys().collect::<Vec<_>>(),
+        ["kilo.squat.ai/location"],
+        "only the user's annotation stays"
+    );
+    assert_eq!(
+        get(&kube, Kind::lease(), Some(NS), "node.a1").await,
+        Value::Null
+    );
+}

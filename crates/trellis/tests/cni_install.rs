@@ -68,3 +68,90 @@ fn install_puts_the_plugin_and_its_list_where_the_runtime_looks() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `trellis uninstall`, run in a namespace made to look like a node Trellis ran on: the
+/// relay's and the proxy's nftables tables, the WireGuard interface (a bridge stands in: this kernel has no dummy links)
+/// with a route through it, the CNI files and the agent's directories all go; `nft` and
+/// `ip` (independent readers) find none of them; a second run finds nothing to remove.
+#[test]
+fn uninstall_removes_what_trellis_made_on_a_node() {
+    let ns = format!("trt-uninst-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("trt-uninstall-{}", std::process::id()));
+    struct Cleanup(String, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = support::sh(&format!("ip netns delete {}", self.0));
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(ns.clone(), dir.clone());
+    let paths = ["net.d", "bin", "lib", "run"].map(|d| dir.join(d));
+    for p in &paths {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(paths[0].join("10-trellis.conflist"), "{}").unwrap();
+    std::fs::write(paths[0].join("20-other.conflist"), "{}").unwrap();
+    std::fs::write(paths[1].join("trellis-cni"), "").unwrap();
+    std::fs::write(paths[2].join("private.key"), "").unwrap();
+    for cmd in [
+        format!("ip netns add {ns}"),
+        format!("ip -n {ns} link add trellis0 type bridge"),
+        format!("ip -n {ns} link set trellis0 up"),
+        format!("ip -n {ns} route add 10.244.9.0/24 dev trellis0"),
+        format!("ip netns exec {ns} nft add table inet trellis"),
+        format!("ip netns exec {ns} nft add table ip trellis-proxy"),
+        format!("ip netns exec {ns} nft add table ip keep-me"),
+    ] {
+        let out = support::sh(&cmd);
+        assert!(out.status.success(), "{cmd}: {}", text(&out));
+    }
+    let exe = env!("CARGO_BIN_EXE_trellis");
+    let uninstall = || {
+        support::sh(&format!(
+            "ip netns exec {ns} {exe} uninstall --conf-dir {} --bin-dir {} --state-dir {} --run-dir {}",
+            paths[0].display(),
+            paths[1].display(),
+            paths[2].display(),
+            paths[3].display()
+        ))
+    };
+    let out = uninstall();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    for what in [
+        "inet trellis",
+        "ip trellis-proxy",
+        "interface trellis0",
+        "10-trellis.conflist",
+    ] {
+        assert!(said.contains("removed") && said.contains(what), "{said}");
+    }
+    let tables = support::sh(&format!("ip netns exec {ns} nft list tables"));
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    assert_eq!(
+        tables.trim(),
+        "table ip keep-me",
+        "only others' tables stay"
+    );
+    let links = support::sh(&format!("ip -n {ns} -o link show"));
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("trellis0"));
+    let routes = support::sh(&format!("ip -n {ns} route show"));
+    assert!(!String::from_utf8_lossy(&routes.stdout).contains("10.244.9.0"));
+    assert!(
+        paths[0].join("20-other.conflist").exists(),
+        "others' CNI files stay"
+    );
+    assert!(!paths[0].join("10-trellis.conflist").exists());
+    assert!(!paths[1].join("trellis-cni").exists());
+    assert!(!paths[2].exists() && !paths[3].exists());
+
+    let again = uninstall();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(!text(&again).contains("removed"), "{}", text(&again));
+    let bad = trellis(&["uninstall", "--store", "etcd://h:1"]);
+    assert!(
+        !bad.status.success() && text(&bad).contains("--store"),
+        "{}",
+        text(&bad)
+    );
+}

@@ -1381,7 +1381,7 @@ fn leads(lab: &Lab, node: &str) -> bool {
     lab.metric(node, "trellis_leader{") == [1.0]
 }
 
-/// Seed 001 on a real etcd: the store frozen for 30 s, killed and restarted, one node
+/// Seed 001 on a real etcd: the store frozen for 15 s (past the 10 s election lease), killed and restarted, one node
 /// partitioned from it, and most of its traffic dropped; then a leader paused past its
 /// lease is replaced. No agent exits, every pod keeps
 /// reaching every other, the leader stops acting within its renew deadline while the
@@ -1414,7 +1414,7 @@ fn store_faults_on_etcd_stop_leader_work_and_nothing_else() {
         "stopped after {stopped:?}"
     );
     lab.check();
-    std::thread::sleep(Duration::from_secs(30).saturating_sub(frozen.elapsed()));
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(frozen.elapsed()));
     lab.check();
     // readiness is the data plane's: neither the store nor leadership takes a node out
     assert_eq!(unready(&lab), Vec::<String>::new(), "frozen store");

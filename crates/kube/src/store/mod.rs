@@ -26,6 +26,8 @@ pub mod derive;
 pub mod liveness;
 mod write;
 
+pub use write::forget_node;
+
 use crate::client::{Change, Kube, KubeError};
 use derive::{Kind, ObjectRef, Record};
 use futures::StreamExt;

@@ -691,3 +691,27 @@ async fn release(inner: &Inner, session: u64) {
         tracing::debug!("releasing the leader Lease: {e}");
     }
 }
+
+/// Removes what an agent of `node` kept in the API: its annotations on the Node (only
+/// Trellis's own; Kilo's, set by users, stay) and its Lease. For uninstalling; each step
+/// is idempotent.
+pub async fn forget_node(
+    kube: &crate::client::Kube,
+    namespace: &str,
+    node: &str,
+) -> Result<(), KubeError> {
+    let nulls: Map<String, Value> = own::ALL
+        .iter()
+        .map(|k| (k.to_string(), Value::Null))
+        .collect();
+    let patch = json!({"metadata": {"annotations": nulls}});
+    match kube
+        .merge_patch(&ApiKind::node(), None, node, &patch, false)
+        .await
+    {
+        Ok(_) | Err(KubeError::Refused { code: 404, .. }) => {}
+        Err(e) => return Err(e),
+    }
+    kube.delete(&ApiKind::lease(), Some(namespace), &names::node_lease(node))
+        .await
+}

@@ -6,6 +6,7 @@ mod cni;
 mod lab;
 mod objects;
 mod state;
+mod uninstall;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -35,6 +36,10 @@ pub enum Command {
     /// Install the CNI plugin and the network's configuration on this node.
     #[command(subcommand)]
     Cni(cni::CniCommand),
+    /// Remove what Trellis made on this node (after its agent stopped): nftables tables,
+    /// the WireGuard interface and its routes, the CNI plugin, the agent's files; with
+    /// --store kubernetes also the node's annotations and Lease.
+    Uninstall(Box<uninstall::UninstallArgs>),
     /// Build, inspect and remove a cluster of network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -78,6 +83,10 @@ impl Command {
             Command::Lab(cmd) => lab::main(cmd),
             Command::Cni(cmd) => {
                 cni::run(cmd)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Uninstall(args) => {
+                runtime()?.block_on(uninstall::run(&args))?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Peer(cmd) => runtime()?.block_on(state::peer(cmd)),
