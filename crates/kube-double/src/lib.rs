@@ -133,6 +133,7 @@ impl KubeDouble {
             state: Mutex::new(State::new(self.options.history)),
             options: self.options,
             server: addr.to_string(),
+            watch_generation: tokio::sync::watch::channel(0).0,
         });
         let task = tokio::spawn(accept_forever(shared.clone(), async move || {
             listener.accept().await.map(|(stream, _)| stream)
@@ -216,6 +217,12 @@ impl KubeDoubleHandle {
     /// older version get `410 Expired`.
     pub fn compact(&self) {
         self.shared.lock().compact();
+    }
+
+    /// Ends every open watch, as a restart of the API server does: clients watch again
+    /// from the last version they saw (with [`Self::compact`] first, they get 410).
+    pub fn end_watches(&self) {
+        self.shared.watch_generation.send_modify(|g| *g += 1);
     }
 
     /// A kubeconfig for this double (no credentials: the double has no authentication).

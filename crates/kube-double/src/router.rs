@@ -30,6 +30,8 @@ pub struct Shared {
     pub state: Mutex<State>,
     pub options: Options,
     pub server: String,
+    /// Bumped to end every open watch, as an API server restart does.
+    pub watch_generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {

@@ -147,6 +147,8 @@ pub fn start(
         }
     }
     let bookmark_every = shared.options.bookmark_interval;
+    let mut ended = shared.watch_generation.subscribe();
+    ended.mark_unchanged();
     tokio::spawn(async move {
         for b in first {
             if tx.send(b).await.is_err() {
@@ -162,6 +164,7 @@ pub fn start(
             tokio::time::interval_at(tokio::time::Instant::now() + bookmark_every, bookmark_every);
         loop {
             tokio::select! {
+                _ = ended.changed() => return,
                 received = events.recv() => match received {
                     Ok(e) if e.rv > last => {
                         last = e.rv;

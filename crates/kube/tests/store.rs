@@ -385,3 +385,66 @@ async fn forgetting_a_node_removes_its_annotations_and_lease_and_nothing_else() 
         Value::Null
     );
 }
+
+/// The API restarted with its history gone: every watch resumes from a version the API no
+/// longer has, gets 410, and lists afresh; what changed meanwhile arrives, nothing is lost.
+#[tokio::test]
+async fn an_expired_version_relists_and_loses_nothing() {
+    let (double, kube) = double().await;
+    let store = store(&kube).await;
+    store
+        .put(keys::SETTINGS, br#"{"granularity":"full"}"#.to_vec())
+        .await
+        .unwrap();
+    let service = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"ports": [{"port": 80}]}})
+    };
+    kube.create(&Kind::service(), Some("default"), &service("gone"))
+        .await
+        .unwrap();
+    eventually("the first Service", async || {
+        store
+            .get(&keys::service("default", "gone"))
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let (before, _) = store.list("").await.unwrap();
+    double.compact();
+    double.end_watches();
+    // Changed while the watches are down: the mirror must follow, whichever way it learns.
+    kube.delete(&Kind::service(), Some("default"), "gone")
+        .await
+        .unwrap();
+    kube.create(&Kind::service(), Some("default"), &service("late"))
+        .await
+        .unwrap();
+    eventually(
+        "the Service created after the history was lost",
+        async || {
+            store
+                .get(&keys::service("default", "late"))
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    eventually("the deleted Service gone", async || {
+        store
+            .get(&keys::service("default", "gone"))
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    for kv in before.iter().filter(|kv| !kv.key.ends_with("/gone")) {
+        assert!(
+            store.get(&kv.key).await.unwrap().is_some(),
+            "{} kept through the re-list",
+            kv.key
+        );
+    }
+}
