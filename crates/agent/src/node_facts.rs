@@ -23,6 +23,9 @@ pub struct NodeFacts {
     pub pod_cidrs: Vec<IpNet>,
     pub overlay_ip: IpAddr,
     pub probe_ip: IpAddr,
+    /// The Node's `ExternalIP`: where other locations reach it, unless Kilo's
+    /// `force-endpoint` says otherwise (read over the agent's record by every reader).
+    pub external_ip: Option<IpAddr>,
 }
 
 /// The range overlay addresses are derived from (when not given), and probe addresses:
@@ -117,12 +120,19 @@ pub fn from_node(name: &str, object: &Value) -> Result<NodeFacts, InvalidField> 
     let probe_ip = published(own::PROBE_IP)
         .or(derived.map(|d| d.1))
         .unwrap_or(overlay_ip);
+    let external_ip = object["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["type"] == "ExternalIP")
+        .find_map(|a| a["address"].as_str()?.parse().ok());
     Ok(NodeFacts {
         location,
         internal_ip,
         pod_cidrs,
         overlay_ip,
         probe_ip,
+        external_ip,
     })
 }
 
@@ -179,6 +189,7 @@ fn cached(path: &Path, name: &str) -> Option<NodeFacts> {
         pod_cidrs: node.pod_cidrs,
         overlay_ip: node.overlay_ip,
         probe_ip: node.probe_ip.unwrap_or(node.overlay_ip),
+        external_ip: node.endpoint.and_then(|e| e.socket_addr()).map(|a| a.ip()),
     })
 }
 
@@ -193,7 +204,8 @@ mod tests {
             "metadata": {"name": "w1", "labels": {"topology.kubernetes.io/region": "eu-1"}},
             "spec": {"podCIDRs": ["10.244.7.0/24", "fd00:10:244:7::/64"]},
             "status": {"addresses": [{"type": "Hostname", "address": "w1"},
-                {"type": "InternalIP", "address": "192.168.1.7"}]},
+                {"type": "InternalIP", "address": "192.168.1.7"},
+                {"type": "ExternalIP", "address": "203.0.113.7"}]},
         });
         let facts = from_node("w1", &node).unwrap();
         assert_eq!(facts.location, "eu-1");
@@ -202,6 +214,7 @@ mod tests {
         // 10.244.7.0/24 is /24 number 0x0af407 of the IPv4 space: its low 21 bits.
         assert_eq!(facts.overlay_ip, "100.74.244.7".parse::<IpAddr>().unwrap());
         assert_eq!(facts.probe_ip, "100.106.244.7".parse::<IpAddr>().unwrap());
+        assert_eq!(facts.external_ip, Some("203.0.113.7".parse().unwrap()));
     }
 
     #[test]

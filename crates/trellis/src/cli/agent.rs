@@ -31,7 +31,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "CIDR")]
     pub internal_ip: Option<IpNet>,
     /// Where other locations reach this node's WireGuard port (host:port). Omit for a
-    /// private node.
+    /// private node. On `--store kubernetes`, default: the Node's ExternalIP, if it has one
+    /// (Kilo's `force-endpoint` annotation is read over it by every agent).
     #[arg(long, value_name = "HOST:PORT")]
     pub endpoint: Option<String>,
     /// WireGuard UDP port.
@@ -205,11 +206,14 @@ impl AgentArgs {
                 (None, Some(f)) => f.internal_ip,
                 (None, None) => return Err(from_node("--internal-ip")),
             },
-            endpoint: self
-                .endpoint
-                .as_deref()
-                .map(|e| Endpoint::parse("--endpoint", e))
-                .transpose()?,
+            endpoint: match (&self.endpoint, facts.as_ref().and_then(|f| f.external_ip)) {
+                (Some(e), _) => Some(Endpoint::parse("--endpoint", e)?),
+                (None, Some(ip)) => Some(Endpoint::parse(
+                    "the Node's ExternalIP",
+                    &std::net::SocketAddr::new(ip, self.listen_port).to_string(),
+                )?),
+                (None, None) => None,
+            },
             listen_port: self.listen_port,
             pod_cidrs: match &facts {
                 Some(f) if self.pod_cidrs.is_empty() => f.pod_cidrs.clone(),
