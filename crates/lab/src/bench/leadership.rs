@@ -1,4 +1,6 @@
-//! `lab bench leadership`: seed 001 measured on a lab on a real etcd.
+//! `lab bench leadership`: seed 001 measured on a lab on a real etcd (or, `--store
+//! kubernetes`, on the Kubernetes API double: the leader Lease instead of etcd's election,
+//! and no kill among the store faults, since the double keeps its objects in its process).
 //!
 //! - **takeover**: the leader's node is killed (its agent, and with it the node's data
 //!   plane); time until another agent acts as leader (its `trellis_leader` gauge is 1).
@@ -48,6 +50,8 @@ pub struct LeadershipArgs {
     /// How long each store fault is held.
     pub hold: Duration,
     pub peer: bool,
+    /// Etcd or Kubernetes (the peer runs only on etcd).
+    pub store: StoreKind,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,7 +107,7 @@ pub async fn leadership(args: &LeadershipArgs) -> anyhow::Result<LeadershipRepor
     let lab = args.name.as_str();
     let _ = build::teardown(lab);
     let params = crate::spec::LabParams {
-        store: StoreKind::Etcd,
+        store: args.store,
         ..super::bench_lab(lab, GatewayHealth::Forwarding)
     };
     let spec = params.spec()?;
@@ -154,7 +158,7 @@ async fn measure(lab: &str, args: &LeadershipArgs) -> LeadershipReport {
     if let Some(e) = &faults.failure {
         failed(&mut failures, e.clone());
     }
-    let (peer, peer_failed) = match args.peer {
+    let (peer, peer_failed) = match args.peer && args.store == StoreKind::Etcd {
         false => (None, None),
         true => match peer::measure(lab).await {
             Ok(p) => (Some(p), None),
@@ -333,12 +337,16 @@ async fn store_faults(lab: &str, args: &LeadershipArgs) -> FaultsOutcome {
     for i in 0..args.faults {
         let result = async {
             let leader = one_leader(lab, Duration::from_secs(40)).await?;
-            let fault = match i % 4 {
-                0 => StoreFault::Freeze,
-                1 => StoreFault::Kill,
-                2 => StoreFault::Partition(leader),
-                _ => StoreFault::Throttle,
-            };
+            let mut kinds = vec![
+                StoreFault::Freeze,
+                StoreFault::Kill,
+                StoreFault::Partition(leader),
+                StoreFault::Throttle,
+            ];
+            if args.store == StoreKind::Kubernetes {
+                kinds.retain(|k| *k != StoreFault::Kill);
+            }
+            let fault = kinds.swap_remove(i % kinds.len());
             store::inject(lab, fault.clone()).await?;
             sleep(args.hold).await;
             store::heal(lab).await?;

@@ -348,6 +348,9 @@ pub enum BenchCommand {
         /// Skip the etcdctl elect peer (it takes about two of its 60 s session TTLs).
         #[arg(long)]
         no_peer: bool,
+        /// The store the lab runs: etcd, or kubernetes (the API double; no peer there).
+        #[arg(long, default_value = "etcd")]
+        store: StoreKind,
         /// Print the report as JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -750,10 +753,16 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             faults,
             hold_seconds,
             no_peer,
+            store,
             json,
             name,
         }) => {
+            anyhow::ensure!(
+                store != StoreKind::Embedded,
+                "--store embedded: the leadership bench needs etcd or kubernetes (store faults)"
+            );
             let args = bench::LeadershipArgs {
+                store,
                 name,
                 reps: reps.max(1),
                 faults,
