@@ -5,23 +5,13 @@
 use futures::StreamExt;
 use serde_json::json;
 use std::time::Duration;
-use trellis_kube::api_address::{ApiAddress, Source};
 use trellis_kube::client::{Change, Kind, Kube, KubeError};
 use trellis_kube::node::{annotations_patch, node_from_object};
-use trellis_kube_double::{KubeDouble, KubeDoubleHandle};
+use trellis_kube_double::KubeDouble;
 
-/// A fresh API double and a client of it, without credentials.
-async fn double_and_client() -> (KubeDoubleHandle, Kube) {
-    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let address = ApiAddress {
-        url: double.url(),
-        source: Source::Flag,
-    };
-    let kube = Kube::new(&address, Duration::from_secs(5)).unwrap();
-    (double, kube)
-}
+mod common;
+
+use common::double_and_client;
 
 fn node(name: &str) -> serde_json::Value {
     json!({

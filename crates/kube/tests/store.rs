@@ -5,24 +5,19 @@
 
 use serde_json::{Value, json};
 use std::time::Duration;
-use trellis_kube::api_address::{ApiAddress, Source};
 use trellis_kube::client::{Kind, Kube};
 use trellis_kube::store::KubeStore;
-use trellis_kube_double::{KubeDouble, KubeDoubleHandle};
+use trellis_kube_double::KubeDoubleHandle;
 use trellis_model::{GatewaySet, Node, keys};
 use trellis_store::{Compare, Op, Store, StoreError};
 
 const NS: &str = "trellis-system";
 
+mod common;
+
+/// A double with the Location CRD and three Nodes, as a cluster has before Trellis runs.
 async fn double() -> (KubeDoubleHandle, Kube) {
-    let double = KubeDouble::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let address = ApiAddress {
-        url: double.url(),
-        source: Source::Flag,
-    };
-    let kube = Kube::new(&address, Duration::from_secs(5)).unwrap();
+    let (double, kube) = common::double_and_client().await;
     kube.create(
         &Kind::custom_resource_definition(),
         None,

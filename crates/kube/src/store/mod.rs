@@ -367,12 +367,7 @@ async fn reflect(inner: Arc<Inner>, kind: Kind) {
             let stream = match inner.kube.watch(&api, namespace.as_deref(), &version).await {
                 Ok(stream) => stream,
                 Err(e) => {
-                    if kind == Kind::Lease {
-                        inner.set_leases_unwatched(true).await;
-                    }
-                    let delay = backoff.next_delay();
-                    tracing::warn!(retry_in = ?delay, "{e}");
-                    tokio::time::sleep(delay).await;
+                    watch_broke(&inner, kind, &mut backoff, e).await;
                     continue;
                 }
             };
@@ -396,18 +391,24 @@ async fn reflect(inner: Arc<Inner>, kind: Kind) {
                         continue 'list;
                     }
                     Err(e) => {
-                        if kind == Kind::Lease {
-                            inner.set_leases_unwatched(true).await;
-                        }
-                        let delay = backoff.next_delay();
-                        tracing::warn!(retry_in = ?delay, "{e}");
-                        tokio::time::sleep(delay).await;
+                        watch_broke(&inner, kind, &mut backoff, e).await;
                         break;
                     }
                 }
             }
         }
     }
+}
+
+/// A watch that could not start or broke: said, and waited for (jittered); while the
+/// Leases cannot be watched, nothing is judged expired.
+async fn watch_broke(inner: &Inner, kind: Kind, backoff: &mut Backoff, e: KubeError) {
+    if kind == Kind::Lease {
+        inner.set_leases_unwatched(true).await;
+    }
+    let delay = backoff.next_delay();
+    tracing::warn!(retry_in = ?delay, "{e}");
+    tokio::time::sleep(delay).await;
 }
 
 /// Re-publishes as Leases expire (and as this process finds itself cut off or back).

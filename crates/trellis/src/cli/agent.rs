@@ -10,7 +10,7 @@ use trellis_agent::leader::ElectionConfig;
 use trellis_agent::node_facts::{NodeFacts, discover};
 use trellis_agent::probe::ProbeConfig;
 use trellis_agent::state::CACHE_GRACE;
-use trellis_agent::store_addr::{KubeOptions, StoreAddress};
+use trellis_agent::store_addr::StoreAddress;
 use trellis_agent::{AgentConfig, WireGuardBackend};
 use trellis_model::{Endpoint, GatewayPolicy, Granularity};
 use trellis_plan::Settings;
@@ -73,20 +73,8 @@ pub struct AgentArgs {
     /// (the cluster's API server: see --kube-api).
     #[arg(long)]
     pub store: String,
-    /// On `--store kubernetes`: the API server's real address (https://HOST:PORT). Default:
-    /// the server of --kubeconfig, then the in-cluster environment (a service address: last).
-    #[arg(long, value_name = "URL")]
-    pub kube_api: Option<String>,
-    /// On `--store kubernetes`: the kubelet's kubeconfig, read for the API server's address.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/etc/kubernetes/kubelet.conf"
-    )]
-    pub kubeconfig: PathBuf,
-    /// On `--store kubernetes`: the namespace of Trellis's Leases and settings ConfigMap.
-    #[arg(long, default_value = "trellis-system")]
-    pub kube_namespace: String,
+    #[command(flatten)]
+    pub kube: super::state::KubeArgs,
     #[command(flatten)]
     pub etcd: super::state::EtcdArgs,
     /// Take no part in the leader election (never do cluster-wide work).
@@ -148,13 +136,9 @@ impl AgentArgs {
     /// The store's address, with the Kubernetes options when it is the API.
     fn store(&self) -> anyhow::Result<StoreAddress> {
         Ok(match StoreAddress::parse(&self.store)? {
-            StoreAddress::Kubernetes(_) => StoreAddress::Kubernetes(KubeOptions {
-                api: self.kube_api.clone(),
-                kubeconfig: self.kubeconfig.clone(),
-                namespace: self.kube_namespace.clone(),
-            }),
+            StoreAddress::Kubernetes(_) => StoreAddress::Kubernetes(self.kube.options()),
             other => {
-                if let Some(api) = &self.kube_api {
+                if let Some(api) = &self.kube.kube_api {
                     bail!("--kube-api {api}: only with --store kubernetes");
                 }
                 other

@@ -50,6 +50,35 @@ impl EtcdArgs {
     }
 }
 
+/// How to reach the Kubernetes API, for `--store kubernetes`.
+#[derive(Args, Debug, Clone)]
+pub struct KubeArgs {
+    /// On `--store kubernetes`: the API server's real address (https://HOST:PORT). Default:
+    /// the server of --kubeconfig, then the in-cluster environment (a service address: last).
+    #[arg(long, value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// On `--store kubernetes`: the kubelet's kubeconfig, read for the API server's address.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/kubernetes/kubelet.conf"
+    )]
+    pub kubeconfig: std::path::PathBuf,
+    /// On `--store kubernetes`: the namespace of Trellis's Leases and settings ConfigMap.
+    #[arg(long, default_value = "trellis-system")]
+    pub kube_namespace: String,
+}
+
+impl KubeArgs {
+    pub fn options(&self) -> trellis_agent::store_addr::KubeOptions {
+        trellis_agent::store_addr::KubeOptions {
+            api: self.kube_api.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            namespace: self.kube_namespace.clone(),
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
     /// The store: etcd://HOST:PORT[,...] or unix:/path/to/store.sock (default: the only

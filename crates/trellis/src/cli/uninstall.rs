@@ -10,7 +10,7 @@
 
 use clap::Args;
 use std::path::{Path, PathBuf};
-use trellis_agent::store_addr::{KubeOptions, StoreAddress};
+use trellis_agent::store_addr::StoreAddress;
 use trellis_dataplane::nftables::{Batch, Family, Nft};
 
 #[derive(Args)]
@@ -36,16 +36,8 @@ pub struct UninstallArgs {
     /// `kubernetes` to remove what the agent kept in the API (see --node).
     #[arg(long)]
     pub store: Option<String>,
-    #[arg(long, value_name = "URL")]
-    pub kube_api: Option<String>,
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/etc/kubernetes/kubelet.conf"
-    )]
-    pub kubeconfig: PathBuf,
-    #[arg(long, default_value = "trellis-system")]
-    pub kube_namespace: String,
+    #[command(flatten)]
+    pub kube: super::state::KubeArgs,
 }
 
 /// The nftables tables Trellis programs.
@@ -62,14 +54,7 @@ pub async fn run(args: &UninstallArgs) -> anyhow::Result<()> {
             let node = args.node.clone().ok_or_else(|| {
                 anyhow::anyhow!("--store kubernetes: give --node, whose annotations and Lease go")
             })?;
-            Some((
-                node,
-                KubeOptions {
-                    api: args.kube_api.clone(),
-                    kubeconfig: args.kubeconfig.clone(),
-                    namespace: args.kube_namespace.clone(),
-                },
-            ))
+            Some((node, args.kube.options()))
         }
         Some(other) => anyhow::bail!(
             "--store {other}: only kubernetes keeps per-node objects to remove (on etcd, `trellis` records expire or the leader collects them)"
