@@ -80,6 +80,8 @@ fn node(i: usize) -> Node {
         },
         overlay_ip: format!("100.64.{}.{}", i / 250, b(i) + 1).parse().unwrap(),
         probe_ip: None,
+        persistent_keepalive: None,
+        location_prefixes: Vec::new(),
     }
 }
 

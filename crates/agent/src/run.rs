@@ -125,6 +125,8 @@ impl AgentConfig {
             gateway: self.gateway,
             overlay_ip: self.overlay_ip,
             probe_ip: self.probe_ip,
+            persistent_keepalive: None,
+            location_prefixes: Vec::new(),
         }
     }
 }

@@ -18,19 +18,9 @@ use trellis_model::{Endpoint, GatewayPolicy, InvalidField, Node, PublicKey, Vali
 /// The gateway priority a Kilo `leader` annotation gives: above any set by hand.
 pub const LEADER_PRIORITY: i32 = 1_000_000;
 
-/// A node as the cluster describes it, with what the node record has no place for yet.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeFacts {
-    pub node: Node,
-    /// Kilo's per-node keepalive, seconds.
-    pub persistent_keepalive: Option<u16>,
-    /// Kilo's extra CIDRs routed to the node's location.
-    pub allowed_location_ips: Vec<IpNet>,
-}
-
 /// The node record of a Kubernetes Node, or `None` while no agent has joined it to the
 /// mesh (no overlay address published yet).
-pub fn node_from_object(object: &Value) -> Result<Option<NodeFacts>, InvalidField> {
+pub fn node_from_object(object: &Value) -> Result<Option<Node>, InvalidField> {
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
     let read = Annotations::of(object, name);
     let (Some(overlay), Some(port)) = (
@@ -122,14 +112,12 @@ pub fn node_from_object(object: &Value) -> Result<Option<NodeFacts>, InvalidFiel
         gateway,
         overlay_ip,
         probe_ip,
+        persistent_keepalive,
+        location_prefixes: allowed_location_ips,
     };
     node.validate()
         .map_err(|e| InvalidField::new(format!("node {name}: {}", e.field), e.value, e.reason))?;
-    Ok(Some(NodeFacts {
-        node,
-        persistent_keepalive,
-        allowed_location_ips,
-    }))
+    Ok(Some(node))
 }
 
 /// `spec.podCIDRs` (one per family), or the older `spec.podCIDR`.
@@ -298,7 +286,7 @@ mod tests {
         let facts = node_from_object(&node_object(published()))
             .unwrap()
             .unwrap();
-        let n = &facts.node;
+        let n = &facts;
         assert_eq!(n.location, "eu-west", "the region label");
         assert_eq!(n.internal_ip, "172.20.0.10/24".parse::<IpNet>().unwrap());
         assert_eq!(n.pod_cidrs.len(), 2);
@@ -330,15 +318,15 @@ mod tests {
         a["kilo.squat.ai/persistent-keepalive"] = json!("25");
         a["kilo.squat.ai/allowed-location-ips"] = json!("192.168.10.0/24, 192.168.11.0/24");
         let facts = node_from_object(&node_object(a)).unwrap().unwrap();
-        assert_eq!(facts.node.location, "fra");
+        assert_eq!(facts.location, "fra");
         assert_eq!(
-            facts.node.endpoint.as_ref().unwrap().to_string(),
+            facts.endpoint.as_ref().unwrap().to_string(),
             "vpn.example.org:51820"
         );
-        assert_eq!(facts.node.internal_ip.to_string(), "10.1.0.5/16");
-        assert_eq!(facts.node.gateway.priority, LEADER_PRIORITY);
+        assert_eq!(facts.internal_ip.to_string(), "10.1.0.5/16");
+        assert_eq!(facts.gateway.priority, LEADER_PRIORITY);
         assert_eq!(facts.persistent_keepalive, Some(25));
-        assert_eq!(facts.allowed_location_ips.len(), 2);
+        assert_eq!(facts.location_prefixes.len(), 2);
     }
 
     #[test]
@@ -373,9 +361,6 @@ mod tests {
         assert!(e.field.starts_with("node a1: pod_cidrs"), "{e:?}");
         object["spec"] = json!({"podCIDR": "10.244.9.0/24"});
         let facts = node_from_object(&object).unwrap().unwrap();
-        assert_eq!(
-            facts.node.pod_cidrs,
-            ["10.244.9.0/24".parse::<IpNet>().unwrap()]
-        );
+        assert_eq!(facts.pod_cidrs, ["10.244.9.0/24".parse::<IpNet>().unwrap()]);
     }
 }

@@ -59,6 +59,8 @@ async fn an_agent_lists_watches_and_patches_its_node_through_the_api() {
         gateway: Default::default(),
         overlay_ip: "100.64.0.1".parse().unwrap(),
         probe_ip: None,
+        persistent_keepalive: None,
+        location_prefixes: Vec::new(),
     };
     let patch = annotations_patch(&listed[0], &record).expect("a first publication");
     let patched = kube
@@ -66,7 +68,7 @@ async fn an_agent_lists_watches_and_patches_its_node_through_the_api() {
         .await
         .unwrap();
     assert_eq!(
-        node_from_object(&patched).unwrap().unwrap().node,
+        node_from_object(&patched).unwrap().unwrap(),
         record,
         "what was written reads back as the same record"
     );

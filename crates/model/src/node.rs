@@ -34,6 +34,15 @@ pub struct Node {
     /// a gateway and its observers. A node without one neither probes nor is probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_ip: Option<IpAddr>,
+    /// Keepalive every peer of this node sends it, in seconds: for a node behind a NAT
+    /// whose mapping would expire (Kilo's `persistent-keepalive`); over the cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
+    /// Prefixes reachable through this node's location by the location's own network (a
+    /// site's LAN, a VPN there): other locations route them to the tunnel that reaches this
+    /// node, and its location leaves them to its network (Kilo's `allowed-location-ips`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub location_prefixes: Vec<IpNet>,
 }
 
 /// Whether a node may serve as a location gateway, and how much it is preferred when a
@@ -106,6 +115,29 @@ impl Validate for Node {
                 "probe_ip",
                 probe,
                 "must differ from the overlay address and lie outside the pod CIDRs",
+            ));
+        }
+        for prefix in &self.location_prefixes {
+            if prefix.trunc() != *prefix {
+                return Err(InvalidField::new(
+                    "location_prefixes",
+                    prefix,
+                    format!("has host bits set; did you mean {}?", prefix.trunc()),
+                ));
+            }
+            if let Some(own) = self.claimed_prefixes().iter().find(|c| overlaps(c, prefix)) {
+                return Err(InvalidField::new(
+                    "location_prefixes",
+                    prefix,
+                    format!("overlaps {own}, the node's own"),
+                ));
+            }
+        }
+        if self.persistent_keepalive == Some(0) {
+            return Err(InvalidField::new(
+                "persistent_keepalive",
+                0,
+                "must be 1-65535 seconds (omit it for none)",
             ));
         }
         for (i, a) in self.pod_cidrs.iter().enumerate() {
@@ -208,6 +240,8 @@ mod tests {
             gateway: GatewayPolicy::default(),
             overlay_ip: "100.64.0.1".parse().unwrap(),
             probe_ip: Some("100.65.0.1".parse().unwrap()),
+            persistent_keepalive: None,
+            location_prefixes: Vec::new(),
         }
     }
 
@@ -233,6 +267,15 @@ mod tests {
         let mut n = node();
         n.probe_ip = Some(n.overlay_ip);
         assert_eq!(n.validate().unwrap_err().field, "probe_ip");
+        let mut n = node();
+        n.location_prefixes = vec!["10.244.1.0/25".parse().unwrap()];
+        assert_eq!(n.validate().unwrap_err().field, "location_prefixes");
+        n.location_prefixes = vec!["192.168.1.1/24".parse().unwrap()];
+        assert_eq!(n.validate().unwrap_err().field, "location_prefixes");
+        n.location_prefixes = vec!["192.168.1.0/24".parse().unwrap()];
+        assert!(n.validate().is_ok());
+        n.persistent_keepalive = Some(0);
+        assert_eq!(n.validate().unwrap_err().field, "persistent_keepalive");
 
         let mut n = node();
         n.pod_cidrs.push("10.244.0.0/16".parse().unwrap());

@@ -105,6 +105,8 @@ fn node(k: usize, loc: usize, i: usize, public: bool) -> Node {
                 .parse()
                 .unwrap(),
         ),
+        persistent_keepalive: None,
+        location_prefixes: Vec::new(),
     }
 }
 

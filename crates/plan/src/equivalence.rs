@@ -102,6 +102,8 @@ fn case_from(seed: u64, size: usize, locations: usize, g: usize, gateways: usize
             },
             overlay_ip,
             probe_ip,
+            persistent_keepalive: None,
+            location_prefixes: Vec::new(),
         });
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
@@ -328,6 +330,8 @@ fn a_large_realistic_cluster_is_planned_as_before() {
                         .parse()
                         .unwrap(),
                 ),
+                persistent_keepalive: None,
+                location_prefixes: Vec::new(),
             }
         })
         .collect();

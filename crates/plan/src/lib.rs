@@ -245,8 +245,9 @@ impl Topology {
         down: &BTreeSet<String>,
     ) -> Topology {
         let mut warnings = Vec::new();
-        let nodes = admit_nodes(nodes, &mut warnings);
+        let mut nodes = admit_nodes(nodes, &mut warnings);
         let peers = admit_peers(peers, &nodes, &mut warnings);
+        admit_location_prefixes(&mut nodes, &peers, &mut warnings);
         let mut topology = Topology {
             settings,
             nodes,
@@ -450,6 +451,11 @@ impl Topology {
 
         for other in self.nodes.values().filter(|n| n.name != me.name) {
             if let Some(hop) = view.hop_to_node(me, other) {
+                // Another location's own network: reached the way the node naming it is
+                // reached; its own location leaves it to that network.
+                if other.location != me.location {
+                    record(&other.location_prefixes, hop.clone());
+                }
                 record(&other.owned_prefixes(), hop);
             }
         }
@@ -565,7 +571,10 @@ impl Topology {
                     public_key: other.public_key.expect("admitted nodes have keys"),
                     endpoint: Some(Self::endpoint_between(me, other)),
                     allowed_ips: sorted(allowed.remove(other.name.as_str()).unwrap_or_default()),
-                    persistent_keepalive: self.settings.persistent_keepalive,
+                    // A node behind a NAT asks every peer for its own keepalive.
+                    persistent_keepalive: other
+                        .persistent_keepalive
+                        .or(self.settings.persistent_keepalive),
                 });
             }
         }
@@ -1060,6 +1069,55 @@ fn admit_nodes(
         admitted.push(node);
     }
     admitted.into_iter().map(|n| (n.name.clone(), n)).collect()
+}
+
+/// Keep each node's location prefixes that no one else has: not overlapping any node's
+/// own prefixes, any external peer's, or a location prefix accepted before it (nodes in
+/// (location, name) order, so every node agrees). Refused ones are said in the warnings.
+fn admit_location_prefixes(
+    nodes: &mut BTreeMap<String, Node>,
+    peers: &BTreeMap<String, ExternalPeer>,
+    warnings: &mut Vec<String>,
+) {
+    if nodes.values().all(|n| n.location_prefixes.is_empty()) {
+        return;
+    }
+    let claimed = Claimed::new(nodes);
+    let mut order: Vec<(String, String)> = (nodes.values())
+        .filter(|n| !n.location_prefixes.is_empty())
+        .map(|n| (n.location.clone(), n.name.clone()))
+        .collect();
+    order.sort();
+    let mut accepted: Vec<(IpNet, String)> = Vec::new();
+    for (_, name) in order {
+        let node = nodes.get_mut(&name).expect("listed above");
+        let mut kept = Vec::new();
+        for prefix in std::mem::take(&mut node.location_prefixes) {
+            let clash = if claimed.overlaps(&prefix) {
+                Some("a node's own prefix".to_string())
+            } else if let Some(p) = peers
+                .values()
+                .find(|p| p.allowed_ips.iter().any(|a| overlaps(a, &prefix)))
+            {
+                Some(format!("external peer {}", p.name))
+            } else {
+                accepted
+                    .iter()
+                    .find(|(a, _)| overlaps(a, &prefix))
+                    .map(|(a, by)| format!("{a} of node {by}"))
+            };
+            match clash {
+                Some(what) => warnings.push(format!(
+                    "node {name} location prefix {prefix} overlaps {what}: left out"
+                )),
+                None => {
+                    accepted.push((prefix, name.clone()));
+                    kept.push(prefix);
+                }
+            }
+        }
+        node.location_prefixes = kept;
+    }
 }
 
 /// The prefixes the admitted nodes claim, sorted, to tell in O(log n) whether any overlaps

@@ -23,9 +23,12 @@ pub fn external_peer_config(topology: &Topology, name: &str) -> Option<String> {
     let _ = writeln!(out, "Address = {}", join(&peer.allowed_ips));
     for node in topology.nodes.values().filter(|n| topology.is_direct(n)) {
         let mut prefixes = node.owned_prefixes();
+        prefixes.extend(node.location_prefixes.iter().copied());
         for (served, gateway) in &topology.serving {
             if gateway == &node.name {
-                prefixes.extend(topology.nodes[served].owned_prefixes());
+                let served = &topology.nodes[served];
+                prefixes.extend(served.owned_prefixes());
+                prefixes.extend(served.location_prefixes.iter().copied());
             }
         }
         prefixes.sort();

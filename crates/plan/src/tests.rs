@@ -28,6 +28,8 @@ fn node(name: &str, loc: usize, k: usize, public: bool) -> Node {
                 .parse()
                 .unwrap(),
         ),
+        persistent_keepalive: None,
+        location_prefixes: Vec::new(),
     }
 }
 
@@ -333,6 +335,70 @@ fn laptop(key: u8) -> ExternalPeer {
         endpoint: None,
         persistent_keepalive: None,
     }
+}
+
+/// Kilo's `allowed-location-ips`: a location's own network, named on one of its nodes, is
+/// reached from other locations through the tunnel that reaches that node, and left to
+/// that network inside its own location; a prefix someone else has is refused, said.
+#[test]
+fn location_prefixes_are_routed_from_other_locations_only_and_never_twice() {
+    let lan: IpNet = "192.168.50.0/24".parse().unwrap();
+    let mut nodes = cluster(&[3, 3], 2);
+    // a3 is private: other locations reach it, and its location's LAN, via a gateway.
+    nodes[2].location_prefixes = vec![lan];
+    // Part of the same LAN named in a later location, and a prefix that is a pod CIDR.
+    nodes[5].location_prefixes = vec!["192.168.50.128/25".parse().unwrap()];
+    nodes[4].location_prefixes = vec!["10.244.0.0/24".parse().unwrap()];
+    let t = Topology::build(
+        settings(Location, 1),
+        nodes.clone(),
+        [laptop(0xee)],
+        &BTreeMap::new(),
+    );
+    let said = |what: &str| t.warnings.iter().any(|w| w.contains(what));
+    assert!(
+        said("node b3 location prefix 192.168.50.128/25 overlaps 192.168.50.0/24 of node a3"),
+        "{:?}",
+        t.warnings
+    );
+    assert!(
+        said("node b2 location prefix 10.244.0.0/24"),
+        "{:?}",
+        t.warnings
+    );
+    let b3 = t.plan_for("b3").unwrap();
+    let b1 = t.plan_for("b1").unwrap();
+    // Private b3 goes through its gateway b1, which tunnels to a3's gateway.
+    assert_eq!(route_to(&b3, &lan), &internal(&nodes, "b1"));
+    let via = t.serving["a3"].clone();
+    assert_eq!(route_to(&b1, &lan), &NextHop::Tunnel { peer: via.clone() });
+    let peer = b1.peers.iter().find(|p| p.name == via).unwrap();
+    assert!(peer.allowed_ips.contains(&lan), "{peer:?}");
+    for inside in ["a1", "a2", "a3"] {
+        let plan = t.plan_for(inside).unwrap();
+        assert!(
+            plan.routes.iter().all(|r| !overlaps(&r.dst, &lan)),
+            "{inside} leaves its own LAN to the LAN"
+        );
+    }
+    let conf = showconf::external_peer_config(&t, "laptop").unwrap();
+    assert!(conf.contains("192.168.50.0/24"), "{conf}");
+}
+
+/// Kilo's `persistent-keepalive` on a node behind a NAT: every peer of that node keeps its
+/// mapping open; others keep the cluster's setting.
+#[test]
+fn a_nodes_keepalive_is_what_its_peers_send_it() {
+    let mut nodes = cluster(&[2, 2], 2);
+    nodes[2].persistent_keepalive = Some(7);
+    let t = build(&nodes, Full, 2);
+    let a1 = t.plan_for("a1").unwrap();
+    for p in &a1.peers {
+        let want = (p.name == "b1").then_some(7);
+        assert_eq!(p.persistent_keepalive, want, "{}", p.name);
+    }
+    let b1 = t.plan_for("b1").unwrap();
+    assert!(b1.peers.iter().all(|p| p.persistent_keepalive.is_none()));
 }
 
 #[test]

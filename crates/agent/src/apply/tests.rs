@@ -33,6 +33,8 @@ fn nodes() -> Vec<Node> {
                 },
                 overlay_ip: format!("100.64.0.{}", k + 1).parse().unwrap(),
                 probe_ip: Some(format!("100.65.0.{}", k + 1).parse().unwrap()),
+                persistent_keepalive: None,
+                location_prefixes: Vec::new(),
             });
         }
     }

@@ -134,7 +134,7 @@ pub fn records(kind: Kind, object: &Value, own_namespace: &str) -> Vec<Record> {
     };
     match kind {
         Kind::Node => match node::node_from_object(object) {
-            Ok(Some(facts)) => vec![record(keys::node(name), &facts.node, None)],
+            Ok(Some(node)) => vec![record(keys::node(name), &node, None)],
             Ok(None) => vec![],
             Err(e) => {
                 warn(&e);
