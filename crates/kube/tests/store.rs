@@ -443,3 +443,42 @@ async fn an_expired_version_relists_and_loses_nothing() {
         );
     }
 }
+
+/// An observer's opinion lands in its gateway's Location, with the candidate's summary,
+/// and a withdrawn last opinion takes the observer's entry with it.
+#[tokio::test]
+async fn opinions_live_in_the_gateways_location_and_leave_no_empty_entry() {
+    let (_double, kube) = double().await;
+    let store = store(&kube).await;
+    let node = get(&kube, Kind::node(), None, "a1").await;
+    let cidr = node["spec"]["podCIDRs"][0].as_str().unwrap().to_string();
+    store
+        .put(
+            &keys::node("a1"),
+            serde_json::to_vec(&record("a1", "site-a", 1, &cidr)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+    let opinion = |up: Option<bool>| match up {
+        Some(up) => Op::Put {
+            key: keys::observation("a1", "b1"),
+            value: serde_json::to_vec(&json!({"gateway": "a1", "observer": "b1", "up": up}))
+                .unwrap(),
+            lease: Some(lease),
+        },
+        None => Op::Delete {
+            key: keys::observation("a1", "b1"),
+        },
+    };
+    store.txn(vec![], vec![opinion(Some(false))]).await.unwrap();
+    let location = get(&kube, Kind::location(), None, "site-a").await;
+    assert_eq!(location["status"]["opinions"]["b1"]["a1"], false);
+    assert_eq!(location["status"]["candidates"]["a1"], "down");
+    store.txn(vec![], vec![opinion(None)]).await.unwrap();
+    let location = get(&kube, Kind::location(), None, "site-a").await;
+    assert!(
+        location["status"]["opinions"].get("b1").is_none(),
+        "{location}"
+    );
+}

@@ -1735,6 +1735,18 @@ fn a_lab_on_kubernetes_meshes_fails_over_and_elects_through_the_api() {
         },
     );
     assert!(kubectl_ok(&lab, "get peers").contains("laptop"));
+    for (what, says) in [
+        ("describe peer laptop", "10.5.0.1/32"),
+        ("describe location site-a", "Opinions"),
+        ("-n trellis-system describe lease leader", "Holder Identity"),
+        (
+            "-n trellis-system describe lease node.a1",
+            "trellis.network/status",
+        ),
+    ] {
+        let described = kubectl_ok(&lab, what);
+        assert!(described.contains(says), "kubectl {what}: {described}");
+    }
 
     one_fault_is_routed_around(&lab, &["blackhole-forward"], "a3", "b3-p0");
     let failover = kubectl_ok(&lab, "get locations -o json");

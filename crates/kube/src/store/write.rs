@@ -204,15 +204,24 @@ async fn apply(
                 )));
             };
             ensure_location(inner, &loc).await?;
-            let mut patch = match up {
-                Some(up) => location::opinion_patch(&observer, &gateway, up),
-                None => {
-                    json!({"status": {"opinions": {observer.as_str(): {gateway.as_str(): null}}}})
-                }
-            };
             let current = object(inner, Kind::Location, "", &loc)
                 .await
                 .unwrap_or(Value::Null);
+            let mut patch = match up {
+                Some(up) => location::opinion_patch(&observer, &gateway, up),
+                None => {
+                    // The observer's last opinion goes with its entry, not as an empty map.
+                    let others = current["status"]["opinions"][&observer]
+                        .as_object()
+                        .is_some_and(|o| o.keys().any(|g| *g != gateway));
+                    let entry = if others {
+                        json!({gateway.as_str(): null})
+                    } else {
+                        Value::Null
+                    };
+                    json!({"status": {"opinions": {observer.as_str(): entry}}})
+                }
+            };
             let verdict = super::derive::forwarding_summary(&current, &gateway, &observer, up);
             if current["status"]["candidates"][&gateway].as_str() != Some(verdict) {
                 patch["status"]["candidates"] = json!({gateway.as_str(): verdict});
