@@ -1,0 +1,17 @@
+//! NetworkPolicy, pure (issue 12; seed 002's first half: a stale allow nobody sees).
+//!
+//! [`evaluate`] is Kubernetes' semantics written down directly: for one packet (source,
+//! destination, protocol, port), whether the policies of the cluster admit it, and why —
+//! which policies isolate each end and which rule of which policy lets it through. It is
+//! the reference the planner to nftables will be checked against (a tracer over the planned
+//! rules must agree with it on random policies and pods), and what `trellis` will print
+//! when an operator asks why a packet is dropped.
+//!
+//! [`cluster`] holds what the evaluation reads besides the policies: pods (namespace,
+//! labels, addresses, node, named ports) and namespaces (labels).
+
+pub mod cluster;
+pub mod evaluate;
+
+pub use cluster::{Cluster, NamedPort, Namespace, Pod};
+pub use evaluate::{Decision, End, Packet, PolicyRef, Side, evaluate};
