@@ -7,11 +7,16 @@
 //! rules must agree with it on random policies and pods), and what `trellis` will print
 //! when an operator asks why a packet is dropped.
 //!
-//! [`cluster`] holds what the evaluation reads besides the policies: pods (namespace,
-//! labels, addresses, node, named ports) and namespaces (labels).
+//! [`plan`] turns policies, pods and namespaces into what one node enforces for its own pods
+//! (checks per pod address, named address sets), the shape of its nftables state; its
+//! [`plan::trace`] is held equal to [`evaluate`] on thousands of random clusters.
+//!
+//! [`cluster`] holds what both read besides the policies: pods (namespace, labels,
+//! addresses, node, named ports) and namespaces (labels).
 
 pub mod cluster;
 pub mod evaluate;
+pub mod plan;
 
 pub use cluster::{Cluster, NamedPort, Namespace, Pod};
 pub use evaluate::{Decision, End, Packet, PolicyRef, Side, evaluate};
