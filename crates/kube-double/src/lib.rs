@@ -13,7 +13,7 @@
 //! - **Resources**: core `v1` nodes, namespaces (`default`, `kube-system`, `kube-public`,
 //!   `kube-node-lease` exist from the start), services (type and cluster IP defaulted),
 //!   pods, configmaps, events; `discovery.k8s.io/v1` endpointslices;
-//!   `coordination.k8s.io/v1` leases; `apiextensions.k8s.io/v1` customresourcedefinitions —
+//!   `networking.k8s.io/v1` networkpolicies; `coordination.k8s.io/v1` leases; `apiextensions.k8s.io/v1` customresourcedefinitions —
 //!   creating one registers its resource (every served version, scope, names, short names,
 //!   `status` subresource, `additionalPrinterColumns`) and marks it `Established`; deleting one
 //!   deletes its objects.

@@ -155,6 +155,18 @@ impl Default for Registry {
             Column::computed("Endpoints", "string", CellSource::SliceEndpoints),
             Column::age(),
         ];
+        let mut policies = builtin(
+            "networking.k8s.io",
+            "v1",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            &["netpol"],
+        );
+        policies.columns = vec![
+            Column::path("Pod-Selector", "string", ".spec.podSelector.matchLabels"),
+            Column::age(),
+        ];
         let mut leases = builtin("coordination.k8s.io", "v1", "leases", "Lease", true, &[]);
         leases.columns = vec![
             Column::path("Holder", "string", ".spec.holderIdentity"),
@@ -183,6 +195,7 @@ impl Default for Registry {
                 builtin("", "v1", "configmaps", "ConfigMap", true, &["cm"]),
                 builtin("", "v1", "events", "Event", true, &["ev"]),
                 slices,
+                policies,
                 leases,
                 crds,
             ],

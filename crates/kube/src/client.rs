@@ -78,6 +78,15 @@ impl Kind {
             false,
         )
     }
+    pub fn network_policy() -> Kind {
+        Kind::new(
+            "networking.k8s.io",
+            "v1",
+            "NetworkPolicy",
+            "networkpolicies",
+            true,
+        )
+    }
     pub fn namespace() -> Kind {
         Kind::new("", "v1", "Namespace", "namespaces", false)
     }

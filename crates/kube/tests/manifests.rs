@@ -455,6 +455,7 @@ fn the_agent_has_the_least_rights_it_needs() {
         ("", "nodes", verbs(&["get", "list", "watch", "patch"])),
         ("", "services", read.clone()),
         ("discovery.k8s.io", "endpointslices", read.clone()),
+        ("networking.k8s.io", "networkpolicies", read.clone()),
         ("kilo.squat.ai", "peers", read.clone()),
         (
             "trellis.network",

@@ -317,6 +317,24 @@ async fn settings_are_a_config_map_and_services_come_from_the_api() {
     )
     .await
     .unwrap();
+    kube.create(
+        &Kind::network_policy(),
+        Some("default"),
+        &json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "default"}, "spec": {"podSelector": {}}}),
+    )
+    .await
+    .unwrap();
+    eventually("the NetworkPolicy arrives", async || {
+        let kv = store
+            .get(&keys::network_policy("default", "deny"))
+            .await
+            .unwrap();
+        kv.is_some_and(|kv| {
+            serde_json::from_slice::<trellis_model::NetworkPolicy>(&kv.value).is_ok()
+        })
+    })
+    .await;
     eventually("the Service arrives", async || {
         store
             .get(&keys::service("default", "web"))

@@ -20,6 +20,8 @@ pub const ELECTION: &str = "election/";
 /// Services and EndpointSlices: `services/<namespace>/<name>`.
 pub const SERVICES: &str = "services/";
 pub const ENDPOINT_SLICES: &str = "endpointslices/";
+/// `networking.k8s.io/v1` NetworkPolicies: `networkpolicies/<namespace>/<name>`.
+pub const NETWORK_POLICIES: &str = "networkpolicies/";
 /// Claims on allocated values, each created only if absent in the transaction that writes
 /// the Service holding it, so two writers can never hand out the same one: a ClusterIP
 /// (`serviceips/<ip>`) or a node port (`nodeports/<port>`; one range for every protocol,
@@ -52,6 +54,8 @@ pub enum Key {
     Service { namespace: String, name: String },
     /// A `discovery.k8s.io/v1 EndpointSlice`.
     EndpointSlice { namespace: String, name: String },
+    /// A `networking.k8s.io/v1 NetworkPolicy`.
+    NetworkPolicy { namespace: String, name: String },
     /// A ClusterIP held by a Service (canonical text form).
     ServiceIp(IpAddr),
     /// A node port (or health check node port) held by a Service.
@@ -86,6 +90,9 @@ impl Key {
             SERVICES => pair(rest).map(|(namespace, name)| Key::Service { namespace, name }),
             ENDPOINT_SLICES => {
                 pair(rest).map(|(namespace, name)| Key::EndpointSlice { namespace, name })
+            }
+            NETWORK_POLICIES => {
+                pair(rest).map(|(namespace, name)| Key::NetworkPolicy { namespace, name })
             }
             // Only the canonical form, so one value has one key.
             SERVICE_IPS => rest
@@ -125,6 +132,7 @@ impl Key {
             | Key::Candidate(_)
             | Key::Service { .. }
             | Key::EndpointSlice { .. }
+            | Key::NetworkPolicy { .. }
             | Key::ServiceIp(_)
             | Key::NodePort(_) => Vec::new(),
         }
@@ -148,6 +156,9 @@ impl fmt::Display for Key {
             Key::Service { namespace, name } => write!(f, "{SERVICES}{namespace}/{name}"),
             Key::EndpointSlice { namespace, name } => {
                 write!(f, "{ENDPOINT_SLICES}{namespace}/{name}")
+            }
+            Key::NetworkPolicy { namespace, name } => {
+                write!(f, "{NETWORK_POLICIES}{namespace}/{name}")
             }
             Key::ServiceIp(ip) => write!(f, "{SERVICE_IPS}{ip}"),
             Key::NodePort(port) => write!(f, "{NODE_PORTS}{port}"),
@@ -201,6 +212,13 @@ pub fn endpoint_slice(namespace: &str, name: &str) -> String {
     }
     .to_string()
 }
+pub fn network_policy(namespace: &str, name: &str) -> String {
+    Key::NetworkPolicy {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+    .to_string()
+}
 pub fn service_ip(ip: IpAddr) -> String {
     Key::ServiceIp(ip).to_string()
 }
@@ -245,6 +263,10 @@ mod tests {
             Key::EndpointSlice {
                 namespace: "kube-system".into(),
                 name: "kube-dns-x7k2p".into(),
+            },
+            Key::NetworkPolicy {
+                namespace: "default".into(),
+                name: "deny-all".into(),
             },
             Key::ServiceIp("10.96.0.10".parse().unwrap()),
             Key::ServiceIp("fd00:10:96::a".parse().unwrap()),

@@ -5,6 +5,7 @@
 
 use crate::endpoint_slice::{ENDPOINT_SLICE_API_VERSION, ENDPOINT_SLICE_KIND, EndpointSlice};
 use crate::meta::ObjectMeta;
+use crate::network_policy::{NETWORK_POLICY_API_VERSION, NETWORK_POLICY_KIND, NetworkPolicy};
 use crate::service::{SERVICE_API_VERSION, SERVICE_KIND, Service};
 use crate::{InvalidField, Validate, keys};
 use serde_json::Value;
@@ -16,10 +17,11 @@ use std::fmt;
 pub enum Kind {
     Service,
     EndpointSlice,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::NetworkPolicy];
 
     /// The kind a `kubectl` resource name means: `svc`, `service`, `services`,
     /// `endpointslice`, `endpointslices`, or with their API group.
@@ -30,6 +32,11 @@ impl Kind {
             | "endpointslices"
             | "endpointslice.discovery.k8s.io"
             | "endpointslices.discovery.k8s.io" => Some(Kind::EndpointSlice),
+            "netpol"
+            | "networkpolicy"
+            | "networkpolicies"
+            | "networkpolicy.networking.k8s.io"
+            | "networkpolicies.networking.k8s.io" => Some(Kind::NetworkPolicy),
             _ => None,
         }
     }
@@ -38,6 +45,7 @@ impl Kind {
         match self {
             Kind::Service => SERVICE_API_VERSION,
             Kind::EndpointSlice => ENDPOINT_SLICE_API_VERSION,
+            Kind::NetworkPolicy => NETWORK_POLICY_API_VERSION,
         }
     }
 
@@ -46,6 +54,7 @@ impl Kind {
         match self {
             Kind::Service => keys::SERVICES,
             Kind::EndpointSlice => keys::ENDPOINT_SLICES,
+            Kind::NetworkPolicy => keys::NETWORK_POLICIES,
         }
     }
 
@@ -53,6 +62,7 @@ impl Kind {
         match self {
             Kind::Service => keys::service(namespace, name),
             Kind::EndpointSlice => keys::endpoint_slice(namespace, name),
+            Kind::NetworkPolicy => keys::network_policy(namespace, name),
         }
     }
 
@@ -61,6 +71,7 @@ impl Kind {
         match self {
             Kind::Service => "service",
             Kind::EndpointSlice => "endpointslice.discovery.k8s.io",
+            Kind::NetworkPolicy => "networkpolicy.networking.k8s.io",
         }
     }
 }
@@ -70,6 +81,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Service => SERVICE_KIND,
             Kind::EndpointSlice => ENDPOINT_SLICE_KIND,
+            Kind::NetworkPolicy => NETWORK_POLICY_KIND,
         })
     }
 }
@@ -79,6 +91,7 @@ impl fmt::Display for Kind {
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl Object {
@@ -90,12 +103,13 @@ impl Object {
         let kind = match kind.as_str() {
             SERVICE_KIND => Kind::Service,
             ENDPOINT_SLICE_KIND => Kind::EndpointSlice,
+            NETWORK_POLICY_KIND => Kind::NetworkPolicy,
             "" => return Err(InvalidField::new("kind", "", "required")),
             other => {
                 return Err(InvalidField::new(
                     "kind",
                     other,
-                    "not a kind Trellis stores (Service, EndpointSlice)",
+                    "not a kind Trellis stores (Service, EndpointSlice, NetworkPolicy)",
                 ));
             }
         };
@@ -109,6 +123,7 @@ impl Object {
         Ok(match kind {
             Kind::Service => Object::Service(Box::new(decode(value)?)),
             Kind::EndpointSlice => Object::EndpointSlice(Box::new(decode(value)?)),
+            Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(decode(value)?)),
         })
     }
 
@@ -116,6 +131,7 @@ impl Object {
         match self {
             Object::Service(s) => serde_json::to_value(s),
             Object::EndpointSlice(s) => serde_json::to_value(s),
+            Object::NetworkPolicy(p) => serde_json::to_value(p),
         }
         .expect("objects serialise")
     }
@@ -124,6 +140,7 @@ impl Object {
         match self {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -131,6 +148,7 @@ impl Object {
         match self {
             Object::Service(s) => &s.metadata,
             Object::EndpointSlice(s) => &s.metadata,
+            Object::NetworkPolicy(p) => &p.metadata,
         }
     }
 
@@ -138,6 +156,7 @@ impl Object {
         match self {
             Object::Service(s) => &mut s.metadata,
             Object::EndpointSlice(s) => &mut s.metadata,
+            Object::NetworkPolicy(p) => &mut p.metadata,
         }
     }
 
@@ -159,6 +178,7 @@ impl Validate for Object {
         match self {
             Object::Service(s) => s.validate(),
             Object::EndpointSlice(s) => s.validate(),
+            Object::NetworkPolicy(p) => p.validate(),
         }
     }
 }

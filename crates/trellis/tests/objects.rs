@@ -53,6 +53,34 @@ ports:
   port: 8080
 "#;
 
+/// The Kubernetes documentation's NetworkPolicy, and one whose `except` leaves its block.
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: test-network-policy}
+spec:
+  podSelector: {matchLabels: {role: db}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: 172.17.0.0/16, except: [172.17.1.0/24]}
+    - namespaceSelector: {matchLabels: {project: myproject}}
+    - podSelector: {matchLabels: {role: frontend}}
+    ports: [{protocol: TCP, port: 6379}]
+  egress:
+  - to: [{ipBlock: {cidr: 10.0.0.0/24}}]
+    ports: [{protocol: TCP, port: 5978}]
+"#;
+const BAD_POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: leaky}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.1.0.0/24]}}]
+"#;
+
 /// A valid Service, then one with a bad named port: the first must not be written either.
 const BAD: &str = r#"
 apiVersion: v1
@@ -185,6 +213,35 @@ fn session(
     assert!(
         slices.contains("default     web-abc12   IPv4          8080    10.244.1.10,10.244.2.10"),
         "{slices}"
+    );
+
+    // NetworkPolicies, as kubectl applies and lists them.
+    let policy = write(&dir, "policy.yaml", POLICY);
+    let policy = policy.to_str().unwrap();
+    let out = trellis.ok(&["apply", "-f", policy], None);
+    assert_eq!(
+        out,
+        "networkpolicy.networking.k8s.io/test-network-policy created\n"
+    );
+    let listed = trellis.ok(&["get", "netpol"], None);
+    assert!(
+        listed.contains("NAME                  POD-SELECTOR   AGE")
+            && listed.contains("test-network-policy   role=db"),
+        "{listed}"
+    );
+    let bad_policy = write(&dir, "bad-policy.yaml", BAD_POLICY);
+    let out = trellis.run(&["apply", "-f", bad_policy.to_str().unwrap()], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("spec.ingress[0].from[0].ipBlock.except[0]")
+            && stderr.contains("10.1.0.0/24"),
+        "{stderr}"
+    );
+    let out = trellis.ok(&["delete", "-f", policy], None);
+    assert_eq!(
+        out,
+        "networkpolicy.networking.k8s.io \"test-network-policy\" deleted\n"
     );
 
     // What `get -o yaml` prints is a manifest: it reads back as the same objects and

@@ -145,9 +145,11 @@ impl ClusterState {
                 self.pod_cidrs.insert(name.clone(), a);
             }
             Key::Candidate(_) => {} // the election reads its own keys
-            // Services, slices and their claims are not the mesh's: the proxy reads them.
+            // Services, slices and their claims are not the mesh's: the proxy reads them;
+            // NetworkPolicies are the policy enforcer's.
             Key::Service { .. }
             | Key::EndpointSlice { .. }
+            | Key::NetworkPolicy { .. }
             | Key::ServiceIp(_)
             | Key::NodePort(_) => {}
         }
@@ -174,6 +176,7 @@ impl ClusterState {
             Key::Candidate(_)
             | Key::Service { .. }
             | Key::EndpointSlice { .. }
+            | Key::NetworkPolicy { .. }
             | Key::ServiceIp(_)
             | Key::NodePort(_) => {}
         }

@@ -45,10 +45,11 @@ pub enum Kind {
     Peer,
     Service,
     EndpointSlice,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Node,
         Kind::Lease,
         Kind::ConfigMap,
@@ -56,6 +57,7 @@ impl Kind {
         Kind::Peer,
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::NetworkPolicy,
     ];
 
     pub fn api(self) -> crate::client::Kind {
@@ -68,6 +70,7 @@ impl Kind {
             Kind::Peer => K::kilo_peer(),
             Kind::Service => K::service(),
             Kind::EndpointSlice => K::endpoint_slice(),
+            Kind::NetworkPolicy => K::network_policy(),
         }
     }
 
@@ -167,6 +170,11 @@ pub fn records(kind: Kind, object: &Value, own_namespace: &str) -> Vec<Record> {
         )],
         Kind::EndpointSlice => vec![record(
             keys::endpoint_slice(namespace, name),
+            &served_object(object),
+            None,
+        )],
+        Kind::NetworkPolicy => vec![record(
+            keys::network_policy(namespace, name),
             &served_object(object),
             None,
         )],

@@ -308,7 +308,7 @@ async fn apply(
             key_text,
             "apply a kilo.squat.ai/v1alpha1 Peer with kubectl",
         )),
-        Key::Service { .. } | Key::EndpointSlice { .. } => {
+        Key::Service { .. } | Key::EndpointSlice { .. } | Key::NetworkPolicy { .. } => {
             Err(read_only(key_text, "apply it with kubectl"))
         }
         Key::ServiceIp(_) | Key::NodePort(_) => Err(read_only(

@@ -25,6 +25,7 @@ fn render(objects: &[Object], kind: Kind, all_namespaces: bool, wide: bool, now:
             "AGE",
         ],
         Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+        Kind::NetworkPolicy => vec!["NAME", "POD-SELECTOR", "AGE"],
     };
     if wide && kind == Kind::Service {
         header.push("SELECTOR");
@@ -38,6 +39,11 @@ fn render(objects: &[Object], kind: Kind, all_namespaces: bool, wide: bool, now:
         let mut row = match object {
             Object::Service(s) => service_row(s, age, wide),
             Object::EndpointSlice(s) => slice_row(s, age),
+            Object::NetworkPolicy(p) => vec![
+                p.metadata.name.clone(),
+                selector_text(&p.spec.pod_selector),
+                age,
+            ],
         };
         if all_namespaces {
             row.insert(0, object.metadata().namespace.clone());
@@ -71,6 +77,23 @@ fn align(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A label selector as kubectl prints it (`app=web,tier in (a,b),!canary`; empty: `<none>`).
+fn selector_text(selector: &trellis_model::LabelSelector) -> String {
+    use trellis_model::label_selector::Operator;
+    let mut parts: Vec<String> = (selector.match_labels.iter())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for r in &selector.match_expressions {
+        parts.push(match r.operator {
+            Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
+            Operator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
+            Operator::Exists => r.key.clone(),
+            Operator::DoesNotExist => format!("!{}", r.key),
+        });
+    }
+    or_none(parts, "<none>")
 }
 
 fn or_none(items: Vec<String>, none: &str) -> String {
