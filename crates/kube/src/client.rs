@@ -87,6 +87,9 @@ impl Kind {
             true,
         )
     }
+    pub fn pod() -> Kind {
+        Kind::new("", "v1", "Pod", "pods", true)
+    }
     pub fn namespace() -> Kind {
         Kind::new("", "v1", "Namespace", "namespaces", false)
     }

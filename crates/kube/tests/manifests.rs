@@ -456,6 +456,8 @@ fn the_agent_has_the_least_rights_it_needs() {
         ("", "services", read.clone()),
         ("discovery.k8s.io", "endpointslices", read.clone()),
         ("networking.k8s.io", "networkpolicies", read.clone()),
+        ("", "pods", read.clone()),
+        ("", "namespaces", read.clone()),
         ("kilo.squat.ai", "peers", read.clone()),
         (
             "trellis.network",

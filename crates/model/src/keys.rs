@@ -22,6 +22,9 @@ pub const SERVICES: &str = "services/";
 pub const ENDPOINT_SLICES: &str = "endpointslices/";
 /// `networking.k8s.io/v1` NetworkPolicies: `networkpolicies/<namespace>/<name>`.
 pub const NETWORK_POLICIES: &str = "networkpolicies/";
+/// Pods and namespaces as NetworkPolicy reads them (`crate::pod`).
+pub const PODS: &str = "pods/";
+pub const NAMESPACES: &str = "namespaces/";
 /// Claims on allocated values, each created only if absent in the transaction that writes
 /// the Service holding it, so two writers can never hand out the same one: a ClusterIP
 /// (`serviceips/<ip>`) or a node port (`nodeports/<port>`; one range for every protocol,
@@ -56,6 +59,10 @@ pub enum Key {
     EndpointSlice { namespace: String, name: String },
     /// A `networking.k8s.io/v1 NetworkPolicy`.
     NetworkPolicy { namespace: String, name: String },
+    /// A pod's record for NetworkPolicy.
+    Pod { namespace: String, name: String },
+    /// A namespace's labels.
+    Namespace(String),
     /// A ClusterIP held by a Service (canonical text form).
     ServiceIp(IpAddr),
     /// A node port (or health check node port) held by a Service.
@@ -94,6 +101,8 @@ impl Key {
             NETWORK_POLICIES => {
                 pair(rest).map(|(namespace, name)| Key::NetworkPolicy { namespace, name })
             }
+            PODS => pair(rest).map(|(namespace, name)| Key::Pod { namespace, name }),
+            NAMESPACES => name(rest).map(Key::Namespace),
             // Only the canonical form, so one value has one key.
             SERVICE_IPS => rest
                 .parse::<IpAddr>()
@@ -110,11 +119,19 @@ impl Key {
     }
 
     /// Whether the record is the service proxy's (Services, EndpointSlices and their
-    /// claims), which the mesh's state leaves alone.
-    pub fn is_service_state(&self) -> bool {
+    /// claims) or NetworkPolicy's (policies, pods, namespaces): records that change far
+    /// more often than the mesh and mean nothing to it, so the mesh's state leaves them
+    /// alone.
+    pub fn is_workload_state(&self) -> bool {
         matches!(
             self,
-            Key::Service { .. } | Key::EndpointSlice { .. } | Key::ServiceIp(_) | Key::NodePort(_)
+            Key::Service { .. }
+                | Key::EndpointSlice { .. }
+                | Key::ServiceIp(_)
+                | Key::NodePort(_)
+                | Key::NetworkPolicy { .. }
+                | Key::Pod { .. }
+                | Key::Namespace(_)
         )
     }
 
@@ -133,6 +150,8 @@ impl Key {
             | Key::Service { .. }
             | Key::EndpointSlice { .. }
             | Key::NetworkPolicy { .. }
+            | Key::Pod { .. }
+            | Key::Namespace(_)
             | Key::ServiceIp(_)
             | Key::NodePort(_) => Vec::new(),
         }
@@ -160,6 +179,8 @@ impl fmt::Display for Key {
             Key::NetworkPolicy { namespace, name } => {
                 write!(f, "{NETWORK_POLICIES}{namespace}/{name}")
             }
+            Key::Pod { namespace, name } => write!(f, "{PODS}{namespace}/{name}"),
+            Key::Namespace(name) => write!(f, "{NAMESPACES}{name}"),
             Key::ServiceIp(ip) => write!(f, "{SERVICE_IPS}{ip}"),
             Key::NodePort(port) => write!(f, "{NODE_PORTS}{port}"),
         }
@@ -219,6 +240,16 @@ pub fn network_policy(namespace: &str, name: &str) -> String {
     }
     .to_string()
 }
+pub fn pod(namespace: &str, name: &str) -> String {
+    Key::Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+    .to_string()
+}
+pub fn namespace(name: &str) -> String {
+    Key::Namespace(name.into()).to_string()
+}
 pub fn service_ip(ip: IpAddr) -> String {
     Key::ServiceIp(ip).to_string()
 }
@@ -268,6 +299,11 @@ mod tests {
                 namespace: "default".into(),
                 name: "deny-all".into(),
             },
+            Key::Pod {
+                namespace: "shop".into(),
+                name: "db-0".into(),
+            },
+            Key::Namespace("shop".into()),
             Key::ServiceIp("10.96.0.10".parse().unwrap()),
             Key::ServiceIp("fd00:10:96::a".parse().unwrap()),
             Key::NodePort(30080),

@@ -22,6 +22,7 @@ pub mod network_policy;
 mod node;
 pub mod object;
 mod peer;
+pub mod pod;
 pub mod service;
 mod service_settings;
 mod settings;
@@ -38,6 +39,7 @@ pub use network_policy::NetworkPolicy;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
 pub use object::{Document, Kind, Object};
 pub use peer::ExternalPeer;
+pub use pod::{NamedPort, Namespace, Pod};
 pub use service::{Service, ServicePort, ServiceType};
 pub use service_settings::{DEFAULT_NODE_PORT_RANGE, PortRange, ServiceSettings};
 pub use settings::{

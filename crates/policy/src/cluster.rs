@@ -1,36 +1,9 @@
-//! The cluster as NetworkPolicy sees it: pods and namespaces with their labels, and the
-//! policies, grouped by namespace.
+//! The cluster as NetworkPolicy sees it: pods and namespaces with their labels (the model's
+//! records), and the policies, grouped by namespace.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
-use trellis_model::{NetworkPolicy, Protocol};
-
-/// A pod: where it is, what it is called by selectors, and its named container ports
-/// (what a policy's `port: http` means for traffic *to* it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pod {
-    pub namespace: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    /// One address per family, as the CNI plugin gave them.
-    pub ips: Vec<IpAddr>,
-    /// The node it runs on (whose own traffic to it no policy blocks).
-    pub node: String,
-    pub ports: Vec<NamedPort>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NamedPort {
-    pub name: String,
-    pub protocol: Protocol,
-    pub port: u16,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Namespace {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-}
+use trellis_model::NetworkPolicy;
+pub use trellis_model::{NamedPort, Namespace, Pod};
 
 /// Namespaces and policies, as the evaluation looks them up.
 #[derive(Clone, Debug, Default)]
@@ -68,15 +41,5 @@ impl Cluster {
             .get(name)
             .map(|n| n.labels.clone())
             .unwrap_or_default()
-    }
-}
-
-impl Pod {
-    /// The port a policy names, on this pod, for `protocol`.
-    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.name == name && p.protocol == protocol)
-            .map(|p| p.port)
     }
 }

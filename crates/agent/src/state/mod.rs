@@ -146,10 +146,12 @@ impl ClusterState {
             }
             Key::Candidate(_) => {} // the election reads its own keys
             // Services, slices and their claims are not the mesh's: the proxy reads them;
-            // NetworkPolicies are the policy enforcer's.
+            // NetworkPolicies, pods and namespaces are the policy enforcer's.
             Key::Service { .. }
             | Key::EndpointSlice { .. }
             | Key::NetworkPolicy { .. }
+            | Key::Pod { .. }
+            | Key::Namespace(_)
             | Key::ServiceIp(_)
             | Key::NodePort(_) => {}
         }
@@ -177,6 +179,8 @@ impl ClusterState {
             | Key::Service { .. }
             | Key::EndpointSlice { .. }
             | Key::NetworkPolicy { .. }
+            | Key::Pod { .. }
+            | Key::Namespace(_)
             | Key::ServiceIp(_)
             | Key::NodePort(_) => {}
         }

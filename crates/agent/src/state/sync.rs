@@ -32,7 +32,7 @@ pub async fn sync_forever(
             None => {
                 match first_listing(store.as_ref(), cache.as_ref(), &tx, &mut cache_tried).await {
                     Ok((mut kvs, revision)) => {
-                        kvs.retain(|kv| !is_service_state(&kv.key));
+                        kvs.retain(|kv| !is_workload_state(&kv.key));
                         let s = Synced::from_list(kvs, revision);
                         tx.send_replace(Arc::new(s.state.clone()));
                         synced = Some(s);
@@ -113,10 +113,11 @@ impl Synced {
     }
 }
 
-/// Services and their endpoints change far more often than the mesh and mean nothing to
-/// it: the service proxy follows them on its own watch.
-fn is_service_state(key: &str) -> bool {
-    trellis_model::keys::Key::parse(key).is_some_and(|k| k.is_service_state())
+/// Services and their endpoints, policies and pods change far more often than the mesh and
+/// mean nothing to it: the service proxy (and the policy enforcer) follow them on their own
+/// watches.
+fn is_workload_state(key: &str) -> bool {
+    trellis_model::keys::Key::parse(key).is_some_and(|k| k.is_workload_state())
 }
 
 /// Publishes the cached state, if there is one and nothing was read from the store yet.
@@ -184,7 +185,7 @@ async fn follow(
             Some(Err(e)) => break e,
             None => break StoreError::Unavailable("the watch ended".into()),
         };
-        if is_service_state(event.key()) {
+        if is_workload_state(event.key()) {
             continue;
         }
         synced.apply(&event);
@@ -192,7 +193,7 @@ async fn follow(
         let mut broken = None;
         while let Some(more) = watch.try_next() {
             match more {
-                Ok(more) if is_service_state(more.key()) => {}
+                Ok(more) if is_workload_state(more.key()) => {}
                 Ok(more) => synced.apply(&more),
                 Err(e) => {
                     broken = Some(e);

@@ -46,10 +46,12 @@ pub enum Kind {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    Pod,
+    Namespace,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Node,
         Kind::Lease,
         Kind::ConfigMap,
@@ -58,6 +60,8 @@ impl Kind {
         Kind::Service,
         Kind::EndpointSlice,
         Kind::NetworkPolicy,
+        Kind::Pod,
+        Kind::Namespace,
     ];
 
     pub fn api(self) -> crate::client::Kind {
@@ -71,6 +75,8 @@ impl Kind {
             Kind::Service => K::service(),
             Kind::EndpointSlice => K::endpoint_slice(),
             Kind::NetworkPolicy => K::network_policy(),
+            Kind::Pod => K::pod(),
+            Kind::Namespace => K::namespace(),
         }
     }
 
@@ -178,8 +184,72 @@ pub fn records(kind: Kind, object: &Value, own_namespace: &str) -> Vec<Record> {
             &served_object(object),
             None,
         )],
+        Kind::Pod => pod(object)
+            .map(|p| record(keys::pod(namespace, name), &p, None))
+            .into_iter()
+            .collect(),
+        Kind::Namespace => {
+            let ns = trellis_model::Namespace {
+                name: name.to_string(),
+                labels: string_map(&object["metadata"]["labels"]),
+            };
+            vec![record(keys::namespace(name), &ns, None)]
+        }
         Kind::Lease | Kind::ConfigMap => vec![],
     }
+}
+
+fn string_map(value: &Value) -> std::collections::BTreeMap<String, String> {
+    value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+        .collect()
+}
+
+/// A Pod as NetworkPolicy reads it: only a pod with its own addresses that has not ended
+/// (a host-network pod has the node's; a finished one may have given its address to the
+/// next pod).
+fn pod(object: &Value) -> Option<trellis_model::Pod> {
+    let spec = &object["spec"];
+    let status = &object["status"];
+    if spec["hostNetwork"] == true
+        || matches!(status["phase"].as_str(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let ips: Vec<std::net::IpAddr> = status["podIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["ip"].as_str()?.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        return None;
+    }
+    let mut ports = Vec::new();
+    for container in spec["containers"].as_array().into_iter().flatten() {
+        for p in container["ports"].as_array().into_iter().flatten() {
+            let (Some(name), Some(port)) = (p["name"].as_str(), p["containerPort"].as_u64()) else {
+                continue;
+            };
+            let protocol = serde_json::from_value(p["protocol"].clone()).unwrap_or_default();
+            ports.push(trellis_model::NamedPort {
+                name: name.to_string(),
+                protocol,
+                port: u16::try_from(port).ok()?,
+            });
+        }
+    }
+    Some(trellis_model::Pod {
+        namespace: object["metadata"]["namespace"].as_str()?.to_string(),
+        name: object["metadata"]["name"].as_str()?.to_string(),
+        labels: string_map(&object["metadata"]["labels"]),
+        ips,
+        node: spec["nodeName"].as_str()?.to_string(),
+        ports,
+    })
 }
 
 /// The object without what the server adds and Trellis's decoders need not see.
@@ -415,6 +485,39 @@ mod tests {
         );
         let grown = slots_patch(&before[..1], &before, &[], "t");
         assert!(grown["status"]["lastFailover"].is_null(), "no gateway left");
+    }
+
+    #[test]
+    fn a_running_pod_stands_for_its_addresses_labels_node_and_named_ports() {
+        let mut object = json!({
+            "metadata": {"name": "db-0", "namespace": "shop", "labels": {"app": "db"}},
+            "spec": {"nodeName": "a1", "containers": [{"name": "db", "ports": [
+                {"name": "redis", "containerPort": 6379},
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                {"containerPort": 9000}]}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}, {"ip": "fd00::5"}]},
+        });
+        let got = records(Kind::Pod, &object, "trellis-system");
+        assert_eq!(got[0].key, "pods/shop/db-0");
+        let pod: trellis_model::Pod = serde_json::from_slice(&got[0].value).unwrap();
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(pod.node, "a1");
+        assert_eq!(
+            pod.named_port("dns", trellis_model::Protocol::Udp),
+            Some(53)
+        );
+        assert_eq!(pod.ports.len(), 2, "unnamed ports mean nothing to a policy");
+        object["status"]["phase"] = json!("Succeeded");
+        assert!(
+            records(Kind::Pod, &object, "x").is_empty(),
+            "its address may be reused"
+        );
+        object["status"]["phase"] = json!("Running");
+        object["spec"]["hostNetwork"] = json!(true);
+        assert!(
+            records(Kind::Pod, &object, "x").is_empty(),
+            "the node's address"
+        );
     }
 
     #[test]

@@ -311,6 +311,10 @@ async fn apply(
         Key::Service { .. } | Key::EndpointSlice { .. } | Key::NetworkPolicy { .. } => {
             Err(read_only(key_text, "apply it with kubectl"))
         }
+        Key::Pod { .. } | Key::Namespace(_) => Err(read_only(
+            key_text,
+            "pods and namespaces are the cluster's own objects",
+        )),
         Key::ServiceIp(_) | Key::NodePort(_) => Err(read_only(
             key_text,
             "the API server allocates ClusterIPs and node ports",
