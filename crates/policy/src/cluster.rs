@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use trellis_model::NetworkPolicy;
+use trellis_model::network_policy::{PolicyPeer, PolicyType};
 pub use trellis_model::{NamedPort, Namespace, Pod};
 
 /// Namespaces and policies, as the evaluation looks them up.
@@ -33,6 +34,36 @@ impl Cluster {
                 .insert(p.metadata.name.clone(), p);
         }
         cluster
+    }
+
+    /// The policies of `pod`'s namespace that select it for `direction`: those that isolate
+    /// it.
+    pub fn isolating<'a>(
+        &'a self,
+        pod: &'a Pod,
+        direction: PolicyType,
+    ) -> impl Iterator<Item = &'a NetworkPolicy> + 'a {
+        self.policies
+            .get(&pod.namespace)
+            .into_iter()
+            .flat_map(|by_name| by_name.values())
+            .filter(move |p| {
+                p.spec.types().contains(&direction) && p.spec.pod_selector.matches(&pod.labels)
+            })
+    }
+
+    /// Whether a selector peer of `policy` (podSelector, namespaceSelector or both) picks
+    /// `pod`: podSelector alone means pods of the policy's own namespace.
+    pub fn selects(&self, policy: &NetworkPolicy, peer: &PolicyPeer, pod: &Pod) -> bool {
+        let namespace_ok = match &peer.namespace_selector {
+            None => pod.namespace == policy.metadata.namespace,
+            Some(selector) => selector.matches(&self.namespace_labels(&pod.namespace)),
+        };
+        namespace_ok
+            && peer
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&pod.labels))
     }
 
     /// A namespace's labels; a namespace the cluster does not list has none.

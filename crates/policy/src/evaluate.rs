@@ -141,13 +141,7 @@ fn check(
     direction: PolicyType,
     admitting_rule: impl Fn(&NetworkPolicy) -> Option<usize>,
 ) -> Side {
-    let isolating: Vec<&NetworkPolicy> = cluster
-        .policies
-        .get(&pod.namespace)
-        .into_iter()
-        .flat_map(|by_name| by_name.values())
-        .filter(|p| p.spec.types().contains(&direction) && p.spec.pod_selector.matches(&pod.labels))
-        .collect();
+    let isolating: Vec<&NetworkPolicy> = cluster.isolating(pod, direction).collect();
     if isolating.is_empty() {
         return Side::NotIsolated;
     }
@@ -191,18 +185,9 @@ fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &PolicyPeer, en
     if let Some(block) = &peer.ip_block {
         return block.contains(end.ip());
     }
-    let Some(pod) = end.pod() else {
-        return false; // selectors select pods only
-    };
-    let namespace_ok = match &peer.namespace_selector {
-        None => pod.namespace == policy.metadata.namespace,
-        Some(selector) => selector.matches(&cluster.namespace_labels(&pod.namespace)),
-    };
-    namespace_ok
-        && peer
-            .pod_selector
-            .as_ref()
-            .is_none_or(|s| s.matches(&pod.labels))
+    // Selectors select pods only.
+    end.pod()
+        .is_some_and(|pod| cluster.selects(policy, peer, pod))
 }
 
 fn port_matches(port: &PolicyPort, packet: &Packet) -> bool {

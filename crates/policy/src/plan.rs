@@ -96,13 +96,7 @@ fn pod_check(
     direction: PolicyType,
     out: &mut NodePolicy,
 ) -> Option<Vec<Allow>> {
-    let isolating: Vec<&NetworkPolicy> = cluster
-        .policies
-        .get(&pod.namespace)
-        .into_iter()
-        .flat_map(|by_name| by_name.values())
-        .filter(|p| p.spec.types().contains(&direction) && p.spec.pod_selector.matches(&pod.labels))
-        .collect();
+    let isolating: Vec<&NetworkPolicy> = cluster.isolating(pod, direction).collect();
     if isolating.is_empty() {
         return None;
     }
@@ -259,17 +253,7 @@ fn matched_pods<'a>(
 ) -> impl Iterator<Item = &'a Pod> + 'a {
     pods.iter().filter(move |pod| match &peer.ip_block {
         Some(block) => pod.ips.iter().any(|ip| block.contains(*ip)),
-        None => {
-            let namespace_ok = match &peer.namespace_selector {
-                None => pod.namespace == policy.metadata.namespace,
-                Some(s) => s.matches(&cluster.namespace_labels(&pod.namespace)),
-            };
-            namespace_ok
-                && peer
-                    .pod_selector
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&pod.labels))
-        }
+        None => cluster.selects(policy, peer, pod),
     })
 }
 
