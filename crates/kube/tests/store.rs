@@ -62,6 +62,18 @@ fn record(name: &str, location: &str, i: u8, pod_cidr: &str) -> Node {
     .unwrap()
 }
 
+/// a1's agent publishes its node record, with the pod CIDR its Node has.
+async fn join_a1(kube: &Kube, store: &KubeStore) -> Node {
+    let node = get(kube, Kind::node(), None, "a1").await;
+    let cidr = node["spec"]["podCIDRs"][0].as_str().unwrap().to_string();
+    let mine = record("a1", "site-a", 1, &cidr);
+    store
+        .put(&keys::node("a1"), serde_json::to_vec(&mine).unwrap())
+        .await
+        .unwrap();
+    mine
+}
+
 async fn eventually<F: AsyncFnMut() -> bool>(what: &str, mut check: F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !check().await {
@@ -81,13 +93,7 @@ async fn get(kube: &Kube, kind: Kind, ns: Option<&str>, name: &str) -> Value {
 async fn a_node_record_is_its_nodes_annotations_written_only_when_changed() {
     let (_double, kube) = double().await;
     let store = store(&kube).await;
-    let node = get(&kube, Kind::node(), None, "a1").await;
-    let cidr = node["spec"]["podCIDRs"][0].as_str().unwrap().to_string();
-    let mine = record("a1", "site-a", 1, &cidr);
-    store
-        .put(&keys::node("a1"), serde_json::to_vec(&mine).unwrap())
-        .await
-        .unwrap();
+    let mine = join_a1(&kube, &store).await;
     let read = store
         .get(&keys::node("a1"))
         .await
@@ -350,15 +356,7 @@ async fn settings_are_a_config_map_and_services_come_from_the_api() {
 async fn forgetting_a_node_removes_its_annotations_and_lease_and_nothing_else() {
     let (_double, kube) = double().await;
     let store = store(&kube).await;
-    let node = get(&kube, Kind::node(), None, "a1").await;
-    let cidr = node["spec"]["podCIDRs"][0].as_str().unwrap().to_string();
-    store
-        .put(
-            &keys::node("a1"),
-            serde_json::to_vec(&record("a1", "site-a", 1, &cidr)).unwrap(),
-        )
-        .await
-        .unwrap();
+    join_a1(&kube, &store).await;
     kube.merge_patch(
         &Kind::node(),
         None,
@@ -468,15 +466,7 @@ async fn an_expired_version_relists_and_loses_nothing() {
 async fn opinions_live_in_the_gateways_location_and_leave_no_empty_entry() {
     let (_double, kube) = double().await;
     let store = store(&kube).await;
-    let node = get(&kube, Kind::node(), None, "a1").await;
-    let cidr = node["spec"]["podCIDRs"][0].as_str().unwrap().to_string();
-    store
-        .put(
-            &keys::node("a1"),
-            serde_json::to_vec(&record("a1", "site-a", 1, &cidr)).unwrap(),
-        )
-        .await
-        .unwrap();
+    join_a1(&kube, &store).await;
     let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
     let opinion = |up: Option<bool>| match up {
         Some(up) => Op::Put {
