@@ -110,6 +110,8 @@ fn config(n: &Node) -> AgentConfig {
         service_proxy: false,
         cni_node_file: None,
         cni_ready_file: None,
+        persistent_keepalive: None,
+        location_prefixes: Vec::new(),
     }
 }
 

@@ -46,6 +46,10 @@ pub struct AgentConfig {
     pub overlay_ip: IpAddr,
     /// The address forwarding probes are sent from and to (`None`: no part in probing).
     pub probe_ip: Option<IpAddr>,
+    /// What every peer of this node sends it, in seconds (a node behind a NAT).
+    pub persistent_keepalive: Option<u16>,
+    /// Prefixes of this node's location's own network, routed to it from other locations.
+    pub location_prefixes: Vec<IpNet>,
     pub gateway: GatewayPolicy,
     /// The WireGuard interface (unique on the machine for the userspace device).
     pub interface: String,
@@ -106,6 +110,8 @@ impl AgentConfig {
                     "pod_cidrs" => "--pod-cidr",
                     "overlay_ip" => "--overlay-ip",
                     "probe_ip" => "--probe-ip",
+                    "persistent_keepalive" => "--persistent-keepalive",
+                    "location_prefixes" => "--location-prefix",
                     other => other,
                 };
                 InvalidField::new(flag, e.value, e.reason)
@@ -125,8 +131,8 @@ impl AgentConfig {
             gateway: self.gateway,
             overlay_ip: self.overlay_ip,
             probe_ip: self.probe_ip,
-            persistent_keepalive: None,
-            location_prefixes: Vec::new(),
+            persistent_keepalive: self.persistent_keepalive,
+            location_prefixes: self.location_prefixes.clone(),
         }
     }
 }

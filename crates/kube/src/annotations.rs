@@ -13,9 +13,13 @@ pub mod trellis {
     pub const PROBE_IP: &str = "trellis.network/probe-ip";
     /// `eligible` or `ineligible`, then optionally `,priority=N`.
     pub const GATEWAY: &str = "trellis.network/gateway";
+    /// Seconds; what every peer of the node sends it (the agent's --persistent-keepalive).
+    pub const PERSISTENT_KEEPALIVE: &str = "trellis.network/persistent-keepalive";
+    /// Comma-separated CIDRs of the node's location's own network (--location-prefix).
+    pub const LOCATION_PREFIXES: &str = "trellis.network/location-prefixes";
 
     /// Every key Trellis writes, for uninstalling.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         PUBLIC_KEY,
         INTERNAL_IP,
         ENDPOINT,
@@ -23,6 +27,8 @@ pub mod trellis {
         OVERLAY_IP,
         PROBE_IP,
         GATEWAY,
+        PERSISTENT_KEEPALIVE,
+        LOCATION_PREFIXES,
     ];
 }
 

@@ -88,16 +88,29 @@ pub fn node_from_object(object: &Value) -> Result<Option<Node>, InvalidField> {
         Some(text) => Some(read.parse(trellis::PROBE_IP, text, "an IP address")?),
         None => None,
     };
-    let persistent_keepalive = match read.get(kilo::PERSISTENT_KEEPALIVE) {
-        Some(text) => Some(read.parse(kilo::PERSISTENT_KEEPALIVE, text, "seconds, 0-65535")?),
+    // Kilo's user-set annotations over what the agent published from its flags.
+    let keepalive_key = [kilo::PERSISTENT_KEEPALIVE, trellis::PERSISTENT_KEEPALIVE]
+        .into_iter()
+        .find(|k| read.get(k).is_some());
+    let persistent_keepalive = match keepalive_key {
+        Some(key) => {
+            let text = read.get(key).unwrap_or_default();
+            // 0 is WireGuard's (and Kilo's) "off".
+            Some(read.parse::<u16>(key, text, "seconds, 0-65535")?).filter(|s| *s != 0)
+        }
         None => None,
     };
-    let allowed_location_ips = match read.get(kilo::ALLOWED_LOCATION_IPS) {
-        Some(text) => text
+    let prefixes_key = [kilo::ALLOWED_LOCATION_IPS, trellis::LOCATION_PREFIXES]
+        .into_iter()
+        .find(|k| read.get(k).is_some());
+    let allowed_location_ips = match prefixes_key {
+        Some(key) => read
+            .get(key)
+            .unwrap_or_default()
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|cidr| read.parse(kilo::ALLOWED_LOCATION_IPS, cidr, "comma-separated CIDRs"))
+            .map(|cidr| read.parse(key, cidr, "comma-separated CIDRs"))
             .collect::<Result<Vec<IpNet>, _>>()?,
         None => Vec::new(),
     };
@@ -185,6 +198,21 @@ pub fn own_annotations(node: &Node) -> BTreeMap<&'static str, Option<String>> {
         (trellis::OVERLAY_IP, Some(node.overlay_ip.to_string())),
         (trellis::PROBE_IP, node.probe_ip.map(|ip| ip.to_string())),
         (trellis::GATEWAY, Some(gateway_text(node.gateway))),
+        (
+            trellis::PERSISTENT_KEEPALIVE,
+            node.persistent_keepalive.map(|s| s.to_string()),
+        ),
+        (
+            trellis::LOCATION_PREFIXES,
+            (!node.location_prefixes.is_empty()).then(|| {
+                let texts: Vec<String> = node
+                    .location_prefixes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                texts.join(",")
+            }),
+        ),
     ])
 }
 
@@ -327,6 +355,33 @@ mod tests {
         assert_eq!(facts.gateway.priority, LEADER_PRIORITY);
         assert_eq!(facts.persistent_keepalive, Some(25));
         assert_eq!(facts.location_prefixes.len(), 2);
+    }
+
+    /// The agent's own --persistent-keepalive and --location-prefix travel as Trellis's
+    /// annotations; Kilo's, set by users, win over them; a keepalive of 0 is off.
+    #[test]
+    fn keepalive_and_location_prefixes_round_trip_and_kilos_win() {
+        let plain = node_from_object(&node_object(published()))
+            .unwrap()
+            .unwrap();
+        let mut record = plain.clone();
+        record.persistent_keepalive = Some(15);
+        record.location_prefixes = vec!["192.168.50.0/24".parse().unwrap()];
+        let patch = annotations_patch(&node_object(published()), &record).unwrap();
+        let mut written = published();
+        json_patch::merge(&mut written, &patch["metadata"]["annotations"]);
+        assert_eq!(
+            node_from_object(&node_object(written.clone())).unwrap(),
+            Some(record.clone())
+        );
+        written["kilo.squat.ai/persistent-keepalive"] = json!("0");
+        written["kilo.squat.ai/allowed-location-ips"] = json!("10.9.0.0/16");
+        let kilo = node_from_object(&node_object(written)).unwrap().unwrap();
+        assert_eq!(kilo.persistent_keepalive, None, "0 is off");
+        assert_eq!(
+            kilo.location_prefixes,
+            ["10.9.0.0/16".parse::<IpNet>().unwrap()]
+        );
     }
 
     #[test]

@@ -1639,6 +1639,35 @@ fn bad_input_is_named_and_nothing_starts() {
     );
     let _ = std::fs::remove_file("/tmp/trellis-test-badinput.key");
 
+    // A location prefix that is the node's own pod CIDR, and a flag missing off Kubernetes.
+    let base = [
+        "agent",
+        "--node",
+        "a1",
+        "--location",
+        "site-a",
+        "--internal-ip",
+        "172.20.0.2/24",
+        "--overlay-ip",
+        "100.64.0.1",
+        "--pod-cidr",
+        "10.244.1.0/24",
+        "--store",
+        "unix:/nonexistent.sock",
+    ];
+    let out = trellis(&[&base[..], &["--location-prefix", "10.244.1.0/25"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--location-prefix") && err.contains("10.244.1.0/25"),
+        "{err}"
+    );
+    let out = trellis(&[&base[..3], &base[5..]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--location is required"),
+        "{err}"
+    );
+
     let out = trellis(&["lab", "up", "--name", "Bad_Name"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--name \"Bad_Name\""));

@@ -50,6 +50,14 @@ pub struct AgentArgs {
     /// On `--store kubernetes`, default: derived from the pod CIDR (100.96.0.0/11 + its index).
     #[arg(long, value_name = "IP")]
     pub probe_ip: Option<IpAddr>,
+    /// Keepalive every peer of this node sends it, in seconds: for a node behind a NAT
+    /// whose mapping would expire (Kilo's `persistent-keepalive`).
+    #[arg(long, value_name = "SECONDS")]
+    pub persistent_keepalive: Option<u16>,
+    /// A prefix of this node's location's own network (a site's LAN), routed to it from
+    /// other locations (Kilo's `allowed-location-ips`; repeat for several).
+    #[arg(long = "location-prefix", value_name = "CIDR")]
+    pub location_prefixes: Vec<IpNet>,
     /// Never serve as a location gateway.
     #[arg(long)]
     pub no_gateway: bool,
@@ -209,6 +217,8 @@ impl AgentArgs {
                 (None, None) => return Err(from_node("--overlay-ip")),
             },
             probe_ip: self.probe_ip.or(facts.as_ref().map(|f| f.probe_ip)),
+            persistent_keepalive: self.persistent_keepalive.filter(|s| *s != 0),
+            location_prefixes: self.location_prefixes.clone(),
             gateway: GatewayPolicy {
                 eligible: !self.no_gateway,
                 priority: self.gateway_priority,
