@@ -216,6 +216,15 @@ pub fn own_annotations(node: &Node) -> BTreeMap<&'static str, Option<String>> {
     ])
 }
 
+/// The merge patch that takes every annotation Trellis writes off a Node (Kilo's, set by
+/// users, stay): a departed node's record, or an uninstall.
+pub fn removal_patch() -> Value {
+    let nulls: Map<String, Value> = (trellis::ALL.iter())
+        .map(|k| (k.to_string(), Value::Null))
+        .collect();
+    json!({"metadata": {"annotations": nulls}})
+}
+
 /// The merge patch that brings the Node `current` to publishing `node`, or `None` when it
 /// already does: the agent writes nothing while nothing changes.
 pub fn annotations_patch(current: &Value, node: &Node) -> Option<Value> {

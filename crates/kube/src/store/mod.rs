@@ -90,6 +90,10 @@ struct View {
     listed: HashSet<Kind>,
     /// The watch on Leases is broken.
     leases_unwatched: bool,
+    /// As of the last publish: whether this process was cut off from the API, and when the
+    /// first Lease would expire. The tick republishes only when either has moved.
+    was_cut_off: bool,
+    recheck_at: Option<Instant>,
 }
 
 impl KubeStore {
@@ -121,24 +125,6 @@ impl KubeStore {
     /// Resolves once every kind was listed once.
     pub async fn synced(&self) {
         let _ = self.inner.synced.subscribe().wait_for(|s| *s).await;
-    }
-
-    /// The namespace Trellis's Leases and settings live in.
-    pub fn namespace(&self) -> &str {
-        &self.inner.namespace
-    }
-
-    /// The object last seen, for callers that need a field the records do not carry (the
-    /// agent's own Node at start).
-    pub async fn object(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
-        let view = self.inner.view.lock().await;
-        view.objects
-            .get(&ObjectRef {
-                kind,
-                namespace: namespace.into(),
-                name: name.into(),
-            })
-            .cloned()
     }
 }
 
@@ -276,6 +262,8 @@ impl Inner {
         let cut_off = self.cut_off_since(view, now);
         view.liveness
             .set_blind(cut_off.is_some(), cut_off.unwrap_or(now));
+        view.was_cut_off = cut_off.is_some();
+        view.recheck_at = view.liveness.next_expiry(now);
         let mut wanted: BTreeMap<&str, &[u8]> = BTreeMap::new();
         for record in view.derived.values().flatten() {
             let counts = record
@@ -411,16 +399,28 @@ async fn watch_broke(inner: &Inner, kind: Kind, backoff: &mut Backoff, e: KubeEr
     tokio::time::sleep(delay).await;
 }
 
-/// Re-publishes as Leases expire (and as this process finds itself cut off or back).
+/// Re-publishes as Leases expire (and as this process finds itself cut off or back);
+/// otherwise the records stand as the last event left them.
 async fn expire(inner: Arc<Inner>) {
     loop {
         tokio::time::sleep(TICK).await;
         let mut view = inner.view.lock().await;
-        inner.publish(&mut view).await;
+        let now = Instant::now();
+        let cut_off = inner.cut_off_since(&view, now).is_some();
+        let expiry_due = view.recheck_at.is_some_and(|at| at <= now);
+        if cut_off != view.was_cut_off || expiry_due {
+            inner.publish(&mut view).await;
+        }
     }
 }
 
 /// How an API refusal reads as a store error.
+impl From<KubeError> for StoreError {
+    fn from(e: KubeError) -> StoreError {
+        store_error(e)
+    }
+}
+
 fn store_error(e: KubeError) -> StoreError {
     match e {
         KubeError::Timeout { after, .. } => StoreError::Timeout(after),

@@ -16,9 +16,8 @@
 //! holds the holder's key; the create call waits until then. Renewals carry the Lease's
 //! `resourceVersion`: a holder that lost it gets 409 and its session ends.
 
+use super::Inner;
 use super::derive::{Kind, ObjectRef, names};
-use super::{Inner, store_error};
-use crate::annotations::trellis as own;
 use crate::client::{Kind as ApiKind, KubeError};
 use crate::location;
 use serde_json::{Map, Value, json};
@@ -157,13 +156,7 @@ async fn apply(
                     })?;
                     crate::node::annotations_patch(&current, &node)
                 }
-                None => {
-                    let nulls: Map<String, Value> = own::ALL
-                        .iter()
-                        .map(|k| (k.to_string(), Value::Null))
-                        .collect();
-                    Some(json!({"metadata": {"annotations": nulls}}))
-                }
+                None => Some(crate::node::removal_patch()),
             };
             if let Some(patch) = patch {
                 patch_object(inner, Kind::Node, &name, &patch, false).await?;
@@ -254,7 +247,7 @@ async fn apply(
             }
             match patch_object(inner, Kind::Location, &loc, &patch, true).await {
                 Err(e) if is_code(&e, 409) => Ok((Outcome::Conflict, None)),
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
                 Ok(()) => done(None),
             }
         }
@@ -347,41 +340,28 @@ async fn patch_object(
     name: &str,
     patch: &Value,
     status: bool,
-) -> Result<(), StoreError> {
+) -> Result<(), KubeError> {
     let api = kind.api();
     let ns = inner.kind_namespace(kind);
     let patched = inner
         .call(inner.kube.merge_patch(&api, ns, name, patch, status))
-        .await
-        .map_err(api_error)?;
+        .await?;
     inner.upsert(kind, patched).await;
     Ok(())
 }
 
-async fn create(inner: &Inner, kind: Kind, object: &Value) -> Result<(), StoreError> {
+async fn create(inner: &Inner, kind: Kind, object: &Value) -> Result<(), KubeError> {
     let api = kind.api();
     let ns = inner.kind_namespace(kind);
-    let created = inner
-        .call(inner.kube.create(&api, ns, object))
-        .await
-        .map_err(api_error)?;
+    let created = inner.call(inner.kube.create(&api, ns, object)).await?;
     inner.upsert(kind, created).await;
     Ok(())
 }
 
-/// Refusals keep their code in the text (`… 409 Conflict: …`), which the callers here
-/// match on; transport failures and timeouts are the store's own errors.
-fn api_error(e: KubeError) -> StoreError {
-    match e {
-        KubeError::Refused { code, .. } if code != 401 && code != 403 => {
-            StoreError::Protocol(format!(" {code} {e}"))
-        }
-        other => store_error(other),
-    }
-}
-
-fn is_code(e: &StoreError, code: u16) -> bool {
-    matches!(e, StoreError::Protocol(text) if text.starts_with(&format!(" {code} ")))
+/// Whether the API refused the call with this status code (409: a stale version or a
+/// name taken; 404: gone).
+fn is_code(e: &KubeError, code: u16) -> bool {
+    matches!(e, KubeError::Refused { code: c, .. } if *c == code)
 }
 
 fn bind_node(inner: &Inner, lease: LeaseId, node: &str) {
@@ -456,7 +436,7 @@ async fn node_lease_annotation(
     };
     match result {
         Err(e) if is_code(&e, 404) && ttl.is_none() => Ok(()),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
         Ok(()) => {
             if let Some(id) = lease {
                 bind(
@@ -500,7 +480,7 @@ async fn ensure_location(inner: &Inner, name: &str) -> Result<(), StoreError> {
     });
     match create(inner, Kind::Location, &loc).await {
         Err(e) if is_code(&e, 409) => Ok(()),
-        other => other,
+        other => Ok(other?),
     }
 }
 
@@ -527,7 +507,7 @@ pub(super) async fn keep_alive(inner: &Inner, id: LeaseId) -> trellis_store::Res
                 "leaseDurationSeconds": seconds(local.ttl)}});
             match patch_object(inner, Kind::Lease, &names::node_lease(&node), &patch, false).await {
                 Err(e) if is_code(&e, 404) => Err(StoreError::LeaseNotFound(id)),
-                other => other,
+                other => Ok(other?),
             }
         }
         Some(Binding::Leader { session, identity }) => {
@@ -554,7 +534,7 @@ pub(super) async fn revoke(inner: &Inner, id: LeaseId) -> trellis_store::Result<
                         .delete(&api, Some(&inner.namespace), &names::node_lease(&node)),
                 )
                 .await
-                .map_err(api_error)
+                .map_err(StoreError::from)
         }
         Some(Binding::Leader { session, .. }) => {
             release(inner, session).await;
@@ -678,9 +658,9 @@ async fn renew_leader(
                             .get(&ApiKind::lease(), Some(&ns), names::LEADER_LEASE),
                     )
                     .await
-                    .map_err(api_error)?;
+                    .map_err(StoreError::from)?;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Err(StoreError::LeaseNotFound(id))
@@ -713,13 +693,14 @@ pub async fn forget_node(
     namespace: &str,
     node: &str,
 ) -> Result<(), KubeError> {
-    let nulls: Map<String, Value> = own::ALL
-        .iter()
-        .map(|k| (k.to_string(), Value::Null))
-        .collect();
-    let patch = json!({"metadata": {"annotations": nulls}});
     match kube
-        .merge_patch(&ApiKind::node(), None, node, &patch, false)
+        .merge_patch(
+            &ApiKind::node(),
+            None,
+            node,
+            &crate::node::removal_patch(),
+            false,
+        )
         .await
     {
         Ok(_) | Err(KubeError::Refused { code: 404, .. }) => {}
