@@ -1614,32 +1614,6 @@ fn down_removes_everything_even_after_up_crashed() {
 
 #[test]
 fn bad_input_is_named_and_nothing_starts() {
-    let out = trellis(&[
-        "agent",
-        "--node",
-        "a1",
-        "--location",
-        "site-a",
-        "--internal-ip",
-        "172.20.0.2/24",
-        "--overlay-ip",
-        "100.64.0.1",
-        "--pod-cidr",
-        "10.244.1.7/24",
-        "--store",
-        "unix:/nonexistent.sock",
-        "--key-file",
-        "/tmp/trellis-test-badinput.key",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--pod-cidr") && err.contains("10.244.1.7/24"),
-        "{err}"
-    );
-    let _ = std::fs::remove_file("/tmp/trellis-test-badinput.key");
-
-    // A location prefix that is the node's own pod CIDR, and a flag missing off Kubernetes.
     let base = [
         "agent",
         "--node",
@@ -1650,17 +1624,35 @@ fn bad_input_is_named_and_nothing_starts() {
         "172.20.0.2/24",
         "--overlay-ip",
         "100.64.0.1",
-        "--pod-cidr",
-        "10.244.1.0/24",
         "--store",
         "unix:/nonexistent.sock",
+        "--key-file",
+        "/tmp/trellis-test-badinput.key",
     ];
-    let out = trellis(&[&base[..], &["--location-prefix", "10.244.1.0/25"]].concat());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--location-prefix") && err.contains("10.244.1.0/25"),
-        "{err}"
+    let refused = |extra: &[&str], says: &[&str]| {
+        let out = trellis(&[&base[..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {err}");
+        for part in says {
+            assert!(err.contains(part), "{extra:?}: {part} not named: {err}");
+        }
+    };
+    refused(
+        &["--pod-cidr", "10.244.1.7/24"],
+        &["--pod-cidr", "10.244.1.7/24"],
     );
+    // A location prefix that is the node's own pod CIDR.
+    refused(
+        &[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--location-prefix",
+            "10.244.1.0/25",
+        ],
+        &["--location-prefix", "10.244.1.0/25"],
+    );
+    let _ = std::fs::remove_file("/tmp/trellis-test-badinput.key");
+    // A flag that only Kubernetes can fill in, missing elsewhere.
     let out = trellis(&[&base[..3], &base[5..]].concat());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
