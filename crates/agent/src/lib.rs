@@ -27,6 +27,7 @@ pub mod apply;
 pub use trellis_store::backoff;
 pub mod ctl;
 pub mod leader;
+pub mod nft_table;
 pub mod node_facts;
 pub mod probe;
 pub mod proxy;

@@ -3,7 +3,6 @@
 //! conntrack.
 
 pub mod health;
-pub mod kernel;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;

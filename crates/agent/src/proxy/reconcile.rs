@@ -1,55 +1,26 @@
 //! What to change in the kernel, as units of nftables operations: the event path (one
 //! service port's rules replaced: [`Desired::set_port`], O(what changed)) and the audit
-//! (the whole desired table against what the kernel holds: [`repair`]). Pure: the
-//! operations are applied by [`super::kernel`].
-//!
-//! A unit is what must land in one transaction (a chain's flush and its new rules; an
-//! element's delete and re-add with a new value), so that a packet never sees a chain half
-//! written. Units are ordered so each transaction is valid on its own: new sets and chains
-//! first, then rules, then elements, then chains and sets nothing refers to any more.
+//! (the whole desired table against what the kernel holds: [`crate::nft_table::repair`]).
+//! Pure: the operations are applied by [`crate::nft_table::kernel`].
 
-use super::render::{
-    RenderedChain, RenderedRule, RenderedSet, RenderedTable, TABLE, merge, nft_family,
-    render_chain, render_fixed, render_port,
+use super::render::{TABLE, merge, nft_family, render_chain, render_fixed, render_port};
+use crate::nft_table::units::{
+    ElementChange, Scope, Unit, add_chain_units, add_set_units, destroy_chain_unit,
+    destroy_set_unit, element_units, ensure_chain_units, rewrite_chain_unit,
 };
+use crate::nft_table::{RenderedChain, RenderedTable};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use trellis_dataplane::nftables::{BaseChain, ElemKey, ElemValue, Family, Op, SetElem, SetSpec};
+use trellis_dataplane::nftables::ElemValue;
 use trellis_proxy::Protocol;
 use trellis_proxy::shape::Shape;
 use trellis_proxy::{IpFamily, ServicePortName, ServiceRules, Table};
 
-/// Operations that go into one transaction, with what they do for reports.
-#[derive(Clone, Debug)]
-pub struct Unit {
-    pub what: String,
-    pub ops: Vec<Op>,
-    /// Ordering phase: lower goes first.
-    phase: u8,
-}
-
-impl Unit {
-    pub fn weight(&self) -> usize {
-        self.ops.iter().map(Op::weight).sum()
-    }
-}
-
-const PHASE_TABLE: u8 = 0;
-/// Sets and empty chains: nothing refers to them yet.
-const PHASE_CREATE: u8 = 1;
-/// Rules, the referred-to chains' first (see [`rank`]): endpoint chains, then service
-/// chains, then external ones, then the table's own.
-const PHASE_RULES: u8 = 2;
-const PHASE_ELEMENTS: u8 = 6;
-/// Chains nothing refers to any more, referrers first.
-const PHASE_DESTROY_CHAINS: u8 = 7;
-const PHASE_DESTROY_SETS: u8 = 11;
-
 /// How deep a chain sits in the chain of jumps: element maps and base chains lead to
 /// external and firewall chains, which lead to service chains, which lead to endpoint
 /// chains. 0 for endpoint chains, 3 for the table's own.
-fn rank(chain: &str) -> u8 {
+fn depth(chain: &str) -> u8 {
     if chain.starts_with("endpoint-") {
         0
     } else if chain.starts_with("service-")
@@ -64,9 +35,14 @@ fn rank(chain: &str) -> u8 {
     }
 }
 
-/// Elements go in units of at most this many, so that a big change is spread over
-/// transactions that each hold the kernel's lock briefly.
-const ELEMENTS_PER_UNIT: usize = 2000;
+/// The proxy's table in `family`.
+pub fn scope(family: IpFamily) -> Scope {
+    Scope {
+        family: nft_family(family),
+        table: TABLE,
+        depth,
+    }
+}
 
 /// An element of a fixed set: the set's name and the key's bytes.
 type ElementKey = (&'static str, Vec<u8>);
@@ -78,7 +54,7 @@ type Claimants = Vec<(Arc<ServicePortName>, Option<ElemValue>)>;
 /// The proxy's desired table in one family, kept per service port.
 pub struct Desired {
     family: IpFamily,
-    nft: Family,
+    scope: Scope,
     cluster_cidrs: Vec<IpNet>,
     fixed: RenderedTable,
     ports: BTreeMap<ServicePortName, ServiceRules>,
@@ -98,7 +74,7 @@ impl Desired {
         empty.services.clear();
         Desired {
             family: node.family,
-            nft: nft_family(node.family),
+            scope: scope(node.family),
             cluster_cidrs: node.cluster_cidrs.clone(),
             fixed: render_fixed(&empty),
             ports: BTreeMap::new(),
@@ -131,17 +107,17 @@ impl Desired {
             .map(|r| render_port(self.family, &self.cluster_cidrs, r))
             .unwrap_or_default();
         let mut units = Vec::new();
-        let nft = self.nft;
+        let scope = self.scope;
 
         // Sets of the port (affinity).
         for (set, spec) in &after.sets {
             if !before.sets.contains_key(set) {
-                units.extend(add_set_units(nft, set, spec.clone()));
+                units.extend(add_set_units(scope, set, spec.clone()));
             }
         }
         for set in before.sets.keys() {
             if !after.sets.contains_key(set) {
-                units.push(destroy_set_unit(nft, set));
+                units.push(destroy_set_unit(scope, set));
             }
         }
         // Shape chains: shared, created when first wanted.
@@ -155,23 +131,23 @@ impl Desired {
                 Some((_, users)) => *users += 1,
                 None => {
                     self.shapes.insert(name.clone(), (body.clone(), 1));
-                    units.extend(add_shape_units(nft, name, body));
+                    units.extend(ensure_chain_units(scope, name, body));
                 }
             }
         }
         // Chains.
         for (chain, body) in &after.chains {
             match before.chains.get(chain) {
-                None => units.extend(add_chain_units(nft, chain, body)),
+                None => units.extend(add_chain_units(scope, chain, body)),
                 Some(old) if old.rules != body.rules => {
-                    units.push(rewrite_chain_unit(nft, chain, &body.rules))
+                    units.push(rewrite_chain_unit(scope, chain, &body.rules))
                 }
                 Some(_) => {}
             }
         }
         for chain in before.chains.keys() {
             if !after.chains.contains_key(chain) {
-                units.push(destroy_chain_unit(nft, chain));
+                units.push(destroy_chain_unit(scope, chain));
             }
         }
         // Elements, as the merged view sees them.
@@ -223,7 +199,7 @@ impl Desired {
             }
         }
         for (set, list) in changes {
-            units.extend(element_units(nft, set, list));
+            units.extend(element_units(scope, set, list));
         }
 
         match rules {
@@ -290,390 +266,13 @@ impl Desired {
     }
 }
 
-/// One element whose effective value changes.
-struct ElementChange {
-    key: Vec<u8>,
-    was: Option<Option<ElemValue>>,
-    now: Option<Option<ElemValue>>,
-}
-
-fn element_units(nft: Family, set: &str, changes: Vec<ElementChange>) -> Vec<Unit> {
-    let mut units = Vec::new();
-    let mut changes = changes.into_iter().peekable();
-    // Keys and values are moved into the operations, not copied: a full sync holds the
-    // whole table once, not twice.
-    while changes.peek().is_some() {
-        let mut deletes: Vec<ElemKey> = Vec::new();
-        let mut adds: Vec<SetElem> = Vec::new();
-        let mut count = 0;
-        for change in changes.by_ref().take(ELEMENTS_PER_UNIT) {
-            count += 1;
-            match (change.was.is_some(), change.now) {
-                (true, Some(value)) => {
-                    deletes.push(ElemKey::from(change.key.clone()));
-                    adds.push(element(change.key, value));
-                }
-                (true, None) => deletes.push(ElemKey::from(change.key)),
-                (false, Some(value)) => adds.push(element(change.key, value)),
-                (false, None) => {}
-            }
-        }
-        let mut ops = Vec::new();
-        if !deletes.is_empty() {
-            ops.push(Op::DestroyElements {
-                family: nft,
-                table: TABLE.into(),
-                set: set.into(),
-                keys: deletes,
-            });
-        }
-        if !adds.is_empty() {
-            ops.push(Op::AddElements {
-                family: nft,
-                table: TABLE.into(),
-                set: set.into(),
-                elements: adds,
-            });
-        }
-        units.push(Unit {
-            what: format!("{count} element(s) of {set}"),
-            ops,
-            phase: PHASE_ELEMENTS,
-        });
-    }
-    units
-}
-
-fn element(key: Vec<u8>, value: Option<ElemValue>) -> SetElem {
-    SetElem {
-        key,
-        key_end: None,
-        value,
-        timeout: None,
-    }
-}
-
-/// A new set, empty: its elements may lead to chains that do not exist yet, so they come
-/// with the other elements.
-fn add_set_units(nft: Family, name: &str, set: RenderedSet) -> Vec<Unit> {
-    let dynamic = set.is_dynamic();
-    let mut units = vec![Unit {
-        what: format!("add set {name}"),
-        ops: vec![Op::AddSet {
-            family: nft,
-            table: TABLE.into(),
-            name: name.into(),
-            spec: set.spec,
-        }],
-        phase: PHASE_CREATE,
-    }];
-    if !dynamic {
-        let changes = set
-            .elements
-            .into_iter()
-            .map(|(key, value)| ElementChange {
-                key,
-                was: None,
-                now: Some(value),
-            })
-            .collect();
-        units.extend(element_units(nft, name, changes));
-    }
-    units
-}
-
-fn destroy_set_unit(nft: Family, name: &str) -> Unit {
-    Unit {
-        what: format!("remove set {name}"),
-        ops: vec![Op::DestroySet {
-            family: nft,
-            table: TABLE.into(),
-            name: name.into(),
-        }],
-        phase: PHASE_DESTROY_SETS,
-    }
-}
-
-fn add_rules(nft: Family, chain: &str, rules: &[RenderedRule], ops: &mut Vec<Op>) {
-    for rule in rules {
-        ops.push(Op::AddRule {
-            family: nft,
-            table: TABLE.into(),
-            chain: chain.into(),
-            exprs: rule.exprs.clone(),
-            comment: Some(rule.comment.clone()),
-        });
-    }
-}
-
-/// A new chain: created empty first, its rules added once what they refer to exists.
-fn add_chain_units(nft: Family, name: &str, chain: &RenderedChain) -> [Unit; 2] {
-    let create = Unit {
-        what: format!("add chain {name}"),
-        ops: vec![Op::AddChain {
-            family: nft,
-            table: TABLE.into(),
-            chain: name.into(),
-            base: chain.base,
-        }],
-        phase: PHASE_CREATE,
-    };
-    let mut ops = Vec::new();
-    add_rules(nft, name, &chain.rules, &mut ops);
-    let rules = Unit {
-        what: format!("fill chain {name}"),
-        ops,
-        phase: PHASE_RULES + rank(name),
-    };
-    [create, rules]
-}
-
-/// A shape chain: created if missing, then its rules written whole (it may be there
-/// already, left over from an earlier run and not yet pruned).
-fn add_shape_units(nft: Family, name: &str, chain: &RenderedChain) -> [Unit; 2] {
-    let [create, _] = add_chain_units(nft, name, chain);
-    [create, rewrite_chain_unit(nft, name, &chain.rules)]
-}
-
-fn rewrite_chain_unit(nft: Family, name: &str, rules: &[RenderedRule]) -> Unit {
-    let mut ops = vec![Op::FlushChain {
-        family: nft,
-        table: TABLE.into(),
-        chain: name.into(),
-    }];
-    add_rules(nft, name, rules, &mut ops);
-    Unit {
-        what: format!("rewrite chain {name}"),
-        ops,
-        phase: PHASE_RULES + rank(name),
-    }
-}
-
-fn rebase_chain_unit(nft: Family, name: &str, chain: &RenderedChain) -> Unit {
-    let mut ops = vec![Op::DestroyChain {
-        family: nft,
-        table: TABLE.into(),
-        chain: name.into(),
-    }];
-    for unit in add_chain_units(nft, name, chain) {
-        ops.extend(unit.ops);
-    }
-    Unit {
-        what: format!("re-hook chain {name}"),
-        ops,
-        phase: PHASE_RULES + rank(name),
-    }
-}
-
-fn destroy_chain_unit(nft: Family, name: &str) -> Unit {
-    Unit {
-        what: format!("remove chain {name}"),
-        ops: vec![Op::DestroyChain {
-            family: nft,
-            table: TABLE.into(),
-            chain: name.into(),
-        }],
-        // Referrers before the referred: a chain can only go once nothing jumps to it.
-        phase: PHASE_DESTROY_CHAINS + (3 - rank(name)),
-    }
-}
-
-/// Orders units so that each transaction is valid when applied in turn.
-pub fn ordered(mut units: Vec<Unit>) -> Vec<Unit> {
-    units.sort_by_key(|u| u.phase);
-    units
-}
-
-/// What the kernel holds of the proxy's table in one family, as the audit reads it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KernelTable {
-    pub exists: bool,
-    pub chains: BTreeMap<String, KernelChain>,
-    /// Named sets; elements are read only for sets the proxy fills.
-    pub sets: BTreeMap<String, KernelSet>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KernelChain {
-    pub base: Option<BaseChain>,
-    /// The comments of its rules, in order (`None`: a rule without one).
-    pub comments: Vec<Option<String>>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct KernelSet {
-    pub spec: SetSpec,
-    pub elements: BTreeMap<Vec<u8>, Option<ElemValue>>,
-}
-
-/// The differences the audit found, by kind, for metrics and logs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Drift {
-    pub missing_table: bool,
-    pub chains_missing: usize,
-    pub chains_rewritten: usize,
-    pub chains_extra: usize,
-    pub sets_missing: usize,
-    pub sets_extra: usize,
-    pub sets_incompatible: usize,
-    pub elements_missing: usize,
-    pub elements_wrong: usize,
-    pub elements_extra: usize,
-}
-
-impl Drift {
-    pub fn total(&self) -> usize {
-        usize::from(self.missing_table)
-            + self.chains_missing
-            + self.chains_rewritten
-            + self.chains_extra
-            + self.sets_missing
-            + self.sets_extra
-            + self.sets_incompatible
-            + self.elements_missing
-            + self.elements_wrong
-            + self.elements_extra
-    }
-}
-
-/// Whether two set layouts are the same for our purposes (the kernel may add a size).
-fn same_layout(a: &SetSpec, b: &SetSpec) -> bool {
-    a.key == b.key && a.data == b.data && a.flags == b.flags && a.timeout == b.timeout
-}
-
-/// The units that make the kernel's table what `desired` says, and what differed.
-pub fn repair(
-    family: IpFamily,
-    desired: RenderedTable,
-    kernel: &KernelTable,
-) -> (Vec<Unit>, Drift) {
-    let nft = nft_family(family);
-    let mut drift = Drift::default();
-    let mut units = Vec::new();
-    let incompatible = desired.sets.iter().any(|(name, set)| {
-        kernel
-            .sets
-            .get(name)
-            .is_some_and(|k| !same_layout(&k.spec, &set.spec))
-    });
-    let kernel = if !kernel.exists || incompatible {
-        if incompatible {
-            // A set's key or flags changed (a new version's layout, or tampering): sets
-            // cannot be altered in place, and rules refer to them, so the table is rebuilt
-            // in one transaction.
-            drift.sets_incompatible += 1;
-            units.push(Unit {
-                what: format!("rebuild table {} {TABLE}", nft.name()),
-                ops: vec![Op::DestroyTable {
-                    family: nft,
-                    name: TABLE.into(),
-                }],
-                phase: PHASE_TABLE,
-            });
-        } else {
-            drift.missing_table = true;
-        }
-        units.push(Unit {
-            what: format!("add table {} {TABLE}", nft.name()),
-            ops: vec![Op::AddTable {
-                family: nft,
-                name: TABLE.into(),
-            }],
-            phase: PHASE_TABLE,
-        });
-        &KernelTable::default()
-    } else {
-        kernel
-    };
-
-    for name in kernel.sets.keys() {
-        if !desired.sets.contains_key(name) {
-            drift.sets_extra += 1;
-            units.push(destroy_set_unit(nft, name));
-        }
-    }
-    for (name, set) in desired.sets {
-        match kernel.sets.get(&name) {
-            None => {
-                drift.sets_missing += 1;
-                drift.elements_missing += set.elements.len();
-                units.extend(add_set_units(nft, &name, set));
-            }
-            Some(_) if set.is_dynamic() => {}
-            Some(have) => {
-                let mut changes = Vec::new();
-                for (key, value) in &have.elements {
-                    if !set.elements.contains_key(key) {
-                        drift.elements_extra += 1;
-                        changes.push(ElementChange {
-                            key: key.clone(),
-                            was: Some(value.clone()),
-                            now: None,
-                        });
-                    }
-                }
-                for (key, value) in set.elements {
-                    match have.elements.get(&key) {
-                        None => {
-                            drift.elements_missing += 1;
-                            changes.push(ElementChange {
-                                key,
-                                was: None,
-                                now: Some(value),
-                            });
-                        }
-                        Some(v) if *v != value => {
-                            drift.elements_wrong += 1;
-                            changes.push(ElementChange {
-                                key,
-                                was: Some(v.clone()),
-                                now: Some(value),
-                            });
-                        }
-                        Some(_) => {}
-                    }
-                }
-                units.extend(element_units(nft, &name, changes));
-            }
-        }
-    }
-    for (name, chain) in &desired.chains {
-        match kernel.chains.get(name) {
-            None => {
-                drift.chains_missing += 1;
-                units.extend(add_chain_units(nft, name, chain));
-            }
-            Some(have) if have.base != chain.base => {
-                drift.chains_rewritten += 1;
-                units.push(rebase_chain_unit(nft, name, chain));
-            }
-            Some(have) => {
-                let same = have.comments.len() == chain.rules.len()
-                    && have
-                        .comments
-                        .iter()
-                        .zip(&chain.rules)
-                        .all(|(c, r)| c.as_deref() == Some(r.comment.as_str()));
-                if !same {
-                    drift.chains_rewritten += 1;
-                    units.push(rewrite_chain_unit(nft, name, &chain.rules));
-                }
-            }
-        }
-    }
-    for name in kernel.chains.keys() {
-        if !desired.chains.contains_key(name) {
-            drift.chains_extra += 1;
-            units.push(destroy_chain_unit(nft, name));
-        }
-    }
-    (ordered(units), drift)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft_table::repair;
+    use crate::nft_table::units::{KernelChain, KernelSet, KernelTable, ordered};
     use trellis_dataplane::nftables::Verdict;
+    use trellis_dataplane::nftables::{ElemKey, Op, SetSpec};
     use trellis_proxy::{Endpoint, NodeView, Protocol, ServicePort, plan};
 
     fn node() -> NodeView {
@@ -921,7 +520,11 @@ mod tests {
         let web = port("web", "10.96.0.10");
         d.set_port(&web.name, Some(rules(&web, &["10.244.1.5"])));
         let wanted = d.rendered();
-        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &kernel_holding(&wanted));
+        let (units, drift) = repair(
+            scope(IpFamily::V4),
+            wanted.clone(),
+            &kernel_holding(&wanted),
+        );
         assert!(units.is_empty(), "{:?}", describe(&units));
         assert_eq!(drift.total(), 0);
     }
@@ -949,7 +552,7 @@ mod tests {
             .elements
             .insert(vec![1, 2, 3], Some(ElemValue::Verdict(Verdict::Drop)));
         kernel.chains.insert("stray".into(), KernelChain::default());
-        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &kernel);
+        let (units, drift) = repair(scope(IpFamily::V4), wanted.clone(), &kernel);
         assert_eq!(
             describe(&units),
             [
@@ -974,7 +577,7 @@ mod tests {
     fn a_missing_table_is_built_whole_and_an_incompatible_one_rebuilt() {
         let d = desired();
         let wanted = d.rendered();
-        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &KernelTable::default());
+        let (units, drift) = repair(scope(IpFamily::V4), wanted.clone(), &KernelTable::default());
         assert!(drift.missing_table);
         assert_eq!(units[0].what, "add table ip trellis-proxy");
         assert_eq!(drift.chains_missing, wanted.chains.len());
@@ -982,7 +585,7 @@ mod tests {
         let mut kernel = kernel_holding(&wanted);
         kernel.sets.get_mut("cluster-ips").unwrap().spec =
             SetSpec::set(&[trellis_dataplane::nftables::DataType::Ipv6Addr]);
-        let (units, drift) = repair(IpFamily::V4, wanted.clone(), &kernel);
+        let (units, drift) = repair(scope(IpFamily::V4), wanted.clone(), &kernel);
         assert_eq!(drift.sets_incompatible, 1);
         assert_eq!(
             describe(&units)[..2],

@@ -7,12 +7,13 @@
 //! pass is an audit, which changes only what differs from the plan.
 
 use super::health;
-use super::kernel::{self, Applied};
 use super::metrics::ProxyMetrics;
-use super::reconcile::{Desired, Unit, repair};
+use super::reconcile::{Desired, scope};
 use super::source;
 use super::view::{ServiceKey, ServiceView};
 use crate::backoff::Backoff;
+use crate::nft_table::kernel::{self, Applied};
+use crate::nft_table::{Unit, repair};
 use crate::state::ClusterState;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -312,7 +313,7 @@ impl Proxy {
                 .max()
                 .unwrap_or(0) as i64,
         );
-        (super::reconcile::ordered(units), udp)
+        (crate::nft_table::units::ordered(units), udp)
     }
 
     fn synced(&mut self) {
@@ -423,9 +424,9 @@ impl Proxy {
             let mut drift_total = 0;
             let mut applied = Applied::default();
             for (family, rendered) in wanted {
-                match kernel::read(&kernel.nft, family) {
+                match kernel::read(&kernel.nft, scope(family)) {
                     Ok(have) => {
-                        let (units, drift) = repair(family, rendered, &have);
+                        let (units, drift) = repair(scope(family), rendered, &have);
                         if drift.total() > 0 {
                             tracing::info!(%family, ?drift, "proxy audit: repairing drift");
                         }

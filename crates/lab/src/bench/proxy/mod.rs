@@ -455,7 +455,7 @@ impl<'a> Bench<'a> {
         row.peer_status = "not run (kube-proxy issue 139513: 44k services took 16m44s)".into();
         row.target = Some(format!(
             "report it; every transaction ≤ {} ops",
-            trellis_agent::proxy::kernel::MAX_TRANSACTION_WEIGHT
+            trellis_agent::nft_table::kernel::MAX_TRANSACTION_WEIGHT
         ));
         let (report, m) = run_worker(&ns, &worker_args("sync", n, self.args.endpoints)).await?;
         fill_trellis(&mut row, &m, report.as_ref());
@@ -463,7 +463,7 @@ impl<'a> Bench<'a> {
             row.met = Some(
                 r.refused == 0
                     && r.heaviest_transaction
-                        <= trellis_agent::proxy::kernel::MAX_TRANSACTION_WEIGHT,
+                        <= trellis_agent::nft_table::kernel::MAX_TRANSACTION_WEIGHT,
             );
             eprintln!(
                 "  Trellis: {:.0} ms, {} transactions, longest {:.0} ms, heaviest {} ops, {:.1} MB peak",

@@ -24,9 +24,10 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis_agent::admin::Metrics;
-use trellis_agent::proxy::kernel::{self, Applied};
-use trellis_agent::proxy::reconcile::{Desired, repair};
-use trellis_agent::proxy::render::RenderedTable;
+use trellis_agent::nft_table::RenderedTable;
+use trellis_agent::nft_table::kernel::{self, Applied};
+use trellis_agent::nft_table::repair;
+use trellis_agent::proxy::reconcile::{Desired, scope};
 use trellis_agent::proxy::run::{ProxyConfig, ProxyKernel, run};
 use trellis_agent::state::ClusterState;
 use trellis_dataplane::nftables::Nft;
@@ -199,11 +200,11 @@ fn sync(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
         r.chains += want.chains.len();
         r.rules += want.chains.values().map(|c| c.rules.len()).sum::<usize>();
         let t = Instant::now();
-        let have = kernel::read(&nft, d.family())
+        let have = kernel::read(&nft, scope(d.family()))
             .with_context(|| format!("reading the {} table back", d.family()))?;
         r.phase("read kernel table", t.elapsed());
         let t = Instant::now();
-        let (units, drift) = repair(d.family(), want, &have);
+        let (units, drift) = repair(scope(d.family()), want, &have);
         r.phase("repair (diff)", t.elapsed());
         r.drift += drift.total();
         r.units += units.len();
@@ -231,11 +232,11 @@ fn audit(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
         for d in &desired {
             let want = rendered(d, &mut rep);
             let t = Instant::now();
-            let have = kernel::read(&nft, d.family())
+            let have = kernel::read(&nft, scope(d.family()))
                 .with_context(|| format!("reading the {} table back", d.family()))?;
             rep.phase("read kernel table", t.elapsed());
             let t = Instant::now();
-            let (units, drift) = repair(d.family(), want, &have);
+            let (units, drift) = repair(scope(d.family()), want, &have);
             rep.phase("repair (diff)", t.elapsed());
             rep.drift += drift.total();
             rep.units += units.len();

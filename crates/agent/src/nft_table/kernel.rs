@@ -1,25 +1,23 @@
-//! The proxy's edge to nftables: reads the table back ([`read`]) and applies units of
+//! The edge to nftables for a table Trellis owns: reads it back ([`read`]) and applies units of
 //! operations in bounded transactions ([`apply`]), setting aside a unit the kernel refuses
 //! so that the rest still lands.
 
-use super::reconcile::{KernelChain, KernelSet, KernelTable, Unit};
-use super::render::{TABLE, nft_family};
+use super::units::{KernelChain, KernelSet, KernelTable, Scope, Unit};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use trellis_dataplane::Error;
 use trellis_dataplane::nftables::{Batch, Nft, SetFlags};
-use trellis_proxy::IpFamily;
 
 /// At most this much weight (ops, elements counted one by one) per transaction: the
 /// kernel holds the nf_tables commit lock for the whole of one, and a cold start at 50,000
 /// services must not freeze every other nftables user (kubernetes issue 139328).
 pub const MAX_TRANSACTION_WEIGHT: usize = 10_000;
 
-/// Reads the proxy's table in `family`: chains with their rules' comments, named sets with
-/// the elements of those the proxy fills.
-pub fn read(nft: &Nft, family: IpFamily) -> Result<KernelTable, Error> {
-    let fam = nft_family(family);
-    if !nft.table_exists(fam, TABLE)? {
+/// Reads the scope's table: chains with their rules' comments, named sets with the
+/// elements of those Trellis fills.
+pub fn read(nft: &Nft, scope: Scope) -> Result<KernelTable, Error> {
+    let (fam, name) = (scope.family, scope.table);
+    if !nft.table_exists(fam, name)? {
         return Ok(KernelTable::default());
     }
     let mut table = KernelTable {
@@ -28,7 +26,7 @@ pub fn read(nft: &Nft, family: IpFamily) -> Result<KernelTable, Error> {
     };
     // Chains and rules in one consistent pass, the chains listed once (the kernel's chain
     // listing is quadratic in their number).
-    let (chains, rules) = nft.chains_and_rules(fam, TABLE)?;
+    let (chains, rules) = nft.chains_and_rules(fam, name)?;
     for chain in chains {
         table.chains.insert(
             chain.name,
@@ -46,14 +44,14 @@ pub fn read(nft: &Nft, family: IpFamily) -> Result<KernelTable, Error> {
             .comments
             .push(rule.comment);
     }
-    for set in nft.sets(fam, TABLE)? {
+    for set in nft.sets(fam, name)? {
         if set.anonymous {
             continue;
         }
         let elements = if set.spec.flags.contains(SetFlags::DYNAMIC) {
             BTreeMap::new()
         } else {
-            nft.elements(fam, TABLE, &set.name)?
+            nft.elements(fam, name, &set.name)?
                 .into_iter()
                 .map(|e| (e.key, e.value))
                 .collect()
