@@ -108,6 +108,7 @@ fn config(n: &Node) -> AgentConfig {
         probe: ProbeConfig::default(),
         admin_addr: None,
         service_proxy: false,
+        network_policy: false,
         cni_node_file: None,
         cni_ready_file: None,
         persistent_keepalive: None,
@@ -122,6 +123,7 @@ fn kernel() -> Kernel {
         routes: Arc::new(FakeRoutes::new(trellis_agent::apply::ROUTE_PROTOCOL)),
         ruleset: Arc::new(FakeRuleset::default()),
         service_proxy: None,
+        network_policy: None,
     }
 }
 

@@ -29,6 +29,7 @@ pub mod ctl;
 pub mod leader;
 pub mod nft_table;
 pub mod node_facts;
+pub mod policy;
 pub mod probe;
 pub mod proxy;
 pub mod report;

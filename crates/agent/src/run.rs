@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub admin_addr: Option<SocketAddr>,
     /// Load-balance Services on this node (nftables table `trellis-proxy`).
     pub service_proxy: bool,
+    /// Enforce NetworkPolicy for this node's pods (nftables table `trellis-policy`).
+    pub network_policy: bool,
     /// Where the CNI plugin finds this node's pod CIDRs and MTU (`None`: not written).
     pub cni_node_file: Option<PathBuf>,
     /// What the CNI plugin's STATUS reads: present and fresh while the data plane is
@@ -201,6 +203,14 @@ async fn run(
         } else {
             None
         },
+        network_policy: if config.network_policy {
+            Some(Arc::new(
+                trellis_dataplane::nftables::Nft::connect()?
+                    .with_timeout(crate::proxy::run::NFT_TIMEOUT),
+            ))
+        } else {
+            None
+        },
     };
     run_with(&config, store, node, kernel, shutdown_signal()).await;
     drop(device);
@@ -290,6 +300,17 @@ pub async fn run_with(
             },
             state_rx.clone(),
             metrics.proxy(),
+        ));
+    }
+    if let Some(nft) = kernel.network_policy.clone() {
+        tokio::spawn(crate::policy::run::run(
+            store.clone(),
+            nft,
+            crate::policy::run::PolicyConfig {
+                node: node.name.clone(),
+                audit_interval: config.resync.max(Duration::from_secs(1)),
+            },
+            metrics.policy(),
         ));
     }
     let (observe_tx, observe_rx) = watch::channel(probe::Targets::default());

@@ -29,9 +29,17 @@ pub struct NodePolicy {
     pub sets: BTreeMap<String, BTreeSet<IpAddr>>,
     /// Named sets of (address, protocol, port): destinations of egress to named ports.
     pub port_sets: BTreeMap<String, BTreeSet<(IpAddr, Protocol, u16)>>,
-    /// Per local pod address: what isolated ingress admits (`None`: not isolated).
-    pub ingress: BTreeMap<IpAddr, Option<Vec<Allow>>>,
-    pub egress: BTreeMap<IpAddr, Option<Vec<Allow>>>,
+    /// Per local pod address: its ingress check (`None`: not isolated).
+    pub ingress: BTreeMap<IpAddr, Option<Check>>,
+    pub egress: BTreeMap<IpAddr, Option<Check>>,
+}
+
+/// What an isolated pod admits in one direction; anything else is dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// The policies that isolate it (rule `None`), which a drop is counted against.
+    pub isolated_by: Vec<PolicyRef>,
+    pub allows: Vec<Allow>,
 }
 
 /// One thing a pod's check admits.
@@ -95,11 +103,18 @@ fn pod_check(
     pod: &Pod,
     direction: PolicyType,
     out: &mut NodePolicy,
-) -> Option<Vec<Allow>> {
+) -> Option<Check> {
     let isolating: Vec<&NetworkPolicy> = cluster.isolating(pod, direction).collect();
     if isolating.is_empty() {
         return None;
     }
+    let isolated_by = (isolating.iter())
+        .map(|p| PolicyRef {
+            namespace: p.metadata.namespace.clone(),
+            name: p.metadata.name.clone(),
+            rule: None,
+        })
+        .collect();
     let mut allows = Vec::new();
     for policy in isolating {
         let rules: Vec<(&[PolicyPeer], &[PolicyPort])> = match direction {
@@ -180,7 +195,10 @@ fn pod_check(
             }
         }
     }
-    Some(allows)
+    Some(Check {
+        isolated_by,
+        allows,
+    })
 }
 
 /// The rule's ports as spans, and (for egress) the named ones left to resolve per
@@ -268,16 +286,14 @@ pub fn trace(
 ) -> bool {
     let egress_ok = plans.values().all(|plan| match plan.egress.get(&from) {
         None | Some(None) => true,
-        Some(Some(allows)) => allows
-            .iter()
-            .any(|a| admits(plan, a, to, to, protocol, port)),
+        Some(Some(check)) => (check.allows.iter()).any(|a| admits(plan, a, to, to, protocol, port)),
     });
     let ingress_ok = plans.values().all(|plan| match plan.ingress.get(&to) {
         None | Some(None) => true,
         Some(Some(_)) if plan.own.contains(&from) => true,
-        Some(Some(allows)) => allows
-            .iter()
-            .any(|a| admits(plan, a, from, to, protocol, port)),
+        Some(Some(check)) => {
+            (check.allows.iter()).any(|a| admits(plan, a, from, to, protocol, port))
+        }
     });
     egress_ok && ingress_ok
 }

@@ -6,6 +6,7 @@
 //! by [`crate::report::transition`] and only recorded here.
 
 use crate::leader::work::LeaderWorkCounters;
+use crate::policy::metrics::PolicyMetrics;
 use crate::proxy::metrics::ProxyMetrics;
 use crate::report::transition::Transition;
 use prometheus_client::encoding::text::encode;
@@ -53,6 +54,7 @@ struct Inner {
     leader_terms: Counter,
     leader_work: LeaderWorkCounters,
     proxy: ProxyMetrics,
+    policy: PolicyMetrics,
     state: Mutex<State>,
 }
 
@@ -96,6 +98,7 @@ impl Metrics {
             leader_terms: Counter::default(),
             leader_work: LeaderWorkCounters::default(),
             proxy: ProxyMetrics::default(),
+            policy: PolicyMetrics::default(),
             state: Mutex::default(),
             registry: Registry::default(),
         };
@@ -111,6 +114,7 @@ impl Metrics {
             inner.leader_terms.clone(),
         );
         inner.proxy.register(r);
+        inner.policy.register(r);
         let work = &inner.leader_work;
         r.register(
             "leader_pod_cidrs_allocated",
@@ -286,6 +290,10 @@ impl Metrics {
     }
 
     /// The counters the leader's tasks update, across all of this node's terms.
+    pub fn policy(&self) -> PolicyMetrics {
+        self.inner.policy.clone()
+    }
+
     pub fn proxy(&self) -> ProxyMetrics {
         self.inner.proxy.clone()
     }

@@ -64,6 +64,8 @@ pub struct Kernel {
     pub ruleset: Arc<dyn Ruleset>,
     /// The service proxy's kernel interfaces (`None`: no service proxy).
     pub service_proxy: Option<Arc<crate::proxy::run::ProxyKernel>>,
+    /// Network policy's nftables connection (`None`: NetworkPolicy not enforced).
+    pub network_policy: Option<Arc<trellis_dataplane::nftables::Nft>>,
 }
 
 pub struct Reconciler {

@@ -77,6 +77,7 @@ fn rig(node: &Node) -> Rig {
         routes: routes.clone(),
         ruleset: ruleset.clone(),
         service_proxy: None,
+        network_policy: None,
     };
     let reconciler = Reconciler::new(node.clone(), "wg0".into(), kernel, store.clone());
     Rig {

@@ -32,17 +32,15 @@ pub fn read(nft: &Nft, scope: Scope) -> Result<KernelTable, Error> {
             chain.name,
             KernelChain {
                 base: chain.base,
-                comments: Vec::new(),
+                ..KernelChain::default()
             },
         );
     }
     for rule in rules {
-        table
-            .chains
-            .entry(rule.chain)
-            .or_default()
-            .comments
-            .push(rule.comment);
+        let counted = rule.counted();
+        let chain = table.chains.entry(rule.chain).or_default();
+        chain.comments.push(rule.comment);
+        chain.counted.push(counted);
     }
     for set in nft.sets(fam, name)? {
         if set.anonymous {

@@ -20,7 +20,24 @@ impl RenderedRule {
         let comment = format!("trellis:{:016x}", fingerprint(&exprs));
         RenderedRule { exprs, comment }
     }
+
+    /// A rule whose comment also says, for someone reading `nft list`, why it is there.
+    /// The note is cut to fit nft's limit on comments.
+    pub fn noted(exprs: Vec<Expr>, note: &str) -> RenderedRule {
+        let mut rule = RenderedRule::new(exprs);
+        rule.comment.push(' ');
+        rule.comment.push_str(note);
+        let mut end = rule.comment.len().min(MAX_COMMENT);
+        while !rule.comment.is_char_boundary(end) {
+            end -= 1;
+        }
+        rule.comment.truncate(end);
+        rule
+    }
 }
+
+/// The longest comment nft stores for a rule (`Batch::add_rule`).
+const MAX_COMMENT: usize = 128;
 
 /// A chain as Trellis writes it.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,18 +100,38 @@ fn strip_family_checks(exprs: &mut Vec<Expr>) {
 /// has 300,000 rules.
 fn fingerprint(exprs: &[Expr]) -> u64 {
     use std::fmt::Write;
-    struct Fnv(u64);
-    impl Write for Fnv {
-        fn write_str(&mut self, text: &str) -> std::fmt::Result {
-            for byte in text.bytes() {
-                self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-            }
-            Ok(())
-        }
-    }
-    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut hash = Fnv::new();
     let _ = write!(hash, "{exprs:?}");
     hash.0
+}
+
+/// FNV-1a: names and fingerprints that must be the same from one run to the next (std's
+/// hasher is seeded per process).
+pub struct Fnv(pub u64);
+
+impl Fnv {
+    pub fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv::new()
+    }
+}
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.write(text.as_bytes());
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -256,11 +256,44 @@ pub struct KernelTable {
     pub sets: BTreeMap<String, KernelSet>,
 }
 
+impl KernelTable {
+    /// What the kernel holds once it holds `table` exactly: what the event path diffs a new
+    /// plan against, without reading the kernel back.
+    pub fn holding(table: &RenderedTable) -> KernelTable {
+        let chains = (table.chains.iter())
+            .map(|(name, c)| {
+                let chain = KernelChain {
+                    base: c.base,
+                    comments: c.rules.iter().map(|r| Some(r.comment.clone())).collect(),
+                    counted: Vec::new(),
+                };
+                (name.clone(), chain)
+            })
+            .collect();
+        let sets = (table.sets.iter())
+            .map(|(name, s)| {
+                let set = KernelSet {
+                    spec: s.spec.clone(),
+                    elements: s.elements.clone(),
+                };
+                (name.clone(), set)
+            })
+            .collect();
+        KernelTable {
+            exists: true,
+            chains,
+            sets,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct KernelChain {
     pub base: Option<BaseChain>,
     /// The comments of its rules, in order (`None`: a rule without one).
     pub comments: Vec<Option<String>>,
+    /// What each rule's counter has counted, in order (`None`: a rule without one).
+    pub counted: Vec<Option<(u64, u64)>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

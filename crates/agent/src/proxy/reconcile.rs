@@ -270,7 +270,7 @@ impl Desired {
 mod tests {
     use super::*;
     use crate::nft_table::repair;
-    use crate::nft_table::units::{KernelChain, KernelSet, KernelTable, ordered};
+    use crate::nft_table::units::{KernelChain, KernelTable, ordered};
     use trellis_dataplane::nftables::Verdict;
     use trellis_dataplane::nftables::{ElemKey, Op, SetSpec};
     use trellis_proxy::{Endpoint, NodeView, Protocol, ServicePort, plan};
@@ -482,38 +482,6 @@ mod tests {
         );
     }
 
-    fn kernel_holding(table: &RenderedTable) -> KernelTable {
-        KernelTable {
-            exists: true,
-            chains: table
-                .chains
-                .iter()
-                .map(|(name, c)| {
-                    (
-                        name.clone(),
-                        KernelChain {
-                            base: c.base,
-                            comments: c.rules.iter().map(|r| Some(r.comment.clone())).collect(),
-                        },
-                    )
-                })
-                .collect(),
-            sets: table
-                .sets
-                .iter()
-                .map(|(name, s)| {
-                    (
-                        name.clone(),
-                        KernelSet {
-                            spec: s.spec.clone(),
-                            elements: s.elements.clone(),
-                        },
-                    )
-                })
-                .collect(),
-        }
-    }
-
     #[test]
     fn the_audit_finds_nothing_to_do_when_the_kernel_holds_the_plan() {
         let mut d = desired();
@@ -523,7 +491,7 @@ mod tests {
         let (units, drift) = repair(
             scope(IpFamily::V4),
             wanted.clone(),
-            &kernel_holding(&wanted),
+            &KernelTable::holding(&wanted),
         );
         assert!(units.is_empty(), "{:?}", describe(&units));
         assert_eq!(drift.total(), 0);
@@ -535,7 +503,7 @@ mod tests {
         let web = port("web", "10.96.0.10");
         d.set_port(&web.name, Some(rules(&web, &["10.244.1.5"])));
         let wanted = d.rendered();
-        let mut kernel = kernel_holding(&wanted);
+        let mut kernel = KernelTable::holding(&wanted);
         // Tampering: a chain flushed, a map entry gone, a stray entry to a dead pod's chain,
         // a chain nobody wants.
         kernel
@@ -582,7 +550,7 @@ mod tests {
         assert_eq!(units[0].what, "add table ip trellis-proxy");
         assert_eq!(drift.chains_missing, wanted.chains.len());
 
-        let mut kernel = kernel_holding(&wanted);
+        let mut kernel = KernelTable::holding(&wanted);
         kernel.sets.get_mut("cluster-ips").unwrap().spec =
             SetSpec::set(&[trellis_dataplane::nftables::DataType::Ipv6Addr]);
         let (units, drift) = repair(scope(IpFamily::V4), wanted.clone(), &kernel);

@@ -255,6 +255,25 @@ pub struct RuleDump {
     pub exprs: Vec<u8>,
 }
 
+impl RuleDump {
+    /// What the rule's first `counter` has counted: (packets, bytes). `None` when the rule
+    /// has no counter.
+    pub fn counted(&self) -> Option<(u64, u64)> {
+        wire::attrs(&self.exprs)
+            .filter(|(ty, _)| *ty == wire::NFTA_LIST_ELEM)
+            .find(|(_, elem)| {
+                wire::find_attr(elem, wire::NFTA_EXPR_NAME).map(wire::c_string)
+                    == Some("counter".to_owned())
+            })
+            .and_then(|(_, elem)| {
+                let data = wire::find_attr(elem, wire::NFTA_EXPR_DATA)?;
+                let packets = wire::find_attr(data, wire::NFTA_COUNTER_PACKETS)?;
+                let bytes = wire::find_attr(data, wire::NFTA_COUNTER_BYTES)?;
+                Some((wire::be64(packets)?, wire::be64(bytes)?))
+            })
+    }
+}
+
 /// A chain as listed by [`Nft::chains`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainInfo {

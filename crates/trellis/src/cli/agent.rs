@@ -127,6 +127,9 @@ pub struct AgentArgs {
     /// Do not load-balance Services on this node (no `trellis-proxy` nftables table).
     #[arg(long)]
     pub no_service_proxy: bool,
+    /// Do not enforce NetworkPolicy on this node (no `trellis-policy` nftables table).
+    #[arg(long)]
+    pub no_network_policy: bool,
     /// Keep the CNI plugin's node file here (pod CIDRs and MTU; on persistent disk, so
     /// pods get addresses after a reboot before the agent runs).
     #[arg(long, value_name = "PATH")]
@@ -260,6 +263,7 @@ impl AgentArgs {
             },
             admin_addr: self.metrics_addr,
             service_proxy: !self.no_service_proxy,
+            network_policy: !self.no_network_policy,
             cni_node_file: self.cni_node_file.clone(),
             cni_ready_file: self.cni_ready_file.clone(),
         };

@@ -2,8 +2,9 @@
 //! stopped (deploy/uninstall runs it on every node once the DaemonSet is gone).
 //!
 //! The nftables tables (the relay's `inet trellis`, the service proxy's `ip`/`ip6
-//! trellis-proxy`), the WireGuard interface (the kernel's; the userspace device went with
-//! the agent's process) and with it every route through it, the CNI plugin and its
+//! trellis-proxy`, network policy's `ip`/`ip6 trellis-policy`), the WireGuard interface
+//! (the kernel's; the userspace device went with the agent's process) and with it every
+//! route through it, the CNI plugin and its
 //! configuration, and the node's files; on Kubernetes also the node's annotations and its
 //! Lease. Every step is tried, whatever failed before it, and each is said; removing what
 //! is already gone is no error, so it can run again.
@@ -41,10 +42,12 @@ pub struct UninstallArgs {
 }
 
 /// The nftables tables Trellis programs.
-const TABLES: [(Family, &str); 3] = [
+const TABLES: [(Family, &str); 5] = [
     (Family::Inet, trellis_agent::apply::relay::TABLE),
     (Family::Ip, trellis_agent::proxy::render::TABLE),
     (Family::Ip6, trellis_agent::proxy::render::TABLE),
+    (Family::Ip, trellis_agent::policy::render::TABLE),
+    (Family::Ip6, trellis_agent::policy::render::TABLE),
 ];
 
 pub async fn run(args: &UninstallArgs) -> anyhow::Result<()> {

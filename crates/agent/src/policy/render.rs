@@ -1,0 +1,387 @@
+//! From what a node enforces ([`trellis_policy::plan::NodePolicy`]) to its nftables table,
+//! one per family. Pure: the reconciler compares what this gives with what the kernel
+//! holds.
+//!
+//! ```text
+//! table ip trellis-policy
+//!   chain forward  (hook forward, filter priority)
+//!     ct state established,related accept          replies and admitted flows
+//!     ip saddr vmap @egress                         local pod → its egress check
+//!     fib saddr type local accept                   the resident node is never refused
+//!     ip daddr vmap @ingress                        → local pod's ingress check
+//!   chain input    (hook input)
+//!     ct state established,related accept
+//!     ip saddr vmap @egress                         a pod reaching its own node
+//!   chain check-<hash>                             one per distinct check, shared by pods
+//!     <peer> <ports> return   # ns/policy rule N   what the isolating policies admit
+//!     counter drop            # ns/a, ns/b         counted against the isolating policies
+//!   set peers-<ns/policy/in0/1>                    addresses a selector picks
+//!   set ports-<ns/policy/out0/named>               address . protocol . port (named ports)
+//! ```
+//!
+//! Maps are keyed by the pod's address, so a packet costs one lookup plus its own pod's
+//! rules, however many policies and pods the cluster has. A pod that no policy isolates in
+//! a direction has no element in that map. Pods with the same check share its chain: a new
+//! pod like others is one map element.
+
+use crate::nft_table::rendered::Fnv;
+use crate::nft_table::{RenderedChain, RenderedRule, RenderedSet, RenderedTable, Scope};
+use crate::proxy::render::nft_family;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use trellis_dataplane::nftables::dsl::{self, Field};
+use trellis_dataplane::nftables::{
+    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, FibFlags, FibResult, Hook,
+    PayloadBase, Policy, Reg, RouteType, SetSpec, Verdict, concat,
+};
+use trellis_model::{IpNet, Protocol};
+use trellis_policy::PolicyRef;
+use trellis_policy::plan::{Allow, Check, NodePolicy, PeerMatch, PortSpan};
+use trellis_proxy::IpFamily;
+
+/// Network policy's table, in both families.
+pub const TABLE: &str = "trellis-policy";
+
+const FORWARD: &str = "forward";
+const INPUT: &str = "input";
+const INGRESS: &str = "ingress";
+const EGRESS: &str = "egress";
+const CHECK_PREFIX: &str = "check-";
+const PEERS_PREFIX: &str = "peers-";
+const PORTS_PREFIX: &str = "ports-";
+/// The kernel's limit on table object names, with room for the NUL.
+const MAX_NAME: usize = 255;
+
+/// The policy table in `family`: check chains are jumped to from the maps of the base
+/// chains.
+pub fn scope(family: IpFamily) -> Scope {
+    Scope {
+        family: nft_family(family),
+        table: TABLE,
+        depth: |chain| {
+            if chain.starts_with(CHECK_PREFIX) {
+                0
+            } else {
+                1
+            }
+        },
+    }
+}
+
+/// A family's table and, per check chain, the direction and policies its drops count
+/// against.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderedPolicy {
+    pub table: RenderedTable,
+    pub drops: BTreeMap<String, (Direction, Vec<PolicyRef>)>,
+}
+
+/// The table `plan` asks for in `family`.
+pub fn render(plan: &NodePolicy, family: IpFamily) -> RenderedPolicy {
+    let f = Fields::of(family);
+    let mut out = RenderedPolicy::default();
+    let tables = &mut out.table;
+    for (name, members) in &plan.sets {
+        let mut set = RenderedSet::empty(SetSpec::set(&dsl::key_type(&[f.saddr])));
+        for ip in members.iter().filter(|ip| IpFamily::of(**ip) == family) {
+            set.elements.insert(concat(&[addr_datum(*ip)]), None);
+        }
+        tables.sets.insert(object_name(PEERS_PREFIX, name), set);
+    }
+    for (name, members) in &plan.port_sets {
+        let key = [f.daddr, Field::L4Proto, Field::ThDport];
+        let mut set = RenderedSet::empty(SetSpec::set(&dsl::key_type(&key)));
+        for (ip, protocol, port) in members.iter().filter(|m| IpFamily::of(m.0) == family) {
+            let bytes = concat(&[
+                addr_datum(*ip),
+                Datum::Proto(protocol_number(*protocol)),
+                Datum::Port(*port),
+            ]);
+            set.elements.insert(bytes, None);
+        }
+        tables.sets.insert(object_name(PORTS_PREFIX, name), set);
+    }
+    let mut maps = BTreeMap::new();
+    for (map, direction, checks) in [
+        (INGRESS, Direction::Ingress, &plan.ingress),
+        (EGRESS, Direction::Egress, &plan.egress),
+    ] {
+        let mut vmap = RenderedSet::empty(SetSpec::vmap(&dsl::key_type(&[f.saddr])));
+        for (ip, check) in checks {
+            let Some(check) = check else { continue };
+            if IpFamily::of(*ip) != family {
+                continue;
+            }
+            let chain = check_chain(check, direction, family);
+            let name = chain_name(&chain);
+            vmap.elements.insert(
+                concat(&[addr_datum(*ip)]),
+                Some(ElemValue::Verdict(Verdict::Jump(name.clone()))),
+            );
+            out.drops
+                .insert(name.clone(), (direction, check.isolated_by.clone()));
+            tables.chains.insert(name, chain);
+        }
+        maps.insert(map, vmap);
+    }
+    for (name, map) in maps {
+        tables.sets.insert(name.to_string(), map);
+    }
+    let base = |hook| {
+        Some(BaseChain {
+            hook,
+            priority: 0,
+            kind: ChainKind::Filter,
+            policy: Policy::Accept,
+        })
+    };
+    let settled = [
+        dsl::ct_state(CtState::ESTABLISHED | CtState::RELATED),
+        dsl::accept(),
+    ]
+    .concat();
+    let chain = |base, rules: Vec<Vec<Expr>>| RenderedChain {
+        base,
+        rules: rules.into_iter().map(RenderedRule::new).collect(),
+    };
+    tables.chains.insert(
+        FORWARD.into(),
+        chain(
+            base(Hook::Forward),
+            vec![
+                settled.clone(),
+                dsl::vmap(&[f.saddr], EGRESS),
+                [fib_saddr_local(), dsl::accept()].concat(),
+                dsl::vmap(&[f.daddr], INGRESS),
+            ],
+        ),
+    );
+    let mut input = vec![settled];
+    if family == IpFamily::V6 {
+        // Neighbour discovery with the node is what any address needs to work at all.
+        input.push([icmpv6_neighbour_discovery(), dsl::accept()].concat());
+    }
+    input.push(dsl::vmap(&[f.saddr], EGRESS));
+    tables
+        .chains
+        .insert(INPUT.into(), chain(base(Hook::Input), input));
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// One check as a chain: a `return` per thing admitted, then a counted drop.
+fn check_chain(check: &Check, direction: Direction, family: IpFamily) -> RenderedChain {
+    let f = Fields::of(family);
+    let other_end = match direction {
+        Direction::Ingress => f.saddr,
+        Direction::Egress => f.daddr,
+    };
+    let mut rules = Vec::new();
+    for allow in &check.allows {
+        let Some(peer) = peer_match(allow, other_end, family) else {
+            continue;
+        };
+        let note = rule_note(&allow.by);
+        if allow.ports.is_empty() || matches!(allow.peer, PeerMatch::PortSet(_)) {
+            rules.push(RenderedRule::noted([peer, dsl::return_()].concat(), &note));
+            continue;
+        }
+        for span in &allow.ports {
+            rules.push(RenderedRule::noted(
+                [peer.clone(), port_match(span), dsl::return_()].concat(),
+                &note,
+            ));
+        }
+    }
+    let against: Vec<String> = check.isolated_by.iter().map(policy_name).collect();
+    rules.push(RenderedRule::noted(
+        [dsl::counter(), dsl::drop()].concat(),
+        &format!("drop {}: {}", direction.name(), against.join(", ")),
+    ));
+    RenderedChain { base: None, rules }
+}
+
+/// The peer part of a rule; `None` when the peer cannot match in this family.
+fn peer_match(allow: &Allow, other_end: Field, family: IpFamily) -> Option<Vec<Expr>> {
+    Some(match &allow.peer {
+        PeerMatch::Anywhere => Vec::new(),
+        PeerMatch::Set(name) => dsl::in_set(&[other_end], &object_name(PEERS_PREFIX, name)),
+        PeerMatch::PortSet(name) => {
+            let key = [Fields::of(family).daddr, Field::L4Proto, Field::ThDport];
+            dsl::in_set(&key, &object_name(PORTS_PREFIX, name))
+        }
+        PeerMatch::Block { cidr, except } => {
+            if IpFamily::of_net(cidr) != family {
+                return None;
+            }
+            let mut exprs = Vec::new();
+            for hole in except.iter().filter(|e| IpFamily::of_net(e) == family) {
+                exprs.extend(addr_not_in(other_end, *hole));
+            }
+            exprs.extend(addr_in(other_end, *cidr));
+            exprs
+        }
+    })
+}
+
+/// `meta l4proto P th dport A-B`.
+fn port_match(span: &PortSpan) -> Vec<Expr> {
+    let mut exprs = dsl::l4proto(protocol_number(span.protocol));
+    if span.first == span.last {
+        exprs.extend(dsl::th_dport(span.first));
+    } else if (span.first, span.last) != (1, u16::MAX) {
+        exprs.push(dport());
+        exprs.push(cmp(CmpOp::Gte, span.first.to_be_bytes().to_vec()));
+        exprs.push(cmp(CmpOp::Lte, span.last.to_be_bytes().to_vec()));
+    }
+    exprs
+}
+
+fn dport() -> Expr {
+    Expr::Payload {
+        base: PayloadBase::Transport,
+        offset: 2,
+        len: 2,
+        dreg: Reg::R1,
+    }
+}
+
+fn cmp(op: CmpOp, data: Vec<u8>) -> Expr {
+    Expr::Cmp {
+        sreg: Reg::R1,
+        op,
+        data,
+    }
+}
+
+fn addr_in(field: Field, net: IpNet) -> Vec<Expr> {
+    match field {
+        Field::IpSaddr | Field::Ip6Saddr => dsl::ip_saddr_in(net),
+        _ => dsl::ip_daddr_in(net),
+    }
+}
+
+/// The address is outside `net`: the same load as [`addr_in`], compared with `!=`.
+fn addr_not_in(field: Field, net: IpNet) -> Vec<Expr> {
+    let mut exprs = addr_in(field, net);
+    if let Some(Expr::Cmp { op, .. }) = exprs.last_mut() {
+        *op = CmpOp::Neq;
+    }
+    exprs
+}
+
+/// ICMPv6 types 133–137: router and neighbour solicitation and advertisement, redirect.
+fn icmpv6_neighbour_discovery() -> Vec<Expr> {
+    let mut exprs = dsl::l4proto(58);
+    exprs.push(Expr::Payload {
+        base: PayloadBase::Transport,
+        offset: 0,
+        len: 1,
+        dreg: Reg::R1,
+    });
+    exprs.push(cmp(CmpOp::Gte, vec![133]));
+    exprs.push(cmp(CmpOp::Lte, vec![137]));
+    exprs
+}
+
+/// `fib saddr type local`: the source is one of this node's addresses.
+fn fib_saddr_local() -> Vec<Expr> {
+    vec![
+        Expr::Fib {
+            flags: FibFlags::SADDR,
+            result: FibResult::AddrType,
+            dreg: Reg::R1,
+        },
+        cmp(CmpOp::Eq, RouteType::Local.code().to_ne_bytes().to_vec()),
+    ]
+}
+
+/// A check chain is named after its rules, so pods with the same check share it and a
+/// changed check is a new chain (the map element swaps to it in one step).
+fn chain_name(chain: &RenderedChain) -> String {
+    let mut hash = Fnv::new();
+    for rule in &chain.rules {
+        hash.write(rule.comment.as_bytes());
+    }
+    format!("{CHECK_PREFIX}{:016x}", hash.0)
+}
+
+/// A set's name: readable when it fits, else cut and made unique by a hash of the whole.
+fn object_name(prefix: &str, name: &str) -> String {
+    let full = format!("{prefix}{name}");
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let mut hash = Fnv::new();
+    hash.write(full.as_bytes());
+    let tail = format!("~{:016x}", hash.0);
+    let mut cut = MAX_NAME - tail.len();
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tail}", &full[..cut])
+}
+
+fn policy_name(p: &PolicyRef) -> String {
+    format!("{}/{}", p.namespace, p.name)
+}
+
+fn rule_note(p: &PolicyRef) -> String {
+    match p.rule {
+        Some(rule) => format!("{} rule {rule}", policy_name(p)),
+        None => policy_name(p),
+    }
+}
+
+fn addr_datum(addr: IpAddr) -> Datum {
+    match addr {
+        IpAddr::V4(a) => Datum::Ipv4(a),
+        IpAddr::V6(a) => Datum::Ipv6(a),
+    }
+}
+
+fn protocol_number(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Fields {
+    saddr: Field,
+    daddr: Field,
+}
+
+impl Fields {
+    fn of(family: IpFamily) -> Fields {
+        match family {
+            IpFamily::V4 => Fields {
+                saddr: Field::IpSaddr,
+                daddr: Field::IpDaddr,
+            },
+            IpFamily::V6 => Fields {
+                saddr: Field::Ip6Saddr,
+                daddr: Field::Ip6Daddr,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+use super::*;
+use serde_json::json;
+use trellis_model::{Namespace, NetworkPolicy, Pod};
+use trellis_policy::Cluster;
+use trellis_policy::plan::plan;
+
+fn pod(ns: &str, name: &str, app: &str, ips: &[&str], node: &str) -> Pod {
+    Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        node: node.into(),
+        ports: Vec::new(),
+    }
+}
+
+fn policy(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// db admits web on TCP 5432 and nothing else; web is not isolated.
+fn db_policy() -> NetworkPolicy {
+    policy(
+        "shop",
+        "db-from-web",
+        json!({
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                         "ports": [{"port": 5432}]}],
+        }),
+    )
+}
+
+fn pods() -> Vec<Pod> {
+    vec![
+        pod("shop", "db-0", "db", &["10.244.1.2", "fd00:244:1::2"], "a1"),
+        pod("shop", "db-1", "db", &["10.244.1.3", "fd00:244:1::3"], "a1"),
+        pod(
+            "shop",
+            "web-0",
+            "web",
+            &["10.244.2.2", "fd00:244:2::2"],
+            "b1",
+        ),
+    ]
+}
+
+fn rendered(policies: Vec<NetworkPolicy>, family: IpFamily) -> RenderedPolicy {
+    let cluster = Cluster::new([Namespace::default()], policies);
+    render(&plan(&cluster, &pods(), "a1", []), family)
+}
+
+fn element(addr: &str) -> Vec<u8> {
+    concat(&[addr_datum(addr.parse().unwrap())])
+}
+
+fn jump_target(table: &RenderedTable, map: &str, addr: &str) -> Option<String> {
+    match table.sets[map].elements.get(&element(addr)) {
+        Some(Some(ElemValue::Verdict(Verdict::Jump(chain)))) => Some(chain.clone()),
+        None => None,
+        other => panic!("{map} {addr}: {other:?}"),
+    }
+}
+
+#[test]
+fn an_isolated_pod_jumps_to_a_check_that_returns_on_what_is_admitted_and_drops_the_rest() {
+    let out = rendered(vec![db_policy()], IpFamily::V4);
+    let chain = jump_target(&out.table, INGRESS, "10.244.1.2").expect("db-0 is isolated");
+    let rules = &out.table.chains[&chain].rules;
+    assert_eq!(rules.len(), 2, "{rules:#?}");
+    assert!(rules[0].comment.ends_with(" shop/db-from-web rule 0"));
+    assert!(matches!(
+        rules[0].exprs.last(),
+        Some(Expr::Verdict(Verdict::Return))
+    ));
+    assert!(
+        rules[1]
+            .comment
+            .ends_with(" drop ingress: shop/db-from-web")
+    );
+    assert!(rules[1].exprs.contains(&Expr::Counter));
+    assert!(matches!(
+        rules[1].exprs.last(),
+        Some(Expr::Verdict(Verdict::Drop))
+    ));
+    assert_eq!(out.drops[&chain].1.len(), 1);
+    // Nothing isolates egress; the remote pod is not this node's to check.
+    assert!(out.table.sets[EGRESS].elements.is_empty());
+    assert_eq!(jump_target(&out.table, INGRESS, "10.244.2.2"), None);
+    // The selector's set holds web's address of this family only.
+    let peers: Vec<&RenderedSet> = (out.table.sets.iter())
+        .filter(|(name, _)| name.starts_with(PEERS_PREFIX))
+        .map(|(_, set)| set)
+        .collect();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        peers[0].elements.keys().collect::<Vec<_>>(),
+        [&element("10.244.2.2")]
+    );
+}
+
+#[test]
+fn pods_with_the_same_check_share_its_chain_and_a_changed_check_is_a_new_chain() {
+    let out = rendered(vec![db_policy()], IpFamily::V4);
+    let first = jump_target(&out.table, INGRESS, "10.244.1.2");
+    assert_eq!(first, jump_target(&out.table, INGRESS, "10.244.1.3"));
+    let checks = (out.table.chains.keys())
+        .filter(|c| c.starts_with(CHECK_PREFIX))
+        .count();
+    assert_eq!(checks, 1);
+
+    let mut wider = db_policy();
+    wider.spec.ingress[0].ports[0].port = Some(trellis_model::IntOrString::Int(5433));
+    let changed = rendered(vec![wider], IpFamily::V4);
+    assert_ne!(first, jump_target(&changed.table, INGRESS, "10.244.1.2"));
+}
+
+#[test]
+fn each_family_holds_its_own_addresses_and_blocks() {
+    let block = policy(
+        "shop",
+        "db-egress",
+        json!({
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [
+                {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.244.2.0/24"]}},
+                {"ipBlock": {"cidr": "fd00::/8"}},
+            ]}],
+        }),
+    );
+    for family in IpFamily::BOTH {
+        let out = rendered(vec![block.clone()], family);
+        let (own, other) = match family {
+            IpFamily::V4 => ("10.244.1.2", "fd00:244:1::2"),
+            IpFamily::V6 => ("fd00:244:1::2", "10.244.1.2"),
+        };
+        let chain = jump_target(&out.table, EGRESS, own).expect("isolated");
+        assert!(
+            !out.table.sets[EGRESS]
+                .elements
+                .contains_key(&element(other))
+        );
+        let rules = &out.table.chains[&chain].rules;
+        // One block of this family, then the drop.
+        assert_eq!(rules.len(), 2, "{family:?}: {rules:#?}");
+        let neq = (rules[0].exprs.iter())
+            .filter(|e| matches!(e, Expr::Cmp { op: CmpOp::Neq, .. }))
+            .count();
+        assert_eq!(neq, usize::from(family == IpFamily::V4), "the except");
+    }
+}
+
+#[test]
+fn port_ranges_compare_both_ends_and_a_whole_protocol_checks_only_the_protocol() {
+    assert_eq!(
+        port_match(&PortSpan {
+            protocol: Protocol::Tcp,
+            first: 8000,
+            last: 8080
+        })
+        .iter()
+        .filter(|e| matches!(
+            e,
+            Expr::Cmp {
+                op: CmpOp::Gte | CmpOp::Lte,
+                ..
+            }
+        ))
+        .count(),
+        2
+    );
+    assert_eq!(
+        port_match(&PortSpan {
+            protocol: Protocol::Udp,
+            first: 1,
+            last: u16::MAX
+        }),
+        dsl::l4proto(17)
+    );
+}
+
+#[test]
+fn names_too_long_for_the_kernel_are_cut_and_stay_distinct() {
+    let long = "n".repeat(300);
+    let a = object_name(PEERS_PREFIX, &format!("{long}/a"));
+    let b = object_name(PEERS_PREFIX, &format!("{long}/b"));
+    assert!(a.len() <= MAX_NAME && b.len() <= MAX_NAME);
+    assert_ne!(a, b);
+    assert_eq!(
+        object_name(PEERS_PREFIX, "shop/p/in0/0"),
+        "peers-shop/p/in0/0"
+    );
+}
+
+#[test]
+fn a_note_is_cut_to_what_nft_keeps() {
+    let rule = RenderedRule::noted(dsl::accept(), &"x".repeat(500));
+    assert_eq!(rule.comment.len(), 128);
+    assert!(rule.comment.starts_with("trellis:"));
+}

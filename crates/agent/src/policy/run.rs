@@ -1,0 +1,266 @@
+//! Network policy's loop: store → view → plan for this node's pods → render per family →
+//! the units that take the kernel from what it was last made to hold to the new tables,
+//! then the audit (read back, repair, count drops) on a timer and after any failure.
+//!
+//! Nothing is programmed until policies, pods and namespaces have all been listed (a
+//! partial view would allow or deny what nobody meant), and a restart does not flush: the
+//! first pass is an audit, which changes only what differs from the plan. The plan is
+//! computed whole on each batch of changes (a burst is one batch): it is a pure function of
+//! the view, and the diff against the last applied tables keeps the kernel's share of the
+//! work to what changed.
+
+use super::metrics::PolicyMetrics;
+use super::render::{Direction, RenderedPolicy, render, scope};
+use super::view::{PREFIXES, PolicyView};
+use crate::backoff::Backoff;
+use crate::nft_table::kernel::{self, Applied};
+use crate::nft_table::{KernelTable, repair};
+use crate::proxy::source;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use trellis_dataplane::nftables::Nft;
+use trellis_policy::plan::plan;
+use trellis_proxy::IpFamily;
+use trellis_store::Store;
+
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub node: String,
+    /// Read the tables back and repair them at least this often.
+    pub audit_interval: Duration,
+}
+
+/// Runs network policy forever.
+pub async fn run(
+    store: Arc<dyn Store>,
+    nft: Arc<Nft>,
+    config: PolicyConfig,
+    metrics: PolicyMetrics,
+) {
+    let (tx, mut rx) = mpsc::channel(64);
+    for prefix in PREFIXES {
+        tokio::spawn(source::follow(store.clone(), prefix, tx.clone()));
+    }
+    drop(tx);
+    let mut enforcer = Enforcer {
+        node: config.node.clone(),
+        view: PolicyView::default(),
+        applied: None,
+        nft,
+        metrics,
+        drop_counts: BTreeMap::new(),
+    };
+    let mut next_audit = tokio::time::Instant::now() + config.audit_interval;
+    let mut backoff = Backoff::new(Duration::from_millis(500), config.audit_interval);
+    loop {
+        tokio::select! {
+            update = rx.recv() => {
+                let Some(update) = update else { break };
+                let received = Instant::now();
+                let mut changed = enforcer.view.apply(update);
+                while let Ok(more) = rx.try_recv() {
+                    changed |= enforcer.view.apply(more);
+                }
+                enforcer.metrics.rejected_records.set(enforcer.view.rejected().len() as i64);
+                if !enforcer.view.is_synced() || (!changed && enforcer.applied.is_some()) {
+                    continue;
+                }
+                let wanted = enforcer.replan();
+                let ok = if enforcer.applied.is_none() {
+                    enforcer.audit(wanted).await
+                } else {
+                    let ok = enforcer.apply(wanted).await;
+                    enforcer.metrics.programming_latency.observe(received.elapsed().as_secs_f64());
+                    ok
+                };
+                next_audit = schedule(ok, &mut backoff, config.audit_interval);
+            }
+            _ = tokio::time::sleep_until(next_audit), if enforcer.applied.is_some() => {
+                let wanted = enforcer.replan();
+                let ok = enforcer.audit(wanted).await;
+                next_audit = schedule(ok, &mut backoff, config.audit_interval);
+            }
+        }
+    }
+}
+
+/// The next audit: after the interval when all went well, sooner (with backoff) after a
+/// failure.
+fn schedule(ok: bool, backoff: &mut Backoff, interval: Duration) -> tokio::time::Instant {
+    let delay = if ok {
+        backoff.reset();
+        interval
+    } else {
+        backoff.next_delay()
+    };
+    tokio::time::Instant::now() + delay
+}
+
+type Tables = [(IpFamily, RenderedPolicy); 2];
+
+struct Enforcer {
+    node: String,
+    view: PolicyView,
+    /// What the kernel was last made to hold (by an apply that went through, or an audit).
+    applied: Option<Tables>,
+    nft: Arc<Nft>,
+    metrics: PolicyMetrics,
+    /// Per check chain, the packets its drop rule had counted at the last audit.
+    drop_counts: BTreeMap<(IpFamily, String), u64>,
+}
+
+impl Enforcer {
+    /// The tables the view asks for now.
+    fn replan(&mut self) -> Tables {
+        let (cluster, pods) = self.view.cluster();
+        let node_plan = plan(&cluster, &pods, &self.node, []);
+        let selected = (node_plan.ingress.iter().chain(&node_plan.egress))
+            .filter(|(_, check)| check.is_some())
+            .map(|(ip, _)| *ip)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        self.metrics.policies.set(self.view.policy_count() as i64);
+        self.metrics.pods_selected.set(selected as i64);
+        IpFamily::BOTH.map(|family| (family, render(&node_plan, family)))
+    }
+
+    /// Applies the difference between the last applied tables and `wanted`.
+    async fn apply(&mut self, wanted: Tables) -> bool {
+        let applied = self
+            .applied
+            .take()
+            .expect("applied before any event is applied");
+        let mut units = Vec::new();
+        for ((family, want), (_, had)) in wanted.iter().zip(&applied) {
+            let (more, _) = repair(
+                scope(*family),
+                want.table.clone(),
+                &KernelTable::holding(&had.table),
+            );
+            units.extend(more);
+        }
+        let units = crate::nft_table::units::ordered(units);
+        let nft = self.nft.clone();
+        let result = tokio::task::spawn_blocking(move || kernel::apply(&nft, units)).await;
+        let ok = match result {
+            Ok(done) => self.record(&done),
+            Err(e) => self.record(&Applied {
+                refused: vec![("applying changes".into(), e.to_string())],
+                ..Applied::default()
+            }),
+        };
+        // A refused unit leaves the kernel somewhere between the two: the audit that
+        // follows soon (with backoff) reads it back.
+        self.applied = Some(wanted);
+        ok
+    }
+
+    /// Reads both tables back, repairs every difference and counts drops; true when
+    /// nothing was refused.
+    async fn audit(&mut self, wanted: Tables) -> bool {
+        let started = Instant::now();
+        let nft = self.nft.clone();
+        let tables = wanted.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut drift = 0;
+            let mut applied = Applied::default();
+            let mut counted = BTreeMap::new();
+            for (family, want) in tables {
+                match kernel::read(&nft, scope(family)) {
+                    Ok(have) => {
+                        for (chain, (direction, _)) in &want.drops {
+                            let packets = (have.chains.get(chain))
+                                .and_then(|c| c.counted.last().copied().flatten())
+                                .map_or(0, |(packets, _)| packets);
+                            counted.insert((family, chain.clone()), (*direction, packets));
+                        }
+                        let (units, found) = repair(scope(family), want.table, &have);
+                        if found.total() > 0 {
+                            tracing::info!(%family, ?found, "network policy audit: repairing drift");
+                        }
+                        drift += found.total();
+                        let a = kernel::apply(&nft, units);
+                        applied.ops += a.ops;
+                        applied.transactions += a.transactions;
+                        applied.refused.extend(a.refused);
+                    }
+                    Err(e) => applied
+                        .refused
+                        .push((format!("reading the {family} table back"), e.to_string())),
+                }
+            }
+            (drift, applied, counted)
+        })
+        .await;
+        let ok = match result {
+            Ok((drift, applied, counted)) => {
+                self.metrics.drift_repaired.inc_by(drift as u64);
+                self.count_drops(&wanted, counted);
+                self.record(&applied)
+            }
+            Err(e) => {
+                tracing::warn!("network policy audit: {e}");
+                false
+            }
+        };
+        self.applied = Some(wanted);
+        self.metrics
+            .audit_duration
+            .observe(started.elapsed().as_secs_f64());
+        ok
+    }
+
+    /// Adds what each drop rule counted since the last audit to its policies. A chain made
+    /// anew starts from zero, so a count lower than the last is all new.
+    fn count_drops(
+        &mut self,
+        wanted: &Tables,
+        counted: BTreeMap<(IpFamily, String), (Direction, u64)>,
+    ) {
+        let mut now = BTreeMap::new();
+        for ((family, chain), (direction, packets)) in counted {
+            let before = (self.drop_counts.get(&(family, chain.clone())))
+                .copied()
+                .unwrap_or(0);
+            let new = if packets >= before {
+                packets - before
+            } else {
+                packets
+            };
+            now.insert((family, chain.clone()), packets);
+            if new == 0 {
+                continue;
+            }
+            let policies = (wanted.iter())
+                .find_map(|(_, t)| t.drops.get(&chain))
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default();
+            for policy in policies {
+                self.metrics
+                    .dropped
+                    .get_or_create(&vec![
+                        (
+                            "policy".to_string(),
+                            format!("{}/{}", policy.namespace, policy.name),
+                        ),
+                        ("direction".to_string(), direction.name().to_string()),
+                    ])
+                    .inc_by(new);
+            }
+        }
+        self.drop_counts = now;
+    }
+
+    fn record(&mut self, applied: &Applied) -> bool {
+        for (what, why) in &applied.refused {
+            tracing::warn!(
+                what,
+                "the kernel refused a network policy change (retried by the next audit): {why}"
+            );
+        }
+        self.metrics.failures.inc_by(applied.refused.len() as u64);
+        applied.refused.is_empty()
+    }
+}
