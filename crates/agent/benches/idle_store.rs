@@ -111,6 +111,7 @@ fn config(n: &Node) -> AgentConfig {
         network_policy: false,
         cni_node_file: None,
         cni_ready_file: None,
+        cni_ipam_file: None,
         persistent_keepalive: None,
         location_prefixes: Vec::new(),
     }

@@ -78,6 +78,9 @@ pub struct AgentConfig {
     /// What the CNI plugin's STATUS reads: present and fresh while the data plane is
     /// programmed (`None`: not kept).
     pub cni_ready_file: Option<PathBuf>,
+    /// The CNI plugin's allocation file: this node's pods for network policy (`None`:
+    /// from the store only).
+    pub cni_ipam_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -309,6 +312,8 @@ pub async fn run_with(
             crate::policy::run::PolicyConfig {
                 node: node.name.clone(),
                 audit_interval: config.resync.max(Duration::from_secs(1)),
+                cni_allocations: config.cni_ipam_file.clone(),
+                publish_pods: !matches!(config.store, StoreAddress::Kubernetes(_)),
             },
             metrics.policy(),
         ));

@@ -116,6 +116,8 @@ async fn policies_are_enforced_repaired_after_tampering_and_their_drops_counted(
         PolicyConfig {
             node: "r".into(),
             audit_interval: Duration::from_millis(500),
+            cni_allocations: None,
+            publish_pods: false,
         },
         metrics.policy(),
     ));

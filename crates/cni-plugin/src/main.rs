@@ -78,7 +78,12 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
         Verb::Add => {
             let node = node_network(&conf)?;
             let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
-            let result = with_state(ipam, |s| verbs::add(s, &mut links, &node, &who(), &netns))?;
+            let pod = invocation.pod(&conf.labels);
+            let result = with_state(ipam, |s| {
+                let result = verbs::add(s, &mut links, &node, &who(), &netns)?;
+                s.identify(&who(), pod);
+                Ok(result)
+            })?;
             Ok(Some(chained(
                 conf.prev_result.as_ref(),
                 result.encode(&conf.cni_version),

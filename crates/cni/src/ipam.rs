@@ -74,6 +74,20 @@ pub struct Allocations {
     last: BTreeMap<IpNet, IpAddr>,
     /// The kernel's boot the attachments were made in (`/proc/sys/kernel/random/boot_id`).
     boot: Option<String>,
+    /// Which pod each attachment is, when the runtime said (what network policy reads).
+    pods: BTreeMap<Attachment, PodIdentity>,
+}
+
+/// The pod an attachment belongs to, as the runtime named it (`CNI_ARGS`
+/// `K8S_POD_NAMESPACE`, `K8S_POD_NAME`) and labelled it (the network configuration's
+/// `args.cni.labels`, the CNI conventions' way): what the agent enforces network policy by
+/// before any API server has heard of the pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Allocations {
@@ -91,6 +105,24 @@ impl Allocations {
         self.attachments.iter().map(|(a, v)| (a, v.as_slice()))
     }
 
+    /// Records which pod `who` is (`None`: the runtime did not say). Only for an
+    /// attachment that has addresses.
+    pub fn identify(&mut self, who: &Attachment, pod: Option<PodIdentity>) {
+        match pod {
+            Some(pod) if self.attachments.contains_key(who) => {
+                self.pods.insert(who.clone(), pod);
+            }
+            _ => {
+                self.pods.remove(who);
+            }
+        }
+    }
+
+    /// The pod `who` is, if the runtime said.
+    pub fn pod(&self, who: &Attachment) -> Option<&PodIdentity> {
+        self.pods.get(who)
+    }
+
     pub fn len(&self) -> usize {
         self.attachments.len()
     }
@@ -103,6 +135,7 @@ impl Allocations {
         let stale = self.boot.as_deref().is_some_and(|b| b != boot_id);
         self.boot = Some(boot_id.to_string());
         if stale {
+            self.pods.clear();
             std::mem::take(&mut self.attachments).into_iter().collect()
         } else {
             Vec::new()
@@ -140,6 +173,7 @@ impl Allocations {
 
     /// Releases the addresses of `who` (DEL): what it had, nothing if it had nothing.
     pub fn release(&mut self, who: &Attachment) -> Vec<IpAddr> {
+        self.pods.remove(who);
         self.attachments.remove(who).unwrap_or_default()
     }
 
@@ -154,6 +188,7 @@ impl Allocations {
         stale
             .into_iter()
             .map(|a| {
+                self.pods.remove(&a);
                 let addrs = self.attachments.remove(&a).unwrap_or_default();
                 (a, addrs)
             })
@@ -187,16 +222,19 @@ pub struct AttachmentRecord {
     pub container_id: String,
     pub ifname: String,
     pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodIdentity>,
 }
 
 impl From<Allocations> for StateFile {
-    fn from(a: Allocations) -> StateFile {
+    fn from(mut a: Allocations) -> StateFile {
         StateFile {
             version: 1,
             attachments: a
                 .attachments
                 .into_iter()
                 .map(|(who, addresses)| AttachmentRecord {
+                    pod: a.pods.remove(&who),
                     container_id: who.container_id,
                     ifname: who.ifname,
                     addresses,
@@ -210,22 +248,24 @@ impl From<Allocations> for StateFile {
 
 impl From<StateFile> for Allocations {
     fn from(f: StateFile) -> Allocations {
+        let mut pods = BTreeMap::new();
+        let attachments = (f.attachments.into_iter())
+            .map(|r| {
+                let who = Attachment {
+                    container_id: r.container_id,
+                    ifname: r.ifname,
+                };
+                if let Some(pod) = r.pod {
+                    pods.insert(who.clone(), pod);
+                }
+                (who, r.addresses)
+            })
+            .collect();
         Allocations {
-            attachments: f
-                .attachments
-                .into_iter()
-                .map(|r| {
-                    (
-                        Attachment {
-                            container_id: r.container_id,
-                            ifname: r.ifname,
-                        },
-                        r.addresses,
-                    )
-                })
-                .collect(),
+            attachments,
             last: f.last.into_iter().collect(),
             boot: f.boot_id,
+            pods,
         }
     }
 }
@@ -326,6 +366,31 @@ mod tests {
             container_id: id.into(),
             ifname: "eth0".into(),
         }
+    }
+
+    #[test]
+    fn a_pods_identity_is_kept_in_the_file_and_goes_with_its_addresses() {
+        let mut a = Allocations::new();
+        let identity = PodIdentity {
+            namespace: "shop".into(),
+            name: "web".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+        };
+        a.identify(&pod("a"), Some(identity.clone()));
+        assert_eq!(a.pod(&pod("a")), None, "no addresses, no identity");
+        a.allocate(&pod("a"), &[net("10.0.0.0/24")]).unwrap();
+        a.identify(&pod("a"), Some(identity.clone()));
+        let text = serde_json::to_string(&a).unwrap();
+        let back: Allocations = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.pod(&pod("a")), Some(&identity));
+        assert_eq!(back, a);
+        a.release(&pod("a"));
+        assert_eq!(a.pod(&pod("a")), None);
+        // A file from before identities were kept reads as attachments without one.
+        let old = r#"{"version":1,"attachments":[{"container_id":"a","ifname":"eth0","addresses":["10.0.0.2"]}],"last":[]}"#;
+        let old: Allocations = serde_json::from_str(old).unwrap();
+        assert_eq!(old.pod(&pod("a")), None);
+        assert_eq!(old.len(), 1);
     }
 
     #[test]

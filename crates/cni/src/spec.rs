@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// The version this plugin speaks natively.
@@ -130,6 +130,22 @@ pub struct Invocation {
 }
 
 impl Invocation {
+    /// The pod this call is for, when the runtime named it in `CNI_ARGS` (a kubelet's
+    /// `K8S_POD_NAMESPACE` and `K8S_POD_NAME`), with `labels`.
+    pub fn pod(&self, labels: &BTreeMap<String, String>) -> Option<crate::ipam::PodIdentity> {
+        let arg = |key: &str| {
+            (self.args.iter())
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        Some(crate::ipam::PodIdentity {
+            namespace: arg("K8S_POD_NAMESPACE")?,
+            name: arg("K8S_POD_NAME")?,
+            labels: labels.clone(),
+        })
+    }
+
     /// Reads the `CNI_*` variables through `var`, checking what the verb needs.
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Invocation, CniError> {
         let command = var("CNI_COMMAND");
@@ -271,6 +287,9 @@ pub struct NetConf {
     pub runtime_config: Option<Value>,
     /// GC only: the attachments to keep.
     pub valid_attachments: Option<BTreeSet<ValidAttachment>>,
+    /// The pod's labels, from `args.cni.labels` (the CNI conventions' "args in network
+    /// config": `[{"key": K, "value": V}, ...]`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NetConf {
@@ -362,7 +381,31 @@ impl NetConf {
                 )),
             }
         };
+        let labels = match obj
+            .get("args")
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("labels"))
+        {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(v) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Label {
+                    key: String,
+                    value: String,
+                }
+                let list: Vec<Label> = serde_json::from_value(v.clone()).map_err(|e| {
+                    CniError::config(
+                        "args.cni.labels",
+                        &truncate(&v.to_string()),
+                        &format!("a list of {{\"key\", \"value\"}} ({e})"),
+                    )
+                })?;
+                list.into_iter().map(|l| (l.key, l.value)).collect()
+            }
+        };
         Ok(NetConf {
+            labels,
             cni_version,
             name,
             plugin_type,
@@ -575,6 +618,26 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(del.netns, None);
+    }
+
+    #[test]
+    fn the_pod_is_named_by_the_kubelets_args_and_labelled_by_the_configurations() {
+        let inv = Invocation::from_env(env(ADD)).unwrap();
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"t",
+                 "args":{"cni":{"labels":[{"key":"app","value":"web"}]}}}"#,
+        )
+        .unwrap();
+        let pod = inv.pod(&conf.labels).unwrap();
+        assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("shop", "web"));
+        assert_eq!(pod.labels["app"], "web");
+        let unnamed = Invocation::from_env(env(&ADD[..5])).unwrap();
+        assert_eq!(unnamed.pod(&conf.labels), None);
+        let bad = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"t","args":{"cni":{"labels":{"app":"web"}}}}"#,
+        )
+        .unwrap_err();
+        assert!(bad.msg.contains("args.cni.labels"), "{bad:?}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Call<'a> {
     pub ifname: &'a str,
     /// Directories searched for delegated plugins (`CNI_PATH`).
     pub cni_path: &'a str,
+    /// `CNI_ARGS` (`K=V;K=V`, as a kubelet names the pod); empty for none.
+    pub args: &'a str,
     /// The network configuration (one plugin's, with `name` and `cniVersion`).
     pub config: &'a Value,
 }
@@ -110,6 +112,7 @@ pub fn start(call: &Call) -> anyhow::Result<std::process::Child> {
         .env("CNI_NETNS", call.netns_path)
         .env("CNI_IFNAME", call.ifname)
         .env("CNI_PATH", call.cni_path)
+        .env("CNI_ARGS", call.args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

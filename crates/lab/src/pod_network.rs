@@ -9,6 +9,7 @@ use crate::state::{self, LabState};
 use anyhow::{Context, bail};
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use trellis_dataplane::netlink::Netlink;
 use trellis_dataplane::netns;
@@ -79,12 +80,23 @@ async fn add(
     patience: Duration,
 ) -> anyhow::Result<Value> {
     let plugin = plugin.to_path_buf();
-    let config = plugin_config(&spec.name, &node.name);
+    let mut config = plugin_config(&spec.name, &node.name);
+    // As a runtime names and labels the pod: CNI_ARGS like a kubelet's, the labels in the
+    // configuration's `args` (the CNI conventions'), which network policy reads.
+    let labels: Vec<Value> = (pod.labels.iter())
+        .map(|(k, v)| json!({"key": k, "value": v}))
+        .collect();
+    config["args"] = json!({"cni": {"labels": labels}});
+    let args = format!(
+        "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+        pod.namespace, pod.name
+    );
     let netns_path = format!("/run/netns/{}", pod.netns);
     let started = Instant::now();
     loop {
         let (plugin, config, netns_path) = (plugin.clone(), config.clone(), netns_path.clone());
         let (runtime_netns, container_id) = (node.netns.clone(), pod.container_id.clone());
+        let args = args.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             cni::call(&Call {
                 plugin: &plugin,
@@ -94,6 +106,7 @@ async fn add(
                 netns_path: &netns_path,
                 ifname: "eth0",
                 cni_path: "",
+                args: &args,
                 config: &config,
             })
         })
@@ -154,6 +167,7 @@ pub fn delete(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<
         netns_path: &netns_path,
         ifname: "eth0",
         cni_path: "",
+        args: "",
         config: &config,
     };
     let outcome = cni::call(&call).or_else(|_| cni::call(&call))?;
@@ -168,10 +182,28 @@ pub fn delete(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<
 
 /// `lab pod add NODE NAME`: a new pod on a node, recorded in the lab's state (the pods'
 /// echo server picks it up).
-pub async fn add_pod(lab: &str, node: &str, name: &str) -> anyhow::Result<PodSpec> {
+pub async fn add_pod(
+    lab: &str,
+    node: &str,
+    name: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+) -> anyhow::Result<PodSpec> {
     let mut lab_state = LabState::load(lab)?;
     let node_spec = lab_state.spec.node(node)?.clone();
     let mut pod = lab_state.spec.new_pod(node, name)?;
+    pod.namespace = namespace.to_string();
+    pod.labels = labels;
+    // What the agents will read of it, checked here with the field named.
+    trellis_model::Validate::validate(&trellis_model::Pod {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        labels: pod.labels.clone(),
+        ips: Vec::new(),
+        node: node.to_string(),
+        ports: Vec::new(),
+    })
+    .map_err(|e| anyhow::anyhow!("pod {name}: {e}"))?;
     create(&lab_state.spec, &node_spec, &mut pod)
         .await
         .with_context(|| format!("creating pod {name} on {node}"))?;

@@ -12,6 +12,7 @@ use anyhow::bail;
 use clap::ValueEnum;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use trellis_model::{GatewayHealth, Granularity};
 
@@ -113,6 +114,18 @@ pub struct PodSpec {
     /// the pod is created, as a runtime makes a new sandbox.
     #[serde(default)]
     pub container_id: String,
+    /// Its Kubernetes namespace and labels, which the runtime hands the CNI plugin and
+    /// network policy selects by.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +219,8 @@ impl LabParams {
                         ip6: None,
                         gateway,
                         container_id: String::new(),
+                        namespace: default_namespace(),
+                        labels: BTreeMap::new(),
                     })
                     .collect();
                 nodes.push(NodeSpec {
@@ -329,6 +344,8 @@ impl LabSpec {
             ip6: None,
             gateway,
             container_id: String::new(),
+            namespace: default_namespace(),
+            labels: BTreeMap::new(),
         })
     }
 

@@ -1844,3 +1844,140 @@ fn a_lab_on_kubernetes_meshes_fails_over_and_elects_through_the_api() {
     lab.check();
     assert_eq!(agent_pids(&lab), agents, "no agent exited or restarted");
 }
+
+/// NetworkPolicy across locations: pods made through the CNI plugin with a namespace and
+/// labels, a policy applied with `trellis apply`, and every ordered pair of those pods
+/// probed on the echo port against the expected matrix — before the policy, under it,
+/// after a pod is relabelled and after the policy is deleted.
+#[test]
+fn network_policy_is_enforced_across_locations_from_the_pods_cni_attachments() {
+    let _serial = serial();
+    let lab = Lab::up("tpol", &["--agent-resync", "1"]);
+    let pods = [
+        ("a1", "web", "app=web"),
+        ("a2", "other", "app=other"),
+        ("b1", "db", "app=db"),
+    ];
+    let mut ips = std::collections::BTreeMap::new();
+    for (node, pod, labels) in pods {
+        let added = ok(&[
+            "lab",
+            "pod",
+            "add",
+            node,
+            pod,
+            "--namespace",
+            "shop",
+            "--labels",
+            labels,
+            "--name",
+            &lab.name,
+        ]);
+        let ip = added
+            .split(" at ")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap();
+        ips.insert(pod, ip.to_string());
+    }
+    let reaches = |from: &str, to: &str| {
+        let target = format!("{}:9376", ips[to]);
+        let out = lab.run(&["lab", "connect", from, &target, "--count", "1"]);
+        out.status.success()
+    };
+    // The observed matrix of every ordered pair, waited for until it is the expected one.
+    let matrix = |what: &str, allowed: &[(&str, &str)]| {
+        step(what);
+        let names: Vec<&str> = pods.iter().map(|p| p.1).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut wrong = Vec::new();
+            for from in &names {
+                for to in names.iter().filter(|t| *t != from) {
+                    let expected = allowed.contains(&(*from, *to));
+                    if reaches(from, to) != expected {
+                        wrong.push(format!("{from}->{to} expected {expected}"));
+                    }
+                }
+            }
+            if wrong.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {wrong:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let everyone = [
+        ("web", "other"),
+        ("web", "db"),
+        ("other", "web"),
+        ("other", "db"),
+        ("db", "web"),
+        ("db", "other"),
+    ];
+    matrix("no policy: every pair", &everyone);
+
+    let policy = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: shop, name: db-from-web}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 9376}]
+"#;
+    let file = std::env::temp_dir().join("trt-policy-db-from-web.yaml");
+    std::fs::write(&file, policy).unwrap();
+    let applied = lab.state(&["apply", "-f", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    assert!(applied.status.success(), "{}", text(&applied));
+    let isolated: Vec<(&str, &str)> = everyone
+        .iter()
+        .copied()
+        .filter(|p| *p != ("other", "db"))
+        .collect();
+    matrix("db admits web only (across locations)", &isolated);
+    let dropped = lab.metric(
+        "b1",
+        "trellis_policy_dropped_packets_total{node=\"b1\",policy=\"shop/db-from-web\",direction=\"ingress\"}",
+    );
+    assert!(
+        dropped.iter().sum::<f64>() > 0.0,
+        "drops are counted: {dropped:?}"
+    );
+
+    step("a pod's labels come from its attachment: a new pod labelled web is admitted");
+    ok(&[
+        "lab",
+        "pod",
+        "add",
+        "a2",
+        "web2",
+        "--namespace",
+        "shop",
+        "--labels",
+        "app=web",
+        "--name",
+        &lab.name,
+    ]);
+    wait_until("web2 to reach db", Duration::from_secs(20), || {
+        let target = format!("{}:9376", ips["db"]);
+        lab.run(&["lab", "connect", "web2", &target, "--count", "1"])
+            .status
+            .success()
+    });
+    ok(&["lab", "pod", "del", "web2", "--name", &lab.name]);
+
+    let deleted = lab.state(&[
+        "delete",
+        "networkpolicy",
+        "db-from-web",
+        "--namespace",
+        "shop",
+    ]);
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    matrix("policy deleted: every pair again", &everyone);
+}

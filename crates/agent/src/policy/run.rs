@@ -9,6 +9,7 @@
 //! the view, and the diff against the last applied tables keeps the kernel's share of the
 //! work to what changed.
 
+use super::local;
 use super::metrics::PolicyMetrics;
 use super::render::{Direction, RenderedPolicy, render, scope};
 use super::view::{PREFIXES, PolicyView};
@@ -17,9 +18,10 @@ use crate::nft_table::kernel::{self, Applied};
 use crate::nft_table::{KernelTable, repair};
 use crate::proxy::source;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use trellis_dataplane::nftables::Nft;
 use trellis_policy::plan::plan;
 use trellis_proxy::IpFamily;
@@ -30,6 +32,12 @@ pub struct PolicyConfig {
     pub node: String,
     /// Read the tables back and repair them at least this often.
     pub audit_interval: Duration,
+    /// The CNI plugin's allocation file: this node's pods from their ADD on (`None`: from
+    /// the store only).
+    pub cni_allocations: Option<PathBuf>,
+    /// Write this node's pods to the store (stores Trellis owns; not Kubernetes, whose API
+    /// server has them).
+    pub publish_pods: bool,
 }
 
 /// Runs network policy forever.
@@ -44,9 +52,25 @@ pub async fn run(
         tokio::spawn(source::follow(store.clone(), prefix, tx.clone()));
     }
     drop(tx);
+    let (local_tx, mut local_rx) = watch::channel(None);
+    let view = match &config.cni_allocations {
+        Some(path) => {
+            tokio::spawn(local::follow(path.clone(), config.node.clone(), local_tx));
+            if config.publish_pods {
+                tokio::spawn(local::publish(
+                    store.clone(),
+                    config.node.clone(),
+                    local_rx.clone(),
+                ));
+            }
+            PolicyView::with_local_pods(&config.node)
+        }
+        None => PolicyView::default(),
+    };
+    let mut local_open = config.cni_allocations.is_some();
     let mut enforcer = Enforcer {
         node: config.node.clone(),
-        view: PolicyView::default(),
+        view,
         applied: None,
         nft,
         metrics,
@@ -55,34 +79,51 @@ pub async fn run(
     let mut next_audit = tokio::time::Instant::now() + config.audit_interval;
     let mut backoff = Backoff::new(Duration::from_millis(500), config.audit_interval);
     loop {
+        let received;
+        let mut changed = false;
         tokio::select! {
             update = rx.recv() => {
                 let Some(update) = update else { break };
-                let received = Instant::now();
-                let mut changed = enforcer.view.apply(update);
-                while let Ok(more) = rx.try_recv() {
-                    changed |= enforcer.view.apply(more);
-                }
-                enforcer.metrics.rejected_records.set(enforcer.view.rejected().len() as i64);
-                if !enforcer.view.is_synced() || (!changed && enforcer.applied.is_some()) {
-                    continue;
-                }
-                let wanted = enforcer.replan();
-                let ok = if enforcer.applied.is_none() {
-                    enforcer.audit(wanted).await
-                } else {
-                    let ok = enforcer.apply(wanted).await;
-                    enforcer.metrics.programming_latency.observe(received.elapsed().as_secs_f64());
-                    ok
-                };
-                next_audit = schedule(ok, &mut backoff, config.audit_interval);
+                received = Instant::now();
+                changed |= enforcer.view.apply(update);
+            }
+            open = local_rx.changed(), if local_open => {
+                received = Instant::now();
+                local_open = open.is_ok();
             }
             _ = tokio::time::sleep_until(next_audit), if enforcer.applied.is_some() => {
                 let wanted = enforcer.replan();
                 let ok = enforcer.audit(wanted).await;
                 next_audit = schedule(ok, &mut backoff, config.audit_interval);
+                continue;
             }
         }
+        // Whatever else is waiting goes into the same pass.
+        while let Ok(more) = rx.try_recv() {
+            changed |= enforcer.view.apply(more);
+        }
+        if let Some(pods) = local_rx.borrow_and_update().clone() {
+            changed |= enforcer.view.set_local(pods);
+        }
+        enforcer
+            .metrics
+            .rejected_records
+            .set(enforcer.view.rejected().len() as i64);
+        if !enforcer.view.is_synced() || (!changed && enforcer.applied.is_some()) {
+            continue;
+        }
+        let wanted = enforcer.replan();
+        let ok = if enforcer.applied.is_none() {
+            enforcer.audit(wanted).await
+        } else {
+            let ok = enforcer.apply(wanted).await;
+            enforcer
+                .metrics
+                .programming_latency
+                .observe(received.elapsed().as_secs_f64());
+            ok
+        };
+        next_audit = schedule(ok, &mut backoff, config.audit_interval);
     }
 }
 

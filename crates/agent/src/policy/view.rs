@@ -1,7 +1,9 @@
-//! The policies, pods and namespaces network policy knows, kept from the store's updates.
+//! The policies, pods and namespaces network policy knows, kept from the store's updates
+//! and, for this node's pods, from the CNI plugin's attachments ([`super::local`]).
 //! Records that fail to decode or validate are left out (their previous version too) and
 //! reported by key, never guessed at.
 
+use super::local::LocalPods;
 use crate::proxy::source::Update;
 use std::collections::{BTreeMap, BTreeSet};
 use trellis_model::keys::{Key, NAMESPACES, NETWORK_POLICIES, PODS};
@@ -19,6 +21,10 @@ pub struct PolicyView {
     namespaces: BTreeMap<String, Namespace>,
     listed: BTreeSet<&'static str>,
     rejected: BTreeMap<String, String>,
+    /// This node, and its pods as the CNI plugin made them (`None`: not read yet, or not
+    /// followed at all when `node` is `None`).
+    node: Option<String>,
+    local: Option<LocalPods>,
 }
 
 impl PolicyView {
@@ -26,6 +32,22 @@ impl PolicyView {
     /// allow nobody meant) or a peer missing from a set (a deny nobody meant).
     pub fn is_synced(&self) -> bool {
         PREFIXES.iter().all(|p| self.listed.contains(p))
+            && (self.node.is_none() || self.local.is_some())
+    }
+
+    /// A view that takes this node's pods from the CNI plugin's attachments.
+    pub fn with_local_pods(node: &str) -> PolicyView {
+        PolicyView {
+            node: Some(node.to_string()),
+            ..PolicyView::default()
+        }
+    }
+
+    /// Takes in this node's pods; true when they changed.
+    pub fn set_local(&mut self, pods: LocalPods) -> bool {
+        let changed = self.local.as_ref() != Some(&pods);
+        self.local = Some(pods);
+        changed
     }
 
     pub fn rejected(&self) -> &BTreeMap<String, String> {
@@ -130,15 +152,41 @@ impl PolicyView {
         self.rejected.insert(key.to_string(), why);
     }
 
-    /// The cluster as the planner reads it, and every pod.
+    /// The cluster as the planner reads it, and every pod. This node's attachments are
+    /// the truth about its addresses: a store record of this node that shares an address
+    /// with another pod's attachment is a pod that went (its address already serves the
+    /// next one) and is left out. A store record of the same pod lends what the plugin
+    /// cannot know: labels (on Kubernetes, the API's) and named ports. Pods of this node
+    /// the attachments do not know (another CNI made them) are taken from the store.
     pub fn cluster(&self) -> (Cluster, Vec<Pod>) {
-        (
-            Cluster::new(
-                self.namespaces.values().cloned(),
-                self.policies.values().cloned(),
-            ),
-            self.pods.values().cloned().collect(),
-        )
+        let cluster = Cluster::new(
+            self.namespaces.values().cloned(),
+            self.policies.values().cloned(),
+        );
+        let (Some(node), Some(local)) = (&self.node, &self.local) else {
+            return (cluster, self.pods.values().cloned().collect());
+        };
+        let attached: BTreeSet<std::net::IpAddr> =
+            local.values().flat_map(|p| p.ips.iter().copied()).collect();
+        let mut pods: Vec<Pod> = (self.pods.iter())
+            .filter(|(key, p)| {
+                &p.node != node
+                    || (!local.contains_key(&key[PODS.len()..])
+                        && !p.ips.iter().any(|ip| attached.contains(ip)))
+            })
+            .map(|(_, p)| p.clone())
+            .collect();
+        for (key, pod) in local {
+            let mut pod = pod.clone();
+            if let Some(known) = self.pods.get(&format!("{PODS}{key}")) {
+                if pod.labels.is_empty() {
+                    pod.labels = known.labels.clone();
+                }
+                pod.ports = known.ports.clone();
+            }
+            pods.push(pod);
+        }
+        (cluster, pods)
     }
 }
 
@@ -212,5 +260,46 @@ mod tests {
             records: Vec::new(),
         });
         assert!(view.rejected().is_empty());
+    }
+
+    #[test]
+    fn attachments_are_the_truth_about_this_nodes_addresses_and_the_store_lends_labels() {
+        let mut view = PolicyView::with_local_pods("a1");
+        for prefix in PREFIXES {
+            view.apply(Update::Snapshot {
+                prefix,
+                records: Vec::new(),
+            });
+        }
+        assert!(!view.is_synced(), "this node's pods are not read yet");
+        let mut new = pod("shop", "new");
+        new["labels"] = serde_json::json!({"app": "web"});
+        new["ports"] = serde_json::json!([{"name": "http", "port": 80}]);
+        let mut remote = pod("shop", "far");
+        remote["node"] = serde_json::json!("b1");
+        remote["ips"] = serde_json::json!(["10.244.2.2"]);
+        view.apply(Update::Changes(vec![
+            // A pod that went, whose address (10.244.1.2) now serves `new`.
+            Event::Put(kv("pods/shop/old", pod("shop", "old"))),
+            Event::Put(kv("pods/shop/new", new)),
+            Event::Put(kv("pods/shop/far", remote)),
+            // A pod of this node some other CNI made.
+            Event::Put(kv("pods/shop/other-cni", {
+                let mut p = pod("shop", "other-cni");
+                p["ips"] = serde_json::json!(["10.88.0.5"]);
+                p
+            })),
+        ]));
+        let attached: trellis_model::Pod = serde_json::from_value(serde_json::json!({
+            "namespace": "shop", "name": "new", "ips": ["10.244.1.2"], "node": "a1"}))
+        .unwrap();
+        assert!(view.set_local([("shop/new".to_string(), attached)].into()));
+        assert!(view.is_synced());
+        let (_, pods) = view.cluster();
+        let names: BTreeSet<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["far", "new", "other-cni"].into());
+        let new = pods.iter().find(|p| p.name == "new").unwrap();
+        assert_eq!(new.labels["app"], "web");
+        assert_eq!(new.ports.len(), 1);
     }
 }

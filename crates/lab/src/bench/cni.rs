@@ -722,6 +722,7 @@ impl Rig {
             netns_path: &pod.path,
             ifname: IFNAME,
             cni_path: &side.cni_path,
+            args: "",
             config: &side.config,
         };
         let started = Instant::now();
@@ -946,6 +947,7 @@ impl Rig {
             netns_path: "",
             ifname: "",
             cni_path: &side.cni_path,
+            args: "",
             config: &config,
         };
         tally.calls += 1;

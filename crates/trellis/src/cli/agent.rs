@@ -138,6 +138,10 @@ pub struct AgentArgs {
     /// the plugin's STATUS reads it).
     #[arg(long, value_name = "PATH")]
     pub cni_ready_file: Option<PathBuf>,
+    /// The CNI plugin's allocation file (its `ipamFile`), from which network policy knows
+    /// this node's pods from their ADD on.
+    #[arg(long, value_name = "PATH", default_value = trellis_cni::spec::DEFAULT_IPAM_FILE)]
+    pub cni_ipam_file: PathBuf,
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
@@ -266,6 +270,7 @@ impl AgentArgs {
             network_policy: !self.no_network_policy,
             cni_node_file: self.cni_node_file.clone(),
             cni_ready_file: self.cni_ready_file.clone(),
+            cni_ipam_file: Some(self.cni_ipam_file.clone()),
         };
         config.validate()?;
         Ok(config)

@@ -495,6 +495,12 @@ pub enum PodCommand {
         node: String,
         /// 1-12 lowercase letters, digits or '-'.
         pod: String,
+        /// Its Kubernetes namespace (what network policies select by, with its labels).
+        #[arg(long, default_value = trellis_lab::spec::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Its labels: KEY=VALUE, comma-separated.
+        #[arg(long, value_name = "K=V,...", value_parser = parse_labels, default_value = "")]
+        labels: std::collections::BTreeMap<String, String>,
         #[command(flatten)]
         name: NameArg,
     },
@@ -504,6 +510,16 @@ pub enum PodCommand {
         #[command(flatten)]
         name: NameArg,
     },
+}
+
+/// `k=v,k2=v2` (empty: no labels).
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    (text.split(',').filter(|p| !p.is_empty()))
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("label {pair:?}: expected KEY=VALUE")),
+        })
+        .collect()
 }
 
 pub fn main(cmd: LabCommand) -> anyhow::Result<ExitCode> {
@@ -583,8 +599,16 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ok(report.ok))
         }
-        LabCommand::Pod(PodCommand::Add { node, pod, name }) => {
-            let pod = trellis_lab::pod_network::add_pod(&name.name, &node, &pod).await?;
+        LabCommand::Pod(PodCommand::Add {
+            node,
+            pod,
+            namespace,
+            labels,
+            name,
+        }) => {
+            let pod =
+                trellis_lab::pod_network::add_pod(&name.name, &node, &pod, &namespace, labels)
+                    .await?;
             let v6 = pod.ip6.map(|a| format!(" and {a}")).unwrap_or_default();
             println!(
                 "pod {} on {node} at {}{v6} (namespace {}, container {})",
