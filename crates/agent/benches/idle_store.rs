@@ -112,6 +112,7 @@ fn config(n: &Node) -> AgentConfig {
         cni_node_file: None,
         cni_ready_file: None,
         cni_ipam_file: None,
+        cni_policy_file: None,
         persistent_keepalive: None,
         location_prefixes: Vec::new(),
     }

@@ -81,6 +81,9 @@ pub struct AgentConfig {
     /// The CNI plugin's allocation file: this node's pods for network policy (`None`:
     /// from the store only).
     pub cni_ipam_file: Option<PathBuf>,
+    /// Where to tell the CNI plugin which pods' network policy is in place (`None`: not
+    /// told; ADD then does not wait).
+    pub cni_policy_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -305,6 +308,12 @@ pub async fn run_with(
             metrics.proxy(),
         ));
     }
+    if kernel.network_policy.is_none()
+        && let Some(path) = &config.cni_policy_file
+    {
+        // The CNI plugin must not wait for rules nobody writes.
+        let _ = std::fs::remove_file(path);
+    }
     if let Some(nft) = kernel.network_policy.clone() {
         tokio::spawn(crate::policy::run::run(
             store.clone(),
@@ -314,6 +323,7 @@ pub async fn run_with(
                 audit_interval: config.resync.max(Duration::from_secs(1)),
                 cni_allocations: config.cni_ipam_file.clone(),
                 publish_pods: !matches!(config.store, StoreAddress::Kubernetes(_)),
+                programmed_file: config.cni_policy_file.clone(),
             },
             metrics.policy(),
         ));

@@ -118,6 +118,7 @@ async fn policies_are_enforced_repaired_after_tampering_and_their_drops_counted(
             audit_interval: Duration::from_millis(500),
             cni_allocations: None,
             publish_pods: false,
+            programmed_file: None,
         },
         metrics.policy(),
     ));

@@ -84,6 +84,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
                 s.identify(&who(), pod);
                 Ok(result)
             })?;
+            wait_for_policy(&conf, &who().to_string());
             Ok(Some(chained(
                 conf.prev_result.as_ref(),
                 result.encode(&conf.cni_version),
@@ -195,6 +196,40 @@ fn node_network(conf: &NetConf) -> Result<NodeNetwork, CniError> {
         node.mtu = mtu;
     }
     Ok(node)
+}
+
+/// Waits, at most the configured time, until the agent says the attachment's network
+/// policy is in place, so that the workload does not start before its rules (until then
+/// the agent refuses its traffic). No wait when the agent does not enforce policy or is
+/// not running (a cold boot with the agent still down): the pod gets its address, and its
+/// traffic waits for the agent.
+fn wait_for_policy(conf: &NetConf, attachment: &str) {
+    let file = Path::new(&conf.policy_file);
+    if conf.policy_wait.is_zero() || !file.exists() || !is_fresh(Path::new(&conf.ready_file)) {
+        return;
+    }
+    let deadline = std::time::Instant::now() + conf.policy_wait;
+    loop {
+        let programmed = std::fs::read(file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .is_some_and(|v| {
+                v["attachments"]
+                    .as_array()
+                    .is_some_and(|list| list.iter().any(|a| a.as_str() == Some(attachment)))
+            });
+        if programmed {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "trellis-cni: {attachment}: network policy not in place after {:?}; its traffic is refused until it is",
+                conf.policy_wait
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn is_fresh(path: &Path) -> bool {

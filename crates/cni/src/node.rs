@@ -137,10 +137,14 @@ pub fn pod_network(
 /// A locally administered unicast address.
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
 
-/// `tp` + 12 hex digits of FNV-1a over `container_id/ifname`: 14 bytes.
+/// What every pod's host end is named with (network policy refuses traffic through these
+/// from and to addresses it does not know yet).
+pub const HOST_IFNAME_PREFIX: &str = "tp";
+
+/// [`HOST_IFNAME_PREFIX`] + 12 hex digits of FNV-1a over `container_id/ifname`: 14 bytes.
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!(
-        "tp{:012x}",
+        "{HOST_IFNAME_PREFIX}{:012x}",
         attachment_hash(container_id, ifname) & 0xffff_ffff_ffff
     )
 }

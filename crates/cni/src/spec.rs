@@ -24,6 +24,10 @@ pub const DEFAULT_NODE_FILE: &str = "/var/lib/trellis/cni/node.json";
 pub const DEFAULT_IPAM_FILE: &str = "/run/trellis/cni/ipam.json";
 /// What the agent refreshes while the node's data plane is programmed.
 pub const DEFAULT_READY_FILE: &str = "/run/trellis/cni/ready";
+/// Where the agent lists the attachments whose network policy is in place.
+pub const DEFAULT_POLICY_FILE: &str = "/run/trellis/cni/policy.json";
+/// How long ADD waits for the agent to put a new pod's network policy in place.
+pub const DEFAULT_POLICY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The operations (`CNI_COMMAND`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +286,10 @@ pub struct NetConf {
     pub ipam_file: String,
     /// Present and fresh while the node's data plane is programmed (STATUS).
     pub ready_file: String,
+    /// Where the agent lists the attachments whose network policy is in place: ADD waits
+    /// (at most `policy_wait`) for its own while the agent is ready.
+    pub policy_file: String,
+    pub policy_wait: std::time::Duration,
     /// The result of the plugins before this one in a chain.
     pub prev_result: Option<Value>,
     pub runtime_config: Option<Value>,
@@ -358,6 +366,20 @@ impl NetConf {
         let node_file = path("nodeFile", DEFAULT_NODE_FILE)?;
         let ipam_file = path("ipamFile", DEFAULT_IPAM_FILE)?;
         let ready_file = path("readyFile", DEFAULT_READY_FILE)?;
+        let policy_file = path("policyFile", DEFAULT_POLICY_FILE)?;
+        let policy_wait = match obj.get("policyWaitMs") {
+            None | Some(Value::Null) => DEFAULT_POLICY_WAIT,
+            Some(v) => match v.as_u64() {
+                Some(ms) if ms <= 60_000 => std::time::Duration::from_millis(ms),
+                _ => {
+                    return Err(CniError::config(
+                        "policyWaitMs",
+                        &truncate(&v.to_string()),
+                        "milliseconds from 0 to 60000",
+                    ));
+                }
+            },
+        };
         let valid_attachments = match obj.get("cni.dev/valid-attachments") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
@@ -413,6 +435,8 @@ impl NetConf {
             node_file,
             ipam_file,
             ready_file,
+            policy_file,
+            policy_wait,
             prev_result: object("prevResult")?,
             runtime_config: object("runtimeConfig")?,
             valid_attachments,

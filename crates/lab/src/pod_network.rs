@@ -30,6 +30,7 @@ pub fn plugin_config(lab: &str, node: &str) -> Value {
         "nodeFile": state::cni_node_file(lab, node),
         "ipamFile": state::cni_ipam_file(lab, node),
         "readyFile": state::cni_ready_file(lab, node),
+        "policyFile": state::cni_policy_file(lab, node),
     })
 }
 

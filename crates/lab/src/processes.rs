@@ -98,6 +98,10 @@ pub fn agent_args(spec: &LabSpec, node: &NodeSpec) -> Vec<String> {
             "--cni-ipam-file={}",
             state::cni_ipam_file(lab, &node.name).display()
         ),
+        format!(
+            "--cni-policy-file={}",
+            state::cni_policy_file(lab, &node.name).display()
+        ),
         format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"),
     ];
     if let Some(v6) = node.pod_cidr_v6 {

@@ -60,6 +60,11 @@ pub fn cni_ipam_file(lab: &str, node: &str) -> PathBuf {
     node_run(lab, node).join("cni").join("ipam.json")
 }
 
+/// Where the agent says which attachments' network policy is in place (ADD waits).
+pub fn cni_policy_file(lab: &str, node: &str) -> PathBuf {
+    node_run(lab, node).join("cni").join("policy.json")
+}
+
 /// The ready file the agent keeps and the plugin's STATUS reads.
 pub fn cni_ready_file(lab: &str, node: &str) -> PathBuf {
     node_run(lab, node).join("cni").join("ready")

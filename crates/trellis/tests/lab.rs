@@ -1950,7 +1950,7 @@ spec:
     );
 
     step("a pod's labels come from its attachment: a new pod labelled web is admitted");
-    ok(&[
+    let added = ok(&[
         "lab",
         "pod",
         "add",
@@ -1963,6 +1963,43 @@ spec:
         "--name",
         &lab.name,
     ]);
+    // ADD returned once a2's agent had the pod's rules in place: its first connection
+    // (to a pod of its own node, which no remote set needs to know) gets through.
+    let web2 = added
+        .split(" at ")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let other = format!("{}:9376", ips["other"]);
+    let first = lab.run(&["lab", "connect", "web2", &other, "--count", "1"]);
+    assert!(
+        first.status.success(),
+        "web2's first connection: {}",
+        text(&first)
+    );
+    // An address a pod was not given gets nowhere: the guard on pod interfaces counts it.
+    let pod_ns = format!("tl-{}-a2-web2", lab.name);
+    sh(&format!(
+        "ip -n {pod_ns} address add 10.244.1.250/32 dev eth0"
+    ));
+    let spoofed = sh(&format!(
+        "ip netns exec {pod_ns} ping -c 1 -W 1 -I 10.244.1.250 {}",
+        ips["other"]
+    ));
+    assert!(!spoofed.status.success(), "a spoofed source is dropped");
+    let forward = text(&sh(&format!(
+        "ip netns exec {} nft list chain ip trellis-policy forward",
+        lab.netns("a2")
+    )));
+    assert!(
+        forward
+            .lines()
+            .any(|l| l.contains("not a programmed pod") && !l.contains("packets 0 ")),
+        "{forward}"
+    );
+    assert_ne!(web2, "10.244.1.250");
     wait_until("web2 to reach db", Duration::from_secs(20), || {
         let target = format!("{}:9376", ips["db"]);
         lab.run(&["lab", "connect", "web2", &target, "--count", "1"])

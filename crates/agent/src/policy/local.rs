@@ -21,34 +21,49 @@ pub const POLL: Duration = Duration::from_millis(50);
 /// This node's pods, by `namespace/name`.
 pub type LocalPods = BTreeMap<String, Pod>;
 
-/// The pods of the allocation file at `path`, on `node`: attachments without a pod's
-/// name (a runtime that did not say) are not pods network policy can select.
-pub fn pods_of(allocations: &trellis_cni::ipam::Allocations, node: &str) -> LocalPods {
-    let mut pods = LocalPods::new();
+/// This node's pods and, for each, its attachments (`container_id/ifname`): what the
+/// agent tells the plugin it has programmed ([`write_programmed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalState {
+    pub pods: LocalPods,
+    pub attachments: BTreeMap<String, Vec<String>>,
+}
+
+/// The pods of an allocation file, on `node`: attachments without a pod's name (a runtime
+/// that did not say) are not pods network policy can select.
+pub fn pods_of(allocations: &trellis_cni::ipam::Allocations, node: &str) -> LocalState {
+    let mut state = LocalState::default();
     for (who, addresses) in allocations.iter() {
         let Some(identity) = allocations.pod(who) else {
             continue;
         };
-        let pod = pods
-            .entry(format!("{}/{}", identity.namespace, identity.name))
-            .or_insert_with(|| Pod {
-                namespace: identity.namespace.clone(),
-                name: identity.name.clone(),
-                labels: identity.labels.clone(),
-                ips: Vec::new(),
-                node: node.to_string(),
-                ports: Vec::new(),
-            });
+        let key = format!("{}/{}", identity.namespace, identity.name);
+        (state.attachments.entry(key.clone()).or_default()).push(who.to_string());
+        let pod = state.pods.entry(key).or_insert_with(|| Pod {
+            namespace: identity.namespace.clone(),
+            name: identity.name.clone(),
+            labels: identity.labels.clone(),
+            ips: Vec::new(),
+            node: node.to_string(),
+            ports: Vec::new(),
+        });
         pod.ips.extend(addresses.iter().copied());
         pod.ips.sort();
         pod.ips.dedup();
     }
-    pods
+    state
+}
+
+/// What the plugin's ADD waits for: the attachments whose pods' rules are in the kernel,
+/// as JSON `{"attachments": ["CONTAINER_ID/IFNAME", ...]}`, replaced atomically.
+pub fn write_programmed(path: &std::path::Path, attachments: &[String]) -> std::io::Result<()> {
+    let body = serde_json::json!({ "attachments": attachments });
+    trellis_cni::state::write_atomically(path, body.to_string().as_bytes(), 0o644)
 }
 
 /// Follows the allocation file at `path` forever, sending this node's pods on `tx` each
 /// time they change.
-pub async fn follow(path: PathBuf, node: String, tx: watch::Sender<Option<LocalPods>>) {
+pub async fn follow(path: PathBuf, node: String, tx: watch::Sender<Option<LocalState>>) {
     let mut seen: Option<(u64, u64, SystemTime)> = None;
     let mut warned = false;
     loop {
@@ -92,14 +107,15 @@ pub async fn follow(path: PathBuf, node: String, tx: watch::Sender<Option<LocalP
 pub async fn publish(
     store: Arc<dyn Store>,
     node: String,
-    mut pods: watch::Receiver<Option<LocalPods>>,
+    mut pods: watch::Receiver<Option<LocalState>>,
 ) {
     let mut written: Option<BTreeMap<String, Vec<u8>>> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let wanted: Option<BTreeMap<String, Vec<u8>>> =
             pods.borrow_and_update().as_ref().map(|p| {
-                p.values()
+                p.pods
+                    .values()
                     .map(|pod| {
                         let key = Key::Pod {
                             namespace: pod.namespace.clone(),
@@ -198,9 +214,10 @@ mod tests {
 
     #[test]
     fn named_attachments_are_pods_with_every_address() {
-        let pods = pods_of(&allocations(), "a1");
-        assert_eq!(pods.len(), 1, "the unnamed attachment is no pod");
-        let web = &pods["shop/web"];
+        let local = pods_of(&allocations(), "a1");
+        assert_eq!(local.pods.len(), 1, "the unnamed attachment is no pod");
+        assert_eq!(local.attachments["shop/web"], ["c1/eth0"]);
+        let web = &local.pods["shop/web"];
         assert_eq!(web.ips.len(), 2);
         assert_eq!(web.node, "a1");
         assert_eq!(web.labels["app"], "web");
@@ -243,7 +260,7 @@ mod tests {
             || async { (keys().await == ["pods/shop/other", "pods/shop/web"]).then_some(()) },
         )
         .await;
-        tx.send_replace(Some(LocalPods::new()));
+        tx.send_replace(Some(LocalState::default()));
         trellis_testkit::wait_for("web's record to go", Duration::from_secs(5), || async {
             (keys().await == ["pods/shop/other"]).then_some(())
         })

@@ -7,11 +7,14 @@
 //!   chain forward  (hook forward, filter priority)
 //!     ct state established,related accept          replies and admitted flows
 //!     ip saddr vmap @egress                         local pod → its egress check
+//!     iifname "tp*" ip saddr != @pods counter drop  a pod not programmed yet
 //!     fib saddr type local accept                   the resident node is never refused
 //!     ip daddr vmap @ingress                        → local pod's ingress check
+//!     oifname "tp*" ip daddr != @pods counter drop
 //!   chain input    (hook input)
 //!     ct state established,related accept
 //!     ip saddr vmap @egress                         a pod reaching its own node
+//!     iifname "tp*" ip saddr != @pods counter drop
 //!   chain check-<hash>                             one per distinct check, shared by pods
 //!     <peer> <ports> return   # ns/policy rule N   what the isolating policies admit
 //!     counter drop            # ns/a, ns/b         counted against the isolating policies
@@ -23,6 +26,12 @@
 //! rules, however many policies and pods the cluster has. A pod that no policy isolates in
 //! a direction has no element in that map. Pods with the same check share its chain: a new
 //! pod like others is one map element.
+//!
+//! With the CNI plugin's pods ([`Guard`]), traffic through a pod's host end (`tp…`) from or
+//! to an address that is not one of this node's known pods is dropped: a pod whose rules
+//! are not in place yet is neither unprotected nor let through (the plugin's ADD waits for
+//! its rules, so a workload does not start before them); a pod sending from an address
+//! that is not its own gets nowhere.
 
 use crate::nft_table::rendered::Fnv;
 use crate::nft_table::{RenderedChain, RenderedRule, RenderedSet, RenderedTable, Scope};
@@ -46,6 +55,7 @@ const FORWARD: &str = "forward";
 const INPUT: &str = "input";
 const INGRESS: &str = "ingress";
 const EGRESS: &str = "egress";
+const PODS: &str = "pods";
 const CHECK_PREFIX: &str = "check-";
 const PEERS_PREFIX: &str = "peers-";
 const PORTS_PREFIX: &str = "ports-";
@@ -76,11 +86,28 @@ pub struct RenderedPolicy {
     pub drops: BTreeMap<String, (Direction, Vec<PolicyRef>)>,
 }
 
+/// The interfaces whose traffic is refused unless it is from or to a known pod: this
+/// node's pods' host ends, named with `prefix` (the CNI plugin's).
+#[derive(Clone, Copy, Debug)]
+pub struct Guard<'a> {
+    pub prefix: &'a str,
+}
+
+/// The rules that count unknown pods' packets end with this note.
+pub const UNKNOWN_POD_NOTE: &str = "drop: not a programmed pod";
+
 /// The table `plan` asks for in `family`.
-pub fn render(plan: &NodePolicy, family: IpFamily) -> RenderedPolicy {
+pub fn render(plan: &NodePolicy, family: IpFamily, guard: Option<Guard<'_>>) -> RenderedPolicy {
     let f = Fields::of(family);
     let mut out = RenderedPolicy::default();
     let tables = &mut out.table;
+    let mut pods = RenderedSet::empty(SetSpec::set(&dsl::key_type(&[f.saddr])));
+    for ip in
+        (plan.ingress.keys().chain(plan.egress.keys())).filter(|ip| IpFamily::of(**ip) == family)
+    {
+        pods.elements.insert(concat(&[addr_datum(*ip)]), None);
+    }
+    tables.sets.insert(PODS.into(), pods);
     for (name, members) in &plan.sets {
         let mut set = RenderedSet::empty(SetSpec::set(&dsl::key_type(&[f.saddr])));
         for ip in members.iter().filter(|ip| IpFamily::of(**ip) == family) {
@@ -140,31 +167,53 @@ pub fn render(plan: &NodePolicy, family: IpFamily) -> RenderedPolicy {
         dsl::accept(),
     ]
     .concat();
-    let chain = |base, rules: Vec<Vec<Expr>>| RenderedChain {
-        base,
-        rules: rules.into_iter().map(RenderedRule::new).collect(),
+    let rule = |exprs: Vec<Expr>| {
+        if exprs.contains(&Expr::Counter) {
+            RenderedRule::noted(exprs, UNKNOWN_POD_NOTE)
+        } else {
+            RenderedRule::new(exprs)
+        }
     };
-    tables.chains.insert(
-        FORWARD.into(),
-        chain(
-            base(Hook::Forward),
-            vec![
-                settled.clone(),
-                dsl::vmap(&[f.saddr], EGRESS),
-                [fib_saddr_local(), dsl::accept()].concat(),
-                dsl::vmap(&[f.daddr], INGRESS),
-            ],
-        ),
-    );
+    let unknown_from = |g: Guard<'_>| {
+        [
+            dsl::iifname_prefix(g.prefix),
+            dsl::not_in_set(&[f.saddr], PODS),
+            dsl::counter(),
+            dsl::drop(),
+        ]
+        .concat()
+    };
+    let unknown_to = |g: Guard<'_>| {
+        [
+            dsl::oifname_prefix(g.prefix),
+            dsl::not_in_set(&[f.daddr], PODS),
+            dsl::counter(),
+            dsl::drop(),
+        ]
+        .concat()
+    };
+    let mut forward = vec![settled.clone(), dsl::vmap(&[f.saddr], EGRESS)];
+    forward.extend(guard.map(unknown_from));
+    forward.push([fib_saddr_local(), dsl::accept()].concat());
+    forward.push(dsl::vmap(&[f.daddr], INGRESS));
+    forward.extend(guard.map(unknown_to));
     let mut input = vec![settled];
     if family == IpFamily::V6 {
         // Neighbour discovery with the node is what any address needs to work at all.
         input.push([icmpv6_neighbour_discovery(), dsl::accept()].concat());
     }
     input.push(dsl::vmap(&[f.saddr], EGRESS));
-    tables
-        .chains
-        .insert(INPUT.into(), chain(base(Hook::Input), input));
+    input.extend(guard.map(unknown_from));
+    for (name, hook, rules) in [
+        (FORWARD, Hook::Forward, forward),
+        (INPUT, Hook::Input, input),
+    ] {
+        let chain = RenderedChain {
+            base: base(hook),
+            rules: rules.into_iter().map(rule).collect(),
+        };
+        tables.chains.insert(name.into(), chain);
+    }
     out
 }
 

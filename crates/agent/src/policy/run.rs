@@ -11,13 +11,13 @@
 
 use super::local;
 use super::metrics::PolicyMetrics;
-use super::render::{Direction, RenderedPolicy, render, scope};
+use super::render::{Direction, Guard, RenderedPolicy, render, scope};
 use super::view::{PREFIXES, PolicyView};
 use crate::backoff::Backoff;
 use crate::nft_table::kernel::{self, Applied};
 use crate::nft_table::{KernelTable, repair};
 use crate::proxy::source;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,9 +35,12 @@ pub struct PolicyConfig {
     /// The CNI plugin's allocation file: this node's pods from their ADD on (`None`: from
     /// the store only).
     pub cni_allocations: Option<PathBuf>,
-    /// Write this node's pods to the store (stores Trellis owns; not Kubernetes, whose API
-    /// server has them).
+    /// Write this node's pods to the store (stores Trellis owns). Off on Kubernetes, whose
+    /// API server has the pods, and where their labels must come from it.
     pub publish_pods: bool,
+    /// Where to tell the CNI plugin which attachments' rules are in place (its ADD waits
+    /// for them; `None`: not told).
+    pub programmed_file: Option<PathBuf>,
 }
 
 /// Runs network policy forever.
@@ -63,7 +66,7 @@ pub async fn run(
                     local_rx.clone(),
                 ));
             }
-            PolicyView::with_local_pods(&config.node)
+            PolicyView::with_local_pods(&config.node, !config.publish_pods)
         }
         None => PolicyView::default(),
     };
@@ -75,7 +78,16 @@ pub async fn run(
         nft,
         metrics,
         drop_counts: BTreeMap::new(),
+        guard: config.cni_allocations.is_some(),
+        local: None,
+        planned_local: BTreeSet::new(),
+        programmed_file: config.programmed_file.clone(),
+        programmed: None,
     };
+    if let Some(path) = &config.programmed_file {
+        // A file from an earlier run would answer for rules this run has not written.
+        let _ = std::fs::remove_file(path);
+    }
     let mut next_audit = tokio::time::Instant::now() + config.audit_interval;
     let mut backoff = Backoff::new(Duration::from_millis(500), config.audit_interval);
     loop {
@@ -102,8 +114,9 @@ pub async fn run(
         while let Ok(more) = rx.try_recv() {
             changed |= enforcer.view.apply(more);
         }
-        if let Some(pods) = local_rx.borrow_and_update().clone() {
-            changed |= enforcer.view.set_local(pods);
+        if let Some(local) = local_rx.borrow_and_update().clone() {
+            changed |= enforcer.view.set_local(local.pods.clone());
+            enforcer.local = Some(local);
         }
         enforcer
             .metrics
@@ -150,12 +163,24 @@ struct Enforcer {
     metrics: PolicyMetrics,
     /// Per check chain, the packets its drop rule had counted at the last audit.
     drop_counts: BTreeMap<(IpFamily, String), u64>,
+    /// Refuse traffic of this node's pods' interfaces from and to unknown addresses.
+    guard: bool,
+    /// This node's pods as the CNI plugin made them, and those the last plan covered.
+    local: Option<super::local::LocalState>,
+    planned_local: BTreeSet<String>,
+    programmed_file: Option<PathBuf>,
+    /// What the programmed file last said.
+    programmed: Option<Vec<String>>,
 }
 
 impl Enforcer {
     /// The tables the view asks for now.
     fn replan(&mut self) -> Tables {
         let (cluster, pods) = self.view.cluster();
+        self.planned_local = (pods.iter())
+            .filter(|p| p.node == self.node)
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
         let node_plan = plan(&cluster, &pods, &self.node, []);
         let selected = (node_plan.ingress.iter().chain(&node_plan.egress))
             .filter(|(_, check)| check.is_some())
@@ -164,7 +189,10 @@ impl Enforcer {
             .len();
         self.metrics.policies.set(self.view.policy_count() as i64);
         self.metrics.pods_selected.set(selected as i64);
-        IpFamily::BOTH.map(|family| (family, render(&node_plan, family)))
+        let guard = self.guard.then_some(Guard {
+            prefix: trellis_cni::node::HOST_IFNAME_PREFIX,
+        });
+        IpFamily::BOTH.map(|family| (family, render(&node_plan, family, guard)))
     }
 
     /// Applies the difference between the last applied tables and `wanted`.
@@ -294,6 +322,26 @@ impl Enforcer {
         self.drop_counts = now;
     }
 
+    /// Tells the plugin which attachments' rules are in the kernel, once they are.
+    fn report_programmed(&mut self) {
+        let (Some(path), Some(local)) = (&self.programmed_file, &self.local) else {
+            return;
+        };
+        let ids: Vec<String> = (local.attachments.iter())
+            .filter(|(pod, _)| self.planned_local.contains(*pod))
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        if self.programmed.as_ref() == Some(&ids) {
+            return;
+        }
+        match super::local::write_programmed(path, &ids) {
+            Ok(()) => self.programmed = Some(ids),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "network policy: telling the CNI plugin what is programmed: {e}")
+            }
+        }
+    }
+
     fn record(&mut self, applied: &Applied) -> bool {
         for (what, why) in &applied.refused {
             tracing::warn!(
@@ -302,6 +350,10 @@ impl Enforcer {
             );
         }
         self.metrics.failures.inc_by(applied.refused.len() as u64);
-        applied.refused.is_empty()
+        let ok = applied.refused.is_empty();
+        if ok {
+            self.report_programmed();
+        }
+        ok
     }
 }

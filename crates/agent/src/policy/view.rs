@@ -25,6 +25,10 @@ pub struct PolicyView {
     /// followed at all when `node` is `None`).
     node: Option<String>,
     local: Option<LocalPods>,
+    /// Whether this node's pods take their labels from the store alone (Kubernetes: the
+    /// runtime does not hand the plugin labels): a pod the store does not know yet is not
+    /// a pod the plan can judge, so it stays unknown (refused) until it does.
+    labels_from_store: bool,
 }
 
 impl PolicyView {
@@ -35,10 +39,12 @@ impl PolicyView {
             && (self.node.is_none() || self.local.is_some())
     }
 
-    /// A view that takes this node's pods from the CNI plugin's attachments.
-    pub fn with_local_pods(node: &str) -> PolicyView {
+    /// A view that takes this node's pods from the CNI plugin's attachments, with their
+    /// labels from the store when `labels_from_store`.
+    pub fn with_local_pods(node: &str, labels_from_store: bool) -> PolicyView {
         PolicyView {
             node: Some(node.to_string()),
+            labels_from_store,
             ..PolicyView::default()
         }
     }
@@ -178,11 +184,15 @@ impl PolicyView {
             .collect();
         for (key, pod) in local {
             let mut pod = pod.clone();
-            if let Some(known) = self.pods.get(&format!("{PODS}{key}")) {
-                if pod.labels.is_empty() {
-                    pod.labels = known.labels.clone();
+            match self.pods.get(&format!("{PODS}{key}")) {
+                Some(known) => {
+                    if pod.labels.is_empty() {
+                        pod.labels = known.labels.clone();
+                    }
+                    pod.ports = known.ports.clone();
                 }
-                pod.ports = known.ports.clone();
+                None if self.labels_from_store => continue,
+                None => {}
             }
             pods.push(pod);
         }
@@ -264,7 +274,7 @@ mod tests {
 
     #[test]
     fn attachments_are_the_truth_about_this_nodes_addresses_and_the_store_lends_labels() {
-        let mut view = PolicyView::with_local_pods("a1");
+        let mut view = PolicyView::with_local_pods("a1", false);
         for prefix in PREFIXES {
             view.apply(Update::Snapshot {
                 prefix,

@@ -58,6 +58,22 @@ pub fn oifname(name: &str) -> Vec<Expr> {
     ifname(MetaKey::OifName, name)
 }
 
+/// `iifname "PREFIX*"`: the input interface's name starts with `prefix`.
+pub fn iifname_prefix(prefix: &str) -> Vec<Expr> {
+    vec![
+        meta(MetaKey::IifName),
+        cmp(CmpOp::Eq, prefix.as_bytes().to_vec()),
+    ]
+}
+
+/// `oifname "PREFIX*"` (see [`iifname_prefix`]).
+pub fn oifname_prefix(prefix: &str) -> Vec<Expr> {
+    vec![
+        meta(MetaKey::OifName),
+        cmp(CmpOp::Eq, prefix.as_bytes().to_vec()),
+    ]
+}
+
 fn ifname(key: MetaKey, name: &str) -> Vec<Expr> {
     let mut data = name.as_bytes().to_vec();
     // At least one NUL, so "eth1" does not match "eth10" (too-long names

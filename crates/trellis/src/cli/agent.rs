@@ -142,6 +142,10 @@ pub struct AgentArgs {
     /// this node's pods from their ADD on.
     #[arg(long, value_name = "PATH", default_value = trellis_cni::spec::DEFAULT_IPAM_FILE)]
     pub cni_ipam_file: PathBuf,
+    /// Where to tell the CNI plugin which pods' network policy is in place (its ADD waits
+    /// for a new pod's).
+    #[arg(long, value_name = "PATH", default_value = trellis_cni::spec::DEFAULT_POLICY_FILE)]
+    pub cni_policy_file: PathBuf,
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
@@ -271,6 +275,7 @@ impl AgentArgs {
             cni_node_file: self.cni_node_file.clone(),
             cni_ready_file: self.cni_ready_file.clone(),
             cni_ipam_file: Some(self.cni_ipam_file.clone()),
+            cni_policy_file: Some(self.cni_policy_file.clone()),
         };
         config.validate()?;
         Ok(config)

@@ -54,7 +54,7 @@ fn pods() -> Vec<Pod> {
 
 fn rendered(policies: Vec<NetworkPolicy>, family: IpFamily) -> RenderedPolicy {
     let cluster = Cluster::new([Namespace::default()], policies);
-    render(&plan(&cluster, &pods(), "a1", []), family)
+    render(&plan(&cluster, &pods(), "a1", []), family, None)
 }
 
 fn element(addr: &str) -> Vec<u8> {
@@ -205,4 +205,27 @@ fn a_note_is_cut_to_what_nft_keeps() {
     let rule = RenderedRule::noted(dsl::accept(), &"x".repeat(500));
     assert_eq!(rule.comment.len(), 128);
     assert!(rule.comment.starts_with("trellis:"));
+}
+
+#[test]
+fn with_a_guard_unknown_addresses_on_pod_interfaces_are_counted_and_dropped() {
+    let cluster = Cluster::new([Namespace::default()], [db_policy()]);
+    let node_plan = plan(&cluster, &pods(), "a1", []);
+    let guarded = render(&node_plan, IpFamily::V4, Some(Guard { prefix: "tp" }));
+    let known = &guarded.table.sets[PODS];
+    assert_eq!(
+        known.elements.keys().collect::<Vec<_>>(),
+        [&element("10.244.1.2"), &element("10.244.1.3")],
+        "this node's pods, isolated or not, of this family"
+    );
+    let noted = |chain: &str| {
+        (guarded.table.chains[chain].rules.iter())
+            .filter(|r| r.comment.ends_with(UNKNOWN_POD_NOTE))
+            .count()
+    };
+    assert_eq!(noted(FORWARD), 2, "from and to a pod interface");
+    assert_eq!(noted(INPUT), 1);
+    let unguarded = render(&node_plan, IpFamily::V4, None);
+    assert_eq!(unguarded.table.chains[FORWARD].rules.len(), 4);
+    assert_eq!(guarded.table.chains[FORWARD].rules.len(), 6);
 }
