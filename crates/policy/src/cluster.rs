@@ -6,6 +6,9 @@ use trellis_model::NetworkPolicy;
 use trellis_model::network_policy::{PolicyPeer, PolicyType};
 pub use trellis_model::{NamedPort, Namespace, Pod};
 
+/// The label the API server gives every namespace: its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
 /// Namespaces and policies, as the evaluation looks them up.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
@@ -66,11 +69,14 @@ impl Cluster {
                 .is_none_or(|s| s.matches(&pod.labels))
     }
 
-    /// A namespace's labels; a namespace the cluster does not list has none.
+    /// A namespace's labels, with `kubernetes.io/metadata.name` set to its name as the API
+    /// server always sets it (so a namespace is selectable by name on every store, listed
+    /// or not).
     pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
-        self.namespaces
-            .get(name)
+        let mut labels = (self.namespaces.get(name))
             .map(|n| n.labels.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+        labels
     }
 }

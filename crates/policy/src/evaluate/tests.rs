@@ -304,3 +304,22 @@ fn selectors_select_pods_and_ip_blocks_addresses() {
     assert!(evaluate(&c, &tcp(at(&foreign_pod), at(&target), 80)).allowed());
     assert!(!evaluate(&c, &tcp(outsider, at(&target), 80)).allowed());
 }
+
+#[test]
+fn every_namespace_is_selectable_by_its_name_listed_or_not() {
+    let by_name = policy(
+        "default",
+        "from-unlisted",
+        json!({
+            "podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": "unlisted"}}}]}],
+        }),
+    );
+    let c = cluster(vec![by_name]);
+    let target = pod("default", "t", "10.0.0.1", &[]);
+    let stranger = pod("unlisted", "s", "10.0.0.2", &[]);
+    let other = pod("other", "o", "10.0.0.3", &[]);
+    assert!(evaluate(&c, &tcp(at(&stranger), at(&target), 80)).allowed());
+    assert!(!evaluate(&c, &tcp(at(&other), at(&target), 80)).allowed());
+}

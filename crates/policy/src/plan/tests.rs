@@ -54,7 +54,10 @@ const POD_LABELS: [(&str, &[&str]); 2] = [
     ("app", &["web", "db", "cache"]),
     ("tier", &["front", "back"]),
 ];
-const NS_LABELS: [(&str, &[&str]); 1] = [("team", &["a", "b"])];
+const NS_LABELS: [(&str, &[&str]); 2] = [
+    ("team", &["a", "b"]),
+    ("kubernetes.io/metadata.name", &["ns0", "ns1", "ns2"]),
+];
 
 fn peer(rng: &mut Rng) -> Value {
     match rng.below(5) {
