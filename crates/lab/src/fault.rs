@@ -66,6 +66,11 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
         FaultKind::ProxyTamper => {
             proxy::tamper(&spec, None).await?;
         }
+        FaultKind::PolicyTamper => {
+            let addresses = state.spec.all_pods().map(|(_, p)| p.ip.addr()).collect();
+            let netns = spec.netns.clone();
+            tokio::task::spawn_blocking(move || policy::tamper(&netns, addresses)).await??;
+        }
         _ => rules::program(&spec.netns, &fault).await?,
     }
     state
@@ -74,6 +79,21 @@ pub async fn inject(lab: &str, node: &str, fault: Fault) -> anyhow::Result<()> {
         .or_default()
         .push(fault);
     state.save()
+}
+
+/// `policy-tamper` on `node`, saying what was changed.
+pub async fn tamper_policy(lab: &str, node: &str) -> anyhow::Result<String> {
+    let mut state = LabState::load(lab)?;
+    let netns = state.spec.node(node)?.netns.clone();
+    let addresses = state.spec.all_pods().map(|(_, p)| p.ip.addr()).collect();
+    let said = tokio::task::spawn_blocking(move || policy::tamper(&netns, addresses)).await??;
+    state
+        .faults
+        .entry(node.to_string())
+        .or_default()
+        .push(Fault::new(FaultKind::PolicyTamper, false, None)?);
+    state.save()?;
+    Ok(said)
 }
 
 /// `proxy-tamper` on `node`, saying what was changed. `dead` is the address the
@@ -222,7 +242,7 @@ mod rules {
             }
             FaultKind::Loss | FaultKind::CutPath => {} // on the fabric's ports: program_links
             FaultKind::Kill | FaultKind::Freeze | FaultKind::Throttle => {}
-            FaultKind::ProxyTamper => {} // the agent's own table: proxy::tamper
+            FaultKind::ProxyTamper | FaultKind::PolicyTamper => {} // the agent's own tables
         }
         b
     }
@@ -346,6 +366,69 @@ impl std::fmt::Display for Tampered {
             self.chain,
             self.dead
         )
+    }
+}
+
+/// `policy-tamper`: changes the agent's table `ip trellis-policy` from outside, over netlink.
+mod policy {
+    use anyhow::bail;
+    use std::net::Ipv4Addr;
+    use trellis_agent::policy::render::TABLE;
+    use trellis_dataplane::nftables::{Batch, Family, Nft, SetElem};
+
+    /// Removes the first element of the ingress map and adds, to the first selector set,
+    /// the first of `addresses` (the lab's pods) it does not hold.
+    pub fn tamper(netns: &str, addresses: Vec<Ipv4Addr>) -> anyhow::Result<String> {
+        let nft = Nft::connect_in(netns)?;
+        if !nft.table_exists(Family::Ip, TABLE)? {
+            bail!("no table ip {TABLE}: is the agent running with network policy?");
+        }
+        let Some(isolated) = nft
+            .elements(Family::Ip, TABLE, "ingress")?
+            .into_iter()
+            .next()
+        else {
+            bail!(
+                "no pod is isolated for ingress here: apply a NetworkPolicy that selects one of its pods first"
+            );
+        };
+        let mut sets: Vec<String> = (nft.sets(Family::Ip, TABLE)?.into_iter())
+            .map(|s| s.name)
+            .filter(|n| n.starts_with("peers-"))
+            .collect();
+        sets.sort();
+        let mut b = Batch::new();
+        b.delete_elements(Family::Ip, TABLE, "ingress", vec![isolated.key.clone()]);
+        let mut said = vec![format!(
+            "removed {}'s ingress check (a deny gone)",
+            key_address(&isolated.key)
+        )];
+        if let Some(set) = sets.first() {
+            let held: Vec<Vec<u8>> = (nft.elements(Family::Ip, TABLE, set)?.into_iter())
+                .map(|e| e.key)
+                .collect();
+            if let Some(stale) = addresses
+                .into_iter()
+                .find(|a| !held.contains(&a.octets().to_vec()))
+            {
+                b.add_elements(
+                    Family::Ip,
+                    TABLE,
+                    set,
+                    vec![SetElem::key(stale.octets().to_vec())],
+                );
+                said.push(format!("added {stale} to {set} (a stale allow)"));
+            }
+        }
+        nft.apply(&b)?;
+        Ok(said.join("; "))
+    }
+
+    fn key_address(key: &[u8]) -> String {
+        match key {
+            [a, b, c, d, ..] => Ipv4Addr::new(*a, *b, *c, *d).to_string(),
+            _ => format!("{key:?}"),
+        }
     }
 }
 

@@ -29,6 +29,11 @@ pub enum FaultKind {
     /// chain that DNATs to a dead pod's address. Nothing to heal: the proxy's audit
     /// repairs it.
     ProxyTamper,
+    /// The node's network policy rules are changed from outside (seed 002's first half): an
+    /// isolated pod's element removed from the ingress map (a deny gone) and another pod's
+    /// address added to a selector's set (a stale allow, as for an address a new pod was
+    /// given). Nothing to heal: the agent's audit repairs it.
+    PolicyTamper,
     /// The store only (`lab fault store freeze`): etcd stopped with SIGSTOP.
     Freeze,
     /// The store only (`lab fault store throttle`): most store traffic dropped.
@@ -137,6 +142,7 @@ impl fmt::Display for Fault {
             FaultKind::Loss => write!(f, "loss {}%", self.percent.unwrap_or(0)),
             FaultKind::CutPath => write!(f, "cut-path {}", self.peer.as_deref().unwrap_or("?")),
             FaultKind::ProxyTamper => f.write_str("proxy-tamper"),
+            FaultKind::PolicyTamper => f.write_str("policy-tamper"),
             FaultKind::Freeze => f.write_str("freeze"),
             FaultKind::Throttle => f.write_str("throttle"),
         }

@@ -1949,6 +1949,25 @@ spec:
         "drops are counted: {dropped:?}"
     );
 
+    step("policy-tamper: a deny removed and a stale allow added from outside, repaired");
+    let drift = |lab: &Lab| -> f64 {
+        lab.metric("b1", "trellis_policy_drift_repaired_total")
+            .iter()
+            .sum()
+    };
+    let before = drift(&lab);
+    let tampered = ok(&["lab", "fault", "b1", "policy-tamper", "--name", &lab.name]);
+    assert!(
+        tampered.contains("a deny gone") && tampered.contains("a stale allow"),
+        "{tampered}"
+    );
+    wait_until("the audit to repair both", Duration::from_secs(10), || {
+        drift(&lab) >= before + 2.0
+    });
+    matrix("repaired: db admits web only again", &isolated);
+    let healed = ok(&["lab", "heal", "b1", "--name", &lab.name]);
+    assert!(healed.contains("nothing to undo"), "{healed}");
+
     step("a pod's labels come from its attachment: a new pod labelled web is admitted");
     let added = ok(&[
         "lab",

@@ -673,6 +673,9 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             if f.kind == FaultKind::ProxyTamper {
                 let t = fault::tamper_proxy(&args.name.name, &args.node, None).await?;
                 println!("{}: {f}: {t}", args.node);
+            } else if f.kind == FaultKind::PolicyTamper {
+                let t = fault::tamper_policy(&args.name.name, &args.node).await?;
+                println!("{}: {f}: {t}", args.node);
             } else {
                 fault::inject(&args.name.name, &args.node, f.clone()).await?;
                 println!("{}: {f}", args.node);
@@ -683,6 +686,12 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             let lab = &args.name.name;
             let healed = fault::heal(lab, &args.node).await?;
             println!("{}: healed {}", args.node, listed(&healed));
+            if healed.iter().any(|f| f.kind == FaultKind::PolicyTamper) {
+                println!(
+                    "{}: policy-tamper: nothing to undo; its agent's audit repaired the rules (see trellis_policy_drift_repaired_total in `lab metrics {}`)",
+                    args.node, args.node
+                );
+            }
             if healed.iter().any(|f| f.kind == FaultKind::ProxyTamper) {
                 // The audit runs every resync interval: three of them is a generous wait.
                 let resync = LabState::load(lab)?.spec.agent_resync;
