@@ -78,7 +78,7 @@ fn run(version: &mut String) -> Result<Option<Value>, CniError> {
         Verb::Add => {
             let node = node_network(&conf)?;
             let mut links = NetlinkLinks::connect(NETLINK_TIMEOUT, &conf.ipam_file)?;
-            let pod = invocation.pod(&conf.labels);
+            let pod = invocation.pod(&conf.labels, &conf.ports);
             let result = with_state(ipam, |s| {
                 let result = verbs::add(s, &mut links, &node, &who(), &netns)?;
                 s.identify(&who(), pod);

@@ -88,6 +88,25 @@ pub struct PodIdentity {
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Its named ports (the network configuration's `args.trellis.ports`), what a policy's
+    /// `port: http` means for traffic to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PodPort>,
+}
+
+/// A named container port: `{"name": "http", "protocol": "TCP", "port": 8080}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodPort {
+    pub name: String,
+    /// `TCP` (the default), `UDP` or `SCTP`.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub port: u16,
+}
+
+fn tcp() -> String {
+    "TCP".into()
 }
 
 impl Allocations {
@@ -375,6 +394,7 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             labels: [("app".to_string(), "web".to_string())].into(),
+            ports: Vec::new(),
         };
         a.identify(&pod("a"), Some(identity.clone()));
         assert_eq!(a.pod(&pod("a")), None, "no addresses, no identity");

@@ -136,7 +136,11 @@ pub struct Invocation {
 impl Invocation {
     /// The pod this call is for, when the runtime named it in `CNI_ARGS` (a kubelet's
     /// `K8S_POD_NAMESPACE` and `K8S_POD_NAME`), with `labels`.
-    pub fn pod(&self, labels: &BTreeMap<String, String>) -> Option<crate::ipam::PodIdentity> {
+    pub fn pod(
+        &self,
+        labels: &BTreeMap<String, String>,
+        ports: &[crate::ipam::PodPort],
+    ) -> Option<crate::ipam::PodIdentity> {
         let arg = |key: &str| {
             (self.args.iter())
                 .find(|(k, _)| k == key)
@@ -147,6 +151,7 @@ impl Invocation {
             namespace: arg("K8S_POD_NAMESPACE")?,
             name: arg("K8S_POD_NAME")?,
             labels: labels.clone(),
+            ports: ports.to_vec(),
         })
     }
 
@@ -298,6 +303,8 @@ pub struct NetConf {
     /// The pod's labels, from `args.cni.labels` (the CNI conventions' "args in network
     /// config": `[{"key": K, "value": V}, ...]`).
     pub labels: BTreeMap<String, String>,
+    /// The pod's named ports, from `args.trellis.ports` (`[{"name", "protocol", "port"}]`).
+    pub ports: Vec<crate::ipam::PodPort>,
 }
 
 impl NetConf {
@@ -426,8 +433,38 @@ impl NetConf {
                 list.into_iter().map(|l| (l.key, l.value)).collect()
             }
         };
+        let ports = match obj
+            .get("args")
+            .and_then(|a| a.get("trellis"))
+            .and_then(|t| t.get("ports"))
+        {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => {
+                let ports: Vec<crate::ipam::PodPort> =
+                    serde_json::from_value(v.clone()).map_err(|e| {
+                        CniError::config(
+                            "args.trellis.ports",
+                            &truncate(&v.to_string()),
+                            &format!("a list of {{\"name\", \"protocol\", \"port\"}} ({e})"),
+                        )
+                    })?;
+                if let Some(bad) = ports.iter().find(|p| {
+                    !["TCP", "UDP", "SCTP"].contains(&p.protocol.as_str())
+                        || p.port == 0
+                        || p.name.is_empty()
+                }) {
+                    return Err(CniError::config(
+                        "args.trellis.ports",
+                        &truncate(&serde_json::to_string(bad).unwrap_or_default()),
+                        "a name, a protocol of TCP, UDP or SCTP and a port from 1 to 65535",
+                    ));
+                }
+                ports
+            }
+        };
         Ok(NetConf {
             labels,
+            ports,
             cni_version,
             name,
             plugin_type,
@@ -652,11 +689,26 @@ mod tests {
                  "args":{"cni":{"labels":[{"key":"app","value":"web"}]}}}"#,
         )
         .unwrap();
-        let pod = inv.pod(&conf.labels).unwrap();
+        let pod = inv.pod(&conf.labels, &conf.ports).unwrap();
         assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("shop", "web"));
         assert_eq!(pod.labels["app"], "web");
         let unnamed = Invocation::from_env(env(&ADD[..5])).unwrap();
-        assert_eq!(unnamed.pod(&conf.labels), None);
+        assert_eq!(unnamed.pod(&conf.labels, &[]), None);
+        let named = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"t",
+                 "args":{"trellis":{"ports":[{"name":"http","port":8080}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(named.ports[0].protocol, "TCP");
+        let bad = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"t",
+                 "args":{"trellis":{"ports":[{"name":"dns","protocol":"ICMP","port":53}]}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            bad.msg.contains("args.trellis.ports") && bad.msg.contains("ICMP"),
+            "{bad:?}"
+        );
         let bad = NetConf::parse(
             br#"{"cniVersion":"1.1.0","name":"n","type":"t","args":{"cni":{"labels":{"app":"web"}}}}"#,
         )

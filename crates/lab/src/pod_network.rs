@@ -87,7 +87,10 @@ async fn add(
     let labels: Vec<Value> = (pod.labels.iter())
         .map(|(k, v)| json!({"key": k, "value": v}))
         .collect();
-    config["args"] = json!({"cni": {"labels": labels}});
+    let ports: Vec<Value> = (pod.ports.iter())
+        .map(|p| json!({"name": p.name, "protocol": p.protocol, "port": p.port}))
+        .collect();
+    config["args"] = json!({"cni": {"labels": labels}, "trellis": {"ports": ports}});
     let args = format!(
         "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
         pod.namespace, pod.name
@@ -189,12 +192,14 @@ pub async fn add_pod(
     name: &str,
     namespace: &str,
     labels: BTreeMap<String, String>,
+    ports: Vec<trellis_model::NamedPort>,
 ) -> anyhow::Result<PodSpec> {
     let mut lab_state = LabState::load(lab)?;
     let node_spec = lab_state.spec.node(node)?.clone();
     let mut pod = lab_state.spec.new_pod(node, name)?;
     pod.namespace = namespace.to_string();
     pod.labels = labels;
+    pod.ports = ports;
     // What the agents will read of it, checked here with the field named.
     trellis_model::Validate::validate(&trellis_model::Pod {
         namespace: pod.namespace.clone(),
@@ -202,7 +207,7 @@ pub async fn add_pod(
         labels: pod.labels.clone(),
         ips: Vec::new(),
         node: node.to_string(),
-        ports: Vec::new(),
+        ports: pod.ports.clone(),
     })
     .map_err(|e| anyhow::anyhow!("pod {name}: {e}"))?;
     create(&lab_state.spec, &node_spec, &mut pod)

@@ -1,7 +1,8 @@
 //! What lab pods serve, and clients that tell which pod answered.
 //!
 //! Every pod answers TCP and UDP echo on [`ECHO_PORT`] (as Kubernetes' `serve-hostname`
-//! test image does), each answer prefixed with the pod's name: a line `hello` sent over TCP
+//! test image does) and on [`SECOND_PORT`] (so a network policy can admit one port and not
+//! the other), each answer prefixed with the pod's name: a line `hello` sent over TCP
 //! comes back as `a1-p0 hello`, a datagram `hello` as `a1-p0 hello`. So a client of a
 //! Service can tell which backend it reached. One `lab serve-pods` process per lab (in the
 //! fabric namespace, started by `lab up`) holds the sockets of every pod, each bound inside
@@ -22,6 +23,8 @@ use trellis_dataplane::netns;
 
 /// Where every pod answers TCP and UDP echo.
 pub const ECHO_PORT: u16 = 9376;
+/// Where every pod answers too, for policies that admit one port and not another.
+pub const SECOND_PORT: u16 = 9377;
 /// A TCP connection that sends nothing for this long is closed.
 const IDLE: Duration = Duration::from_secs(30);
 /// What clients send; the answer is the pod's name, a space, and this.
@@ -78,23 +81,28 @@ pub async fn serve(lab: &str) -> anyhow::Result<()> {
 const RESCAN: Duration = Duration::from_millis(250);
 
 fn serve_pod(pod: &spec::PodSpec) -> anyhow::Result<tokio::task::JoinSet<()>> {
-    let (tcp, udp) = netns::run_in(&pod.netns, || {
-        let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), ECHO_PORT);
-        // One socket per protocol for both families (IPv4 as mapped addresses).
-        let tcp = std::net::TcpListener::bind(any)?;
-        tcp.set_nonblocking(true)?;
-        let udp = std::net::UdpSocket::bind(any)?;
-        udp.set_nonblocking(true)?;
-        io::Result::Ok((tcp, udp))
-    })?
-    .with_context(|| format!("binding port {ECHO_PORT} in pod {}", pod.name))?;
     let name: Arc<str> = pod.name.as_str().into();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(serve_tcp(
-        name.clone(),
-        tokio::net::TcpListener::from_std(tcp)?,
-    ));
-    tasks.spawn(serve_udp(name, tokio::net::UdpSocket::from_std(udp)?));
+    for port in [ECHO_PORT, SECOND_PORT] {
+        let (tcp, udp) = netns::run_in(&pod.netns, move || {
+            let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+            // One socket per protocol for both families (IPv4 as mapped addresses).
+            let tcp = std::net::TcpListener::bind(any)?;
+            tcp.set_nonblocking(true)?;
+            let udp = std::net::UdpSocket::bind(any)?;
+            udp.set_nonblocking(true)?;
+            io::Result::Ok((tcp, udp))
+        })?
+        .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
+        tasks.spawn(serve_tcp(
+            name.clone(),
+            tokio::net::TcpListener::from_std(tcp)?,
+        ));
+        tasks.spawn(serve_udp(
+            name.clone(),
+            tokio::net::UdpSocket::from_std(udp)?,
+        ));
+    }
     Ok(tasks)
 }
 

@@ -120,6 +120,9 @@ pub struct PodSpec {
     pub namespace: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Its named ports (what a policy's `port: NAME` means for traffic to it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<trellis_model::NamedPort>,
 }
 
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -221,6 +224,7 @@ impl LabParams {
                         container_id: String::new(),
                         namespace: default_namespace(),
                         labels: BTreeMap::new(),
+                        ports: Vec::new(),
                     })
                     .collect();
                 nodes.push(NodeSpec {
@@ -346,6 +350,7 @@ impl LabSpec {
             container_id: String::new(),
             namespace: default_namespace(),
             labels: BTreeMap::new(),
+            ports: Vec::new(),
         })
     }
 

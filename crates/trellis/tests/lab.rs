@@ -2037,3 +2037,180 @@ spec:
     assert!(deleted.status.success(), "{}", text(&deleted));
     matrix("policy deleted: every pair again", &everyone);
 }
+
+/// NetworkPolicy in the style of the upstream conformance matrix: pods in three namespaces
+/// and both locations (one behind a gateway), every ordered pair × two ports probed at once,
+/// the observed matrix compared with the expected one — default deny, namespace isolation,
+/// a peer with both selectors, ipBlock with except, egress, and named ports both ways.
+#[test]
+fn network_policy_conformance_matrix_across_namespaces_and_locations() {
+    let _serial = serial();
+    let lab = Lab::up("tnpm", &["--agent-resync", "1"]);
+    // (pod, namespace, node, label pod=)
+    let pods = [
+        ("xa", "x", "a1", "a"),
+        ("xb", "x", "b1", "b"),
+        ("ya", "y", "a2", "a"),
+        ("yb", "y", "b3", "b"),
+        ("za", "z", "a3", "a"),
+    ];
+    let mut ips = std::collections::BTreeMap::new();
+    for (pod, ns, node, label) in pods {
+        let labels = format!("pod={label}");
+        let added = ok(&[
+            "lab",
+            "pod",
+            "add",
+            node,
+            pod,
+            "--namespace",
+            ns,
+            "--labels",
+            &labels,
+            "--port",
+            "echo=9376",
+            "--port",
+            "serve=9377",
+            "--name",
+            &lab.name,
+        ]);
+        let ip = added
+            .split(" at ")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap();
+        ips.insert(pod, ip.to_string());
+    }
+    let ns_of = |pod: &str| pods.iter().find(|p| p.0 == pod).unwrap().1;
+    const PORTS: [u16; 2] = [9376, 9377];
+    // Every probe at once: a refused one costs its timeout, not the matrix's sum.
+    let observe = || -> std::collections::BTreeMap<(&str, &str, u16), bool> {
+        std::thread::scope(|s| {
+            let mut probes = Vec::new();
+            for (from, ..) in pods {
+                for (to, ..) in pods.iter().filter(|p| p.0 != from) {
+                    for port in PORTS {
+                        let target = format!("{}:{port}", ips[to]);
+                        let lab = &lab;
+                        probes.push((
+                            (from, *to, port),
+                            s.spawn(move || {
+                                lab.run(&[
+                                    "lab",
+                                    "connect",
+                                    from,
+                                    &target,
+                                    "--count",
+                                    "1",
+                                    "--timeout-ms",
+                                    "500",
+                                ])
+                                .status
+                                .success()
+                            }),
+                        ));
+                    }
+                }
+            }
+            probes
+                .into_iter()
+                .map(|(k, h)| (k, h.join().unwrap()))
+                .collect()
+        })
+    };
+    let expect = |what: &str, policy: &str, allowed: &dyn Fn(&str, &str, u16) -> bool| {
+        step(what);
+        let file = std::env::temp_dir().join("trt-conformance-policy.yaml");
+        if !policy.is_empty() {
+            std::fs::write(&file, policy).unwrap();
+            let applied = lab.state(&["apply", "-f", file.to_str().unwrap()]);
+            assert!(applied.status.success(), "{what}: {}", text(&applied));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let wrong: Vec<String> = observe()
+                .into_iter()
+                .filter(|((from, to, port), got)| *got != allowed(from, to, *port))
+                .map(|((from, to, port), got)| format!("{from}->{to}:{port} {got}"))
+                .collect();
+            if wrong.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: observed differs: {wrong:?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if !policy.is_empty() {
+            let deleted = lab.state(&["delete", "-f", file.to_str().unwrap()]);
+            assert!(deleted.status.success(), "{what}: {}", text(&deleted));
+            std::fs::remove_file(&file).unwrap();
+        }
+    };
+    let policy = |ns: &str, spec: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{namespace: {ns}, name: case}}\nspec:\n{spec}"
+        )
+    };
+
+    expect("no policy: everything", "", &|_, _, _| true);
+    expect(
+        "default deny ingress in x",
+        &policy("x", "  podSelector: {}\n  policyTypes: [Ingress]\n"),
+        &|_, to, _| ns_of(to) != "x",
+    );
+    expect(
+        "namespace isolation: x admits x only",
+        &policy(
+            "x",
+            "  podSelector: {}\n  ingress:\n  - from: [{podSelector: {}}]\n",
+        ),
+        &|from, to, _| ns_of(to) != "x" || ns_of(from) == "x",
+    );
+    expect(
+        "both selectors in one peer: x admits pod=b of namespace y",
+        &policy(
+            "x",
+            "  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}, podSelector: {matchLabels: {pod: b}}}]\n",
+        ),
+        &|from, to, _| ns_of(to) != "x" || from == "yb",
+    );
+    let ya = &ips["ya"];
+    expect(
+        "ipBlock with except: x admits the pod network but ya",
+        &policy(
+            "x",
+            &format!(
+                "  podSelector: {{}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{ya}/32]}}}}]\n"
+            ),
+        ),
+        &|from, to, _| ns_of(to) != "x" || from != "ya",
+    );
+    expect(
+        "egress: y sends to 9377 only",
+        &policy(
+            "y",
+            "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{port: 9377}]\n",
+        ),
+        &|from, _, port| ns_of(from) != "y" || port == 9377,
+    );
+    expect(
+        "named port, ingress: x admits its port 'serve' only",
+        &policy(
+            "x",
+            "  podSelector: {}\n  ingress:\n  - ports: [{port: serve}]\n",
+        ),
+        &|_, to, port| ns_of(to) != "x" || port == 9377,
+    );
+    expect(
+        "named port, egress: z sends to its destinations' port 'echo' only",
+        &policy(
+            "z",
+            "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{port: echo}]\n",
+        ),
+        &|from, _, port| ns_of(from) != "z" || port == 9376,
+    );
+}

@@ -45,13 +45,26 @@ pub fn pods_of(allocations: &trellis_cni::ipam::Allocations, node: &str) -> Loca
             labels: identity.labels.clone(),
             ips: Vec::new(),
             node: node.to_string(),
-            ports: Vec::new(),
+            ports: named_ports(&identity.ports),
         });
         pod.ips.extend(addresses.iter().copied());
         pod.ips.sort();
         pod.ips.dedup();
     }
     state
+}
+
+/// The plugin's named ports as the model's (the plugin checked their protocols).
+fn named_ports(ports: &[trellis_cni::ipam::PodPort]) -> Vec<trellis_model::NamedPort> {
+    (ports.iter())
+        .filter_map(|p| {
+            Some(trellis_model::NamedPort {
+                name: p.name.clone(),
+                protocol: serde_json::from_value(serde_json::json!(p.protocol)).ok()?,
+                port: p.port,
+            })
+        })
+        .collect()
 }
 
 /// What the plugin's ADD waits for: the attachments whose pods' rules are in the kernel,
@@ -206,6 +219,11 @@ mod tests {
                     namespace: "shop".into(),
                     name: n.into(),
                     labels: [("app".to_string(), n.to_string())].into(),
+                    ports: vec![trellis_cni::ipam::PodPort {
+                        name: "http".into(),
+                        protocol: "TCP".into(),
+                        port: 8080,
+                    }],
                 }),
             );
         }
@@ -221,6 +239,10 @@ mod tests {
         assert_eq!(web.ips.len(), 2);
         assert_eq!(web.node, "a1");
         assert_eq!(web.labels["app"], "web");
+        assert_eq!(
+            web.named_port("http", trellis_model::Protocol::Tcp),
+            Some(8080)
+        );
     }
 
     #[tokio::test]

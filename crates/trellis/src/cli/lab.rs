@@ -44,8 +44,8 @@ pub enum LabCommand {
     Service(ServiceCommand),
     /// Exchanges with a TCP or UDP echo server from a pod, node or host, each on a new
     /// socket; prints which pod answered how often, and the failures by kind (refused,
-    /// timeout, ...); exits non-zero if any failed. Every pod answers echo on port 9376
-    /// with its name.
+    /// timeout, ...); exits non-zero if any failed. Every pod answers echo on ports 9376
+    /// and 9377 with its name.
     Connect(ConnectArgs),
     /// A node agent's metrics (Prometheus text), read from inside the node's namespace.
     Metrics(HealArgs),
@@ -501,6 +501,10 @@ pub enum PodCommand {
         /// Its labels: KEY=VALUE, comma-separated.
         #[arg(long, value_name = "K=V,...", value_parser = parse_labels, default_value = "")]
         labels: std::collections::BTreeMap<String, String>,
+        /// A named port of the pod: NAME=PORT or NAME=PORT/PROTOCOL (TCP, UDP, SCTP); may
+        /// be given several times.
+        #[arg(long = "port", value_name = "NAME=PORT[/PROTO]", value_parser = parse_named_port)]
+        ports: Vec<trellis_model::NamedPort>,
         #[command(flatten)]
         name: NameArg,
     },
@@ -510,6 +514,26 @@ pub enum PodCommand {
         #[command(flatten)]
         name: NameArg,
     },
+}
+
+/// `NAME=PORT` or `NAME=PORT/PROTOCOL`.
+fn parse_named_port(text: &str) -> Result<trellis_model::NamedPort, String> {
+    let (name, rest) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--port {text:?}: expected NAME=PORT[/PROTOCOL]"))?;
+    let (port, protocol) = rest.split_once('/').unwrap_or((rest, "TCP"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("--port {text:?}: the port must be 1-65535"))?;
+    let protocol = serde_json::from_value(serde_json::json!(protocol.to_ascii_uppercase()))
+        .map_err(|_| format!("--port {text:?}: the protocol must be TCP, UDP or SCTP"))?;
+    Ok(trellis_model::NamedPort {
+        name: name.to_string(),
+        protocol,
+        port,
+    })
 }
 
 /// `k=v,k2=v2` (empty: no labels).
@@ -604,11 +628,13 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             pod,
             namespace,
             labels,
+            ports,
             name,
         }) => {
-            let pod =
-                trellis_lab::pod_network::add_pod(&name.name, &node, &pod, &namespace, labels)
-                    .await?;
+            let pod = trellis_lab::pod_network::add_pod(
+                &name.name, &node, &pod, &namespace, labels, ports,
+            )
+            .await?;
             let v6 = pod.ip6.map(|a| format!(" and {a}")).unwrap_or_default();
             println!(
                 "pod {} on {node} at {}{v6} (namespace {}, container {})",
