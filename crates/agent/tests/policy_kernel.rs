@@ -133,10 +133,25 @@ async fn policies_are_enforced_repaired_after_tampering_and_their_drops_counted(
     assert_eq!(connect(&a, "10.91.2.2:8080"), Ok("ok".into()));
     assert_eq!(connect(&a, "[fd91:2::2]:8080"), Ok("ok".into()));
     let listed = nft(&r, &["list", "table", "ip", "trellis-policy"]);
+    // What nft lists, nft reads back (`nft -c -f`): every name is one it can parse.
+    let file = std::env::temp_dir().join(format!("trt-policy-{}.nft", std::process::id()));
+    std::fs::write(&file, &listed).unwrap();
+    nft(&r, &["-c", "-f", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
     assert!(listed.contains("10.91.2.2 : jump check-"), "{listed}");
     assert!(listed.contains("shop/db-from-web rule 0"), "{listed}");
     assert!(listed.contains("tcp dport 8080 return"), "{listed}");
-    let peers = "peers-shop/db-from-web/in0/0";
+    // The selector's set, named after it (app=web in shop), as nft lists it.
+    let peers = (listed.lines())
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("set ")
+                .filter(|n| n.starts_with("peers-shop/app_web"))
+        })
+        .expect("the selector's set")
+        .trim_end_matches(" {")
+        .to_string();
+    let peers = peers.as_str();
     assert!(
         nft(&r, &["list", "set", "ip", "trellis-policy", peers]).contains("10.91.1.2"),
         "web's address is in the selector's set"

@@ -45,6 +45,25 @@ pub enum Operator {
     DoesNotExist,
 }
 
+/// kubectl's selector syntax: `app=web,tier in (a,b),!legacy`; empty for the empty
+/// selector (which selects everything).
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = (self.match_labels.iter())
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for r in &self.match_expressions {
+            parts.push(match r.operator {
+                Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
+                Operator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
+                Operator::Exists => r.key.clone(),
+                Operator::DoesNotExist => format!("!{}", r.key),
+            });
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
 impl LabelSelector {
     /// Whether `labels` satisfy every label and every expression.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {

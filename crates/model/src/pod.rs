@@ -24,7 +24,7 @@ pub struct Pod {
     pub ports: Vec<NamedPort>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamedPort {
     pub name: String,

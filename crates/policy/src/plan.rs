@@ -15,7 +15,7 @@
 
 use crate::cluster::{Cluster, Pod};
 use crate::evaluate::PolicyRef;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use trellis_model::network_policy::{NetworkPolicy, PolicyPeer, PolicyPort, PolicyType};
 use trellis_model::{IntOrString, IpNet, Protocol};
@@ -82,9 +82,30 @@ pub fn plan(
         own: own.into_iter().collect(),
         ..NodePolicy::default()
     };
+    // Pods alike (namespace, labels, named ports) have the same checks: computed once.
+    type Alike<'a> = (
+        &'a str,
+        &'a BTreeMap<String, String>,
+        &'a [trellis_model::NamedPort],
+        PolicyType,
+    );
+    let mut checks: HashMap<Alike<'_>, Option<Check>> = HashMap::new();
     for pod in pods.iter().filter(|p| p.node == node) {
         for direction in [PolicyType::Ingress, PolicyType::Egress] {
-            let check = pod_check(cluster, pods, pod, direction, &mut out);
+            let alike = (
+                pod.namespace.as_str(),
+                &pod.labels,
+                pod.ports.as_slice(),
+                direction,
+            );
+            let check = match checks.get(&alike) {
+                Some(check) => check.clone(),
+                None => {
+                    let check = pod_check(cluster, pods, pod, direction, &mut out);
+                    checks.insert(alike, check.clone());
+                    check
+                }
+            };
             let by_address = match direction {
                 PolicyType::Ingress => &mut out.ingress,
                 PolicyType::Egress => &mut out.egress,
@@ -144,17 +165,8 @@ fn pod_check(
             let peer_matches: Vec<PeerMatch> = if peers.is_empty() {
                 vec![PeerMatch::Anywhere]
             } else {
-                (peers.iter().enumerate())
-                    .map(|(j, peer)| {
-                        peer_match(
-                            cluster,
-                            pods,
-                            policy,
-                            peer,
-                            &format!("{set_prefix}/{j}"),
-                            out,
-                        )
-                    })
+                (peers.iter())
+                    .map(|peer| peer_match(cluster, pods, policy, peer, out))
                     .collect()
             };
             let (numeric, named) = split_ports(ports, direction, pod);
@@ -169,6 +181,14 @@ fn pod_check(
             }
             if direction == PolicyType::Egress && !named.is_empty() {
                 let name = format!("{set_prefix}/named");
+                if out.port_sets.contains_key(&name) {
+                    allows.push(Allow {
+                        peer: PeerMatch::PortSet(name),
+                        ports: Vec::new(),
+                        by: by.clone(),
+                    });
+                    continue;
+                }
                 let destinations = (peers.iter())
                     .flat_map(|peer| matched_pods(cluster, pods, policy, peer))
                     .chain(
@@ -244,22 +264,37 @@ fn split_ports(
     (spans, named)
 }
 
+/// A selector peer's set is named after what it selects, so every rule of every policy
+/// selecting the same pods shares one set (and it is computed once):
+/// `NAMESPACE/POD-SELECTOR` for pods of the policy's namespace, `ns:NS-SELECTOR/POD-SELECTOR`
+/// for a namespace selector, in kubectl's selector syntax, `all` for an empty selector.
 fn peer_match(
     cluster: &Cluster,
     pods: &[Pod],
     policy: &NetworkPolicy,
     peer: &PolicyPeer,
-    name: &str,
     out: &mut NodePolicy,
 ) -> PeerMatch {
     if let Some((cidr, except)) = peer.ip_block.as_ref().and_then(|b| b.prefixes()) {
         return PeerMatch::Block { cidr, except };
     }
-    let members = matched_pods(cluster, pods, policy, peer)
-        .flat_map(|p| p.ips.iter().copied())
-        .collect();
-    out.sets.insert(name.to_string(), members);
-    PeerMatch::Set(name.to_string())
+    let text = |s: &trellis_model::LabelSelector| {
+        let t = s.to_string();
+        if t.is_empty() { "all".to_string() } else { t }
+    };
+    let namespaces = match &peer.namespace_selector {
+        None => policy.metadata.namespace.clone(),
+        Some(s) => format!("ns:{}", text(s)),
+    };
+    let pods_part = peer.pod_selector.as_ref().map_or("all".to_string(), text);
+    let name = format!("{namespaces}/{pods_part}");
+    if !out.sets.contains_key(&name) {
+        let members = matched_pods(cluster, pods, policy, peer)
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        out.sets.insert(name.clone(), members);
+    }
+    PeerMatch::Set(name)
 }
 
 /// The pods a peer picks (for an `ipBlock`: the pods whose address it holds).

@@ -369,19 +369,27 @@ fn chain_name(chain: &RenderedChain) -> String {
     format!("{CHECK_PREFIX}{:016x}", hash.0)
 }
 
-/// A set's name: readable when it fits, else cut and made unique by a hash of the whole.
+/// A set's name as nft can read it back (`nft list` output must parse with `nft -f`):
+/// the plan's name with every character nft's identifiers do not allow (`=`, `,`, `:`,
+/// spaces, parentheses, ...) made `_`, and then — since that is lossy, and two selectors
+/// must never share a set — a hash of the plan's name appended; cut to the kernel's length
+/// limit the same way.
 fn object_name(prefix: &str, name: &str) -> String {
-    let full = format!("{prefix}{name}");
-    if full.len() <= MAX_NAME {
+    let clean: String = (name.chars())
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '-' | '.' | '/' => c,
+            _ => '_',
+        })
+        .collect();
+    let full = format!("{prefix}{clean}");
+    if clean == name && full.len() <= MAX_NAME {
         return full;
     }
     let mut hash = Fnv::new();
-    hash.write(full.as_bytes());
-    let tail = format!("~{:016x}", hash.0);
-    let mut cut = MAX_NAME - tail.len();
-    while !full.is_char_boundary(cut) {
-        cut -= 1;
-    }
+    hash.write(prefix.as_bytes());
+    hash.write(name.as_bytes());
+    let tail = format!(".{:016x}", hash.0);
+    let cut = full.len().min(MAX_NAME - tail.len());
     format!("{}{tail}", &full[..cut])
 }
 

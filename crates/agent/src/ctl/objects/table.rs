@@ -81,19 +81,12 @@ fn align(rows: &[Vec<String>]) -> String {
 
 /// A label selector as kubectl prints it (`app=web,tier in (a,b),!canary`; empty: `<none>`).
 fn selector_text(selector: &trellis_model::LabelSelector) -> String {
-    use trellis_model::label_selector::Operator;
-    let mut parts: Vec<String> = (selector.match_labels.iter())
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for r in &selector.match_expressions {
-        parts.push(match r.operator {
-            Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
-            Operator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
-            Operator::Exists => r.key.clone(),
-            Operator::DoesNotExist => format!("!{}", r.key),
-        });
+    let text = selector.to_string();
+    if text.is_empty() {
+        "<none>".into()
+    } else {
+        text
     }
-    or_none(parts, "<none>")
 }
 
 fn or_none(items: Vec<String>, none: &str) -> String {

@@ -198,6 +198,15 @@ fn names_too_long_for_the_kernel_are_cut_and_stay_distinct() {
         object_name(PEERS_PREFIX, "shop/p/in0/0"),
         "peers-shop/p/in0/0"
     );
+    // What nft cannot read back is replaced, and the name made unique again.
+    let eq = object_name(PEERS_PREFIX, "shop/app=web");
+    let ne = object_name(PEERS_PREFIX, "shop/app,web");
+    assert!(eq.starts_with("peers-shop/app_web."), "{eq}");
+    assert_ne!(eq, ne);
+    assert!(
+        eq.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
+    );
 }
 
 #[test]
