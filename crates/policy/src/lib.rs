@@ -17,6 +17,8 @@
 pub mod cluster;
 pub mod evaluate;
 pub mod plan;
+#[cfg(any(test, feature = "testing"))]
+pub mod random;
 
 pub use cluster::{Cluster, NamedPort, Namespace, Pod};
 pub use evaluate::{Decision, End, Packet, PolicyRef, Side, evaluate};

@@ -8,7 +8,6 @@
 //!     ct state established,related accept          replies and admitted flows
 //!     ip saddr vmap @egress                         local pod → its egress check
 //!     iifname "tp*" ip saddr != @pods counter drop  a pod not programmed yet
-//!     fib saddr type local accept                   the resident node is never refused
 //!     ip daddr vmap @ingress                        → local pod's ingress check
 //!     oifname "tp*" ip daddr != @pods counter drop
 //!   chain input    (hook input)
@@ -21,6 +20,10 @@
 //!   set peers-<ns/policy/in0/1>                    addresses a selector picks
 //!   set ports-<ns/policy/out0/named>               address . protocol . port (named ports)
 //! ```
+//!
+//! The node's own traffic to its pods is never refused (Kubernetes: pods cannot block their
+//! resident node) without a rule for it: it leaves through the output hook, which the table
+//! does not hook.
 //!
 //! Maps are keyed by the pod's address, so a packet costs one lookup plus its own pod's
 //! rules, however many policies and pods the cluster has. A pod that no policy isolates in
@@ -40,8 +43,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use trellis_dataplane::nftables::dsl::{self, Field};
 use trellis_dataplane::nftables::{
-    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, FibFlags, FibResult, Hook,
-    PayloadBase, Policy, Reg, RouteType, SetSpec, Verdict, concat,
+    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, Hook, PayloadBase, Policy, Reg,
+    SetSpec, Verdict, concat,
 };
 use trellis_model::{IpNet, Protocol};
 use trellis_policy::PolicyRef;
@@ -194,7 +197,6 @@ pub fn render(plan: &NodePolicy, family: IpFamily, guard: Option<Guard<'_>>) -> 
     };
     let mut forward = vec![settled.clone(), dsl::vmap(&[f.saddr], EGRESS)];
     forward.extend(guard.map(unknown_from));
-    forward.push([fib_saddr_local(), dsl::accept()].concat());
     forward.push(dsl::vmap(&[f.daddr], INGRESS));
     forward.extend(guard.map(unknown_to));
     let mut input = vec![settled];
@@ -347,18 +349,6 @@ fn icmpv6_neighbour_discovery() -> Vec<Expr> {
     exprs
 }
 
-/// `fib saddr type local`: the source is one of this node's addresses.
-fn fib_saddr_local() -> Vec<Expr> {
-    vec![
-        Expr::Fib {
-            flags: FibFlags::SADDR,
-            result: FibResult::AddrType,
-            dreg: Reg::R1,
-        },
-        cmp(CmpOp::Eq, RouteType::Local.code().to_ne_bytes().to_vec()),
-    ]
-}
-
 /// A check chain is named after its rules, so pods with the same check share it and a
 /// changed check is a new chain (the map element swaps to it in one step).
 fn chain_name(chain: &RenderedChain) -> String {
@@ -440,5 +430,7 @@ impl Fields {
     }
 }
 
+#[cfg(test)]
+mod interpret;
 #[cfg(test)]
 mod tests;
