@@ -101,6 +101,67 @@ async fn register(kube: &Kube, spec: &LabSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the API server and a kubelet have of a pod before its sandbox's CNI ADD: the Pod,
+/// scheduled to its node, with its labels and named ports (and its namespace).
+pub async fn pod_scheduled(
+    lab: &str,
+    node: &str,
+    pod: &crate::spec::PodSpec,
+) -> anyhow::Result<()> {
+    let kube = host_client(lab)?;
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": pod.namespace}});
+    match kube.create(&Kind::namespace(), None, &namespace).await {
+        Err(trellis_kube::client::KubeError::Refused { code: 409, .. }) | Ok(_) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let ports: Vec<serde_json::Value> = (pod.ports.iter())
+        .map(|p| json!({"name": p.name, "containerPort": p.port, "protocol": p.protocol}))
+        .collect();
+    let object = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
+        "spec": {"nodeName": node, "containers": [{"name": "echo", "ports": ports}]},
+    });
+    kube.delete(&Kind::pod(), Some(&pod.namespace), &pod.name)
+        .await?;
+    kube.create(&Kind::pod(), Some(&pod.namespace), &object)
+        .await?;
+    let status = json!({"status": {"phase": "Pending"}});
+    kube.merge_patch(&Kind::pod(), Some(&pod.namespace), &pod.name, &status, true)
+        .await?;
+    Ok(())
+}
+
+/// What the kubelet reports once the sandbox has its network: the pod's addresses, Running.
+pub async fn pod_running(lab: &str, pod: &crate::spec::PodSpec) -> anyhow::Result<()> {
+    let kube = host_client(lab)?;
+    let mut ips = vec![json!({"ip": pod.ip.addr().to_string()})];
+    ips.extend(pod.ip6.map(|a| json!({"ip": a.addr().to_string()})));
+    let status = json!({"status": {"phase": "Running", "podIP": ips[0]["ip"], "podIPs": ips}});
+    kube.merge_patch(&Kind::pod(), Some(&pod.namespace), &pod.name, &status, true)
+        .await?;
+    Ok(())
+}
+
+/// The Pod removed (`lab pod del`), from synchronous code: on a thread of its own with a
+/// runtime of its own.
+pub fn pod_deleted(lab: &str, pod: &crate::spec::PodSpec) -> anyhow::Result<()> {
+    let (lab, namespace, name) = (lab.to_string(), pod.namespace.clone(), pod.name.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let kube = host_client(&lab)?;
+            kube.delete(&Kind::pod(), Some(&namespace), &name).await?;
+            anyhow::Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("deleting pod {}: the thread panicked", pod.name))?
+}
+
 /// A listener on the host's loopback that forwards each connection to the lab's API
 /// socket, for clients that speak TCP only; lives as long as the current runtime.
 pub fn proxy_on_loopback(lab: &str) -> anyhow::Result<SocketAddr> {

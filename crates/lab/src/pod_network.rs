@@ -63,8 +63,23 @@ pub async fn create_with(
         Netlink::connect_in(&pod.netns)?.set_up("lo").await?;
     }
     pod.container_id = new_container_id(&pod.name);
+    let on_kubernetes = spec.store == crate::spec::StoreKind::Kubernetes;
+    // On a Kubernetes lab the Pod object comes first, as the API server has it before a
+    // kubelet makes the sandbox. Best effort: a kubelet re-creates the sandboxes of pods it
+    // knows with the API down (a cold boot), and so does the lab.
+    if on_kubernetes
+        && let Err(e) = crate::kube_api::pod_scheduled(&spec.name, &node.name, pod).await
+    {
+        tracing::warn!(pod = %pod.name, "the Pod object: {e:#}");
+    }
     match add(spec, node, pod, plugin, patience).await {
-        Ok(result) => record(pod, &result),
+        Ok(result) => {
+            record(pod, &result)?;
+            if on_kubernetes && let Err(e) = crate::kube_api::pod_running(&spec.name, pod).await {
+                tracing::warn!(pod = %pod.name, "the Pod's status: {e:#}");
+            }
+            Ok(())
+        }
         Err(e) => {
             // No sandbox holds a network: the next try is a new one, in the same namespace.
             pod.container_id.clear();
@@ -156,6 +171,11 @@ fn record(pod: &mut PodSpec, result: &Value) -> anyhow::Result<()> {
 /// DEL for the pod's sandbox, then the sandbox goes. DEL is retried once on failure; a
 /// sandbox that is already gone is fine (DEL must succeed without it).
 pub fn delete(spec: &LabSpec, node: &NodeSpec, pod: &PodSpec) -> anyhow::Result<()> {
+    if spec.store == crate::spec::StoreKind::Kubernetes
+        && let Err(e) = crate::kube_api::pod_deleted(&spec.name, pod)
+    {
+        tracing::warn!(pod = %pod.name, "removing the Pod object: {e:#}");
+    }
     let plugin = cni::plugin_path()?;
     let config = plugin_config(&spec.name, &node.name);
     let netns_path = if netns::exists(&pod.netns) {

@@ -1756,6 +1756,43 @@ fn a_lab_on_kubernetes_meshes_fails_over_and_elects_through_the_api() {
         },
     );
     assert!(kubectl_ok(&lab, "get peers").contains("laptop"));
+
+    step("a NetworkPolicy applied with kubectl is enforced from the API's Pods");
+    let b1_pod = lab.node("b1")["pods"][0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: serve-only, namespace: default}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 9377}]\n";
+    let file = std::env::temp_dir().join("trt-k8s-policy.yaml");
+    std::fs::write(&file, policy).unwrap();
+    kubectl_ok(
+        &lab,
+        &format!("apply --validate=false -f {}", file.display()),
+    );
+    let reaches = |port: u16| {
+        let target = format!("{}:{port}", b1_pod.split('/').next().unwrap());
+        lab.run(&[
+            "lab",
+            "connect",
+            "a1-p0",
+            &target,
+            "--count",
+            "1",
+            "--timeout-ms",
+            "500",
+        ])
+        .status
+        .success()
+    };
+    wait_until("9376 to be refused", Duration::from_secs(15), || {
+        !reaches(9376)
+    });
+    assert!(reaches(9377), "the admitted port");
+    kubectl_ok(&lab, &format!("delete -f {}", file.display()));
+    std::fs::remove_file(&file).unwrap();
+    wait_until("9376 to be open again", Duration::from_secs(15), || {
+        reaches(9376)
+    });
     for (what, says) in [
         ("describe peer laptop", "10.5.0.1/32"),
         ("describe location site-a", "Opinions"),

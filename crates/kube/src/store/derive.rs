@@ -208,9 +208,11 @@ fn string_map(value: &Value) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-/// A Pod as NetworkPolicy reads it: only a pod with its own addresses that has not ended
-/// (a host-network pod has the node's; a finished one may have given its address to the
-/// next pod).
+/// A Pod as NetworkPolicy reads it: a scheduled pod with its own network that has not
+/// ended (a host-network pod has the node's addresses; a finished one may have given its
+/// address to the next pod). A pod not addressed yet stands for its labels and named
+/// ports: its node's agent has its addresses from the CNI plugin before the API does, and
+/// programs its rules from both before the plugin's ADD returns.
 fn pod(object: &Value) -> Option<trellis_model::Pod> {
     let spec = &object["spec"];
     let status = &object["status"];
@@ -225,9 +227,6 @@ fn pod(object: &Value) -> Option<trellis_model::Pod> {
         .flatten()
         .filter_map(|a| a["ip"].as_str()?.parse().ok())
         .collect();
-    if ips.is_empty() {
-        return None;
-    }
     let mut ports = Vec::new();
     for container in spec["containers"].as_array().into_iter().flatten() {
         for p in container["ports"].as_array().into_iter().flatten() {
@@ -507,6 +506,11 @@ mod tests {
             Some(53)
         );
         assert_eq!(pod.ports.len(), 2, "unnamed ports mean nothing to a policy");
+        object["status"] = json!({"phase": "Pending"});
+        let pending: trellis_model::Pod =
+            serde_json::from_slice(&records(Kind::Pod, &object, "x")[0].value).unwrap();
+        assert!(pending.ips.is_empty(), "labels before addresses");
+        assert_eq!(pending.labels["app"], "db");
         object["status"]["phase"] = json!("Succeeded");
         assert!(
             records(Kind::Pod, &object, "x").is_empty(),
