@@ -4,13 +4,10 @@
 //! tampered with from outside (a removed deny, a stale allow), and must be repaired.
 
 use serde_json::json;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis_agent::admin::Metrics;
 use trellis_agent::policy::run::{PolicyConfig, run};
-use trellis_dataplane::netns;
 use trellis_dataplane::nftables::Nft;
 use trellis_store::Store;
 use trellis_store::embedded::EmbeddedStore;
@@ -19,38 +16,15 @@ use trellis_testkit::nft::nft;
 use trellis_testkit::wait_for;
 
 fn serve_in(ns: &str, addr: &'static str) {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("entering B");
-        let listener = TcpListener::bind(addr).expect("binding the server");
-        for mut stream in listener.incoming().flatten() {
-            let _ = stream.write_all(b"ok");
-        }
-    });
+    trellis_testkit::tcp::serve(ns, addr, "ok");
 }
 
 fn connect(ns: &str, to: &str) -> Result<String, String> {
-    let to: SocketAddr = to.parse().unwrap();
-    netns::run_in(ns, move || {
-        let mut stream = TcpStream::connect_timeout(&to, Duration::from_millis(300))
-            .map_err(|e| e.kind().to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .map_err(|e| e.to_string())?;
-        Ok(answer)
-    })
-    .expect("entering the client's namespace")
+    trellis_testkit::tcp::exchange(ns, to, Duration::from_millis(300))
 }
 
 async fn put(store: &EmbeddedStore, key: &str, value: serde_json::Value) {
-    store
-        .put(key, serde_json::to_vec(&value).unwrap())
-        .await
-        .unwrap();
+    trellis_testkit::tcp::put_json(store, key, value).await;
 }
 
 fn pod(name: &str, app: &str, ips: [&str; 2], node: &str) -> serde_json::Value {

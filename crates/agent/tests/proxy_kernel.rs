@@ -21,42 +21,16 @@ use trellis_testkit::netns::Routed;
 use trellis_testkit::nft::nft;
 use trellis_testkit::wait_for;
 
-/// A server in B that answers each connection with `answer` and closes.
 fn serve_in(ns: &str, addr: &'static str, answer: &'static str) {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        netns::enter(&ns).expect("entering B");
-        let listener = TcpListener::bind(addr).expect("binding the backend");
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let _ = stream.write_all(answer.as_bytes());
-        }
-    });
+    trellis_testkit::tcp::serve(ns, addr, answer);
 }
 
-/// Connects from namespace `ns` and reads the answer.
 fn connect(ns: &str, to: &str) -> Result<String, String> {
-    let to: SocketAddr = to.parse().unwrap();
-    netns::run_in(ns, move || {
-        let mut stream = TcpStream::connect_timeout(&to, Duration::from_millis(500))
-            .map_err(|e| e.kind().to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .map_err(|e| e.to_string())?;
-        Ok(answer)
-    })
-    .expect("entering the client's namespace")
+    trellis_testkit::tcp::exchange(ns, to, Duration::from_millis(500))
 }
 
 async fn put(store: &EmbeddedStore, key: &str, value: serde_json::Value) {
-    store
-        .put(key, serde_json::to_vec(&value).unwrap())
-        .await
-        .unwrap();
+    trellis_testkit::tcp::put_json(store, key, value).await;
 }
 
 fn service(node_port: bool) -> serde_json::Value {

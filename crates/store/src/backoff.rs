@@ -41,6 +41,18 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// How long until the next pass of a periodic job (an audit): `interval` after one
+    /// that went well, sooner (backing off) after a failure, so a refused change is retried
+    /// without spinning.
+    pub fn next_pass(&mut self, ok: bool, interval: Duration) -> Duration {
+        if ok {
+            self.reset();
+            interval
+        } else {
+            self.next_delay()
+        }
+    }
 }
 
 /// Calls `attempt` until it succeeds, sleeping a jittered, growing delay (from `base` up to

@@ -7,6 +7,7 @@
 //!   families, and `ip`, `nft` and `ping` as independent witnesses for kernel tests;
 //! - [`podman`]: podman with runc and its CNI backend, confined to a test's namespace and
 //!   directory, everything of it removed when dropped or swept after a killed run;
+//! - [`tcp`]: a TCP server and client across test namespaces, a JSON store write;
 //! - [`wait_until`] / [`wait_for`]: poll a condition until it holds or a deadline passes,
 //!   instead of sleeping a fixed time and hoping.
 
@@ -15,6 +16,7 @@ mod freezable;
 pub mod netns;
 pub mod nft;
 pub mod podman;
+pub mod tcp;
 mod wait;
 
 pub use freezable::{Freezable, Unreachable};

@@ -1882,6 +1882,80 @@ fn a_lab_on_kubernetes_meshes_fails_over_and_elects_through_the_api() {
     assert_eq!(agent_pids(&lab), agents, "no agent exited or restarted");
 }
 
+/// `lab pod add NODE POD --namespace NS ARGS...`; the pod's IPv4 address.
+fn add_policy_pod(lab: &Lab, node: &str, pod: &str, namespace: &str, args: &[&str]) -> String {
+    let mut all = vec!["lab", "pod", "add", node, pod, "--namespace", namespace];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--name", &lab.name]);
+    let added = ok(&all);
+    let ip = added.split(" at ").nth(1).and_then(|r| r.split('/').next());
+    ip.unwrap_or_else(|| panic!("no address in {added:?}"))
+        .to_string()
+}
+
+/// Whether each ordered pair of `pods` (name, address) connects on each of `ports`, every
+/// probe at once (a dropped one costs its timeout, not the matrix's sum).
+fn observed_matrix<'a>(
+    lab: &Lab,
+    pods: &'a [(&'a str, String)],
+    ports: &[u16],
+) -> std::collections::BTreeMap<(&'a str, &'a str, u16), bool> {
+    std::thread::scope(|s| {
+        let mut probes = Vec::new();
+        for (from, _) in pods {
+            for (to, ip) in pods.iter().filter(|p| p.0 != *from) {
+                for &port in ports {
+                    let target = format!("{ip}:{port}");
+                    let probe = s.spawn(move || {
+                        let args = [
+                            "lab",
+                            "connect",
+                            from,
+                            &target,
+                            "--count",
+                            "1",
+                            "--timeout-ms",
+                            "500",
+                        ];
+                        lab.run(&args).status.success()
+                    });
+                    probes.push(((*from, *to, port), probe));
+                }
+            }
+        }
+        (probes.into_iter())
+            .map(|(pair, probe)| (pair, probe.join().unwrap()))
+            .collect()
+    })
+}
+
+/// Waits (20 s at most) until the observed matrix is the one `allowed` says.
+fn wait_matrix(
+    lab: &Lab,
+    what: &str,
+    pods: &[(&str, String)],
+    ports: &[u16],
+    allowed: &dyn Fn(&str, &str, u16) -> bool,
+) {
+    step(what);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let wrong: Vec<String> = observed_matrix(lab, pods, ports)
+            .into_iter()
+            .filter(|((from, to, port), got)| *got != allowed(from, to, *port))
+            .map(|((from, to, port), got)| format!("{from}->{to}:{port} {got}"))
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: observed differs: {wrong:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// NetworkPolicy across locations: pods made through the CNI plugin with a namespace and
 /// labels, a policy applied with `trellis apply`, and every ordered pair of those pods
 /// probed on the echo port against the expected matrix — before the policy, under it,
@@ -1890,71 +1964,22 @@ fn a_lab_on_kubernetes_meshes_fails_over_and_elects_through_the_api() {
 fn network_policy_is_enforced_across_locations_from_the_pods_cni_attachments() {
     let _serial = serial();
     let lab = Lab::up("tpol", &["--agent-resync", "1"]);
-    let pods = [
+    let mut pods: Vec<(&str, String)> = Vec::new();
+    for (node, pod, labels) in [
         ("a1", "web", "app=web"),
         ("a2", "other", "app=other"),
         ("b1", "db", "app=db"),
-    ];
-    let mut ips = std::collections::BTreeMap::new();
-    for (node, pod, labels) in pods {
-        let added = ok(&[
-            "lab",
-            "pod",
-            "add",
-            node,
+    ] {
+        pods.push((
             pod,
-            "--namespace",
-            "shop",
-            "--labels",
-            labels,
-            "--name",
-            &lab.name,
-        ]);
-        let ip = added
-            .split(" at ")
-            .nth(1)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap();
-        ips.insert(pod, ip.to_string());
+            add_policy_pod(&lab, node, pod, "shop", &["--labels", labels]),
+        ));
     }
-    let reaches = |from: &str, to: &str| {
-        let target = format!("{}:9376", ips[to]);
-        let out = lab.run(&["lab", "connect", from, &target, "--count", "1"]);
-        out.status.success()
+    let ip = |pod: &str| pods.iter().find(|p| p.0 == pod).unwrap().1.clone();
+    let matrix = |what: &str, allowed: &dyn Fn(&str, &str, u16) -> bool| {
+        wait_matrix(&lab, what, &pods, &[9376], allowed)
     };
-    // The observed matrix of every ordered pair, waited for until it is the expected one.
-    let matrix = |what: &str, allowed: &[(&str, &str)]| {
-        step(what);
-        let names: Vec<&str> = pods.iter().map(|p| p.1).collect();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut wrong = Vec::new();
-            for from in &names {
-                for to in names.iter().filter(|t| *t != from) {
-                    let expected = allowed.contains(&(*from, *to));
-                    if reaches(from, to) != expected {
-                        wrong.push(format!("{from}->{to} expected {expected}"));
-                    }
-                }
-            }
-            if wrong.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: {wrong:?}");
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
-    let everyone = [
-        ("web", "other"),
-        ("web", "db"),
-        ("other", "web"),
-        ("other", "db"),
-        ("db", "web"),
-        ("db", "other"),
-    ];
-    matrix("no policy: every pair", &everyone);
+    matrix("no policy: every pair", &|_, _, _| true);
 
     let policy = r#"
 apiVersion: networking.k8s.io/v1
@@ -1971,19 +1996,19 @@ spec:
     let applied = lab.state(&["apply", "-f", file.to_str().unwrap()]);
     std::fs::remove_file(&file).unwrap();
     assert!(applied.status.success(), "{}", text(&applied));
-    let isolated: Vec<(&str, &str)> = everyone
-        .iter()
-        .copied()
-        .filter(|p| *p != ("other", "db"))
-        .collect();
+    let isolated = |from: &str, to: &str, _| (from, to) != ("other", "db");
     matrix("db admits web only (across locations)", &isolated);
-    let dropped = lab.metric(
-        "b1",
-        "trellis_policy_dropped_packets_total{node=\"b1\",policy=\"shop/db-from-web\",direction=\"ingress\"}",
-    );
-    assert!(
-        dropped.iter().sum::<f64>() > 0.0,
-        "drops are counted: {dropped:?}"
+    // Drops are read from the kernel's counters at each audit (every second here).
+    wait_until(
+        "other's drops to be counted",
+        Duration::from_secs(10),
+        || {
+            let dropped = lab.metric(
+            "b1",
+            "trellis_policy_dropped_packets_total{node=\"b1\",policy=\"shop/db-from-web\",direction=\"ingress\"}",
+        );
+            dropped.iter().sum::<f64>() > 0.0
+        },
     );
 
     step("policy-tamper: a deny removed and a stale allow added from outside, repaired");
@@ -2006,29 +2031,10 @@ spec:
     assert!(healed.contains("nothing to undo"), "{healed}");
 
     step("a pod's labels come from its attachment: a new pod labelled web is admitted");
-    let added = ok(&[
-        "lab",
-        "pod",
-        "add",
-        "a2",
-        "web2",
-        "--namespace",
-        "shop",
-        "--labels",
-        "app=web",
-        "--name",
-        &lab.name,
-    ]);
+    let web2 = add_policy_pod(&lab, "a2", "web2", "shop", &["--labels", "app=web"]);
     // ADD returned once a2's agent had the pod's rules in place: its first connection
     // (to a pod of its own node, which no remote set needs to know) gets through.
-    let web2 = added
-        .split(" at ")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
-    let other = format!("{}:9376", ips["other"]);
+    let other = format!("{}:9376", ip("other"));
     let first = lab.run(&["lab", "connect", "web2", &other, "--count", "1"]);
     assert!(
         first.status.success(),
@@ -2042,7 +2048,7 @@ spec:
     ));
     let spoofed = sh(&format!(
         "ip netns exec {pod_ns} ping -c 1 -W 1 -I 10.244.1.250 {}",
-        ips["other"]
+        ip("other")
     ));
     assert!(!spoofed.status.success(), "a spoofed source is dropped");
     let forward = text(&sh(&format!(
@@ -2057,7 +2063,7 @@ spec:
     );
     assert_ne!(web2, "10.244.1.250");
     wait_until("web2 to reach db", Duration::from_secs(20), || {
-        let target = format!("{}:9376", ips["db"]);
+        let target = format!("{}:9376", ip("db"));
         lab.run(&["lab", "connect", "web2", &target, "--count", "1"])
             .status
             .success()
@@ -2072,7 +2078,7 @@ spec:
         "shop",
     ]);
     assert!(deleted.status.success(), "{}", text(&deleted));
-    matrix("policy deleted: every pair again", &everyone);
+    matrix("policy deleted: every pair again", &|_, _, _| true);
 }
 
 /// NetworkPolicy in the style of the upstream conformance matrix: pods in three namespaces
@@ -2091,96 +2097,28 @@ fn network_policy_conformance_matrix_across_namespaces_and_locations() {
         ("yb", "y", "b3", "b"),
         ("za", "z", "a3", "a"),
     ];
-    let mut ips = std::collections::BTreeMap::new();
+    let mut addressed: Vec<(&str, String)> = Vec::new();
     for (pod, ns, node, label) in pods {
-        let labels = format!("pod={label}");
-        let added = ok(&[
-            "lab",
-            "pod",
-            "add",
-            node,
-            pod,
-            "--namespace",
-            ns,
+        let args = [
             "--labels",
-            &labels,
+            &format!("pod={label}"),
             "--port",
             "echo=9376",
             "--port",
             "serve=9377",
-            "--name",
-            &lab.name,
-        ]);
-        let ip = added
-            .split(" at ")
-            .nth(1)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap();
-        ips.insert(pod, ip.to_string());
+        ];
+        addressed.push((pod, add_policy_pod(&lab, node, pod, ns, &args)));
     }
     let ns_of = |pod: &str| pods.iter().find(|p| p.0 == pod).unwrap().1;
-    const PORTS: [u16; 2] = [9376, 9377];
-    // Every probe at once: a refused one costs its timeout, not the matrix's sum.
-    let observe = || -> std::collections::BTreeMap<(&str, &str, u16), bool> {
-        std::thread::scope(|s| {
-            let mut probes = Vec::new();
-            for (from, ..) in pods {
-                for (to, ..) in pods.iter().filter(|p| p.0 != from) {
-                    for port in PORTS {
-                        let target = format!("{}:{port}", ips[to]);
-                        let lab = &lab;
-                        probes.push((
-                            (from, *to, port),
-                            s.spawn(move || {
-                                lab.run(&[
-                                    "lab",
-                                    "connect",
-                                    from,
-                                    &target,
-                                    "--count",
-                                    "1",
-                                    "--timeout-ms",
-                                    "500",
-                                ])
-                                .status
-                                .success()
-                            }),
-                        ));
-                    }
-                }
-            }
-            probes
-                .into_iter()
-                .map(|(k, h)| (k, h.join().unwrap()))
-                .collect()
-        })
-    };
+    let ya = addressed.iter().find(|p| p.0 == "ya").unwrap().1.clone();
     let expect = |what: &str, policy: &str, allowed: &dyn Fn(&str, &str, u16) -> bool| {
-        step(what);
         let file = std::env::temp_dir().join("trt-conformance-policy.yaml");
         if !policy.is_empty() {
             std::fs::write(&file, policy).unwrap();
             let applied = lab.state(&["apply", "-f", file.to_str().unwrap()]);
             assert!(applied.status.success(), "{what}: {}", text(&applied));
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let wrong: Vec<String> = observe()
-                .into_iter()
-                .filter(|((from, to, port), got)| *got != allowed(from, to, *port))
-                .map(|((from, to, port), got)| format!("{from}->{to}:{port} {got}"))
-                .collect();
-            if wrong.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: observed differs: {wrong:?}"
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        wait_matrix(&lab, what, &addressed, &[9376, 9377], allowed);
         if !policy.is_empty() {
             let deleted = lab.state(&["delete", "-f", file.to_str().unwrap()]);
             assert!(deleted.status.success(), "{what}: {}", text(&deleted));
@@ -2215,7 +2153,6 @@ fn network_policy_conformance_matrix_across_namespaces_and_locations() {
         ),
         &|from, to, _| ns_of(to) != "x" || from == "yb",
     );
-    let ya = &ips["ya"];
     expect(
         "ipBlock with except: x admits the pod network but ya",
         &policy(

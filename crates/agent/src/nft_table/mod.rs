@@ -3,6 +3,7 @@
 //! what the kernel holds, and the differences become units of operations ([`units`]) that
 //! [`kernel`] applies in bounded transactions after reading the table back.
 
+pub mod family;
 pub mod kernel;
 pub mod rendered;
 pub mod units;

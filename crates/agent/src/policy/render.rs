@@ -36,15 +36,14 @@
 //! its rules, so a workload does not start before them); a pod sending from an address
 //! that is not its own gets nowhere.
 
+use crate::nft_table::family::{Fields, nft_family};
 use crate::nft_table::rendered::Fnv;
 use crate::nft_table::{RenderedChain, RenderedRule, RenderedSet, RenderedTable, Scope};
-use crate::proxy::render::nft_family;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use trellis_dataplane::nftables::dsl::{self, Field};
 use trellis_dataplane::nftables::{
-    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, Hook, PayloadBase, Policy, Reg,
-    SetSpec, Verdict, concat,
+    BaseChain, ChainKind, CtState, Datum, ElemValue, Expr, Hook, Policy, SetSpec, Verdict, concat,
 };
 use trellis_model::{IpNet, Protocol};
 use trellis_policy::PolicyRef;
@@ -202,7 +201,7 @@ pub fn render(plan: &NodePolicy, family: IpFamily, guard: Option<Guard<'_>>) -> 
     let mut input = vec![settled];
     if family == IpFamily::V6 {
         // Neighbour discovery with the node is what any address needs to work at all.
-        input.push([icmpv6_neighbour_discovery(), dsl::accept()].concat());
+        input.push([dsl::icmpv6_type_range(133, 137), dsl::accept()].concat());
     }
     input.push(dsl::vmap(&[f.saddr], EGRESS));
     input.extend(guard.map(unknown_from));
@@ -295,28 +294,9 @@ fn port_match(span: &PortSpan) -> Vec<Expr> {
     if span.first == span.last {
         exprs.extend(dsl::th_dport(span.first));
     } else if (span.first, span.last) != (1, u16::MAX) {
-        exprs.push(dport());
-        exprs.push(cmp(CmpOp::Gte, span.first.to_be_bytes().to_vec()));
-        exprs.push(cmp(CmpOp::Lte, span.last.to_be_bytes().to_vec()));
+        exprs.extend(dsl::th_dport_range(span.first, span.last));
     }
     exprs
-}
-
-fn dport() -> Expr {
-    Expr::Payload {
-        base: PayloadBase::Transport,
-        offset: 2,
-        len: 2,
-        dreg: Reg::R1,
-    }
-}
-
-fn cmp(op: CmpOp, data: Vec<u8>) -> Expr {
-    Expr::Cmp {
-        sreg: Reg::R1,
-        op,
-        data,
-    }
 }
 
 fn addr_in(field: Field, net: IpNet) -> Vec<Expr> {
@@ -326,27 +306,11 @@ fn addr_in(field: Field, net: IpNet) -> Vec<Expr> {
     }
 }
 
-/// The address is outside `net`: the same load as [`addr_in`], compared with `!=`.
 fn addr_not_in(field: Field, net: IpNet) -> Vec<Expr> {
-    let mut exprs = addr_in(field, net);
-    if let Some(Expr::Cmp { op, .. }) = exprs.last_mut() {
-        *op = CmpOp::Neq;
+    match field {
+        Field::IpSaddr | Field::Ip6Saddr => dsl::ip_saddr_not_in(net),
+        _ => dsl::ip_daddr_not_in(net),
     }
-    exprs
-}
-
-/// ICMPv6 types 133–137: router and neighbour solicitation and advertisement, redirect.
-fn icmpv6_neighbour_discovery() -> Vec<Expr> {
-    let mut exprs = dsl::l4proto(58);
-    exprs.push(Expr::Payload {
-        base: PayloadBase::Transport,
-        offset: 0,
-        len: 1,
-        dreg: Reg::R1,
-    });
-    exprs.push(cmp(CmpOp::Gte, vec![133]));
-    exprs.push(cmp(CmpOp::Lte, vec![137]));
-    exprs
 }
 
 /// A check chain is named after its rules, so pods with the same check share it and a
@@ -406,27 +370,6 @@ fn protocol_number(protocol: Protocol) -> u8 {
         Protocol::Tcp => 6,
         Protocol::Udp => 17,
         Protocol::Sctp => 132,
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Fields {
-    saddr: Field,
-    daddr: Field,
-}
-
-impl Fields {
-    fn of(family: IpFamily) -> Fields {
-        match family {
-            IpFamily::V4 => Fields {
-                saddr: Field::IpSaddr,
-                daddr: Field::IpDaddr,
-            },
-            IpFamily::V6 => Fields {
-                saddr: Field::Ip6Saddr,
-                daddr: Field::Ip6Daddr,
-            },
-        }
     }
 }
 

@@ -106,7 +106,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_audit), if enforcer.applied.is_some() => {
                 let wanted = enforcer.replan();
                 let ok = enforcer.audit(wanted).await;
-                next_audit = schedule(ok, &mut backoff, config.audit_interval);
+                next_audit = tokio::time::Instant::now() + backoff.next_pass(ok, config.audit_interval);
                 continue;
             }
         }
@@ -136,20 +136,8 @@ pub async fn run(
                 .observe(received.elapsed().as_secs_f64());
             ok
         };
-        next_audit = schedule(ok, &mut backoff, config.audit_interval);
+        next_audit = tokio::time::Instant::now() + backoff.next_pass(ok, config.audit_interval);
     }
-}
-
-/// The next audit: after the interval when all went well, sooner (with backoff) after a
-/// failure.
-fn schedule(ok: bool, backoff: &mut Backoff, interval: Duration) -> tokio::time::Instant {
-    let delay = if ok {
-        backoff.reset();
-        interval
-    } else {
-        backoff.next_delay()
-    };
-    tokio::time::Instant::now() + delay
 }
 
 type Tables = [(IpFamily, RenderedPolicy); 2];

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 use trellis_dataplane::nftables::dsl::{self, Field};
 use trellis_dataplane::nftables::{
-    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, Family, FibFlags, FibResult,
-    Hook, MetaKey, Policy, Reg, RouteType, SetFlags, SetSpec, Verdict, concat,
+    BaseChain, ChainKind, CmpOp, CtState, Datum, ElemValue, Expr, FibFlags, FibResult, Hook,
+    MetaKey, Policy, Reg, RouteType, SetFlags, SetSpec, Verdict, concat,
 };
 use trellis_dataplane::nftables::{DataType, LookupResult, NatFamily, NatKind, NumgenKind, SetRef};
 use trellis_proxy::ruleset::{Condition, Frontend, FrontendKind, Role, names};
@@ -58,32 +58,7 @@ pub struct RenderedPort {
     pub sets: BTreeMap<String, RenderedSet>,
 }
 
-pub fn nft_family(family: IpFamily) -> Family {
-    match family {
-        IpFamily::V4 => Family::Ip,
-        IpFamily::V6 => Family::Ip6,
-    }
-}
-
-/// Field names by family.
-#[derive(Clone, Copy)]
-pub(super) struct Fields {
-    saddr: Field,
-    daddr: Field,
-}
-
-fn fields(family: IpFamily) -> Fields {
-    match family {
-        IpFamily::V4 => Fields {
-            saddr: Field::IpSaddr,
-            daddr: Field::IpDaddr,
-        },
-        IpFamily::V6 => Fields {
-            saddr: Field::Ip6Saddr,
-            daddr: Field::Ip6Daddr,
-        },
-    }
-}
+pub use crate::nft_table::family::{Fields, nft_family};
 
 /// The whole table: the fixed part, then every port's.
 pub fn render(table: &Table) -> RenderedTable {
@@ -115,7 +90,7 @@ pub fn merge(out: &mut RenderedTable, port: RenderedPort) {
 /// The table's own chains and the fixed sets, with the node's elements.
 pub fn render_fixed(table: &Table) -> RenderedTable {
     let family = table.family;
-    let f = fields(family);
+    let f = Fields::of(family);
     let dest_key = [f.daddr, Field::L4Proto, Field::ThDport];
     let port_key = [Field::L4Proto, Field::ThDport];
     let mut sets = BTreeMap::new();
@@ -310,7 +285,7 @@ pub fn render_port(
     cluster_cidrs: &[IpNet],
     rules: &ServiceRules,
 ) -> RenderedPort {
-    let f = fields(family);
+    let f = Fields::of(family);
     let mut out = RenderedPort::default();
     let goto = |chain: &String| Some(ElemValue::Verdict(Verdict::Goto(chain.clone())));
     let refuse = |r: &Refusal| {
@@ -411,7 +386,7 @@ pub fn render_chain(
     cluster_cidrs: &[IpNet],
     body: &[Rule],
 ) -> RenderedChain {
-    let f = fields(family);
+    let f = Fields::of(family);
     RenderedChain {
         base: None,
         rules: body

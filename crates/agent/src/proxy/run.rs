@@ -132,12 +132,12 @@ pub async fn run(
                     proxy.sweep_conntrack().await;
                 }
                 health_tx.send_replace(proxy.health_checks());
-                next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
+                next_audit = tokio::time::Instant::now() + audit_backoff.next_pass(ok, config.audit_interval);
             }
             _ = tokio::time::sleep_until(next_audit), if proxy.programmed => {
                 let ok = proxy.audit().await;
                 proxy.sweep_conntrack().await;
-                next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
+                next_audit = tokio::time::Instant::now() + audit_backoff.next_pass(ok, config.audit_interval);
             }
             changed = state.changed(), if state_open => {
                 if changed.is_err() {
@@ -150,7 +150,7 @@ pub async fn run(
                     tracing::info!(?cidrs, "cluster networks changed: replanning every service");
                     proxy.rebuild(cidrs);
                     let ok = proxy.audit().await;
-                    next_audit = schedule(ok, &mut audit_backoff, config.audit_interval);
+                    next_audit = tokio::time::Instant::now() + audit_backoff.next_pass(ok, config.audit_interval);
                 } else {
                     proxy.cluster_cidrs_pending(cidrs);
                 }
@@ -161,18 +161,6 @@ pub async fn run(
             }
         }
     }
-}
-
-/// The next audit: after the interval when all went well, sooner (with backoff) after a
-/// failure, so a refused change is retried without spinning.
-fn schedule(ok: bool, backoff: &mut Backoff, interval: Duration) -> tokio::time::Instant {
-    let delay = if ok {
-        backoff.reset();
-        interval
-    } else {
-        backoff.next_delay()
-    };
-    tokio::time::Instant::now() + delay
 }
 
 /// The pod networks: the pool the leader allocates from, else the nodes' own.

@@ -42,6 +42,7 @@ use super::set::{AnonSet, DataType, Datum, MapData, SetElem};
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// IFNAMSIZ: interface names are compared as 16 NUL-padded bytes.
@@ -109,6 +110,24 @@ pub fn ip_daddr_in(net: IpNet) -> Vec<Expr> {
     addr_in(net, v4_offset, v6_offset)
 }
 
+/// `ip saddr != NET` / `ip6 saddr != NET`.
+pub fn ip_saddr_not_in(net: IpNet) -> Vec<Expr> {
+    negated(ip_saddr_in(net))
+}
+
+/// `ip daddr != NET` / `ip6 daddr != NET`.
+pub fn ip_daddr_not_in(net: IpNet) -> Vec<Expr> {
+    negated(ip_daddr_in(net))
+}
+
+/// The same match with its last comparison inverted.
+fn negated(mut exprs: Vec<Expr>) -> Vec<Expr> {
+    if let Some(Expr::Cmp { op, .. }) = exprs.last_mut() {
+        *op = CmpOp::Neq;
+    }
+    exprs
+}
+
 /// `ip saddr ADDR` / `ip6 saddr ADDR`.
 pub fn ip_saddr(addr: IpAddr) -> Vec<Expr> {
     ip_saddr_in(IpNet::from(addr))
@@ -151,6 +170,24 @@ fn addr_in(net: IpNet, v4_offset: u32, v6_offset: u32) -> Vec<Expr> {
         exprs.push(cmp(CmpOp::Eq, bytes));
     }
     exprs
+}
+
+/// `icmpv6 type LO-HI` (133-137: neighbour discovery).
+pub fn icmpv6_type_range(lo: u8, hi: u8) -> Vec<Expr> {
+    let mut exprs = [nfproto_ipv6(), l4proto(IPPROTO_ICMPV6)].concat();
+    exprs.push(payload(PayloadBase::Transport, 0, 1));
+    exprs.push(cmp(CmpOp::Gte, vec![lo]));
+    exprs.push(cmp(CmpOp::Lte, vec![hi]));
+    exprs
+}
+
+/// `th dport LO-HI` (see [`th_dport`]).
+pub fn th_dport_range(lo: u16, hi: u16) -> Vec<Expr> {
+    vec![
+        payload(PayloadBase::Transport, 2, 2),
+        cmp(CmpOp::Gte, lo.to_be_bytes().to_vec()),
+        cmp(CmpOp::Lte, hi.to_be_bytes().to_vec()),
+    ]
 }
 
 /// `icmp type TYPE` (8 echo-request, 0 echo-reply).

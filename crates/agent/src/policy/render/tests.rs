@@ -1,5 +1,6 @@
 use super::*;
 use serde_json::json;
+use trellis_dataplane::nftables::CmpOp;
 use trellis_model::{Namespace, NetworkPolicy, Pod};
 use trellis_policy::Cluster;
 use trellis_policy::plan::plan;
