@@ -189,20 +189,25 @@ fn pod_check(
                     });
                     continue;
                 }
-                let destinations = (peers.iter())
-                    .flat_map(|peer| matched_pods(cluster, pods, policy, peer))
-                    .chain(
-                        peers
-                            .is_empty()
-                            .then_some(pods.iter())
-                            .into_iter()
-                            .flatten(),
-                    );
+                // Each destination's addresses the peer matches: an ipBlock matches only
+                // those it holds (a dual-stack pod's other family is not in it).
+                let mut destinations: Vec<(&Pod, Vec<IpAddr>)> = Vec::new();
+                for peer in peers {
+                    for dest in matched_pods(cluster, pods, policy, peer) {
+                        let ips = (dest.ips.iter().copied())
+                            .filter(|ip| peer.ip_block.as_ref().is_none_or(|b| b.contains(*ip)))
+                            .collect();
+                        destinations.push((dest, ips));
+                    }
+                }
+                if peers.is_empty() {
+                    destinations.extend(pods.iter().map(|p| (p, p.ips.clone())));
+                }
                 let mut elements = BTreeSet::new();
-                for dest in destinations {
+                for (dest, ips) in destinations {
                     for (protocol, port_name) in &named {
                         if let Some(n) = dest.named_port(port_name, *protocol) {
-                            elements.extend(dest.ips.iter().map(|ip| (*ip, *protocol, n)));
+                            elements.extend(ips.iter().map(|ip| (*ip, *protocol, n)));
                         }
                     }
                 }

@@ -68,6 +68,9 @@ fn peer(rng: &mut Rng) -> Value {
             json!({"podSelector": selector(rng, &POD_LABELS), "namespaceSelector": selector(rng, &NS_LABELS)})
         }
         3 => json!({"ipBlock": {"cidr": "10.244.0.0/16", "except": ["10.244.1.0/24"]}}),
+        4 if rng.chance(40) => {
+            json!({"ipBlock": {"cidr": "fd00:244::/32", "except": ["fd00:244:1::/48"]}})
+        }
         _ => {
             json!({"ipBlock": {"cidr": rng.pick(&["10.244.0.0/24", "1.2.3.0/24", "172.20.0.0/24"])}})
         }
@@ -96,7 +99,8 @@ fn rules(rng: &mut Rng, side: &str) -> Vec<Value> {
 }
 
 /// The cluster of `seed`: three namespaces, six pods on nodes `n0` and `n1` (pod
-/// addresses `10.244.NODE.*`), up to four policies.
+/// addresses `10.244.NODE.*`, about half of them dual-stack with `fd00:244:NODE::*` too),
+/// up to four policies.
 pub fn case(seed: u64) -> (Cluster, Vec<Pod>) {
     let mut rng = Rng(seed);
     let namespaces = NAMESPACES.iter().map(|n| Namespace {
@@ -130,11 +134,15 @@ pub fn case(seed: u64) -> (Cluster, Vec<Pod>) {
             if rng.chance(50) {
                 pairs.push(("tier", *rng.pick(&["front", "back"])));
             }
+            let mut ips = vec![format!("10.244.{node}.{}", i + 2).parse().unwrap()];
+            if rng.chance(50) {
+                ips.push(format!("fd00:244:{node}::{}", i + 2).parse().unwrap());
+            }
             Pod {
                 namespace: rng.pick(&NAMESPACES).to_string(),
                 name: format!("p{i}"),
                 labels: labels(&pairs),
-                ips: vec![format!("10.244.{node}.{}", i + 2).parse().unwrap()],
+                ips,
                 node: format!("n{node}"),
                 ports,
             }

@@ -19,6 +19,8 @@ fn the_plan_admits_exactly_what_kubernetes_semantics_admit() {
             .collect();
         let outside: Vec<End> = vec![
             End::Address("1.2.3.4".parse().unwrap()),
+            End::Address("2001:db8::4".parse().unwrap()),
+            End::Address("fd00:244:1::200".parse().unwrap()),
             End::Address("10.244.1.200".parse().unwrap()),
             End::Node {
                 node: "n0",
@@ -29,17 +31,13 @@ fn the_plan_admits_exactly_what_kubernetes_semantics_admit() {
                 ip: node_ip("n1"),
             },
         ];
-        let mut ends: Vec<End> = pods
-            .iter()
-            .map(|p| End::Pod {
-                pod: p,
-                ip: p.ips[0],
-            })
+        let mut ends: Vec<End> = (pods.iter())
+            .flat_map(|p| p.ips.iter().map(move |ip| End::Pod { pod: p, ip: *ip }))
             .collect();
         ends.extend(outside);
         for from in &ends {
             for to in &ends {
-                if from.ip() == to.ip() {
+                if from.ip() == to.ip() || from.ip().is_ipv4() != to.ip().is_ipv4() {
                     continue;
                 }
                 for (protocol, port) in [

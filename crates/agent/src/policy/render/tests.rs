@@ -258,23 +258,29 @@ fn the_rendered_tables_admit_exactly_what_the_plan_admits() {
         let plans: BTreeMap<String, NodePolicy> = (nodes.iter())
             .map(|n| (n.to_string(), plan(&cluster, &pods, n, [node_ip(n)])))
             .collect();
-        let tables: BTreeMap<&str, RenderedTable> = (nodes.iter())
-            .map(|n| {
+        let tables: BTreeMap<(String, IpFamily), RenderedTable> = (nodes.iter())
+            .flat_map(|n| IpFamily::BOTH.map(|f| (n.to_string(), f)))
+            .map(|(n, family)| {
                 let guard = Some(Guard { prefix: "tp" });
-                (*n, render(&plans[*n], IpFamily::V4, guard).table)
+                let table = render(&plans[&n], family, guard).table;
+                ((n, family), table)
             })
             .collect();
+        let table = |node: &str, ip: IpAddr| -> &RenderedTable {
+            &tables[&(node.to_string(), IpFamily::of(ip))]
+        };
         let node_of = |ip: IpAddr| {
             pods.iter()
                 .find(|p| p.ips.contains(&ip))
                 .map(|p| p.node.as_str())
         };
-        let mut ends: Vec<IpAddr> = pods.iter().map(|p| p.ips[0]).collect();
+        let mut ends: Vec<IpAddr> = pods.iter().flat_map(|p| p.ips.clone()).collect();
         ends.extend(nodes.iter().map(|n| node_ip(n)));
         ends.push("1.2.3.4".parse().unwrap());
+        ends.push("2001:db8::4".parse().unwrap());
         for &from in &ends {
             for &to in &ends {
-                if from == to {
+                if from == to || from.is_ipv4() != to.is_ipv4() {
                     continue;
                 }
                 for (protocol, l4, port) in [
@@ -308,7 +314,7 @@ fn the_rendered_tables_admit_exactly_what_the_plan_admits() {
                             (FORWARD, "wg0")
                         };
                         admitted &=
-                            run(&tables[a], hook, &packet("tp1", oif, a)) == Outcome::Accept;
+                            run(table(a, from), hook, &packet("tp1", oif, a)) == Outcome::Accept;
                     }
                     // The destination pod's node, unless the packet was already there or
                     // its node sent it (locally sent packets cross no forward hook).
@@ -316,8 +322,8 @@ fn the_rendered_tables_admit_exactly_what_the_plan_admits() {
                         && node_of(from) != Some(b)
                         && own_node(from) != Some(b)
                     {
-                        admitted &=
-                            run(&tables[b], FORWARD, &packet("wg0", "tp2", b)) == Outcome::Accept;
+                        admitted &= run(table(b, from), FORWARD, &packet("wg0", "tp2", b))
+                            == Outcome::Accept;
                     }
                     let want = trace(&plans, from, to, protocol, port);
                     assert_eq!(
@@ -341,13 +347,16 @@ fn the_rendered_tables_admit_exactly_what_the_plan_admits() {
                 established: false,
                 saddr_local: false,
             };
-            assert_eq!(run(&tables[n], FORWARD, &spoofed), Outcome::Drop);
+            assert_eq!(
+                run(table(n, spoofed.saddr), FORWARD, &spoofed),
+                Outcome::Drop
+            );
             // Replies of admitted connections pass whatever the checks.
             let reply = Packet {
                 established: true,
                 ..spoofed
             };
-            assert_eq!(run(&tables[n], FORWARD, &reply), Outcome::Accept);
+            assert_eq!(run(table(n, reply.saddr), FORWARD, &reply), Outcome::Accept);
         }
     }
     assert!(checked > 100_000, "{checked}");
