@@ -47,12 +47,15 @@ pub struct Garbage {
 
 /// The records of nodes whose agent has been gone (no status) for at least `gc_after_ms`:
 /// keys that name a gone node anywhere in their path (`nodes/x`, `podcidrs/x`,
-/// `observations/x/y`, `observations/y/x`, `paths/x/y`, `paths/y/x`).
+/// `observations/x/y`, `observations/y/x`, `paths/x/y`, `paths/y/x`), and records whose
+/// value names it (a pod's node: left behind, its address would stay in other nodes'
+/// selector sets once the node's pod CIDR serves a new node's pods).
 ///
-/// `gone_since_ms` holds, per node without status, when the leader first saw it so; time
-/// is the caller's clock in milliseconds, so this function reads none.
+/// Each record comes as its key and the node its value names, if any. `gone_since_ms`
+/// holds, per node without status, when the leader first saw it so; time is the caller's
+/// clock in milliseconds, so this function reads none.
 pub fn collectable<'a>(
-    keys: impl IntoIterator<Item = &'a str>,
+    records: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
     gone_since_ms: &BTreeMap<String, u64>,
     now_ms: u64,
     gc_after_ms: u64,
@@ -65,13 +68,12 @@ pub fn collectable<'a>(
     if expired.is_empty() {
         return Vec::new();
     }
-    let mut out: Vec<Garbage> = keys
+    let mut out: Vec<Garbage> = records
         .into_iter()
-        .filter_map(|key| {
+        .filter_map(|(key, named)| {
             let parsed = trellis_model::keys::Key::parse(key)?;
-            let node = parsed
-                .owners()
-                .into_iter()
+            let node = (parsed.owners().into_iter())
+                .chain(named)
                 .find(|owner| expired.contains(owner))?
                 .to_string();
             Some(Garbage {
@@ -206,7 +208,9 @@ mod tests {
             "settings",
         ];
         let gone = BTreeMap::from([("b1".to_string(), 1_000), ("a1".to_string(), 5_000)]);
-        let got: Vec<String> = collectable(keys, &gone, 11_000, 10_000)
+        let records = (keys.iter().map(|k| (*k, None)))
+            .chain([("pods/shop/web", Some("b1")), ("pods/shop/db", Some("a2"))]);
+        let got: Vec<String> = collectable(records.clone(), &gone, 11_000, 10_000)
             .into_iter()
             .map(|g| g.key)
             .collect();
@@ -217,10 +221,11 @@ mod tests {
                 "observations/a1/b1",
                 "observations/b1/a2",
                 "paths/a2/b1",
-                "podcidrs/b1"
+                "podcidrs/b1",
+                "pods/shop/web",
             ]
         );
-        assert!(collectable(keys, &gone, 10_999, 10_000).is_empty());
+        assert!(collectable(records, &gone, 10_999, 10_000).is_empty());
     }
 
     #[test]

@@ -259,6 +259,16 @@ async fn the_leader_allocates_pod_cidrs_and_collects_departed_nodes() {
         .put("observations/a1/a3", b"{}".to_vec())
         .await
         .unwrap();
+    for (pod, node) in [("on-a3", "a3"), ("on-a2", "a2")] {
+        let record = serde_json::json!({"namespace": "shop", "name": pod, "ips": ["10.244.9.2"], "node": node});
+        store
+            .put(
+                &format!("pods/shop/{pod}"),
+                serde_json::to_vec(&record).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
 
     let (state_tx, state) = watch::channel(Arc::new(ClusterState::default()));
     tokio::spawn(crate::state::sync_forever(store.clone(), state_tx, None));
@@ -293,10 +303,15 @@ async fn the_leader_allocates_pod_cidrs_and_collects_departed_nodes() {
     // a3 is collected once it has been gone for gc_after_seconds; nothing else is.
     assert!(store.get(&keys::node("a3")).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_secs(60)).await;
-    for key in ["nodes/a3", "podcidrs/a3", "observations/a1/a3"] {
+    for key in [
+        "nodes/a3",
+        "podcidrs/a3",
+        "observations/a1/a3",
+        "pods/shop/on-a3",
+    ] {
         assert!(store.get(key).await.unwrap().is_none(), "{key} collected");
     }
-    for key in ["nodes/a1", "nodes/a2", "podcidrs/a2"] {
+    for key in ["nodes/a1", "nodes/a2", "podcidrs/a2", "pods/shop/on-a2"] {
         assert!(store.get(key).await.unwrap().is_some(), "{key} kept");
     }
     assert_eq!(stats.failures.get(), 0);

@@ -162,8 +162,18 @@ impl ClusterWork {
             return Ok(());
         }
         let (records, _) = self.store.list("").await?;
+        // A pod's record names its node in its value.
+        let pod_nodes: Vec<Option<String>> = (records.iter())
+            .map(|kv| {
+                kv.key.starts_with(keys::PODS).then(|| {
+                    serde_json::from_slice::<trellis_model::Pod>(&kv.value)
+                        .ok()
+                        .map(|p| p.node)
+                })?
+            })
+            .collect();
         let garbage = collectable(
-            records.iter().map(|kv| kv.key.as_str()),
+            (records.iter().zip(&pod_nodes)).map(|(kv, node)| (kv.key.as_str(), node.as_deref())),
             &gone_since_ms,
             now_ms,
             gc_after.saturating_mul(1000),
