@@ -11,6 +11,7 @@
 pub mod cni;
 pub(crate) mod leadership;
 mod peer;
+pub mod policy;
 pub mod proxy;
 mod tcp;
 

@@ -399,6 +399,52 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bpx", value_parser = lab_name)]
         name: String,
     },
+    /// NetworkPolicy enforcement, against peers in the same run. Programming: the
+    /// enforcement loop on a synthetic cluster (cold start; a pod added on another node, a
+    /// policy added or changed, a pod added on the bench's node, each from the store write
+    /// to the kernel's commit) against `nft -f` of the whole same ruleset. Per packet:
+    /// connection setup and iperf3 throughput through the enforcing node with Trellis's
+    /// table at N policies, with no table and with a linear chain of N rules (needs
+    /// iperf3).
+    Policy {
+        /// Only these parts (default both): programming, packet.
+        #[arg(long, value_delimiter = ',')]
+        parts: Vec<trellis_lab::bench::policy::Part>,
+        /// NetworkPolicies of the synthetic cluster.
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+        /// Pods of the synthetic cluster, 100 per node.
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        /// Changes of each kind to time.
+        #[arg(long, default_value_t = 20)]
+        changes: usize,
+        /// Policy counts of the per-packet part.
+        #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
+        packet_policies: Vec<usize>,
+        /// Rounds of the per-packet part (every configuration once per round).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Connections timed per configuration and round.
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// Length of each iperf3 run (seconds).
+        #[arg(long, default_value_t = 3)]
+        iperf_seconds: u64,
+        /// How long one `nft -f` of the peer may take (seconds).
+        #[arg(long, default_value_t = 600)]
+        peer_timeout: u64,
+        /// Skip the peers (`nft -f` of the whole ruleset, the linear chain).
+        #[arg(long)]
+        no_peer: bool,
+        /// Print the report as JSON on stdout (the tables go to stderr).
+        #[arg(long)]
+        json: bool,
+        /// The bench's namespaces are `tl-NAME-…` (1-6 lowercase letters or digits; what a
+        /// previous run left is removed first).
+        #[arg(long, default_value = "bpol", value_parser = lab_name)]
+        name: String,
+    },
     /// One side of `bench proxy`, run by it inside a namespace (not for direct use).
     #[command(hide = true)]
     ProxyWorker(trellis_lab::bench::proxy::WorkerArgs),
@@ -889,6 +935,56 @@ async fn dispatch(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", bench::proxy::table(&outcome.rows));
             }
             match outcome.stopped {
+                Some(e) => {
+                    Err(e.context("the bench stopped early; the rows above are what it measured"))
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
+        }
+        LabCommand::Bench(BenchCommand::Policy {
+            parts,
+            policies,
+            pods,
+            changes,
+            packet_policies,
+            rounds,
+            connections,
+            iperf_seconds,
+            no_peer,
+            peer_timeout,
+            json,
+            name,
+        }) => {
+            let args = bench::policy::PolicyArgs {
+                name,
+                parts: if parts.is_empty() {
+                    vec![
+                        bench::policy::Part::Programming,
+                        bench::policy::Part::Packet,
+                    ]
+                } else {
+                    parts
+                },
+                policies,
+                pods,
+                changes: changes.max(1),
+                packet_policies,
+                rounds: rounds.max(1),
+                connections: connections.max(1),
+                iperf_seconds: iperf_seconds.max(1),
+                peer: !no_peer,
+                peer_timeout: Duration::from_secs(peer_timeout.max(1)),
+            };
+            let report = bench::policy::policy(&args).await;
+            // What was measured is printed even when the run could not finish; with --json
+            // the tables go to stderr.
+            if json {
+                eprint!("{}", bench::policy::table(&report));
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::policy::table(&report));
+            }
+            match report.stopped {
                 Some(e) => {
                     Err(e.context("the bench stopped early; the rows above are what it measured"))
                 }

@@ -21,8 +21,8 @@
 //! own shape, a chain per service and per endpoint: that is the point of comparison.
 
 pub mod connect;
-mod measure;
-mod monitor;
+pub(crate) mod measure;
+pub(crate) mod monitor;
 pub mod synth;
 pub mod worker;
 
