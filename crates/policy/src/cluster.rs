@@ -1,6 +1,7 @@
 //! The cluster as NetworkPolicy sees it: pods and namespaces with their labels (the model's
 //! records), and the policies, grouped by namespace.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use trellis_model::NetworkPolicy;
 use trellis_model::network_policy::{PolicyPeer, PolicyType};
@@ -23,9 +24,12 @@ impl Cluster {
         policies: impl IntoIterator<Item = NetworkPolicy>,
     ) -> Cluster {
         let mut cluster = Cluster {
-            namespaces: namespaces
-                .into_iter()
-                .map(|n| (n.name.clone(), n))
+            namespaces: (namespaces.into_iter())
+                .map(|mut n| {
+                    n.labels
+                        .insert(NAMESPACE_NAME_LABEL.to_string(), n.name.clone());
+                    (n.name.clone(), n)
+                })
                 .collect(),
             policies: BTreeMap::new(),
         };
@@ -58,25 +62,29 @@ impl Cluster {
     /// Whether a selector peer of `policy` (podSelector, namespaceSelector or both) picks
     /// `pod`: podSelector alone means pods of the policy's own namespace.
     pub fn selects(&self, policy: &NetworkPolicy, peer: &PolicyPeer, pod: &Pod) -> bool {
-        let namespace_ok = match &peer.namespace_selector {
-            None => pod.namespace == policy.metadata.namespace,
-            Some(selector) => selector.matches(&self.namespace_labels(&pod.namespace)),
-        };
-        namespace_ok
+        self.selects_namespace(policy, peer, &pod.namespace)
             && peer
                 .pod_selector
                 .as_ref()
                 .is_none_or(|s| s.matches(&pod.labels))
     }
 
+    /// Whether a selector peer of `policy` picks pods of namespace `name` (their own
+    /// labels aside).
+    pub fn selects_namespace(&self, policy: &NetworkPolicy, peer: &PolicyPeer, name: &str) -> bool {
+        match &peer.namespace_selector {
+            None => name == policy.metadata.namespace,
+            Some(selector) => selector.matches(&self.namespace_labels(name)),
+        }
+    }
+
     /// A namespace's labels, with `kubernetes.io/metadata.name` set to its name as the API
     /// server always sets it (so a namespace is selectable by name on every store, listed
     /// or not).
-    pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
-        let mut labels = (self.namespaces.get(name))
-            .map(|n| n.labels.clone())
-            .unwrap_or_default();
-        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
-        labels
+    pub fn namespace_labels(&self, name: &str) -> Cow<'_, BTreeMap<String, String>> {
+        match self.namespaces.get(name) {
+            Some(n) => Cow::Borrowed(&n.labels),
+            None => Cow::Owned([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())].into()),
+        }
     }
 }

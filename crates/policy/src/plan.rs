@@ -90,6 +90,7 @@ pub fn plan(
         PolicyType,
     );
     let mut checks: HashMap<Alike<'_>, Option<Check>> = HashMap::new();
+    let index = Pods::new(pods);
     for pod in pods.iter().filter(|p| p.node == node) {
         for direction in [PolicyType::Ingress, PolicyType::Egress] {
             let alike = (
@@ -101,7 +102,7 @@ pub fn plan(
             let check = match checks.get(&alike) {
                 Some(check) => check.clone(),
                 None => {
-                    let check = pod_check(cluster, pods, pod, direction, &mut out);
+                    let check = pod_check(cluster, &index, pod, direction, &mut out);
                     checks.insert(alike, check.clone());
                     check
                 }
@@ -120,7 +121,7 @@ pub fn plan(
 
 fn pod_check(
     cluster: &Cluster,
-    pods: &[Pod],
+    pods: &Pods<'_>,
     pod: &Pod,
     direction: PolicyType,
     out: &mut NodePolicy,
@@ -201,7 +202,7 @@ fn pod_check(
                     }
                 }
                 if peers.is_empty() {
-                    destinations.extend(pods.iter().map(|p| (p, p.ips.clone())));
+                    destinations.extend(pods.all.iter().map(|p| (p, p.ips.clone())));
                 }
                 let mut elements = BTreeSet::new();
                 for (dest, ips) in destinations {
@@ -275,7 +276,7 @@ fn split_ports(
 /// for a namespace selector, in kubectl's selector syntax, `all` for an empty selector.
 fn peer_match(
     cluster: &Cluster,
-    pods: &[Pod],
+    pods: &Pods<'_>,
     policy: &NetworkPolicy,
     peer: &PolicyPeer,
     out: &mut NodePolicy,
@@ -295,6 +296,7 @@ fn peer_match(
     let name = format!("{namespaces}/{pods_part}");
     if !out.sets.contains_key(&name) {
         let members = matched_pods(cluster, pods, policy, peer)
+            .into_iter()
             .flat_map(|p| p.ips.iter().copied())
             .collect();
         out.sets.insert(name.clone(), members);
@@ -302,17 +304,41 @@ fn peer_match(
     PeerMatch::Set(name)
 }
 
-/// The pods a peer picks (for an `ipBlock`: the pods whose address it holds).
+/// The pods, and by namespace: a selector peer looks only at the namespaces it can pick.
+struct Pods<'a> {
+    all: &'a [Pod],
+    by_namespace: BTreeMap<&'a str, Vec<&'a Pod>>,
+}
+
+impl<'a> Pods<'a> {
+    fn new(all: &'a [Pod]) -> Pods<'a> {
+        let mut by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        for pod in all {
+            by_namespace.entry(&pod.namespace).or_default().push(pod);
+        }
+        Pods { all, by_namespace }
+    }
+}
+
+/// The pods a peer picks (for an `ipBlock`: the pods whose address it holds). A selector
+/// peer's namespaces are judged once each, and only their pods' labels are looked at.
 fn matched_pods<'a>(
-    cluster: &'a Cluster,
-    pods: &'a [Pod],
-    policy: &'a NetworkPolicy,
-    peer: &'a PolicyPeer,
-) -> impl Iterator<Item = &'a Pod> + 'a {
-    pods.iter().filter(move |pod| match &peer.ip_block {
-        Some(block) => pod.ips.iter().any(|ip| block.contains(*ip)),
-        None => cluster.selects(policy, peer, pod),
-    })
+    cluster: &Cluster,
+    pods: &Pods<'a>,
+    policy: &NetworkPolicy,
+    peer: &PolicyPeer,
+) -> Vec<&'a Pod> {
+    if let Some(block) = &peer.ip_block {
+        return (pods.all.iter())
+            .filter(|pod| pod.ips.iter().any(|ip| block.contains(*ip)))
+            .collect();
+    }
+    let labels_ok = |pod: &Pod| (peer.pod_selector.as_ref()).is_none_or(|s| s.matches(&pod.labels));
+    (pods.by_namespace.iter())
+        .filter(|(ns, _)| cluster.selects_namespace(policy, peer, ns))
+        .flat_map(|(_, in_namespace)| in_namespace.iter().copied())
+        .filter(|pod| labels_ok(pod))
+        .collect()
 }
 
 /// A packet through the planned checks of the nodes (by name): egress where its source is
