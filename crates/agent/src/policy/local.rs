@@ -6,6 +6,7 @@
 
 use crate::backoff::Backoff;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,14 +28,19 @@ pub type LocalPods = BTreeMap<String, Pod>;
 pub struct LocalState {
     pub pods: LocalPods,
     pub attachments: BTreeMap<String, Vec<String>>,
+    /// Attachments the runtime did not name (podman, a plain host's containers), by id:
+    /// no policy can select them, but their addresses are the node's known ones, not
+    /// strangers for the guard to refuse.
+    pub unnamed: BTreeMap<String, Vec<IpAddr>>,
 }
 
 /// The pods of an allocation file, on `node`: attachments without a pod's name (a runtime
-/// that did not say) are not pods network policy can select.
+/// that did not say) are not pods network policy can select; they are kept apart.
 pub fn pods_of(allocations: &trellis_cni::ipam::Allocations, node: &str) -> LocalState {
     let mut state = LocalState::default();
     for (who, addresses) in allocations.iter() {
         let Some(identity) = allocations.pod(who) else {
+            state.unnamed.insert(who.to_string(), addresses.to_vec());
             continue;
         };
         let key = format!("{}/{}", identity.namespace, identity.name);
@@ -234,6 +240,11 @@ mod tests {
     fn named_attachments_are_pods_with_every_address() {
         let local = pods_of(&allocations(), "a1");
         assert_eq!(local.pods.len(), 1, "the unnamed attachment is no pod");
+        assert_eq!(
+            local.unnamed["c2/eth0"].len(),
+            2,
+            "but its addresses are known"
+        );
         assert_eq!(local.attachments["shop/web"], ["c1/eth0"]);
         let web = &local.pods["shop/web"];
         assert_eq!(web.ips.len(), 2);

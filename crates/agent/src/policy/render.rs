@@ -30,11 +30,11 @@
 //! a direction has no element in that map. Pods with the same check share its chain: a new
 //! pod like others is one map element.
 //!
-//! With the CNI plugin's pods ([`Guard`]), traffic through a pod's host end (`tp…`) from or
-//! to an address that is not one of this node's known pods is dropped: a pod whose rules
-//! are not in place yet is neither unprotected nor let through (the plugin's ADD waits for
-//! its rules, so a workload does not start before them); a pod sending from an address
-//! that is not its own gets nowhere.
+//! With the CNI plugin's pods and any policy in force ([`Guard`]), traffic through a pod's
+//! host end (`tp…`) from or to an address that is not one of this node's known pods is
+//! dropped: a pod whose rules are not in place yet is neither unprotected nor let through
+//! (the plugin's ADD waits for its rules, so a workload does not start before them); a pod
+//! sending from an address that is not its own gets nowhere.
 
 use crate::nft_table::family::{Fields, nft_family};
 use crate::nft_table::rendered::Fnv;

@@ -169,7 +169,12 @@ impl Enforcer {
             .filter(|p| p.node == self.node)
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect();
-        let node_plan = plan(&cluster, &pods, &self.node, []);
+        let mut node_plan = plan(&cluster, &pods, &self.node, []);
+        // Unnamed attachments: known to the guard, isolated by nothing.
+        for ip in (self.local.iter()).flat_map(|l| l.unnamed.values().flatten()) {
+            node_plan.ingress.entry(*ip).or_insert(None);
+            node_plan.egress.entry(*ip).or_insert(None);
+        }
         let selected = (node_plan.ingress.iter().chain(&node_plan.egress))
             .filter(|(_, check)| check.is_some())
             .map(|(ip, _)| *ip)
@@ -177,7 +182,10 @@ impl Enforcer {
             .len();
         self.metrics.policies.set(self.view.policy_count() as i64);
         self.metrics.pods_selected.set(selected as i64);
-        let guard = self.guard.then_some(Guard {
+        // The guard refuses addresses the agent has not programmed while any policy is in
+        // force. With none, nothing could isolate a pod, and a pod made while this agent is
+        // down (its rules cannot be written) keeps its traffic, as without network policy.
+        let guard = (self.guard && self.view.policy_count() > 0).then_some(Guard {
             prefix: trellis_cni::node::HOST_IFNAME_PREFIX,
         });
         IpFamily::BOTH.map(|family| (family, render(&node_plan, family, guard)))
@@ -318,6 +326,7 @@ impl Enforcer {
         let ids: Vec<String> = (local.attachments.iter())
             .filter(|(pod, _)| self.planned_local.contains(*pod))
             .flat_map(|(_, ids)| ids.iter().cloned())
+            .chain(local.unnamed.keys().cloned())
             .collect();
         if self.programmed.as_ref() == Some(&ids) {
             return;
