@@ -70,7 +70,12 @@ async fn policies_are_enforced_repaired_after_tampering_and_their_drops_counted(
     serve_in(&b, "0.0.0.0:8081");
     serve_in(&b, "[fd91:2::2]:8080");
     let store = EmbeddedStore::new();
-    put(&store, "namespaces/shop", json!({"name": "shop"})).await;
+    put(
+        &store,
+        "namespaces/shop",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+    )
+    .await;
     put(
         &store,
         "pods/shop/db",

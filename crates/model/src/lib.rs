@@ -39,7 +39,7 @@ pub use network_policy::NetworkPolicy;
 pub use node::{GatewayPolicy, GatewaySet, Granularity, Node};
 pub use object::{Document, Kind, Object};
 pub use peer::ExternalPeer;
-pub use pod::{NamedPort, Namespace, Pod};
+pub use pod::{NamedPort, Namespace, NamespaceObject, Pod};
 pub use service::{Service, ServicePort, ServiceType};
 pub use service_settings::{DEFAULT_NODE_PORT_RANGE, PortRange, ServiceSettings};
 pub use settings::{

@@ -6,6 +6,7 @@
 use crate::endpoint_slice::{ENDPOINT_SLICE_API_VERSION, ENDPOINT_SLICE_KIND, EndpointSlice};
 use crate::meta::ObjectMeta;
 use crate::network_policy::{NETWORK_POLICY_API_VERSION, NETWORK_POLICY_KIND, NetworkPolicy};
+use crate::pod::{NAMESPACE_API_VERSION, NAMESPACE_KIND, NamespaceObject};
 use crate::service::{SERVICE_API_VERSION, SERVICE_KIND, Service};
 use crate::{InvalidField, Validate, keys};
 use serde_json::Value;
@@ -18,10 +19,22 @@ pub enum Kind {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    /// Cluster-scoped: its objects have no namespace.
+    Namespace,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::NetworkPolicy];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::NetworkPolicy,
+        Kind::Namespace,
+    ];
+
+    /// Whether its objects live in a namespace (all but Namespace).
+    pub fn is_namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
 
     /// The kind a `kubectl` resource name means: `svc`, `service`, `services`,
     /// `endpointslice`, `endpointslices`, or with their API group.
@@ -37,6 +50,7 @@ impl Kind {
             | "networkpolicies"
             | "networkpolicy.networking.k8s.io"
             | "networkpolicies.networking.k8s.io" => Some(Kind::NetworkPolicy),
+            "ns" | "namespace" | "namespaces" => Some(Kind::Namespace),
             _ => None,
         }
     }
@@ -46,6 +60,7 @@ impl Kind {
             Kind::Service => SERVICE_API_VERSION,
             Kind::EndpointSlice => ENDPOINT_SLICE_API_VERSION,
             Kind::NetworkPolicy => NETWORK_POLICY_API_VERSION,
+            Kind::Namespace => NAMESPACE_API_VERSION,
         }
     }
 
@@ -55,6 +70,7 @@ impl Kind {
             Kind::Service => keys::SERVICES,
             Kind::EndpointSlice => keys::ENDPOINT_SLICES,
             Kind::NetworkPolicy => keys::NETWORK_POLICIES,
+            Kind::Namespace => keys::NAMESPACES,
         }
     }
 
@@ -63,6 +79,7 @@ impl Kind {
             Kind::Service => keys::service(namespace, name),
             Kind::EndpointSlice => keys::endpoint_slice(namespace, name),
             Kind::NetworkPolicy => keys::network_policy(namespace, name),
+            Kind::Namespace => keys::namespace(name),
         }
     }
 
@@ -72,6 +89,7 @@ impl Kind {
             Kind::Service => "service",
             Kind::EndpointSlice => "endpointslice.discovery.k8s.io",
             Kind::NetworkPolicy => "networkpolicy.networking.k8s.io",
+            Kind::Namespace => "namespace",
         }
     }
 }
@@ -82,6 +100,7 @@ impl fmt::Display for Kind {
             Kind::Service => SERVICE_KIND,
             Kind::EndpointSlice => ENDPOINT_SLICE_KIND,
             Kind::NetworkPolicy => NETWORK_POLICY_KIND,
+            Kind::Namespace => NAMESPACE_KIND,
         })
     }
 }
@@ -92,6 +111,7 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     NetworkPolicy(Box<NetworkPolicy>),
+    Namespace(Box<NamespaceObject>),
 }
 
 impl Object {
@@ -104,12 +124,13 @@ impl Object {
             SERVICE_KIND => Kind::Service,
             ENDPOINT_SLICE_KIND => Kind::EndpointSlice,
             NETWORK_POLICY_KIND => Kind::NetworkPolicy,
+            NAMESPACE_KIND => Kind::Namespace,
             "" => return Err(InvalidField::new("kind", "", "required")),
             other => {
                 return Err(InvalidField::new(
                     "kind",
                     other,
-                    "not a kind Trellis stores (Service, EndpointSlice, NetworkPolicy)",
+                    "not a kind Trellis stores (Service, EndpointSlice, NetworkPolicy, Namespace)",
                 ));
             }
         };
@@ -124,6 +145,7 @@ impl Object {
             Kind::Service => Object::Service(Box::new(decode(value)?)),
             Kind::EndpointSlice => Object::EndpointSlice(Box::new(decode(value)?)),
             Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(decode(value)?)),
+            Kind::Namespace => Object::Namespace(Box::new(decode(value)?)),
         })
     }
 
@@ -132,6 +154,7 @@ impl Object {
             Object::Service(s) => serde_json::to_value(s),
             Object::EndpointSlice(s) => serde_json::to_value(s),
             Object::NetworkPolicy(p) => serde_json::to_value(p),
+            Object::Namespace(n) => serde_json::to_value(n),
         }
         .expect("objects serialise")
     }
@@ -141,6 +164,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Namespace(_) => Kind::Namespace,
         }
     }
 
@@ -149,6 +173,7 @@ impl Object {
             Object::Service(s) => &s.metadata,
             Object::EndpointSlice(s) => &s.metadata,
             Object::NetworkPolicy(p) => &p.metadata,
+            Object::Namespace(n) => &n.metadata,
         }
     }
 
@@ -157,6 +182,7 @@ impl Object {
             Object::Service(s) => &mut s.metadata,
             Object::EndpointSlice(s) => &mut s.metadata,
             Object::NetworkPolicy(p) => &mut p.metadata,
+            Object::Namespace(n) => &mut n.metadata,
         }
     }
 
@@ -179,6 +205,7 @@ impl Validate for Object {
             Object::Service(s) => s.validate(),
             Object::EndpointSlice(s) => s.validate(),
             Object::NetworkPolicy(p) => p.validate(),
+            Object::Namespace(n) => n.validate(),
         }
     }
 }
@@ -187,7 +214,11 @@ impl Validate for Object {
 impl fmt::Display for Object {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.metadata();
-        write!(f, "{} {}/{}", self.kind(), m.namespace, m.name)
+        if self.kind().is_namespaced() {
+            write!(f, "{} {}/{}", self.kind(), m.namespace, m.name)
+        } else {
+            write!(f, "{} {}", self.kind(), m.name)
+        }
     }
 }
 

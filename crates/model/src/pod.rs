@@ -1,7 +1,8 @@
 //! Pods and namespaces as NetworkPolicy reads them: where a pod is, what selectors call it,
-//! its addresses and named ports; a namespace's labels. Records `pods/NS/NAME` and
-//! `namespaces/NAME`: on Kubernetes read from the API's Pods and Namespaces, elsewhere
-//! written by whoever runs the pods (the lab).
+//! its addresses and named ports; a namespace's labels. Records `pods/NS/NAME` (a [`Pod`]:
+//! on Kubernetes read from the API's Pods, elsewhere published by each node's agent from
+//! its CNI attachments) and `namespaces/NAME` (a `v1` [`NamespaceObject`] in its Kubernetes
+//! shape: on Kubernetes the API's, elsewhere written with `trellis apply`).
 
 use crate::{InvalidField, Protocol, Validate, dns};
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,66 @@ pub struct Namespace {
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+pub const NAMESPACE_API_VERSION: &str = "v1";
+pub const NAMESPACE_KIND: &str = "Namespace";
+
+/// A `v1` Namespace in its Kubernetes shape: what `namespaces/NAME` records hold. Only its
+/// name and labels mean anything to Trellis; the rest (spec, status) is kept as given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceObject {
+    #[serde(default = "namespace_api_version")]
+    pub api_version: String,
+    #[serde(default = "namespace_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: crate::meta::ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+fn namespace_api_version() -> String {
+    NAMESPACE_API_VERSION.into()
+}
+
+fn namespace_kind() -> String {
+    NAMESPACE_KIND.into()
+}
+
+impl NamespaceObject {
+    /// A namespace of this name with these labels.
+    pub fn new(name: &str, labels: BTreeMap<String, String>) -> NamespaceObject {
+        NamespaceObject {
+            api_version: namespace_api_version(),
+            kind: namespace_kind(),
+            metadata: crate::meta::ObjectMeta {
+                name: name.to_string(),
+                labels,
+                ..Default::default()
+            },
+            spec: None,
+            status: None,
+        }
+    }
+
+    /// What NetworkPolicy reads of it.
+    pub fn namespace(&self) -> Namespace {
+        Namespace {
+            name: self.metadata.name.clone(),
+            labels: self.metadata.labels.clone(),
+        }
+    }
+}
+
+impl Validate for NamespaceObject {
+    fn validate(&self) -> Result<(), InvalidField> {
+        dns::label("metadata.name", &self.metadata.name)?;
+        dns::labels("metadata.labels", &self.metadata.labels)
+    }
 }
 
 impl Pod {

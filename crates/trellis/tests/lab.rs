@@ -2111,6 +2111,9 @@ fn network_policy_conformance_matrix_across_namespaces_and_locations() {
     }
     let ns_of = |pod: &str| pods.iter().find(|p| p.0 == pod).unwrap().1;
     let ya = addressed.iter().find(|p| p.0 == "ya").unwrap().1.clone();
+    // A Namespace object with its own labels, applied with the policy (and deleted with it).
+    let labelled_y =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: y, labels: {team: blue}}\n---\n";
     let expect = |what: &str, policy: &str, allowed: &dyn Fn(&str, &str, u16) -> bool| {
         let file = std::env::temp_dir().join("trt-conformance-policy.yaml");
         if !policy.is_empty() {
@@ -2152,6 +2155,17 @@ fn network_policy_conformance_matrix_across_namespaces_and_locations() {
             "  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}, podSelector: {matchLabels: {pod: b}}}]\n",
         ),
         &|from, to, _| ns_of(to) != "x" || from == "yb",
+    );
+    expect(
+        "a namespace's own labels: x admits namespaces labelled team=blue (y)",
+        &format!(
+            "{labelled_y}{}",
+            policy(
+                "x",
+                "  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {team: blue}}}]\n",
+            )
+        ),
+        &|from, to, _| ns_of(to) != "x" || ns_of(from) == "y",
     );
     expect(
         "ipBlock with except: x admits the pod network but ya",

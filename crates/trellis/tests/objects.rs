@@ -244,6 +244,31 @@ fn session(
         "networkpolicy.networking.k8s.io \"test-network-policy\" deleted\n"
     );
 
+    // A Namespace with labels, for namespaceSelectors: cluster-scoped, whatever -n says.
+    let out = trellis.ok(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n"),
+    );
+    assert_eq!(out, "namespace/shop created\n");
+    let listed = trellis.ok(&["get", "namespaces", "-n", "other"], None);
+    assert!(
+        listed.starts_with("NAME   LABELS") && listed.contains("shop   team=a"),
+        "{listed}"
+    );
+    let one = trellis.ok(&["get", "ns", "shop", "-o", "json"], None);
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["metadata"]["labels"]["team"], "a", "{one}");
+    let out = trellis.run(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: Shop_1}\n"),
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Shop_1"),
+        "{out:?}"
+    );
+    let out = trellis.ok(&["delete", "namespace", "shop"], None);
+    assert_eq!(out, "namespace \"shop\" deleted\n");
+
     // What `get -o yaml` prints is a manifest: it reads back as the same objects and
     // applies back unchanged, through standard input.
     let yaml = trellis.ok(&["get", "svc", "-o", "yaml"], None);

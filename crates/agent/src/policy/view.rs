@@ -7,7 +7,7 @@ use super::local::LocalPods;
 use crate::proxy::source::Update;
 use std::collections::{BTreeMap, BTreeSet};
 use trellis_model::keys::{Key, NAMESPACES, NETWORK_POLICIES, PODS};
-use trellis_model::{Namespace, NetworkPolicy, Pod};
+use trellis_model::{Namespace, NamespaceObject, NetworkPolicy, Pod};
 use trellis_policy::Cluster;
 use trellis_store::{Event, KeyValue};
 
@@ -122,7 +122,8 @@ impl PolicyView {
                 })
             }
             Some(Key::Namespace(name)) => {
-                decode(&kv.value, &format!("namespace {name}")).map(|n: Namespace| {
+                decode(&kv.value, &format!("namespace {name}")).map(|o: NamespaceObject| {
+                    let n = o.namespace();
                     (n.name == name)
                         .then(|| self.namespaces.insert(key.clone(), n.clone()) != Some(n))
                 })

@@ -189,10 +189,10 @@ pub fn records(kind: Kind, object: &Value, own_namespace: &str) -> Vec<Record> {
             .into_iter()
             .collect(),
         Kind::Namespace => {
-            let ns = trellis_model::Namespace {
-                name: name.to_string(),
-                labels: string_map(&object["metadata"]["labels"]),
-            };
+            let ns = trellis_model::NamespaceObject::new(
+                name,
+                string_map(&object["metadata"]["labels"]),
+            );
             vec![record(keys::namespace(name), &ns, None)]
         }
         Kind::Lease | Kind::ConfigMap => vec![],

@@ -53,13 +53,13 @@ pub enum Command {
     Graph(state::StoreArgs),
     /// Show the nodes, their gateways and what each agent last reported.
     Status(state::StatusArgs),
-    /// Create or update Services, EndpointSlices and NetworkPolicies from manifests, as
-    /// `kubectl apply`.
+    /// Create or update Services, EndpointSlices, NetworkPolicies and Namespaces from
+    /// manifests, as `kubectl apply`.
     Apply(objects::ApplyArgs),
-    /// Delete Services, EndpointSlices and NetworkPolicies, named or from manifests, as
-    /// `kubectl delete`.
+    /// Delete Services, EndpointSlices, NetworkPolicies and Namespaces, named or from
+    /// manifests, as `kubectl delete`.
     Delete(objects::DeleteArgs),
-    /// List Services, EndpointSlices or NetworkPolicies, as `kubectl get`.
+    /// List Services, EndpointSlices, NetworkPolicies or Namespaces, as `kubectl get`.
     Get(objects::GetArgs),
 }
 

@@ -133,6 +133,9 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     for (r, deleted) in objects::delete(store.as_ref(), &refs).await? {
         if deleted {
             println!("{} \"{}\" deleted", r.kind.resource(), r.name);
+        } else if !args.ignore_not_found && !r.kind.is_namespaced() {
+            eprintln!("error: {} \"{}\" not found", r.kind.resource(), r.name);
+            code = ExitCode::FAILURE;
         } else if !args.ignore_not_found {
             eprintln!(
                 "error: {} \"{}\" not found in namespace {}",
@@ -152,6 +155,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
         bail!("an object cannot be named across all namespaces: give -n NAMESPACE instead of -A");
     }
     let namespace = match (&args.namespace, args.all_namespaces) {
+        _ if !kind.is_namespaced() => None,
         (_, true) => None,
         (Some(ns), false) => Some(ns.as_str()),
         (None, false) => Some(DEFAULT_NAMESPACE),

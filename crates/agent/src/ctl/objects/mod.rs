@@ -312,12 +312,26 @@ pub async fn get(
     namespace: Option<&str>,
     name: Option<&str>,
 ) -> Result<Listing> {
+    // A cluster-scoped kind has no namespace to look in.
+    let namespace = if kind.is_namespaced() {
+        namespace
+    } else {
+        None
+    };
     let kvs = match (namespace, name) {
         (Some(ns), Some(name)) => {
             let key = kind.key(ns, name);
             let kv = store.get(&key).await?.ok_or_else(|| CtlError::NotFound {
                 what: kind.resource(),
                 name: format!("{ns}/{name}"),
+                hint: "",
+            })?;
+            vec![kv]
+        }
+        (None, Some(name)) if !kind.is_namespaced() => {
+            let kv = (store.get(&kind.key("", name)).await?).ok_or_else(|| CtlError::NotFound {
+                what: kind.resource(),
+                name: name.to_string(),
                 hint: "",
             })?;
             vec![kv]

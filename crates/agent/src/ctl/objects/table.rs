@@ -26,10 +26,12 @@ fn render(objects: &[Object], kind: Kind, all_namespaces: bool, wide: bool, now:
         ],
         Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
         Kind::NetworkPolicy => vec!["NAME", "POD-SELECTOR", "AGE"],
+        Kind::Namespace => vec!["NAME", "LABELS", "AGE"],
     };
     if wide && kind == Kind::Service {
         header.push("SELECTOR");
     }
+    let all_namespaces = all_namespaces && kind.is_namespaced();
     if all_namespaces {
         header.insert(0, "NAMESPACE");
     }
@@ -44,6 +46,12 @@ fn render(objects: &[Object], kind: Kind, all_namespaces: bool, wide: bool, now:
                 selector_text(&p.spec.pod_selector),
                 age,
             ],
+            Object::Namespace(n) => {
+                let labels: Vec<String> = (n.metadata.labels.iter())
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                vec![n.metadata.name.clone(), or_none(labels, "<none>"), age]
+            }
         };
         if all_namespaces {
             row.insert(0, object.metadata().namespace.clone());

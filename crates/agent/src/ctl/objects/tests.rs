@@ -463,7 +463,9 @@ async fn concurrent_writers_get_distinct_addresses(stores: Vec<Arc<dyn Store>>) 
         .iter()
         .flat_map(|o| match o {
             Object::Service(s) => s.cluster_ips(),
-            Object::EndpointSlice(_) | Object::NetworkPolicy(_) => Vec::new(),
+            Object::EndpointSlice(_) | Object::NetworkPolicy(_) | Object::Namespace(_) => {
+                Vec::new()
+            }
         })
         .collect();
     assert_eq!(listing.objects.len(), stores.len());

@@ -98,7 +98,7 @@ pub struct Row {
 pub fn records(n: usize) -> Vec<(String, Value)> {
     let mut out = vec![(
         format!("namespaces/{NAMESPACE}"),
-        json!({"name": NAMESPACE}),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
     )];
     let mut pod = |name: String, app: String, ip: Ipv4Addr, node: &str| {
         out.push((
@@ -552,7 +552,7 @@ pub fn table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_model::{Namespace, NetworkPolicy, Pod};
+    use trellis_model::{NamespaceObject, NetworkPolicy, Pod};
     use trellis_policy::Cluster;
     use trellis_policy::plan::plan;
 
@@ -562,7 +562,8 @@ mod tests {
             let bytes = serde_json::to_vec(&value).unwrap();
             match key.split('/').next() {
                 Some("namespaces") => {
-                    namespaces.push(trellis_model::decode::<Namespace>("ns", &bytes).unwrap())
+                    let object = trellis_model::decode::<NamespaceObject>("ns", &bytes).unwrap();
+                    namespaces.push(object.namespace())
                 }
                 Some("pods") => pods.push(trellis_model::decode::<Pod>("pod", &bytes).unwrap()),
                 _ => {

@@ -101,7 +101,8 @@ impl Synth {
         let env = if s.is_multiple_of(2) { "prod" } else { "dev" };
         (
             format!("namespaces/{name}"),
-            json!({"name": name, "labels": {"team": format!("team{}", s % 4), "env": env}}),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                "name": name, "labels": {"team": format!("team{}", s % 4), "env": env}}}),
         )
     }
 
@@ -251,7 +252,9 @@ mod tests {
         for (key, value) in records {
             assert!(keys.insert(key.clone()), "{key} twice");
             match key.split('/').next() {
-                Some("namespaces") => d.namespaces.push(decode(&value)),
+                Some("namespaces") => d
+                    .namespaces
+                    .push(decode::<trellis_model::NamespaceObject>(&value).namespace()),
                 Some("pods") => d.pods.push(decode(&value)),
                 Some("networkpolicies") => d.policies.push(decode(&value)),
                 _ => panic!("unexpected key {key}"),
