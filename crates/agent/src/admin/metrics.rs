@@ -347,6 +347,16 @@ impl Metrics {
         }
         out
     }
+
+    /// The value of the first sample of metric `name` (its exposition name, e.g.
+    /// `trellis_policy_drift_repaired_total`), for benches and tests; 0 when it has none.
+    pub fn first_sample(&self, name: &str) -> f64 {
+        (self.render(Instant::now()).lines())
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ pub mod packet;
 pub mod programming;
 pub mod synth;
 
+use super::proxy::dur;
 use crate::{build, built};
 use anyhow::Context;
 use serde::Serialize;
@@ -163,17 +164,6 @@ fn nft_to_file(ns: &str, args: &[&str], out: &Path, timeout: Duration) -> anyhow
     }
 }
 
-/// The value of the first sample of a metric in the agent's exposition (0 if absent).
-fn metric(metrics: &trellis_agent::admin::Metrics, name: &str) -> f64 {
-    metrics
-        .render(Instant::now())
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Aborts a spawned task when dropped, so that a bench stopped by an error does not leave
 /// a loop running against namespaces about to go.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -205,17 +195,6 @@ pub fn table(report: &Report) -> String {
         out.push_str(&packet::table(&report.packet));
     }
     out
-}
-
-fn dur(ms: Option<f64>) -> String {
-    match ms {
-        None => "–".into(),
-        Some(v) if v >= 10_000.0 => format!("{:.1} s", v / 1000.0),
-        Some(v) if v >= 100.0 => format!("{v:.0} ms"),
-        Some(v) if v >= 10.0 => format!("{v:.1} ms"),
-        Some(v) if v >= 0.1 => format!("{v:.2} ms"),
-        Some(v) => format!("{:.0} µs", v * 1000.0),
-    }
 }
 
 fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {

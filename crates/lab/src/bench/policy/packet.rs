@@ -13,7 +13,7 @@
 //! traffic here) and admit 100 pods of other nodes or ipBlocks. So B's own check is the
 //! same at 100 and at 1,000 policies, and everything else grows.
 
-use super::{AbortOnDrop, PolicyArgs, metric, netns_name, ratio, step};
+use super::{AbortOnDrop, PolicyArgs, netns_name, ratio, step};
 use crate::bench::proxy::connect::{self, Latencies};
 use crate::bench::proxy::measure;
 use crate::bench::proxy::synth::TARGET_PORT;
@@ -408,13 +408,13 @@ async fn program(node: &str, enforcer: Enforcer, n: usize, dir: &Path) -> anyhow
                 metrics.policy(),
             )));
             let started = Instant::now();
-            while metric(&metrics, "trellis_policy_audit_duration_seconds_count") < 1.0 {
+            while metrics.first_sample("trellis_policy_audit_duration_seconds_count") < 1.0 {
                 if started.elapsed() > PROGRAM_LIMIT {
                     bail!("Trellis did not program {n} policies within {PROGRAM_LIMIT:?}");
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let failures = metric(&metrics, "trellis_policy_failures_total");
+            let failures = metrics.first_sample("trellis_policy_failures_total");
             if failures > 0.0 {
                 bail!("the kernel refused {failures} unit(s) of {n} policies");
             }

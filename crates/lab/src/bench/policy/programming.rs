@@ -2,7 +2,7 @@
 //! against a full reload of the same ruleset with `nft -f` (see the module above).
 
 use super::synth::{BENCH_NODE, MAX_CHANGES, Synth};
-use super::{AbortOnDrop, PolicyArgs, dur, file_in, metric, netns_name, path_arg, ratio, step};
+use super::{AbortOnDrop, PolicyArgs, dur, file_in, netns_name, path_arg, ratio, step};
 use crate::bench::percentile;
 use crate::bench::proxy::measure::{self, Measured};
 use crate::bench::proxy::monitor::CommitMonitor;
@@ -166,7 +166,7 @@ pub async fn run(args: &PolicyArgs, dir: &Path, rows: &mut Vec<Row>) -> anyhow::
         },
         metrics.policy(),
     )));
-    while metric(&metrics, "trellis_policy_audit_duration_seconds_count") < 1.0 {
+    while metrics.first_sample("trellis_policy_audit_duration_seconds_count") < 1.0 {
         if started.elapsed() > COLD_START_LIMIT {
             bail!(
                 "the loop's first pass did not end within {} s",
@@ -178,7 +178,7 @@ pub async fn run(args: &PolicyArgs, dir: &Path, rows: &mut Vec<Row>) -> anyhow::
     let cold = ms(started.elapsed());
     row.trellis_ms = Some(cold);
     row.samples = 1;
-    let failures = metric(&metrics, "trellis_policy_failures_total");
+    let failures = metrics.first_sample("trellis_policy_failures_total");
     if failures > 0.0 {
         bail!("the kernel refused {failures} unit(s) of the first pass");
     }
@@ -188,10 +188,10 @@ pub async fn run(args: &PolicyArgs, dir: &Path, rows: &mut Vec<Row>) -> anyhow::
     };
     row.notes.push(format!(
         "{} policies known, {} of the node's pod addresses isolated; the IPv4 table: {counts}; the pass's own audit (read back, diff, apply) took {}",
-        metric(&metrics, "trellis_policy_policies"),
-        metric(&metrics, "trellis_policy_pods_selected"),
+        metrics.first_sample("trellis_policy_policies"),
+        metrics.first_sample("trellis_policy_pods_selected"),
         dur(Some(
-            metric(&metrics, "trellis_policy_audit_duration_seconds_sum") * 1000.0
+            metrics.first_sample("trellis_policy_audit_duration_seconds_sum") * 1000.0
         )),
     ));
     eprintln!("  Trellis: {}; {counts}", dur(Some(cold)));
@@ -305,9 +305,9 @@ pub async fn run(args: &PolicyArgs, dir: &Path, rows: &mut Vec<Row>) -> anyhow::
         );
         rows.push(row);
     }
-    let count = metric(&metrics, "trellis_policy_programming_latency_seconds_count");
-    let sum = metric(&metrics, "trellis_policy_programming_latency_seconds_sum");
-    let failures = metric(&metrics, "trellis_policy_failures_total");
+    let count = metrics.first_sample("trellis_policy_programming_latency_seconds_count");
+    let sum = metrics.first_sample("trellis_policy_programming_latency_seconds_sum");
+    let failures = metrics.first_sample("trellis_policy_failures_total");
     if let Some(last) = rows.last_mut() {
         last.notes.push(format!(
             "the loop's own programming-latency histogram over all changes: {count} observations, mean {} (from the batch reaching the loop to the apply's return); units refused: {failures}",

@@ -816,7 +816,7 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-fn dur(ms: Option<f64>) -> String {
+pub(crate) fn dur(ms: Option<f64>) -> String {
     match ms {
         None => "–".into(),
         Some(v) if v >= 10_000.0 => format!("{:.1} s", v / 1000.0),

@@ -272,17 +272,6 @@ fn audit(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
     Ok(r)
 }
 
-/// The value of the first sample of a metric in the agent's exposition.
-fn metric(metrics: &Metrics, name: &str) -> f64 {
-    metrics
-        .render(Instant::now())
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
     let synth = Synth::new(args.services, args.endpoints, args.backend)?;
     let mut r = WorkerReport::default();
@@ -334,7 +323,7 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
         state_rx,
         metrics.proxy(),
     ));
-    while metric(&metrics, "trellis_proxy_sync_duration_seconds_count") < 1.0 {
+    while metrics.first_sample("trellis_proxy_sync_duration_seconds_count") < 1.0 {
         if started.elapsed() > Duration::from_secs(900) {
             proxy.abort();
             bail!("the proxy loop's first pass did not end within 15 minutes");
@@ -345,7 +334,7 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
         "first pass of the loop (list, plan, audit of the table present)",
         started.elapsed(),
     );
-    r.drift = metric(&metrics, "trellis_proxy_drift_repaired_total") as usize;
+    r.drift = metrics.first_sample("trellis_proxy_drift_repaired_total") as usize;
 
     let mut monitor = CommitMonitor::open().context("listening for nftables commits")?;
     let mut latencies = Vec::new();
@@ -365,9 +354,9 @@ async fn events(args: &WorkerArgs) -> anyhow::Result<WorkerReport> {
             None => missed += 1,
         }
     }
-    let count = metric(&metrics, "trellis_proxy_programming_latency_seconds_count");
-    let sum = metric(&metrics, "trellis_proxy_programming_latency_seconds_sum");
-    let failures = metric(&metrics, "trellis_proxy_failures_total");
+    let count = metrics.first_sample("trellis_proxy_programming_latency_seconds_count");
+    let sum = metrics.first_sample("trellis_proxy_programming_latency_seconds_sum");
+    let failures = metrics.first_sample("trellis_proxy_failures_total");
     proxy.abort();
     if missed > 0 {
         r.notes
