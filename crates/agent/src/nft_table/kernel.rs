@@ -80,6 +80,20 @@ pub struct Applied {
     pub heaviest_transaction: usize,
 }
 
+impl Applied {
+    /// Logs each refused unit as a change of `table` (the next audit retries it); true when
+    /// the kernel took everything.
+    pub fn log_refused(&self, table: &str) -> bool {
+        for (what, why) in &self.refused {
+            tracing::warn!(
+                what,
+                "the kernel refused a {table} change (retried by the next audit): {why}"
+            );
+        }
+        self.refused.is_empty()
+    }
+}
+
 /// Applies `units` in order, packed into transactions of at most
 /// [`MAX_TRANSACTION_WEIGHT`]. When the kernel refuses a transaction, the unit holding the
 /// refused op is set aside and the transaction retried without it, so one bad element

@@ -11,7 +11,7 @@
 
 use super::local;
 use super::metrics::PolicyMetrics;
-use super::render::{Direction, Guard, RenderedPolicy, render, scope};
+use super::render::{Guard, RenderedPolicy, render, scope};
 use super::view::{PREFIXES, PolicyView};
 use crate::backoff::Backoff;
 use crate::nft_table::kernel::{self, Applied};
@@ -235,11 +235,11 @@ impl Enforcer {
             for (family, want) in tables {
                 match kernel::read(&nft, scope(family)) {
                     Ok(have) => {
-                        for (chain, (direction, _)) in &want.drops {
+                        for chain in want.drops.keys() {
                             let packets = (have.chains.get(chain))
                                 .and_then(|c| c.counted.last().copied().flatten())
                                 .map_or(0, |(packets, _)| packets);
-                            counted.insert((family, chain.clone()), (*direction, packets));
+                            counted.insert((family, chain.clone()), packets);
                         }
                         let (units, found) = repair(scope(family), want.table, &have);
                         if found.total() > 0 {
@@ -279,13 +279,9 @@ impl Enforcer {
 
     /// Adds what each drop rule counted since the last audit to its policies. A chain made
     /// anew starts from zero, so a count lower than the last is all new.
-    fn count_drops(
-        &mut self,
-        wanted: &Tables,
-        counted: BTreeMap<(IpFamily, String), (Direction, u64)>,
-    ) {
+    fn count_drops(&mut self, wanted: &Tables, counted: BTreeMap<(IpFamily, String), u64>) {
         let mut now = BTreeMap::new();
-        for ((family, chain), (direction, packets)) in counted {
+        for ((family, chain), packets) in counted {
             let before = (self.drop_counts.get(&(family, chain.clone())))
                 .copied()
                 .unwrap_or(0);
@@ -298,10 +294,12 @@ impl Enforcer {
             if new == 0 {
                 continue;
             }
-            let policies = (wanted.iter())
-                .find_map(|(_, t)| t.drops.get(&chain))
-                .map(|(_, p)| p.clone())
-                .unwrap_or_default();
+            let Some((direction, policies)) = (wanted.iter())
+                .find(|(f, _)| *f == family)
+                .and_then(|(_, t)| t.drops.get(&chain))
+            else {
+                continue;
+            };
             for policy in policies {
                 self.metrics
                     .dropped
@@ -340,14 +338,8 @@ impl Enforcer {
     }
 
     fn record(&mut self, applied: &Applied) -> bool {
-        for (what, why) in &applied.refused {
-            tracing::warn!(
-                what,
-                "the kernel refused a network policy change (retried by the next audit): {why}"
-            );
-        }
         self.metrics.failures.inc_by(applied.refused.len() as u64);
-        let ok = applied.refused.is_empty();
+        let ok = applied.log_refused("network policy");
         if ok {
             self.report_programmed();
         }

@@ -352,14 +352,8 @@ impl Proxy {
         self.metrics
             .transactions
             .inc_by(applied.transactions as u64);
-        for (what, why) in &applied.refused {
-            tracing::warn!(
-                what,
-                "the kernel refused a proxy change (retried by the next audit): {why}"
-            );
-        }
         self.metrics.failures.inc_by(applied.refused.len() as u64);
-        let ok = applied.refused.is_empty();
+        let ok = applied.log_refused("proxy");
         if ok {
             self.synced();
         }
