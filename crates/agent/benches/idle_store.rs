@@ -98,6 +98,7 @@ fn config(n: &Node) -> AgentConfig {
         gateway: n.gateway,
         interface: "wg0".into(),
         wireguard: WireGuardBackend::Userspace,
+        userspace_offloads: Default::default(),
         key_file: "/nonexistent".into(),
         state_cache: None,
         store: StoreAddress::Unix("/nonexistent".into()),

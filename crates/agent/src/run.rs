@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use trellis_dataplane::netlink::Netlink;
+use trellis_dataplane::wireguard::offload::OffloadMode;
 use trellis_dataplane::wireguard::{
     WireGuardDevice, kernel::KernelDevice, keyfile, userspace::UserspaceDevice,
 };
@@ -54,6 +55,8 @@ pub struct AgentConfig {
     /// The WireGuard interface (unique on the machine for the userspace device).
     pub interface: String,
     pub wireguard: WireGuardBackend,
+    /// Segmentation offloads of the userspace device.
+    pub userspace_offloads: OffloadMode,
     /// Where the private key lives (created with mode 0600 if missing).
     pub key_file: PathBuf,
     /// Where the last known cluster state is kept (`None`: no cache).
@@ -498,7 +501,7 @@ async fn start_device(
                     .await
                     .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>),
                 WireGuardBackend::Userspace => {
-                    UserspaceDevice::create(interface, key.clone(), port)
+                    UserspaceDevice::create(interface, key.clone(), port, config.userspace_offloads)
                         .await
                         .map(|d| Arc::new(d) as Arc<dyn WireGuardDevice>)
                 }

@@ -8,6 +8,7 @@
 
 pub mod kernel;
 pub mod keyfile;
+pub mod offload;
 pub mod uapi;
 pub mod userspace;
 

@@ -1,13 +1,17 @@
 //! The embedded userspace device: gotatun on a TUN interface, configured in-process, with
-//! the standard control socket so `wg show` and `wg set` work on it.
+//! the standard control socket so `wg show` and `wg set` work on it. The TUN and UDP edges
+//! are ours ([`super::offload`]): they move 64 KB per system call where the kernel allows.
 
+use super::offload::tun::{Granted, TunReader, TunWriter};
+use super::offload::{self, Counters, OffloadMode, Usage, udp::GsoUdpFactory};
 use super::{PeerConfig, PeerStatus, WireGuardDevice};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use gotatun::device::uapi::UapiServer;
-use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+use gotatun::device::{Device, DeviceBuilder, Peer};
 use ipnet::IpNet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use trellis_model::PublicKey;
 use x25519_dalek::StaticSecret;
 
@@ -15,26 +19,40 @@ use x25519_dalek::StaticSecret;
 /// network namespace, so device names must be unique on the machine.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
+/// gotatun's device over our offloading edges.
+type Transports = (GsoUdpFactory, TunWriter, TunReader);
+
 pub struct UserspaceDevice {
     name: String,
-    device: Device<DefaultDeviceTransports>,
+    device: Device<Transports>,
+    granted: Granted,
+    counters: Arc<Counters>,
 }
 
 impl UserspaceDevice {
     /// Create the TUN interface `name` in the calling thread's network namespace and start
-    /// the device on UDP `listen_port`. The interface is left down and unaddressed; the
-    /// link reconciler owns that.
-    pub async fn create(name: &str, private_key: StaticSecret, listen_port: u16) -> Result<Self> {
+    /// the device on UDP `listen_port`, with segmentation offloads as `offloads` says. The
+    /// interface is left down and unaddressed; the link reconciler owns that.
+    pub async fn create(
+        name: &str,
+        private_key: StaticSecret,
+        listen_port: u16,
+        offloads: OffloadMode,
+    ) -> Result<Self> {
         let uapi = UapiServer::default_unix_socket(name, None, None).map_err(|e| {
             Error::io(
                 format!("opening the control socket for {name}"),
                 std::io::Error::other(format!("{e:#}")),
             )
         })?;
+        let counters = Arc::new(Counters::default());
+        let (reader, writer, granted) =
+            offload::tun::open(name, offloads, Arc::clone(&counters))
+                .map_err(|e| Error::io(format!("creating TUN device {name}"), e))?;
+        tracing::debug!(interface = name, ?offloads, ?granted, "TUN device open");
         let device = DeviceBuilder::new()
-            .with_default_udp()
-            .create_tun(name)
-            .map_err(|e| device_error(format!("creating TUN device {name}"), e))?
+            .with_udp(GsoUdpFactory::new(offloads, Arc::clone(&counters)))
+            .with_ip_pair(writer, reader)
             .with_listen_port(listen_port)
             .with_uapi(uapi)
             .build()
@@ -49,7 +67,19 @@ impl UserspaceDevice {
         Ok(Self {
             name: name.to_string(),
             device,
+            granted,
+            counters,
         })
+    }
+
+    /// The TUN offloads the kernel granted.
+    pub fn offloads(&self) -> Granted {
+        self.granted
+    }
+
+    /// What the offloads have done so far.
+    pub fn offload_usage(&self) -> Usage {
+        self.counters.read()
     }
 
     pub fn socket_path(name: &str) -> PathBuf {

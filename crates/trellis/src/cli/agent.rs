@@ -12,6 +12,7 @@ use trellis_agent::probe::ProbeConfig;
 use trellis_agent::state::CACHE_GRACE;
 use trellis_agent::store_addr::StoreAddress;
 use trellis_agent::{AgentConfig, WireGuardBackend};
+use trellis_dataplane::wireguard::offload::OffloadMode;
 use trellis_model::{Endpoint, GatewayPolicy, Granularity};
 use trellis_plan::Settings;
 use trellis_plan::health::DetectorConfig;
@@ -149,6 +150,16 @@ pub struct AgentArgs {
     /// WireGuard implementation: userspace (embedded) or kernel.
     #[arg(long, default_value = "userspace", value_parser = ["userspace", "kernel"])]
     pub wireguard: String,
+    /// Segmentation offloads of the userspace device's TUN interface and UDP socket: `auto`
+    /// asks the kernel for each and falls back, with a log line, where it refuses; `off`
+    /// moves one packet per system call.
+    #[arg(
+        long,
+        value_name = "auto|off",
+        default_value = "auto",
+        env = "TRELLIS_USERSPACE_OFFLOADS"
+    )]
+    pub userspace_offloads: OffloadMode,
 }
 
 impl AgentArgs {
@@ -239,6 +250,7 @@ impl AgentArgs {
                 "kernel" => WireGuardBackend::Kernel,
                 _ => WireGuardBackend::Userspace,
             },
+            userspace_offloads: self.userspace_offloads,
             key_file: self.key_file.clone(),
             state_cache: (!self.no_state_cache).then(|| self.state_cache.clone()),
             store,

@@ -1,0 +1,295 @@
+//! The userspace device's segmentation offloads against the real kernel: bulk TCP through
+//! two devices on a veth arrives intact (so every checksum the offloads write is right, or
+//! TCP would stall), the kernel really hands over and takes back 64 KB at a time, Debian's
+//! wireguard-go (no offloads) interoperates both ways, and `off` still works.
+//!
+//! Each device runs on a runtime whose worker threads live in its namespace, so sockets it
+//! opens later land there too.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_dataplane::netns::{self, OwnedNetns};
+use trellis_dataplane::wireguard::offload::OffloadMode;
+use trellis_dataplane::wireguard::userspace::UserspaceDevice;
+use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice};
+use trellis_model::PublicKey;
+use trellis_testkit::netns::{ip, scratch_netns};
+use x25519_dalek::{PublicKey as X25519Public, StaticSecret};
+
+const PORT: u16 = 51820;
+/// Enough for thousands of full-size segments each way, small enough for a debug build.
+const BYTES: usize = 24 << 20;
+
+/// Two namespaces on one veth, 198.19.9.1 and .2.
+struct Pair {
+    a: OwnedNetns,
+    b: OwnedNetns,
+}
+
+impl Pair {
+    fn new(tag: &str) -> Self {
+        let a = scratch_netns(&format!("{tag}a"));
+        let b = scratch_netns(&format!("{tag}b"));
+        ip(&[
+            "-n",
+            a.name(),
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.name(),
+        ]);
+        for (ns, addr) in [(&a, "198.19.9.1/24"), (&b, "198.19.9.2/24")] {
+            ip(&["-n", ns.name(), "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", ns.name(), "link", "set", "eth0", "up"]);
+            ip(&["-n", ns.name(), "link", "set", "lo", "up"]);
+        }
+        Pair { a, b }
+    }
+}
+
+impl Drop for Pair {
+    /// A namespace outlives its deletion while a process (wireguard-go) is inside.
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            for pid in netns::pids_in(ns.name()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// A device and the runtime that drives it, both inside one namespace.
+struct Side {
+    runtime: tokio::runtime::Runtime,
+    device: Arc<UserspaceDevice>,
+    public: PublicKey,
+}
+
+impl Side {
+    fn start(ns: &OwnedNetns, interface: &str, overlay: &str, mode: OffloadMode) -> Side {
+        let interface = interface.to_string();
+        let (runtime, device, public) = netns::run_in(ns.name(), move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let secret = StaticSecret::random();
+            let public = PublicKey(X25519Public::from(&secret).to_bytes());
+            let device = runtime
+                .block_on(UserspaceDevice::create(&interface, secret, PORT, mode))
+                .expect("creating the userspace device");
+            (runtime, Arc::new(device), public)
+        })
+        .unwrap();
+        let name = device.name().to_string();
+        ip(&["-n", ns.name(), "addr", "add", overlay, "dev", &name]);
+        ip(&["-n", ns.name(), "link", "set", &name, "mtu", "1420", "up"]);
+        Side {
+            runtime,
+            device,
+            public,
+        }
+    }
+
+    fn add_peer(&self, key: PublicKey, endpoint: &str, allowed: &str) {
+        let peer = PeerConfig {
+            public_key: key,
+            endpoint: Some(endpoint.parse().unwrap()),
+            allowed_ips: [allowed.parse().unwrap()].into(),
+            persistent_keepalive: None,
+        };
+        let device = Arc::clone(&self.device);
+        // Spawned, not blocked on: the future must run on the namespace's threads.
+        self.runtime
+            .block_on(
+                self.runtime
+                    .spawn(async move { device.upsert_peer(&peer).await }),
+            )
+            .unwrap()
+            .expect("adding the peer");
+    }
+}
+
+/// Deterministic bytes, so the receiver can check every one.
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// Sends `BYTES` over TCP from namespace `from` to `to_addr` (a listener in namespace
+/// `to`), and returns how many arrived intact.
+fn transfer(from: &str, to: &str, to_addr: &str) -> usize {
+    let addr: SocketAddr = format!("{to_addr}:5201").parse().unwrap();
+    let listener = netns::run_in(to, move || TcpListener::bind(addr).unwrap()).unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buffer = vec![0u8; 1 << 16];
+        let (mut seen, mut intact) = (0usize, 0usize);
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return intact,
+                Ok(n) => {
+                    for (k, byte) in buffer[..n].iter().enumerate() {
+                        if *byte == pattern(seen + k) {
+                            intact += 1;
+                        }
+                    }
+                    seen += n;
+                }
+            }
+        }
+    });
+    netns::run_in(from, move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .expect("connecting through the tunnel");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let data: Vec<u8> = (0..BYTES).map(pattern).collect();
+        stream.write_all(&data).expect("sending through the tunnel");
+    })
+    .unwrap();
+    receiver.join().unwrap()
+}
+
+/// A unique interface name: userspace devices share /var/run/wireguard machine-wide.
+fn interface(tag: &str) -> String {
+    format!("trt{}{tag}", std::process::id() % 100_000)
+}
+
+#[test]
+fn bulk_tcp_through_two_offloading_devices_arrives_intact_in_64k_pieces() {
+    let pair = Pair::new("ofl");
+    let a = Side::start(&pair.a, &interface("a"), "10.77.0.1/24", OffloadMode::Auto);
+    let b = Side::start(&pair.b, &interface("b"), "10.77.0.2/24", OffloadMode::Auto);
+    a.add_peer(b.public, "198.19.9.2:51820", "10.77.0.2/32");
+    b.add_peer(a.public, "198.19.9.1:51820", "10.77.0.1/32");
+    assert!(a.device.offloads().tso, "this kernel grants TSO on TUN");
+
+    assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
+    assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
+
+    for (side, name) in [(&a, "a"), (&b, "b")] {
+        let usage = side.device.offload_usage();
+        eprintln!("{name}: {usage:?}");
+        assert!(
+            usage.tun_super_reads > 0 && usage.tun_packets_read > 4 * usage.tun_super_reads,
+            "{name}: the kernel hands over whole TCP sends: {usage:?}"
+        );
+        assert!(
+            usage.tun_coalesced_writes > 0
+                && usage.tun_packets_written > 2 * usage.tun_coalesced_writes,
+            "{name}: decrypted runs are written coalesced: {usage:?}"
+        );
+        assert!(
+            usage.udp_segmented_sends > 0
+                && usage.udp_segmented_datagrams > 4 * usage.udp_segmented_sends,
+            "{name}: encrypted runs leave as one segmented send: {usage:?}"
+        );
+    }
+}
+
+#[test]
+fn offloads_off_moves_the_same_bytes_one_packet_at_a_time() {
+    let pair = Pair::new("ofo");
+    let a = Side::start(&pair.a, &interface("c"), "10.77.0.1/24", OffloadMode::Off);
+    let b = Side::start(&pair.b, &interface("d"), "10.77.0.2/24", OffloadMode::Auto);
+    a.add_peer(b.public, "198.19.9.2:51820", "10.77.0.2/32");
+    b.add_peer(a.public, "198.19.9.1:51820", "10.77.0.1/32");
+
+    assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
+    assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
+
+    let usage = a.device.offload_usage();
+    assert_eq!(a.device.offloads(), Default::default());
+    assert_eq!(usage.tun_super_reads, 0, "{usage:?}");
+    assert_eq!(usage.tun_coalesced_writes, 0, "{usage:?}");
+    assert_eq!(usage.udp_segmented_sends, 0, "{usage:?}");
+    assert!(usage.tun_packets_read > 0 && usage.tun_packets_written > 0);
+}
+
+/// Debian's wireguard-go reads and writes one packet per call and receives without
+/// `UDP_GRO`: our segmented sends must reach it as plain datagrams and its packets must
+/// coalesce on our side.
+#[test]
+fn wireguard_go_exchanges_bulk_tcp_with_an_offloading_device() {
+    let pair = Pair::new("ofg");
+    let a = Side::start(&pair.a, &interface("e"), "10.77.0.1/24", OffloadMode::Auto);
+    let go = interface("g");
+    let socket = format!("/var/run/wireguard/{go}.sock");
+    let _cleanup = RemoveOnDrop(socket);
+    let started = Command::new("ip")
+        .args(["netns", "exec", pair.b.name(), "wireguard-go", &go])
+        .status()
+        .expect("running wireguard-go");
+    assert!(started.success(), "wireguard-go starts");
+    let secret = StaticSecret::random();
+    let public = PublicKey(X25519Public::from(&secret).to_bytes());
+    let key_file = std::env::temp_dir().join(format!("trt-{go}.key"));
+    std::fs::write(&key_file, base64_key(&secret.to_bytes())).unwrap();
+    let _key_cleanup = RemoveOnDrop(key_file.display().to_string());
+    let set = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            pair.b.name(),
+            "wg",
+            "set",
+            &go,
+            "private-key",
+        ])
+        .arg(&key_file)
+        .args(["listen-port", "51820", "peer", &base64_key(&a.public.0)])
+        .args([
+            "endpoint",
+            "198.19.9.1:51820",
+            "allowed-ips",
+            "10.77.0.1/32",
+        ])
+        .status()
+        .unwrap();
+    assert!(set.success(), "wg set configures wireguard-go");
+    ip(&[
+        "-n",
+        pair.b.name(),
+        "addr",
+        "add",
+        "10.77.0.2/24",
+        "dev",
+        &go,
+    ]);
+    ip(&["-n", pair.b.name(), "link", "set", &go, "mtu", "1420", "up"]);
+    a.add_peer(public, "198.19.9.2:51820", "10.77.0.2/32");
+
+    assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
+    assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
+    let usage = a.device.offload_usage();
+    assert!(usage.udp_segmented_sends > 0, "{usage:?}");
+    assert!(usage.tun_coalesced_writes > 0, "{usage:?}");
+}
+
+fn base64_key(key: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
