@@ -95,6 +95,9 @@ measure() { # SERVER_NETNS CLIENT_NETNS SERVER_IP STREAMS
   echo "$(median $runs)|${runs% }|$cpu_per_gbit|$p50|$p99"
 }
 
+# The address of a lab pod (its first IPv4 address on eth0).
+pod_ip() { ip -n "$1" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1 | head -1; }
+
 declare -A result
 # measure_all KEY SERVER_NETNS CLIENT_NETNS SERVER_IP: one stream and four.
 measure_all() {
@@ -127,18 +130,18 @@ measure_all wggo tl-bwg-2 tl-bwg-1 10.9.0.2
 # Trellis: two nodes, one tunnel over the location network (the same shape as above), with
 # the offloads and without them.
 $T lab up --name tbt2 --nodes 2 --locations 1 --granularity full >/dev/null
-measure_all direct tl-tbt2-a2-p0 tl-tbt2-a1-p0 10.244.1.10
+measure_all direct tl-tbt2-a2-p0 tl-tbt2-a1-p0 "$(pod_ip tl-tbt2-a2-p0)"
 $T lab down --name tbt2 >/dev/null
 TRELLIS_USERSPACE_OFFLOADS=off $T lab up --name tbo2 --nodes 2 --locations 1 --granularity full >/dev/null
-measure_all direct_off tl-tbo2-a2-p0 tl-tbo2-a1-p0 10.244.1.10
+measure_all direct_off tl-tbo2-a2-p0 tl-tbo2-a1-p0 "$(pod_ip tl-tbo2-a2-p0)"
 $T lab down --name tbo2 >/dev/null
 
 # Trellis across locations: pod a2 -> gateway a1 -> tunnel -> gateway b1 -> pod b2.
 $T lab up --name tbtp --nodes 6 --locations 2 >/dev/null
-measure_all cross tl-tbtp-b2-p0 tl-tbtp-a2-p0 10.244.4.10
+measure_all cross tl-tbtp-b2-p0 tl-tbtp-a2-p0 "$(pod_ip tl-tbtp-b2-p0)"
 $T lab down --name tbtp >/dev/null
 TRELLIS_USERSPACE_OFFLOADS=off $T lab up --name tbop --nodes 6 --locations 2 >/dev/null
-measure_all cross_off tl-tbop-b2-p0 tl-tbop-a2-p0 10.244.4.10
+measure_all cross_off tl-tbop-b2-p0 tl-tbop-a2-p0 "$(pod_ip tl-tbop-b2-p0)"
 $T lab down --name tbop >/dev/null
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print "n/a" }'; }

@@ -184,7 +184,6 @@ fn bulk_tcp_through_two_offloading_devices_arrives_intact_in_64k_pieces() {
 
     for (side, name) in [(&a, "a"), (&b, "b")] {
         let usage = side.device.offload_usage();
-        eprintln!("{name}: {usage:?}");
         assert!(
             usage.tun_super_reads > 0 && usage.tun_packets_read > 4 * usage.tun_super_reads,
             "{name}: the kernel hands over whole TCP sends: {usage:?}"
