@@ -244,6 +244,7 @@ pub async fn run_with(
     // A pass runs at least every resync; one that takes far longer is stuck.
     let admin = admin::Admin::new(&node.name, config.resync * 3 + Duration::from_secs(30));
     let metrics = admin.metrics.clone();
+    metrics.watch_device(kernel.device.clone());
     // Leadership runs beside the data plane and nothing here waits on it: readiness,
     // plans and probes are the same whether this node leads or not.
     let (stop_campaign, campaign_stopped) = watch::channel(false);

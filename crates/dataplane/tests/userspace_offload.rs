@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use trellis_dataplane::netns::{self, OwnedNetns};
-use trellis_dataplane::wireguard::offload::OffloadMode;
+use trellis_dataplane::wireguard::offload::{OffloadMode, Usage, tun::Granted};
 use trellis_dataplane::wireguard::userspace::UserspaceDevice;
 use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice};
 use trellis_model::PublicKey;
@@ -102,6 +102,20 @@ impl Side {
         }
     }
 
+    fn granted(&self) -> Granted {
+        self.device
+            .offloads()
+            .expect("a userspace device reports")
+            .granted
+    }
+
+    fn usage(&self) -> Usage {
+        self.device
+            .offloads()
+            .expect("a userspace device reports")
+            .usage
+    }
+
     fn add_peer(&self, key: PublicKey, endpoint: &str, allowed: &str) {
         let peer = PeerConfig {
             public_key: key,
@@ -177,13 +191,13 @@ fn bulk_tcp_through_two_offloading_devices_arrives_intact_in_64k_pieces() {
     let b = Side::start(&pair.b, &interface("b"), "10.77.0.2/24", OffloadMode::Auto);
     a.add_peer(b.public, "198.19.9.2:51820", "10.77.0.2/32");
     b.add_peer(a.public, "198.19.9.1:51820", "10.77.0.1/32");
-    assert!(a.device.offloads().tso, "this kernel grants TSO on TUN");
+    assert!(a.granted().tso, "this kernel grants TSO on TUN");
 
     assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
     assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
 
     for (side, name) in [(&a, "a"), (&b, "b")] {
-        let usage = side.device.offload_usage();
+        let usage = side.usage();
         assert!(
             usage.tun_super_reads > 0 && usage.tun_packets_read > 4 * usage.tun_super_reads,
             "{name}: the kernel hands over whole TCP sends: {usage:?}"
@@ -212,8 +226,8 @@ fn offloads_off_moves_the_same_bytes_one_packet_at_a_time() {
     assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
     assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
 
-    let usage = a.device.offload_usage();
-    assert_eq!(a.device.offloads(), Default::default());
+    let usage = a.usage();
+    assert_eq!(a.granted(), Default::default());
     assert_eq!(usage.tun_super_reads, 0, "{usage:?}");
     assert_eq!(usage.tun_coalesced_writes, 0, "{usage:?}");
     assert_eq!(usage.udp_segmented_sends, 0, "{usage:?}");
@@ -275,7 +289,7 @@ fn wireguard_go_exchanges_bulk_tcp_with_an_offloading_device() {
 
     assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
     assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
-    let usage = a.device.offload_usage();
+    let usage = a.usage();
     assert!(usage.udp_segmented_sends > 0, "{usage:?}");
     assert!(usage.tun_coalesced_writes > 0, "{usage:?}");
 }

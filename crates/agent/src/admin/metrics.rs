@@ -5,6 +5,7 @@
 //! Metrics count; they decide nothing. What counts as a failover, for instance, is decided
 //! by [`crate::report::transition`] and only recorded here.
 
+use super::offload_metrics::DeviceOffloads;
 use crate::leader::work::LeaderWorkCounters;
 use crate::policy::metrics::PolicyMetrics;
 use crate::proxy::metrics::ProxyMetrics;
@@ -55,6 +56,7 @@ struct Inner {
     leader_work: LeaderWorkCounters,
     proxy: ProxyMetrics,
     policy: PolicyMetrics,
+    device_offloads: DeviceOffloads,
     state: Mutex<State>,
 }
 
@@ -99,6 +101,7 @@ impl Metrics {
             leader_work: LeaderWorkCounters::default(),
             proxy: ProxyMetrics::default(),
             policy: PolicyMetrics::default(),
+            device_offloads: DeviceOffloads::default(),
             state: Mutex::default(),
             registry: Registry::default(),
         };
@@ -115,6 +118,7 @@ impl Metrics {
         );
         inner.proxy.register(r);
         inner.policy.register(r);
+        r.register_collector(Box::new(inner.device_offloads.clone()));
         let work = &inner.leader_work;
         r.register(
             "leader_pod_cidrs_allocated",
@@ -290,6 +294,11 @@ impl Metrics {
     }
 
     /// The counters the leader's tasks update, across all of this node's terms.
+    /// Export the device's offload counters from now on.
+    pub fn watch_device(&self, device: Arc<dyn trellis_dataplane::wireguard::WireGuardDevice>) {
+        self.inner.device_offloads.watch(device);
+    }
+
     pub fn policy(&self) -> PolicyMetrics {
         self.inner.policy.clone()
     }

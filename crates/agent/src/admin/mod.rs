@@ -12,6 +12,7 @@
 //! The handlers are plain functions of the shared [`Admin`] state, tested without sockets.
 
 mod metrics;
+mod offload_metrics;
 pub mod readiness;
 mod server;
 

@@ -65,6 +65,11 @@ pub trait WireGuardDevice: Send + Sync {
     /// resets the peer's session.
     async fn upsert_peer(&self, peer: &PeerConfig) -> Result<()>;
     async fn remove_peer(&self, key: &PublicKey) -> Result<()>;
+    /// The segmentation offloads a userspace device runs with, and what they did; `None`
+    /// for a device without any (the kernel module's are the kernel's business).
+    fn offloads(&self) -> Option<offload::Report> {
+        None
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! are ours ([`super::offload`]): they move 64 KB per system call where the kernel allows.
 
 use super::offload::tun::{Granted, TunReader, TunWriter};
-use super::offload::{self, Counters, OffloadMode, Usage, udp::GsoUdpFactory};
+use super::offload::{self, Counters, OffloadMode, udp::GsoUdpFactory};
 use super::{PeerConfig, PeerStatus, WireGuardDevice};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
@@ -49,7 +49,13 @@ impl UserspaceDevice {
         let (reader, writer, granted) =
             offload::tun::open(name, offloads, Arc::clone(&counters))
                 .map_err(|e| Error::io(format!("creating TUN device {name}"), e))?;
-        tracing::debug!(interface = name, ?offloads, ?granted, "TUN device open");
+        tracing::info!(
+            interface = name,
+            ?offloads,
+            tso = granted.tso,
+            uso = granted.uso,
+            "userspace WireGuard device on TUN"
+        );
         let device = DeviceBuilder::new()
             .with_udp(GsoUdpFactory::new(offloads, Arc::clone(&counters)))
             .with_ip_pair(writer, reader)
@@ -70,16 +76,6 @@ impl UserspaceDevice {
             granted,
             counters,
         })
-    }
-
-    /// The TUN offloads the kernel granted.
-    pub fn offloads(&self) -> Granted {
-        self.granted
-    }
-
-    /// What the offloads have done so far.
-    pub fn offload_usage(&self) -> Usage {
-        self.counters.read()
     }
 
     pub fn socket_path(name: &str) -> PathBuf {
@@ -174,6 +170,13 @@ impl WireGuardDevice for UserspaceDevice {
                     e,
                 )
             })
+    }
+
+    fn offloads(&self) -> Option<offload::Report> {
+        Some(offload::Report {
+            granted: self.granted,
+            usage: self.counters.read(),
+        })
     }
 
     async fn remove_peer(&self, key: &PublicKey) -> Result<()> {

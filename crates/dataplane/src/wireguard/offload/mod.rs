@@ -74,6 +74,13 @@ pub struct Counters {
     pub udp_segmented_datagrams: AtomicU64,
 }
 
+/// What a device reports of its offloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub granted: tun::Granted,
+    pub usage: Usage,
+}
+
 /// A reading of [`Counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
