@@ -67,7 +67,7 @@ busy_jiffies() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 # One measured path: $repeats iperf3 runs of $seconds s with STREAMS streams, each beside a
 # ping every 0.1 s between the same two namespaces. Prints
 # "MEDIAN_MBITS|RUNS|CPU_S_PER_GBIT|PING_P50_MS|PING_P99_MS".
-measure() { # SERVER_NETNS CLIENT_NETNS SERVER_IP STREAMS
+measure() { # SERVER_NETNS CLIENT_NETNS SERVER_IP STREAMS [RATE]
   local runs="" cpu_total=0 bits_total=0 pings=()
   for _ in $(seq "$repeats"); do
     ip netns exec "$1" iperf3 -s -D -1 >/dev/null
@@ -76,7 +76,7 @@ measure() { # SERVER_NETNS CLIENT_NETNS SERVER_IP STREAMS
     ip netns exec "$2" ping -i 0.1 -w "$seconds" "$3" >"$pingfile" 2>/dev/null &
     local ping_pid=$! before; before=$(busy_jiffies)
     local mbits
-    mbits=$(ip netns exec "$2" iperf3 -c "$3" -t "$seconds" -P "$4" -f m 2>/dev/null | awk '/receiver/ {v=$(NF-2)} END {print v}')
+    mbits=$(ip netns exec "$2" iperf3 -c "$3" -t "$seconds" -P "$4" ${5:+-b "$5"} -f m 2>/dev/null | awk '/receiver/ {v=$(NF-2)} END {print v}')
     local after; after=$(busy_jiffies)
     wait "$ping_pid" || true
     runs+="$mbits "
@@ -99,10 +99,13 @@ measure() { # SERVER_NETNS CLIENT_NETNS SERVER_IP STREAMS
 pod_ip() { ip -n "$1" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1 | head -1; }
 
 declare -A result
-# measure_all KEY SERVER_NETNS CLIENT_NETNS SERVER_IP: one stream and four.
+# measure_all KEY SERVER_NETNS CLIENT_NETNS SERVER_IP: one stream and four, and one stream
+# paced to $paced (a load every path carries, so the ping compares the paths, not the load).
+paced=500M
 measure_all() {
   result[$1,1]=$(measure "$2" "$3" "$4" 1)
   result[$1,4]=$(measure "$2" "$3" "$4" 4)
+  result[$1,paced]=$(measure "$2" "$3" "$4" 1 "$paced")
 }
 
 # Plain veth and wireguard-go on a veth: the reference points.
@@ -167,4 +170,21 @@ for key in veth wggo direct direct_off cross cross_off; do
     r=${result[$key,$streams]}; base=${result[wggo,$streams]}
     echo "| $label | $streams | $(field "$r" 1) | $(field "$r" 2) | $(ratio "$(field "$r" 1)" "$(field "$base" 1)") | $(field "$r" 3) | $(field "$r" 4) | $(field "$r" 5) |"
   done
+done
+echo
+echo "### Ping under an equal load (one stream paced to ${paced}bit/s, ${seconds} s, ${repeats} runs)"
+echo
+echo "| path | Mbit/s (median) | CPU s/Gbit | ping p50 ms | ping p99 ms |"
+echo "|---|---|---|---|---|"
+for key in veth wggo direct direct_off cross cross_off; do
+  case $key in
+    veth) label="plain veth" ;;
+    wggo) label="Debian wireguard-go" ;;
+    direct) label="Trellis, two nodes (\`full\`)" ;;
+    direct_off) label="Trellis, two nodes, offloads off" ;;
+    cross) label="Trellis, across locations" ;;
+    cross_off) label="Trellis, across locations, offloads off" ;;
+  esac
+  r=${result[$key,paced]}
+  echo "| $label | $(field "$r" 1) | $(field "$r" 3) | $(field "$r" 4) | $(field "$r" 5) |"
 done

@@ -73,6 +73,7 @@ struct Side {
     runtime: tokio::runtime::Runtime,
     device: Arc<UserspaceDevice>,
     public: PublicKey,
+    netns: String,
 }
 
 impl Side {
@@ -99,6 +100,7 @@ impl Side {
             runtime,
             device,
             public,
+            netns: ns.name().to_string(),
         }
     }
 
@@ -116,11 +118,25 @@ impl Side {
             .usage
     }
 
-    fn add_peer(&self, key: PublicKey, endpoint: &str, allowed: &str) {
+    fn add_address(&self, address: &str) {
+        let name = self.device.name().to_string();
+        ip(&[
+            "-n",
+            &self.netns,
+            "addr",
+            "add",
+            address,
+            "dev",
+            &name,
+            "nodad",
+        ]);
+    }
+
+    fn add_peer(&self, key: PublicKey, endpoint: &str, allowed: &[&str]) {
         let peer = PeerConfig {
             public_key: key,
             endpoint: Some(endpoint.parse().unwrap()),
-            allowed_ips: [allowed.parse().unwrap()].into(),
+            allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
             persistent_keepalive: None,
         };
         let device = Arc::clone(&self.device);
@@ -143,7 +159,9 @@ fn pattern(i: usize) -> u8 {
 /// Sends `BYTES` over TCP from namespace `from` to `to_addr` (a listener in namespace
 /// `to`), and returns how many arrived intact.
 fn transfer(from: &str, to: &str, to_addr: &str) -> usize {
-    let addr: SocketAddr = format!("{to_addr}:5201").parse().unwrap();
+    let addr: SocketAddr = format!("{to_addr}:5201")
+        .parse()
+        .expect("an address, IPv6 in brackets");
     let listener = netns::run_in(to, move || TcpListener::bind(addr).unwrap()).unwrap();
     let receiver = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
@@ -189,12 +207,27 @@ fn bulk_tcp_through_two_offloading_devices_arrives_intact_in_64k_pieces() {
     let pair = Pair::new("ofl");
     let a = Side::start(&pair.a, &interface("a"), "10.77.0.1/24", OffloadMode::Auto);
     let b = Side::start(&pair.b, &interface("b"), "10.77.0.2/24", OffloadMode::Auto);
-    a.add_peer(b.public, "198.19.9.2:51820", "10.77.0.2/32");
-    b.add_peer(a.public, "198.19.9.1:51820", "10.77.0.1/32");
+    a.add_address("fd77::1/64");
+    b.add_address("fd77::2/64");
+    a.add_peer(
+        b.public,
+        "198.19.9.2:51820",
+        &["10.77.0.2/32", "fd77::2/128"],
+    );
+    b.add_peer(
+        a.public,
+        "198.19.9.1:51820",
+        &["10.77.0.1/32", "fd77::1/128"],
+    );
     assert!(a.granted().tso, "this kernel grants TSO on TUN");
 
     assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
     assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
+    // TSO6 on read, TCPv6 coalescing on write.
+    let (sent, received) = (a.usage(), b.usage());
+    assert_eq!(transfer(pair.a.name(), pair.b.name(), "[fd77::2]"), BYTES);
+    assert!(a.usage().tun_super_reads > sent.tun_super_reads);
+    assert!(b.usage().tun_coalesced_writes > received.tun_coalesced_writes);
 
     for (side, name) in [(&a, "a"), (&b, "b")] {
         let usage = side.usage();
@@ -220,8 +253,8 @@ fn offloads_off_moves_the_same_bytes_one_packet_at_a_time() {
     let pair = Pair::new("ofo");
     let a = Side::start(&pair.a, &interface("c"), "10.77.0.1/24", OffloadMode::Off);
     let b = Side::start(&pair.b, &interface("d"), "10.77.0.2/24", OffloadMode::Auto);
-    a.add_peer(b.public, "198.19.9.2:51820", "10.77.0.2/32");
-    b.add_peer(a.public, "198.19.9.1:51820", "10.77.0.1/32");
+    a.add_peer(b.public, "198.19.9.2:51820", &["10.77.0.2/32"]);
+    b.add_peer(a.public, "198.19.9.1:51820", &["10.77.0.1/32"]);
 
     assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
     assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);
@@ -285,7 +318,7 @@ fn wireguard_go_exchanges_bulk_tcp_with_an_offloading_device() {
         &go,
     ]);
     ip(&["-n", pair.b.name(), "link", "set", &go, "mtu", "1420", "up"]);
-    a.add_peer(public, "198.19.9.2:51820", "10.77.0.2/32");
+    a.add_peer(public, "198.19.9.2:51820", &["10.77.0.2/32"]);
 
     assert_eq!(transfer(pair.a.name(), pair.b.name(), "10.77.0.2"), BYTES);
     assert_eq!(transfer(pair.b.name(), pair.a.name(), "10.77.0.1"), BYTES);

@@ -23,8 +23,10 @@ const READ_BUFFER: usize = VirtioNetHdr::LEN + 65_535;
 /// Packets the writer takes from its queue at once: enough to merge a whole 64 KB run of
 /// full-size segments, few enough that the first packet of a batch is not held back.
 const WRITE_BATCH: usize = 64;
-/// The writer's queue; gotatun's own buffer sits in front of it.
-const WRITE_QUEUE: usize = 1024;
+/// The writer's queue, behind gotatun's own: deep enough for four full batches, short
+/// enough not to add a standing queue under load (1,024 measured worse ping under load, 64
+/// worse throughput and ping alike).
+const WRITE_QUEUE: usize = 256;
 /// Headers of a coalesced packet.
 const HEAD_BUFFER: usize = super::coalesce::MAX_HEAD_LEN;
 /// How often the interface MTU is read back: gotatun pads to it, and the link reconciler
