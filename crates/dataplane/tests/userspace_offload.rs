@@ -339,3 +339,74 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// A segmented send the kernel refuses (here: a socket told to send without UDP checksums,
+/// which segmentation needs) turns segmentation off for good, and the run still leaves, one
+/// datagram each.
+#[test]
+fn a_refused_segmented_send_falls_back_to_one_datagram_each_and_stays_off() {
+    use gotatun::packet::Packet;
+    use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
+    use std::os::fd::{AsFd, AsRawFd};
+    use trellis_dataplane::wireguard::offload::{Counters, udp::GsoUdpFactory};
+
+    let ns = scratch_netns("ofe");
+    ip(&["-n", ns.name(), "link", "set", "lo", "up"]);
+    let received = netns::run_in(ns.name(), || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        target
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let to = target.local_addr().unwrap();
+        runtime.block_on(async {
+            let counters = Arc::new(Counters::default());
+            let mut factory = GsoUdpFactory::new(OffloadMode::Auto, Arc::clone(&counters));
+            let params = UdpTransportFactoryParams {
+                addr: None,
+                port: 0,
+                fwmark: None,
+            };
+            let (send, _recv) = factory.bind(&params).await.unwrap();
+            assert!(send.segments(), "this kernel has UDP_SEGMENT");
+            // SO_NO_CHECK (send without UDP checksums) makes the kernel refuse segmentation,
+            // which needs them, with EINVAL.
+            let one: libc::c_int = 1;
+            let rc = unsafe {
+                libc::setsockopt(
+                    send.as_fd().as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NO_CHECK,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+            for round in 0..2 {
+                let mut run: Vec<(Packet, SocketAddr)> = (0..4)
+                    .map(|i| (Packet::copy_from(&[round * 4 + i; 1000][..]), to))
+                    .collect();
+                send.send_many_to(&mut Default::default(), &mut run)
+                    .await
+                    .expect("the run is sent after all");
+                assert!(!send.segments(), "segmentation stays off after a refusal");
+            }
+            assert_eq!(counters.read().udp_segmented_sends, 0);
+        });
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 2048];
+        while let Ok(n) = target.recv(&mut buffer) {
+            seen.push((n, buffer[0]));
+            if seen.len() == 8 {
+                break;
+            }
+        }
+        seen
+    })
+    .unwrap();
+    let expected: Vec<(usize, u8)> = (0..8).map(|i| (1000, i)).collect();
+    assert_eq!(received, expected, "every datagram, whole and in order");
+}

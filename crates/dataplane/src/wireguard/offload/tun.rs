@@ -55,7 +55,7 @@ pub fn open(
             set_offload(fd.as_raw_fd(), 0)?;
             Granted::default()
         }
-        OffloadMode::Auto => negotiate(name, fd.as_raw_fd()),
+        OffloadMode::Auto => negotiate(name, |flags| set_offload(fd.as_raw_fd(), flags)),
     };
     let control = control_socket()?;
     let mtu = interface_mtu(&control, name)?;
@@ -107,16 +107,17 @@ fn open_tun(name: &str) -> io::Result<OwnedFd> {
 }
 
 /// Ask for everything, then for less: a kernel without USO (before 6.2) still has TSO.
-fn negotiate(name: &str, fd: RawFd) -> Granted {
+/// `set` is `TUNSETOFFLOAD` on the device.
+fn negotiate(name: &str, mut set: impl FnMut(libc::c_uint) -> io::Result<()>) -> Granted {
     let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
     let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
-    if set_offload(fd, tso | uso).is_ok() {
+    if set(tso | uso).is_ok() {
         return Granted {
             tso: true,
             uso: true,
         };
     }
-    match set_offload(fd, tso) {
+    match set(tso) {
         Ok(()) => {
             tracing::info!(
                 interface = name,
@@ -133,7 +134,7 @@ fn negotiate(name: &str, fd: RawFd) -> Granted {
                 %error,
                 "the kernel refused segmentation offloads on the TUN device; moving one packet per read and write"
             );
-            let _ = set_offload(fd, 0);
+            let _ = set(0);
             Granted::default()
         }
     }
@@ -372,4 +373,64 @@ fn is_gone(error: &io::Error) -> bool {
         error.raw_os_error(),
         Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `negotiate` asked for, and a kernel that grants only `allowed` flags.
+    fn negotiate_with(allowed: libc::c_uint) -> (Granted, Vec<libc::c_uint>) {
+        let mut asked = Vec::new();
+        let granted = negotiate("tw0", |flags| {
+            asked.push(flags);
+            if flags & !allowed == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            }
+        });
+        (granted, asked)
+    }
+
+    #[test]
+    fn every_offload_is_asked_for_and_each_refusal_falls_back_a_step() {
+        let csum_tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        let all = csum_tso | libc::TUN_F_USO4 | libc::TUN_F_USO6;
+
+        let (granted, asked) = negotiate_with(all);
+        assert_eq!(
+            granted,
+            Granted {
+                tso: true,
+                uso: true
+            }
+        );
+        assert_eq!(asked, vec![all]);
+
+        let (granted, asked) = negotiate_with(csum_tso);
+        assert_eq!(
+            granted,
+            Granted {
+                tso: true,
+                uso: false
+            }
+        );
+        assert_eq!(asked, vec![all, csum_tso]);
+
+        // Nothing granted: the device is left with no offloads at all, so the kernel never
+        // hands us a packet we would have to cut.
+        let (granted, asked) = negotiate_with(0);
+        assert_eq!(granted, Granted::default());
+        assert_eq!(asked, vec![all, csum_tso, 0]);
+    }
+
+    #[test]
+    fn interface_names_the_kernel_cannot_take_are_refused_by_name() {
+        for bad in ["", "a-name-of-16-chars", "nul\0in"] {
+            let error = interface_request(bad).unwrap_err();
+            assert!(error.to_string().contains("interface name"), "{error}");
+        }
+        assert!(interface_request("tw-lab-a1").is_ok());
+    }
 }

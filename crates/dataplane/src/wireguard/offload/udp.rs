@@ -155,7 +155,18 @@ impl UdpSend for GsoUdpSend {
     }
 }
 
+impl std::os::fd::AsFd for GsoUdpSend {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
 impl GsoUdpSend {
+    /// Whether runs still go out as one segmented send (false once the kernel refused one).
+    pub fn segments(&self) -> bool {
+        self.segment.load(Ordering::Relaxed)
+    }
+
     /// One `sendmsg` carrying every packet of the run, cut by the kernel at the first
     /// packet's size.
     async fn send_run(&self, run: &[(Packet, SocketAddr)]) -> io::Result<()> {
@@ -237,4 +248,45 @@ fn refuses_segmentation(error: &io::Error) -> bool {
         error.raw_os_error(),
         Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packets(spec: &[(usize, &str)]) -> Vec<(Packet, SocketAddr)> {
+        spec.iter()
+            .map(|(len, to)| {
+                let packet = Packet::copy_from(&vec![0u8; *len][..]);
+                (packet, to.parse().unwrap())
+            })
+            .collect()
+    }
+
+    const A: &str = "198.19.0.1:51820";
+    const B: &str = "198.19.0.2:51820";
+
+    #[test]
+    fn a_run_is_one_destination_and_one_size_with_a_shorter_last() {
+        assert_eq!(run_length(&[]), 0);
+        assert_eq!(run_length(&packets(&[(1452, A)])), 1);
+        assert_eq!(run_length(&packets(&[(1452, A), (1452, A), (1452, A)])), 3);
+        // A shorter packet ends the run and belongs to it.
+        assert_eq!(
+            run_length(&packets(&[(1452, A), (1452, A), (700, A), (1452, A)])),
+            3
+        );
+        // A longer one cannot follow: the kernel cuts at the first packet's size.
+        assert_eq!(run_length(&packets(&[(700, A), (1452, A)])), 1);
+        assert_eq!(run_length(&packets(&[(1452, A), (1452, B), (1452, B)])), 1);
+    }
+
+    #[test]
+    fn a_run_stays_within_the_kernels_limits() {
+        let many: Vec<(usize, &str)> = vec![(100, A); MAX_SEGMENTS + 10];
+        assert_eq!(run_length(&packets(&many)), MAX_SEGMENTS);
+        // 64 KB of payload at most: 45 datagrams of 1452 bytes (65,340), not 46.
+        let full: Vec<(usize, &str)> = vec![(1452, A); 60];
+        assert_eq!(run_length(&packets(&full)), MAX_RUN_BYTES / 1452);
+    }
 }
