@@ -149,6 +149,17 @@ $T lab down --name tbop >/dev/null
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print "n/a" }'; }
 field() { echo "$1" | cut -d'|' -f"$2"; }
+paths=(veth wggo direct direct_off cross cross_off)
+label() {
+  case $1 in
+    veth) echo "plain veth, no tunnel (upper bound)" ;;
+    wggo) echo "Debian wireguard-go ↔ wireguard-go on one veth" ;;
+    direct) echo "Trellis, pod → pod, one tunnel between two nodes (\`full\`)" ;;
+    direct_off) echo "Trellis, two nodes, offloads off" ;;
+    cross) echo "Trellis, pod → pod across locations via two gateways" ;;
+    cross_off) echo "Trellis, across locations, offloads off" ;;
+  esac
+}
 echo
 echo "### Pod-to-pod throughput (iperf3, TCP, ${seconds} s, median of ${repeats}), CPU and ping under load"
 echo
@@ -157,18 +168,10 @@ echo "moved. Ping: RTT between the same two namespaces, one every 0.1 s during t
 echo
 echo "| path | streams | Mbit/s (median) | runs | vs wireguard-go | CPU s/Gbit | ping p50 ms | ping p99 ms |"
 echo "|---|---|---|---|---|---|---|---|"
-for key in veth wggo direct direct_off cross cross_off; do
-  case $key in
-    veth) label="plain veth, no tunnel (upper bound)" ;;
-    wggo) label="Debian wireguard-go ↔ wireguard-go on one veth" ;;
-    direct) label="Trellis, pod → pod, one tunnel between two nodes (\`full\`)" ;;
-    direct_off) label="Trellis, same, offloads off" ;;
-    cross) label="Trellis, pod → pod across locations via two gateways" ;;
-    cross_off) label="Trellis, same, offloads off" ;;
-  esac
+for key in "${paths[@]}"; do
   for streams in 1 4; do
     r=${result[$key,$streams]}; base=${result[wggo,$streams]}
-    echo "| $label | $streams | $(field "$r" 1) | $(field "$r" 2) | $(ratio "$(field "$r" 1)" "$(field "$base" 1)") | $(field "$r" 3) | $(field "$r" 4) | $(field "$r" 5) |"
+    echo "| $(label "$key") | $streams | $(field "$r" 1) | $(field "$r" 2) | $(ratio "$(field "$r" 1)" "$(field "$base" 1)") | $(field "$r" 3) | $(field "$r" 4) | $(field "$r" 5) |"
   done
 done
 echo
@@ -176,15 +179,7 @@ echo "### Ping under an equal load (one stream paced to ${paced}bit/s, ${seconds
 echo
 echo "| path | Mbit/s (median) | CPU s/Gbit | ping p50 ms | ping p99 ms |"
 echo "|---|---|---|---|---|"
-for key in veth wggo direct direct_off cross cross_off; do
-  case $key in
-    veth) label="plain veth" ;;
-    wggo) label="Debian wireguard-go" ;;
-    direct) label="Trellis, two nodes (\`full\`)" ;;
-    direct_off) label="Trellis, two nodes, offloads off" ;;
-    cross) label="Trellis, across locations" ;;
-    cross_off) label="Trellis, across locations, offloads off" ;;
-  esac
+for key in "${paths[@]}"; do
   r=${result[$key,paced]}
-  echo "| $label | $(field "$r" 1) | $(field "$r" 3) | $(field "$r" 4) | $(field "$r" 5) |"
+  echo "| $(label "$key") | $(field "$r" 1) | $(field "$r" 3) | $(field "$r" 4) | $(field "$r" 5) |"
 done
