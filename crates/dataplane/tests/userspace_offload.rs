@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use trellis_dataplane::netns::{self, OwnedNetns};
-use trellis_dataplane::wireguard::offload::{OffloadMode, Usage, tun::Granted};
+use trellis_dataplane::wireguard::offload::{Granted, OffloadMode, Usage};
 use trellis_dataplane::wireguard::userspace::UserspaceDevice;
 use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice};
 use trellis_model::PublicKey;

@@ -96,7 +96,7 @@ mod tests {
     use async_trait::async_trait;
     use std::sync::Arc;
     use std::time::Instant;
-    use trellis_dataplane::wireguard::offload::{Report, Usage, tun::Granted};
+    use trellis_dataplane::wireguard::offload::{Granted, Report, Usage};
     use trellis_dataplane::wireguard::{PeerConfig, PeerStatus, WireGuardDevice};
     use trellis_model::PublicKey;
 

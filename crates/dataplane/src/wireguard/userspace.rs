@@ -2,8 +2,8 @@
 //! the standard control socket so `wg show` and `wg set` work on it. The TUN and UDP edges
 //! are ours ([`super::offload`]): they move 64 KB per system call where the kernel allows.
 
-use super::offload::tun::{Granted, TunReader, TunWriter};
-use super::offload::{self, Counters, OffloadMode, udp::GsoUdpFactory};
+use super::offload::tun::{TunReader, TunWriter};
+use super::offload::{self, Counters, Granted, OffloadMode, udp::GsoUdpFactory};
 use super::{PeerConfig, PeerStatus, WireGuardDevice};
 use crate::error::{Error, Result};
 use async_trait::async_trait;

@@ -74,10 +74,19 @@ pub struct Counters {
     pub udp_segmented_datagrams: AtomicU64,
 }
 
+/// What the kernel agreed to hand us whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Granted {
+    /// TCP segmentation offload both ways (`TUN_F_TSO4 | TUN_F_TSO6`).
+    pub tso: bool,
+    /// UDP segmentation offload (`TUN_F_USO4 | TUN_F_USO6`, kernels since 6.2).
+    pub uso: bool,
+}
+
 /// What a device reports of its offloads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Report {
-    pub granted: tun::Granted,
+    pub granted: Granted,
     pub usage: Usage,
 }
 

@@ -8,7 +8,7 @@
 use super::coalesce::Coalescer;
 use super::segment::segment;
 use super::virtio::VirtioNetHdr;
-use super::{Counters, OffloadMode};
+use super::{Counters, Granted, OffloadMode};
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
 use std::io::{self, IoSlice};
@@ -32,15 +32,6 @@ const HEAD_BUFFER: usize = super::coalesce::MAX_HEAD_LEN;
 /// How often the interface MTU is read back: gotatun pads to it, and the link reconciler
 /// may change it at any time.
 const MTU_POLL: Duration = Duration::from_secs(3);
-
-/// What the kernel agreed to hand us whole.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Granted {
-    /// TCP segmentation offload both ways (`TUN_F_TSO4 | TUN_F_TSO6`).
-    pub tso: bool,
-    /// UDP segmentation offload (`TUN_F_USO4 | TUN_F_USO6`, kernels since 6.2).
-    pub uso: bool,
-}
 
 /// Open TUN interface `name` in the calling thread's network namespace, ask for offloads as
 /// `mode` says, and return its reading and writing halves.
