@@ -12,8 +12,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gotatun::packet::Packet;
+use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
+use std::os::fd::{AsFd, AsRawFd};
 use trellis_dataplane::netns::{self, OwnedNetns};
-use trellis_dataplane::wireguard::offload::{Granted, OffloadMode, Usage};
+use trellis_dataplane::wireguard::offload::udp::{GsoUdpFactory, GsoUdpSend};
+use trellis_dataplane::wireguard::offload::{Counters, Granted, OffloadMode, Usage};
 use trellis_dataplane::wireguard::userspace::UserspaceDevice;
 use trellis_dataplane::wireguard::{PeerConfig, WireGuardDevice};
 use trellis_model::PublicKey;
@@ -340,19 +344,17 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// A segmented send the kernel refuses (here: a socket told to send without UDP checksums,
-/// which segmentation needs) turns segmentation off for good, and the run still leaves, one
-/// datagram each.
-#[test]
-fn a_refused_segmented_send_falls_back_to_one_datagram_each_and_stays_off() {
-    use gotatun::packet::Packet;
-    use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
-    use std::os::fd::{AsFd, AsRawFd};
-    use trellis_dataplane::wireguard::offload::{Counters, udp::GsoUdpFactory};
-
-    let ns = scratch_netns("ofe");
+/// Binds a segmenting sender (as the device does) and a plain receiving socket on loopback
+/// in a scratch namespace, runs `body` with them, and returns what the receiver got: each
+/// datagram's length and first byte, in arrival order.
+fn datagrams_through<F, Fut>(tag: &str, expected: usize, body: F) -> Vec<(usize, u8)>
+where
+    F: FnOnce(GsoUdpSend, SocketAddr, Arc<Counters>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let ns = scratch_netns(tag);
     ip(&["-n", ns.name(), "link", "set", "lo", "up"]);
-    let received = netns::run_in(ns.name(), || {
+    netns::run_in(ns.name(), move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -372,41 +374,85 @@ fn a_refused_segmented_send_falls_back_to_one_datagram_each_and_stays_off() {
             };
             let (send, _recv) = factory.bind(&params).await.unwrap();
             assert!(send.segments(), "this kernel has UDP_SEGMENT");
-            // SO_NO_CHECK (send without UDP checksums) makes the kernel refuse segmentation,
-            // which needs them, with EINVAL.
-            let one: libc::c_int = 1;
-            let rc = unsafe {
-                libc::setsockopt(
-                    send.as_fd().as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_NO_CHECK,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0);
-            for round in 0..2 {
-                let mut run: Vec<(Packet, SocketAddr)> = (0..4)
-                    .map(|i| (Packet::copy_from(&[round * 4 + i; 1000][..]), to))
-                    .collect();
-                send.send_many_to(&mut Default::default(), &mut run)
-                    .await
-                    .expect("the run is sent after all");
-                assert!(!send.segments(), "segmentation stays off after a refusal");
-            }
-            assert_eq!(counters.read().udp_segmented_sends, 0);
+            body(send, to, counters).await;
         });
         let mut seen = Vec::new();
         let mut buffer = [0u8; 2048];
-        while let Ok(n) = target.recv(&mut buffer) {
-            seen.push((n, buffer[0]));
-            if seen.len() == 8 {
-                break;
+        while seen.len() < expected {
+            match target.recv(&mut buffer) {
+                Ok(n) => seen.push((n, buffer[0])),
+                Err(_) => break,
             }
         }
         seen
     })
-    .unwrap();
+    .unwrap()
+}
+
+fn datagram(len: usize, first: u8) -> Packet {
+    let mut bytes = vec![0u8; len];
+    bytes[0] = first;
+    Packet::copy_from(&bytes[..])
+}
+
+/// A batch mixing lone datagrams and runs leaves in batch order: a short packet held back
+/// behind a run of its own flow would look like loss to TCP.
+#[test]
+fn a_mixed_batch_leaves_in_order_with_its_run_as_one_send() {
+    let received = datagrams_through("ofm", 5, |send, to, counters| async move {
+        let mut batch = vec![
+            (datagram(100, 1), to),
+            (datagram(1000, 2), to),
+            (datagram(1000, 3), to),
+            (datagram(1000, 4), to),
+            (datagram(50, 5), to),
+        ];
+        send.send_many_to(&mut Default::default(), &mut batch)
+            .await
+            .unwrap();
+        let usage = counters.read();
+        assert_eq!(
+            (usage.udp_segmented_sends, usage.udp_segmented_datagrams),
+            (1, 4),
+            "the 1000-byte run and its shorter last went out as one send"
+        );
+    });
+    assert_eq!(
+        received,
+        vec![(100, 1), (1000, 2), (1000, 3), (1000, 4), (50, 5)]
+    );
+}
+
+/// A segmented send the kernel refuses (here: a socket told to send without UDP checksums,
+/// which segmentation needs) turns segmentation off for good, and the run still leaves, one
+/// datagram each.
+#[test]
+fn a_refused_segmented_send_falls_back_to_one_datagram_each_and_stays_off() {
+    let received = datagrams_through("ofe", 8, |send, to, counters| async move {
+        // SO_NO_CHECK (send without UDP checksums) makes the kernel refuse segmentation,
+        // which needs them, with EINVAL.
+        let one: libc::c_int = 1;
+        let rc = unsafe {
+            libc::setsockopt(
+                send.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        for round in 0..2u8 {
+            let mut run: Vec<(Packet, SocketAddr)> = (0..4)
+                .map(|i| (datagram(1000, round * 4 + i), to))
+                .collect();
+            send.send_many_to(&mut Default::default(), &mut run)
+                .await
+                .expect("the run is sent after all");
+            assert!(!send.segments(), "segmentation stays off after a refusal");
+        }
+        assert_eq!(counters.read().udp_segmented_sends, 0);
+    });
     let expected: Vec<(usize, u8)> = (0..8).map(|i| (1000, i)).collect();
     assert_eq!(received, expected, "every datagram, whole and in order");
 }

@@ -110,36 +110,44 @@ impl UdpSend for GsoUdpSend {
         if !self.segment.load(Ordering::Relaxed) {
             return self.inner.send_many_to(buf, packets).await;
         }
-        let batch = std::mem::take(packets);
-        // Packets not sent as part of a run, in order: they go out through `sendmmsg`.
-        let mut single = vec![false; batch.len()];
+        // Runs leave as segmented sends, everything else through `sendmmsg`, in batch order:
+        // a short packet held back behind a run of its own flow would look like loss to TCP.
+        let mut batch = std::mem::take(packets);
         let mut start = 0;
         while start < batch.len() {
             let end = start + run_length(&batch[start..]);
-            let run = &batch[start..end];
-            if run.len() == 1 || !self.segment.load(Ordering::Relaxed) {
-                single[start..end].fill(true);
-            } else if let Err(error) = self.send_run(run).await.inspect(|()| {
-                Counters::add(&self.counters.udp_segmented_sends, 1);
-                Counters::add(&self.counters.udp_segmented_datagrams, run.len() as u64);
-            }) {
-                if refuses_segmentation(&error) {
-                    self.segment.store(false, Ordering::Relaxed);
-                    tracing::warn!(%error, "the kernel refused a segmented UDP send; sending one datagram per packet from now on");
-                    single[start..end].fill(true);
-                } else {
-                    // Lost like a datagram dropped on the wire; WireGuard and TCP recover.
-                    tracing::trace!(%error, "a segmented UDP send failed");
+            if end - start > 1 && self.segment.load(Ordering::Relaxed) {
+                if !packets.is_empty() {
+                    if let Err(error) = self.inner.send_many_to(buf, packets).await {
+                        tracing::trace!(%error, "sending single datagrams failed");
+                    }
+                    packets.clear();
                 }
+                let run = &batch[start..end];
+                match self.send_run(run).await {
+                    Ok(()) => {
+                        Counters::add(&self.counters.udp_segmented_sends, 1);
+                        Counters::add(&self.counters.udp_segmented_datagrams, run.len() as u64);
+                        start = end;
+                        continue;
+                    }
+                    Err(error) if refuses_segmentation(&error) => {
+                        self.segment.store(false, Ordering::Relaxed);
+                        tracing::warn!(%error, "the kernel refused a segmented UDP send; sending one datagram per packet from now on");
+                    }
+                    Err(error) => {
+                        // Lost like datagrams dropped on the wire; WireGuard and TCP recover.
+                        tracing::trace!(%error, "a segmented UDP send failed");
+                        start = end;
+                        continue;
+                    }
+                }
+            }
+            for (packet, to) in &mut batch[start..end] {
+                packets.push((std::mem::take(packet), *to));
             }
             start = end;
         }
-        packets.extend(
-            batch
-                .into_iter()
-                .zip(single)
-                .filter_map(|(packet, single)| single.then_some(packet)),
-        );
         if packets.is_empty() {
             return Ok(());
         }
