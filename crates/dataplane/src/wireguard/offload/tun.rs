@@ -61,7 +61,7 @@ pub fn open(
     tokio::spawn(write_queued(
         Arc::clone(&fd),
         rx,
-        granted.tso,
+        granted,
         Arc::clone(&counters),
         name.to_string(),
     ));
@@ -281,16 +281,17 @@ impl IpSend for TunWriter {
 }
 
 /// Takes whatever is queued (never waits for more), merges TCP runs when the kernel takes
-/// segmentation offloads, and writes each result with one `writev`.
+/// TSO and UDP runs when it takes USO, and writes each result with one `writev`.
 async fn write_queued(
     fd: Arc<AsyncFd<OwnedFd>>,
     mut queue: mpsc::Receiver<Packet>,
-    coalesce: bool,
+    granted: Granted,
     counters: Arc<Counters>,
     name: String,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    let mut coalescer = Coalescer::new();
+    let (coalesce, coalesce_udp) = (granted.tso, granted.tso && granted.uso);
+    let mut coalescer = Coalescer::with_udp(coalesce_udp);
     while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         Counters::add(&counters.tun_packets_written, batch.len() as u64);
         let result = if coalesce {
