@@ -767,6 +767,13 @@ mod tests {
     }
 
     /// Plans `packets` (TCP only) and returns the groups as lists of member indexes.
+    /// The packet with one payload bit flipped: its transport checksum no longer holds.
+    fn corrupted(mut packet: Vec<u8>) -> Vec<u8> {
+        let last = packet.len() - 1;
+        packet[last] ^= 0x40;
+        packet
+    }
+
     fn shape(packets: &[Vec<u8>]) -> Vec<Vec<u32>> {
         shape_with(false, packets)
     }
@@ -909,12 +916,7 @@ mod tests {
         let d = [3u8; 1200];
         let s = 77u32;
         let good = |n: u32| f.tcp(s + n * 1200, ACK, &d, 0);
-        let bad = |n: u32| {
-            let mut p = good(n);
-            let last = p.len() - 1;
-            p[last] ^= 0x40;
-            p
-        };
+        let bad = |n: u32| corrupted(good(n));
         // A bad member is written alone and ends its flow's group.
         assert_eq!(
             shape(&[good(0), good(1), bad(2), good(3), good(4)]),
@@ -1218,12 +1220,7 @@ mod tests {
         );
         assert_eq!(udp(&[zero, full(4), full(5)]), [vec![0], vec![1, 2]]);
         // A bad checksum, as a member or as the head.
-        let bad = |id: u16| {
-            let mut p = full(id);
-            let last = p.len() - 1;
-            p[last] ^= 0x40;
-            p
-        };
+        let bad = |id: u16| corrupted(full(id));
         assert_eq!(
             udp(&[full(1), full(2), bad(3), full(4), full(5)]),
             [vec![0, 1], vec![2], vec![3, 4]]
