@@ -485,9 +485,9 @@ fn a_mixed_batch_leaves_in_order_with_its_run_as_one_send() {
     let received = datagrams_through("ofm", 5, |send, to, counters| async move {
         let mut batch = vec![
             (datagram(100, 1), to),
-            (datagram(1000, 2), to),
-            (datagram(1000, 3), to),
-            (datagram(1000, 4), to),
+            (datagram(1200, 2), to),
+            (datagram(1200, 3), to),
+            (datagram(1200, 4), to),
             (datagram(50, 5), to),
         ];
         send.send_many_to(&mut Default::default(), &mut batch)
@@ -497,12 +497,12 @@ fn a_mixed_batch_leaves_in_order_with_its_run_as_one_send() {
         assert_eq!(
             (usage.udp_segmented_sends, usage.udp_segmented_datagrams),
             (1, 4),
-            "the 1000-byte run and its shorter last went out as one send"
+            "the 1200-byte run and its shorter last went out as one send"
         );
     });
     assert_eq!(
         received,
-        vec![(100, 1), (1000, 2), (1000, 3), (1000, 4), (50, 5)]
+        vec![(100, 1), (1200, 2), (1200, 3), (1200, 4), (50, 5)]
     );
 }
 
@@ -527,7 +527,7 @@ fn a_refused_segmented_send_falls_back_to_one_datagram_each_and_stays_off() {
         assert_eq!(rc, 0);
         for round in 0..2u8 {
             let mut run: Vec<(Packet, SocketAddr)> = (0..4)
-                .map(|i| (datagram(1000, round * 4 + i), to))
+                .map(|i| (datagram(1200, round * 4 + i), to))
                 .collect();
             send.send_many_to(&mut Default::default(), &mut run)
                 .await
@@ -536,6 +536,6 @@ fn a_refused_segmented_send_falls_back_to_one_datagram_each_and_stays_off() {
         }
         assert_eq!(counters.read().udp_segmented_sends, 0);
     });
-    let expected: Vec<(usize, u8)> = (0..8).map(|i| (1000, i)).collect();
+    let expected: Vec<(usize, u8)> = (0..8).map(|i| (1200, i)).collect();
     assert_eq!(received, expected, "every datagram, whole and in order");
 }
