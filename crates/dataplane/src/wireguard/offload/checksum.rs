@@ -98,6 +98,26 @@ pub fn pseudo_header_v6(src: [u8; 16], dst: [u8; 16], protocol: u8, l4_len: u32)
 
 /// A small deterministic generator for the randomized tests of the offload modules, so the
 /// tests need no extra dev-dependency and a failure reproduces with the printed seed.
+/// The unfolded pseudo-header sum of a packet whose (IPv4 or IPv6, no extension headers)
+/// header `ip` is followed by `l4_len` bytes of `protocol`.
+pub fn pseudo_header(ip: &[u8], v6: bool, protocol: u8, l4_len: usize) -> u64 {
+    if v6 {
+        pseudo_header_v6(
+            ip[8..24].try_into().expect("16 bytes"),
+            ip[24..40].try_into().expect("16 bytes"),
+            protocol,
+            l4_len as u32,
+        )
+    } else {
+        pseudo_header_v4(
+            ip[12..16].try_into().expect("4 bytes"),
+            ip[16..20].try_into().expect("4 bytes"),
+            protocol,
+            l4_len as u16,
+        )
+    }
+}
+
 #[cfg(test)]
 pub(super) mod test_rng {
     /// SplitMix64.

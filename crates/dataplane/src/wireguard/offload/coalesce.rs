@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 
-use super::checksum::{checksum, fold, pseudo_header_v4, pseudo_header_v6, sum};
+use super::checksum::{checksum, fold, pseudo_header, sum};
 use super::segment::{PROTO_TCP, PROTO_UDP, TCP_PSH};
 use super::virtio::{FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VirtioNetHdr};
 
@@ -237,26 +237,6 @@ fn classify(p: &[u8], udp: bool) -> Class {
         psh,
         id: be16(p, 4),
     })
-}
-
-/// The unfolded pseudo-header sum of a packet whose (IPv4 or IPv6, no extension headers)
-/// header `ip` is followed by `l4_len` bytes of `protocol`.
-fn pseudo_header(ip: &[u8], v6: bool, protocol: u8, l4_len: usize) -> u64 {
-    if v6 {
-        pseudo_header_v6(
-            ip[8..24].try_into().expect("16 bytes"),
-            ip[24..40].try_into().expect("16 bytes"),
-            protocol,
-            l4_len as u32,
-        )
-    } else {
-        pseudo_header_v4(
-            ip[12..16].try_into().expect("4 bytes"),
-            ip[16..20].try_into().expect("4 bytes"),
-            protocol,
-            l4_len as u16,
-        )
-    }
 }
 
 /// Whether the IPv4 header checksum (if any) and the TCP or UDP checksum of a candidate are

@@ -9,7 +9,7 @@
 //! together with a slice of the original payload, so the caller can copy both straight into
 //! the buffer it encrypts from.
 
-use super::checksum::{checksum, fold, pseudo_header_v4, pseudo_header_v6, sum};
+use super::checksum::{checksum, fold, pseudo_header, sum};
 use super::virtio::{
     FLAG_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, OffloadError,
     VirtioNetHdr,
@@ -284,27 +284,16 @@ fn split(
         let seg_len = hl + chunk.len();
         let l4_len = seg_len - l4;
 
-        let pseudo = if v6 {
+        if v6 {
             h[4..6].copy_from_slice(&((seg_len - 40) as u16).to_be_bytes());
-            pseudo_header_v6(
-                h[8..24].try_into().expect("16 bytes"),
-                h[24..40].try_into().expect("16 bytes"),
-                protocol,
-                l4_len as u32,
-            )
         } else {
             h[2..4].copy_from_slice(&(seg_len as u16).to_be_bytes());
             h[4..6].copy_from_slice(&first_id.wrapping_add(count as u16).to_be_bytes());
             h[10..12].fill(0);
             let ip_csum = checksum(&h[..l4], 0);
             h[10..12].copy_from_slice(&ip_csum.to_be_bytes());
-            pseudo_header_v4(
-                h[12..16].try_into().expect("4 bytes"),
-                h[16..20].try_into().expect("4 bytes"),
-                protocol,
-                l4_len as u16,
-            )
-        };
+        }
+        let pseudo = pseudo_header(h, v6, protocol, l4_len);
 
         if tcp {
             let seq = first_seq.wrapping_add(offset as u32);
