@@ -656,7 +656,7 @@ mod tests {
         let mut merged_groups = 0;
         for round in 0..300 {
             let nflows = 1 + rng.below(4);
-            let mut streams: Vec<(usize, Vec<Vec<u8>>)> = (0..nflows)
+            let streams: Vec<Vec<Vec<u8>>> = (0..nflows)
                 .map(|f| {
                     let mut flow = Flow::new(rng.bool(), f as u8);
                     if rng.below(3) == 0 {
@@ -665,31 +665,10 @@ mod tests {
                     let mss = [1, 100, 536, 1200, 1380, 1448, 8000][rng.below(7)];
                     let total = rng.below(if mss == 1 { 200 } else { 70_000 });
                     let psh_every = [0, 0, 3, 17][rng.below(4)];
-                    (f, stream_packets(&mut rng, &flow, mss, total, psh_every))
+                    stream_packets(&mut rng, &flow, mss, total, psh_every)
                 })
                 .collect();
-            for s in &mut streams {
-                s.1.reverse();
-            }
-            // Interleave, keeping each flow's order, with some other packets in between.
-            let mut batch: Vec<Vec<u8>> = Vec::new();
-            let mut flow_of: Vec<Option<usize>> = Vec::new();
-            while streams.iter().any(|s| !s.1.is_empty()) {
-                let s = &mut streams[rng.below(nflows)];
-                if let Some(p) = s.1.pop() {
-                    batch.push(p);
-                    flow_of.push(Some(s.0));
-                }
-                if rng.below(20) == 0 {
-                    let other = match rng.below(3) {
-                        0 => Flow::new(rng.bool(), 99).udp(&rng.bytes(300), 1),
-                        1 => rng.bytes_below(80),
-                        _ => Flow::new(false, 0).tcp(1, ACK, &[], 1), // a pure ACK
-                    };
-                    batch.push(other);
-                    flow_of.push(None);
-                }
-            }
+            let (batch, flow_of) = interleave(&mut rng, streams);
             let groups = coalescer.plan(&batch);
             check_round_trip(groups, &batch);
             merged_groups += groups.iter().filter(|g| g.is_coalesced()).count();
@@ -747,6 +726,37 @@ mod tests {
     }
 
     /// Plans `packets` (TCP only) and returns the groups as lists of member indexes.
+    /// The streams' packets interleaved at random, each stream's order kept, with some
+    /// other packets (a stray UDP datagram, garbage, a pure ACK) in between; and for each
+    /// packet of the batch, the index of the stream it came from.
+    fn interleave(
+        rng: &mut Rng,
+        mut streams: Vec<Vec<Vec<u8>>>,
+    ) -> (Vec<Vec<u8>>, Vec<Option<usize>>) {
+        for s in &mut streams {
+            s.reverse();
+        }
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut flow_of: Vec<Option<usize>> = Vec::new();
+        while streams.iter().any(|s| !s.is_empty()) {
+            let f = rng.below(streams.len());
+            if let Some(p) = streams[f].pop() {
+                batch.push(p);
+                flow_of.push(Some(f));
+            }
+            if rng.below(20) == 0 {
+                let other = match rng.below(3) {
+                    0 => Flow::new(rng.bool(), 99).udp(&rng.bytes(300), 1),
+                    1 => rng.bytes_below(80),
+                    _ => Flow::new(false, 0).tcp(1, ACK, &[], 1), // a pure ACK
+                };
+                batch.push(other);
+                flow_of.push(None);
+            }
+        }
+        (batch, flow_of)
+    }
+
     /// The packet with one payload bit flipped: its transport checksum no longer holds.
     fn corrupted(mut packet: Vec<u8>) -> Vec<u8> {
         let last = packet.len() - 1;
@@ -1035,27 +1045,7 @@ mod tests {
                 let total = rng.below(20_000);
                 streams.push(stream_packets(&mut rng, &flow, 1000, total, 0));
             }
-            for s in &mut streams {
-                s.reverse();
-            }
-            let mut batch: Vec<Vec<u8>> = Vec::new();
-            let mut flow_of: Vec<Option<usize>> = Vec::new();
-            while streams.iter().any(|s| !s.is_empty()) {
-                let f = rng.below(streams.len());
-                if let Some(p) = streams[f].pop() {
-                    batch.push(p);
-                    flow_of.push(Some(f));
-                }
-                if rng.below(20) == 0 {
-                    let other = match rng.below(3) {
-                        0 => Flow::new(rng.bool(), 99).udp(&rng.bytes(300), 1),
-                        1 => rng.bytes_below(80),
-                        _ => Flow::new(false, 0).tcp(1, ACK, &[], 1), // a pure ACK
-                    };
-                    batch.push(other);
-                    flow_of.push(None);
-                }
-            }
+            let (batch, flow_of) = interleave(&mut rng, streams);
             let groups = with_udp.plan(&batch);
             check_round_trip(groups, &batch);
             let order: Vec<u32> = groups.iter().flat_map(|g| g.members().to_vec()).collect();
