@@ -24,8 +24,8 @@ const READ_BUFFER: usize = VirtioNetHdr::LEN + 65_535;
 /// full-size segments, few enough that the first packet of a batch is not held back.
 const WRITE_BATCH: usize = 64;
 /// The writer's queue, behind gotatun's own: deep enough for four full batches, short
-/// enough not to add a standing queue under load (1,024 measured worse ping under load, 64
-/// worse throughput and ping alike).
+/// enough not to add a standing queue under load (by hand, three runs each: 1,024 gave
+/// worse ping under load, 64 worse throughput and ping; docs/benchmarks.md).
 const WRITE_QUEUE: usize = 256;
 /// Headers of a coalesced packet.
 const HEAD_BUFFER: usize = super::coalesce::MAX_HEAD_LEN;
